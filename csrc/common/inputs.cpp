@@ -1,0 +1,140 @@
+#include "common/inputs.h"
+
+#include <c10/util/irange.h>
+
+namespace sdpax {
+
+namespace {
+
+int64_t heads_of(const at::Tensor& t) { return t.dim() >= 3 ? t.size(-3) : 1; }
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
+                  const std::optional<at::Tensor>& sinks, bool enable_gqa, const std::optional<at::Tensor>& rng) {
+  TORCH_CHECK(q.dim() >= 2 && k.dim() >= 2 && v.dim() >= 2,
+              "Expected query, key, and value to all be  at least 2 dimensional, but got query.dim: ", q.dim(),
+              " key.dim: ", k.dim(), " and value.dim: ", v.dim(), " instead.");
+  TORCH_CHECK(q.dim() == k.dim() && q.dim() == v.dim(), "sdpax: query, key and value must have the same rank, got ",
+              q.dim(), ", ", k.dim(), " and ", v.dim());
+  TORCH_CHECK(is_float_type(q.scalar_type()),
+              "sdpax: query, key and value must be floating point (float64, float32, bfloat16, float16), got ",
+              q.scalar_type());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "sdpax: query, key and value must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+              " and ", v.scalar_type());
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(),
+              "sdpax: query, key and value must be on the same device, got ", q.device(), ", ", k.device(), " and ",
+              v.device());
+  const int64_t r = q.dim();
+  for (int64_t d = 0; d + 3 < r; ++d) {
+    TORCH_CHECK(q.size(d) == k.size(d) && q.size(d) == v.size(d),
+                "sdpax: query, key and value must have the same batch dimensions, got query ", q.sizes(), ", key ",
+                k.sizes(), ", value ", v.sizes());
+  }
+  TORCH_CHECK(q.size(-1) == k.size(-1), "sdpax: query and key must have the same head dimension (last dim), got ",
+              q.size(-1), " and ", k.size(-1));
+  TORCH_CHECK(k.size(-2) == v.size(-2), "sdpax: key and value must have the same sequence length (dim -2), got ",
+              k.size(-2), " and ", v.size(-2));
+  const int64_t hq = heads_of(q), hk = heads_of(k), hv = heads_of(v);
+  TORCH_CHECK(hk == hv, "sdpax: key and value must have the same number of heads, got ", hk, " and ", hv);
+  if (!enable_gqa) {
+    TORCH_CHECK(hq == hk, "sdpax: query has ", hq, " heads but key/value have ", hk,
+                "; pass enable_gqa=True for grouped-query attention");
+  } else {
+    TORCH_CHECK(hk > 0 && hq % hk == 0, "sdpax: with enable_gqa the number of query heads (", hq,
+                ") must be divisible by the number of key/value heads (", hk, ")");
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "sdpax: dropout_p must be in [0, 1], got ", dropout_p);
+  TORCH_CHECK(causal >= 0 && causal <= 2, "sdpax: causal must be 0 (none), 1 (upper-left) or 2 (lower-right), got ",
+              causal);
+  if (mask) {
+    const auto& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat || m.scalar_type() == q.scalar_type(),
+                "Expected attn_mask dtype to be bool or float or to match query dtype, but got attn_mask.dtype: ",
+                m.scalar_type(), " and  query.dtype: ", q.scalar_type(), " instead.");
+    TORCH_CHECK(m.device() == q.device(), "sdpax: attn_mask must be on the query's device ", q.device(), ", got ",
+                m.device());
+    TORCH_CHECK(causal == 0, "sdpax: attn_mask and a causal variant cannot be combined; pass one of them");
+    std::vector<int64_t> target(q.sizes().begin(), q.sizes().end() - 1);
+    target.push_back(k.size(-2));
+    bool ok = m.dim() <= static_cast<int64_t>(target.size());
+    for (int64_t i = 1; ok && i <= m.dim(); ++i) {
+      const int64_t ms = m.size(-i), ts = target[target.size() - i];
+      ok = ms == ts || ms == 1;
+    }
+    TORCH_CHECK(ok, "sdpax: attn_mask of shape ", m.sizes(), " is not broadcastable to the attention shape ",
+                at::IntArrayRef(target), " (N, ..., Hq, L, S)");
+  }
+  if (sinks) {
+    TORCH_CHECK(sinks->dim() == 1 && sinks->size(0) == hq, "sdpax: sinks must have shape (Hq,) = (", hq,
+                ",), got ", sinks->sizes());
+    TORCH_CHECK(sinks->device() == q.device(), "sdpax: sinks must be on the query's device ", q.device(), ", got ",
+                sinks->device());
+    TORCH_CHECK(is_float_type(sinks->scalar_type()), "sdpax: sinks must be floating point, got ",
+                sinks->scalar_type());
+  }
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(rng && rng->numel() == 2 && rng->scalar_type() == at::kLong,
+                "sdpax: dropout_p > 0 needs rng, an int64 tensor {seed, offset}");
+    TORCH_CHECK(rng->device() == q.device(), "sdpax: rng must be on the query's device");
+  }
+}
+
+Canonical canonicalize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& mask) {
+  Canonical c;
+  const int64_t r = q.dim();
+  c.L = q.size(-2);
+  c.E = q.size(-1);
+  c.S = k.size(-2);
+  c.Ev = v.size(-1);
+  c.Hq = heads_of(q);
+  c.Hkv = heads_of(k);
+  c.B = 1;
+  for (int64_t d = 0; d + 3 < r; ++d) c.B *= q.size(d);
+  auto to4 = [&](const at::Tensor& t, int64_t h) {
+    if (t.dim() == 4) return t;
+    if (t.dim() == 3) return t.unsqueeze(0);
+    if (t.dim() == 2) return t.unsqueeze(0).unsqueeze(0);
+    return t.reshape({c.B, h, t.size(-2), t.size(-1)});  // a view unless the batch dims cannot be merged
+  };
+  c.q = to4(q, c.Hq);
+  c.k = to4(k, c.Hkv);
+  c.v = to4(v, c.Hkv);
+  if (mask) {
+    std::vector<int64_t> full(q.sizes().begin(), q.sizes().end() - 1);
+    full.push_back(c.S);
+    c.mask = to4(mask->expand(full), c.Hq);
+  }
+  return c;
+}
+
+at::Tensor uncanonical(const at::Tensor& t4, const at::Tensor& like_query, int64_t last_dim) {
+  std::vector<int64_t> shape(like_query.sizes().begin(), like_query.sizes().end() - 1);
+  if (last_dim >= 0) shape.push_back(last_dim);
+  return t4.reshape(shape);
+}
+
+ScalarKind scalar_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ScalarKind::Float;
+    case at::kDouble: return ScalarKind::Double;
+    case at::kBFloat16: return ScalarKind::BFloat16;
+    case at::kHalf: return ScalarKind::Half;
+    case at::kBool: return ScalarKind::Bool;
+    default: TORCH_CHECK(false, "sdpax: unsupported dtype ", t);
+  }
+}
+
+Strides4 strides4(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4, "sdpax internal: expected a 4-D tensor");
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+}  // namespace sdpax

@@ -1,0 +1,31 @@
+// Host-side input handling shared by every backend: validation of an op call and the 4-D canonical views.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+
+#include "common/params.h"
+
+namespace sdpax {
+
+// The inputs of one call, viewed as 4-D (batch, head, row, column) without copying where strides allow.
+struct Canonical {
+  at::Tensor q, k, v;       // (B, Hq, L, E), (B, Hkv, S, E), (B, Hkv, S, Ev)
+  std::optional<at::Tensor> mask;  // expanded to (B, Hq, L, S); stride 0 on broadcast dims
+  int64_t B, Hq, Hkv, L, S, E, Ev;
+};
+
+// Throws c10::Error with a message naming the problem when the call is invalid.
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
+                  const std::optional<at::Tensor>& sinks, bool enable_gqa, const std::optional<at::Tensor>& rng);
+
+Canonical canonicalize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& mask);
+
+// The view of a tensor of shape (B', Hq, L, X) with B' the flattened batch, as the original rank.
+at::Tensor uncanonical(const at::Tensor& t4, const at::Tensor& like_query, int64_t last_dim);
+
+ScalarKind scalar_kind(at::ScalarType t);
+Strides4 strides4(const at::Tensor& t);
+
+}  // namespace sdpax

@@ -1,0 +1,71 @@
+// Plain-data description of one attention call, shared by every fused kernel (CPU and CUDA).
+// Kernel code sees only this struct: no torch header is included here.
+//
+// Layout convention: every tensor is described as 4-D (batch, head, row, column) with element strides, after the
+// host glue has flattened any number of leading batch dimensions into `batch`. Broadcast dimensions of the mask
+// have stride 0, so a (B, 1, 1, S) padding mask and a dense (B, H, L, S) mask are read by the same code.
+#pragma once
+#include <cstdint>
+
+namespace sdpax {
+
+// Causal alignment. Upper-left: query i sees keys j <= i. Lower-right: query i sees keys j <= i + (S - L).
+enum class Causal : int64_t { None = 0, UpperLeft = 1, LowerRight = 2 };
+
+enum class MaskKind : int { None = 0, Bool = 1, Additive = 2 };
+
+enum class ScalarKind : int { Float = 0, Double = 1, BFloat16 = 2, Half = 3, Bool = 4 };
+
+// Backend ids as they travel through the op schema (the Python SDPBackend enum uses the same numbers).
+enum class Backend : int64_t { Math = 0, Flash = 1 };
+
+struct Strides4 {
+  int64_t b, h, r, c;  // batch, head, row, column
+};
+
+struct AttnParams {
+  int64_t batch = 0;  // product of all leading batch dimensions
+  int64_t hq = 0, hkv = 0;
+  int64_t L = 0, S = 0;  // query length, key length
+  int64_t E = 0, Ev = 0;  // q/k head dim, v head dim
+  ScalarKind dtype = ScalarKind::Float;
+
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  Strides4 q_st{}, k_st{}, v_st{};
+
+  void* out = nullptr;  // (batch, hq, L, Ev)
+  Strides4 out_st{};
+  float* lse = nullptr;  // (batch, hq, L), contiguous; -inf for a row with no allowed key and no sink
+
+  MaskKind mask_kind = MaskKind::None;
+  ScalarKind mask_dtype = ScalarKind::Bool;  // Bool, Float, or the input dtype for an additive mask
+  const void* mask = nullptr;
+  Strides4 mask_st{};  // broadcast to (batch, hq, L, S): stride 0 on broadcast dims
+
+  Causal causal = Causal::None;
+  float scale = 1.f;
+  const float* sinks = nullptr;  // (hq,) float32, or nullptr; a logit joining the softmax denominator only
+
+  double dropout_p = 0.0;
+  const int64_t* rng = nullptr;  // {seed, offset}; host pointer on CPU, device pointer on CUDA
+
+  // Backward only.
+  const void* dout = nullptr;
+  Strides4 dout_st{};
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  Strides4 dq_st{}, dk_st{}, dv_st{};
+  float* dsinks = nullptr;  // (hq,) float32 accumulator
+};
+
+// First key column that query row i may not see under the causal alignment (keys [0, limit) are visible).
+inline int64_t causal_limit(Causal c, int64_t i, int64_t L, int64_t S) {
+  if (c == Causal::UpperLeft) return i + 1;
+  if (c == Causal::LowerRight) return i + 1 + (S - L);
+  return S;
+}
+
+}  // namespace sdpax

@@ -1,0 +1,160 @@
+#include "math/math.h"
+
+#include <limits>
+
+#include "common/inputs.h"
+
+// Philox over tensors: words are uint32 values held in int64 tensors. These overloads must be visible before the
+// generic round function is defined, so they are declared ahead of philox.h.
+namespace sdpax {
+at::Tensor philox_wrap32(const at::Tensor& x);
+void philox_mulhilo(uint32_t m, const at::Tensor& x, at::Tensor& hi, at::Tensor& lo);
+}  // namespace sdpax
+#include "common/philox.h"
+
+namespace sdpax {
+
+constexpr int64_t kMask32 = 0xffffffffLL;
+
+at::Tensor philox_wrap32(const at::Tensor& x) { return x.bitwise_and(kMask32); }
+
+// 32x32 -> 64-bit product split in 16-bit halves so that no intermediate leaves the int64 range.
+void philox_mulhilo(uint32_t m, const at::Tensor& x, at::Tensor& hi, at::Tensor& lo) {
+  const int64_t mm = m;
+  at::Tensor a = x.bitwise_and(0xffff).mul(mm);  // < 2^48
+  at::Tensor b = x.bitwise_right_shift(16).mul(mm);  // < 2^48
+  hi = b.add(a.bitwise_right_shift(16)).bitwise_right_shift(16);
+  lo = a.add(b.bitwise_and(0xffff).bitwise_left_shift(16)).bitwise_and(kMask32);
+}
+
+namespace math {
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Scaled scores with the mask and causal alignment applied: (B, Hq, L, S) in the accumulation dtype.
+// GQA: the G query heads of a group are folded into the row dimension, so K is never repeated.
+at::Tensor scores(const Canonical& c, const at::Tensor& qf, const at::Tensor& kf, double scale, int64_t causal) {
+  const int64_t G = c.Hq / c.Hkv;
+  at::Tensor s = at::matmul(qf.reshape({c.B, c.Hkv, G * c.L, c.E}), kf.transpose(-2, -1));
+  s = s.mul_(scale).view({c.B, c.Hq, c.L, c.S});
+  if (c.mask) {
+    if (c.mask->scalar_type() == at::kBool) {
+      s.masked_fill_(c.mask->logical_not(), -kInf);
+    } else {
+      s.add_(c.mask->to(s.scalar_type()));
+    }
+  }
+  if (causal != 0) {
+    auto opts = s.options().dtype(at::kLong);
+    at::Tensor i = at::arange(c.L, opts).unsqueeze(1);
+    at::Tensor j = at::arange(c.S, opts).unsqueeze(0);
+    const int64_t shift = causal == static_cast<int64_t>(Causal::LowerRight) ? c.S - c.L : 0;
+    s.masked_fill_(j.gt(i + shift), -kInf);
+  }
+  return s;
+}
+
+// Log-sum-exp with the -inf of rows that have no allowed key replaced by +inf, so exp(s - lse) gives 0 there
+// (instead of exp(-inf + inf) = NaN): a fully masked row yields output 0 and zero gradients.
+at::Tensor safe_lse(const at::Tensor& lse) { return lse.masked_fill(lse.eq(-kInf), kInf); }
+
+at::Tensor sink_logits(const Canonical& c, const std::optional<at::Tensor>& sinks, at::ScalarType acc) {
+  return sinks->to(acc).view({1, c.Hq, 1});
+}
+
+at::Tensor keep_for(const Canonical& c, const at::Tensor& rng, double p) {
+  return dropout_keep_mask(rng, c.B * c.Hq, c.L, c.S, p).view({c.B, c.Hq, c.L, c.S});
+}
+
+at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+at::Tensor dropout_keep_mask(const at::Tensor& rng, int64_t bh, int64_t L, int64_t S, double dropout_p) {
+  TORCH_CHECK(rng.numel() == 2 && rng.scalar_type() == at::kLong, "sdpax: rng must be an int64 tensor {seed, offset}");
+  TORCH_CHECK(bh >= 0 && L >= 0 && S >= 0, "sdpax: dropout_keep_mask sizes must be non-negative");
+  auto opts = rng.options();
+  const int64_t S4 = (S + 3) / 4;
+  at::Tensor seed = rng.select(0, 0), offset = rng.select(0, 1);
+  at::Tensor key0 = seed.bitwise_and(kMask32);
+  at::Tensor key1 = seed.bitwise_right_shift(32).bitwise_and(kMask32);
+  at::Tensor ctr[4] = {at::arange(S4, opts).view({1, 1, S4}), at::arange(L, opts).view({1, L, 1}),
+                       at::arange(bh, opts).view({bh, 1, 1}), offset.bitwise_and(kMask32).view({1, 1, 1})};
+  philox4x32_10(ctr, key0, key1);
+  std::vector<at::Tensor> words;
+  for (auto& w : ctr) words.push_back(w.expand({bh, L, S4}));
+  at::Tensor r = at::stack(words, -1).view({bh, L, 4 * S4}).narrow(-1, 0, S);
+  return r.ge(static_cast<int64_t>(dropout_threshold(dropout_p)));
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
+                                       double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
+                                       const std::optional<at::Tensor>& rng) {
+  check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
+  const Canonical c = canonicalize(q, k, v, mask);
+  const auto acc = acc_type(q);
+  at::Tensor s = scores(c, c.q.to(acc), c.k.to(acc), scale, causal);
+
+  at::Tensor row_max = s.amax(-1);
+  if (sinks) row_max = at::maximum(row_max, sink_logits(c, sinks, acc));
+  row_max.masked_fill_(row_max.eq(-kInf), 0.0);  // every logit -inf: keep the shift finite
+  at::Tensor denom = (s - row_max.unsqueeze(-1)).exp_().sum(-1);
+  if (sinks) denom.add_((sink_logits(c, sinks, acc) - row_max).exp());
+  at::Tensor lse = denom.log().add_(row_max);
+  at::Tensor p = (s - safe_lse(lse).unsqueeze(-1)).exp_();
+  if (dropout_p > 0.0) p.mul_(keep_for(c, *rng, dropout_p)).mul_(dropout_scale(dropout_p));
+
+  const int64_t G = c.Hq / c.Hkv;
+  at::Tensor o = at::matmul(p.view({c.B, c.Hkv, G * c.L, c.S}), c.v.to(acc)).view({c.B, c.Hq, c.L, c.Ev});
+  return {uncanonical(o.to(q.scalar_type()), q, c.Ev), uncanonical(lse, q, -1)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
+    int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& rng, bool mask_grad) {
+  check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", grad_out.sizes(),
+              " does not match the output shape ", out.sizes());
+  const Canonical c = canonicalize(q, k, v, mask);
+  const auto acc = acc_type(q);
+  const int64_t G = c.Hq / c.Hkv;
+  at::Tensor qf = c.q.to(acc), kf = c.k.to(acc), vf = c.v.to(acc);
+  at::Tensor lse4 = safe_lse(lse.reshape({c.B, c.Hq, c.L}).to(acc));
+  at::Tensor p = (scores(c, qf, kf, scale, causal) - lse4.unsqueeze(-1)).exp_();
+  at::Tensor dout = grad_out.reshape({c.B, c.Hkv, G * c.L, c.Ev}).to(acc);
+
+  at::Tensor keep;
+  const float dscale = dropout_scale(dropout_p);
+  if (dropout_p > 0.0) keep = keep_for(c, *rng, dropout_p);
+  at::Tensor p_dropped = dropout_p > 0.0 ? p * keep * dscale : p;
+  at::Tensor dv = at::matmul(p_dropped.view({c.B, c.Hkv, G * c.L, c.S}).transpose(-2, -1), dout);
+  at::Tensor dp = at::matmul(dout, vf.transpose(-2, -1)).view({c.B, c.Hq, c.L, c.S});
+  if (dropout_p > 0.0) dp.mul_(keep).mul_(dscale);
+  at::Tensor delta = (p * dp).sum(-1, /*keepdim=*/true);  // = rowsum(dO * O) before rounding O
+  at::Tensor ds = p.mul_(dp.sub_(delta));                   // p is not needed after this
+  at::Tensor ds3 = ds.view({c.B, c.Hkv, G * c.L, c.S});
+  at::Tensor dq = at::matmul(ds3, kf).mul_(scale).view({c.B, c.Hq, c.L, c.E});
+  at::Tensor dk = at::matmul(ds3.transpose(-2, -1), qf.reshape({c.B, c.Hkv, G * c.L, c.E})).mul_(scale);
+
+  at::Tensor dmask = at::empty({0}, q.options());
+  if (mask_grad && mask && mask->scalar_type() != at::kBool) {
+    std::vector<int64_t> full(q.sizes().begin(), q.sizes().end() - 1);
+    full.push_back(c.S);
+    dmask = ds.view(full).sum_to_size(mask->sizes()).to(mask->scalar_type());
+  }
+  at::Tensor dsinks = at::empty({0}, q.options());
+  if (sinks) {
+    at::Tensor p_sink = (sink_logits(c, sinks, acc) - lse4).exp();  // (B, Hq, L)
+    dsinks = (p_sink * delta.squeeze(-1)).sum({0, 2}).neg().to(sinks->scalar_type());
+  }
+  return {uncanonical(dq.to(q.scalar_type()), q, c.E), dk.to(k.scalar_type()).reshape(k.sizes()),
+          dv.to(v.scalar_type()).reshape(v.sizes()), dmask, dsinks};
+}
+
+}  // namespace math
+}  // namespace sdpax

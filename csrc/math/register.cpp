@@ -1,0 +1,11 @@
+// MATH for every device without a device-specific registration (and Meta-free composite fallbacks): the
+// composite implementation is the only backend there.
+#include <torch/library.h>
+
+#include "common/dispatch.h"
+
+TORCH_LIBRARY_IMPL(sdpax, CompositeExplicitAutograd, m) {
+  m.impl("fwd", &sdpax::fwd_entry<nullptr>);
+  m.impl("bwd", &sdpax::bwd_entry<nullptr>);
+  m.impl("dropout_keep_mask", &sdpax::math::dropout_keep_mask);
+}

@@ -1,0 +1,27 @@
+// The sdpax operator schemas: the one TORCH_LIBRARY(sdpax) block. Implementations register per dispatch key
+// elsewhere (math/: CompositeExplicitAutograd, cpu/: CPU, cuda/: CUDA); fake kernels and autograd live in
+// python/sdpax/_ops.py.
+//
+// Shared arguments:
+//   causal    0 none, 1 upper-left (query i sees keys j <= i), 2 lower-right (j <= i + S - L)
+//   scale     multiplies q.k^T; sinks are not scaled
+//   sinks     optional (Hq,) logits that join each row's softmax denominator and carry no value
+//   rng       {seed, offset} int64 on the query's device, read only when dropout_p > 0; the keep/drop decision is
+//             a Philox function of (seed, offset, batch*head, i, j), so bwd regenerates the fwd mask
+//   backend   0 MATH, 1 FLASH_ATTENTION (the fused kernel of the input's device)
+#include <torch/library.h>
+
+TORCH_LIBRARY(sdpax, m) {
+  m.def(
+      "fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, int causal, float scale, "
+      "bool enable_gqa, Tensor? sinks, Tensor? rng, int backend) -> (Tensor out, Tensor lse)");
+  // grad_mask is returned only when mask_grad is set and attn_mask is additive (else an empty tensor);
+  // grad_sinks is empty when sinks is None.
+  m.def(
+      "bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, Tensor lse, "
+      "float dropout_p, int causal, float scale, bool enable_gqa, Tensor? sinks, Tensor? rng, int backend, "
+      "bool mask_grad) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_mask, "
+      "Tensor grad_sinks)");
+  // The dropout keep mask (bool, (bh, L, S)) that every backend applies for this rng; for tests and debugging.
+  m.def("dropout_keep_mask(Tensor rng, int bh, int L, int S, float dropout_p) -> Tensor");
+}

@@ -1,0 +1,61 @@
+"""The torch.ops.sdpax operators: loading the extension, fake (meta) kernels and autograd.
+
+The ops themselves are defined in csrc/ops.cpp; this file adds what the dispatcher needs for torch.compile,
+torch.export and autograd, beside the op as torch.library recommends.
+"""
+import torch
+
+from . import _C  # noqa: F401  (importing the extension runs its TORCH_LIBRARY registrations)
+
+fwd = torch.ops.sdpax.fwd.default
+bwd = torch.ops.sdpax.bwd.default
+dropout_keep_mask = torch.ops.sdpax.dropout_keep_mask.default
+
+
+def lse_dtype(query: torch.Tensor) -> torch.dtype:
+    """The log-sum-exp is float32, or float64 for float64 inputs (so float64 gradients stay float64-exact)."""
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("sdpax::fwd")
+def _fwd_fake(query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, sinks, rng, backend):
+    out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+    lse = query.new_empty(query.shape[:-1], dtype=lse_dtype(query))
+    return out, lse
+
+
+@torch.library.register_fake("sdpax::bwd")
+def _bwd_fake(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks, rng,
+              backend, mask_grad):
+    grad_mask = (attn_mask.new_empty(attn_mask.shape)
+                 if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool
+                 else query.new_empty((0,)))
+    grad_sinks = sinks.new_empty(sinks.shape) if sinks is not None else query.new_empty((0,))
+    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_mask,
+            grad_sinks)
+
+
+@torch.library.register_fake("sdpax::dropout_keep_mask")
+def _keep_fake(rng, bh, L, S, dropout_p):
+    return rng.new_empty((bh, L, S), dtype=torch.bool)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, sinks, rng, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse, sinks, rng)
+    ctx.args = (dropout_p, causal, scale, enable_gqa, backend)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    query, key, value, attn_mask, out, lse, sinks, rng = ctx.saved_tensors
+    dropout_p, causal, scale, enable_gqa, backend = ctx.args
+    mask_grad = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dmask, dsinks = bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale,
+                                    enable_gqa, sinks, rng, backend, mask_grad)
+    return (dq, dk, dv, dmask if mask_grad else None, None, None, None, None,
+            dsinks if sinks is not None else None, None, None)
+
+
+torch.library.register_autograd("sdpax::fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,168 @@
+"""Backend selection.
+
+How a backend is chosen: every backend declares its limits as data (`Limits` below). `reasons(backend, call)`
+turns limits + the call into a list of human-readable reasons it cannot run (empty: it can). The selector walks
+the priority list of the innermost `sdpa_kernel` context (default: FLASH_ATTENTION, then MATH), skipping backends
+that context did not enable, and takes the first with no reasons. If none fits, the RuntimeError shows the inputs
+and every backend's reasons. `explain()` returns the same information as data.
+
+The enabled set is a thread-local stack, so one thread's `sdpa_kernel` never changes another thread's choice.
+"""
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _build_config
+
+
+class SDPBackend(enum.IntEnum):
+    """sdpax backends. The numbers match torch.nn.attention.SDPBackend members of the same name."""
+
+    MATH = 0
+    FLASH_ATTENTION = 1
+
+
+DEFAULT_PRIORITY = (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a backend can run. `devices` maps a device type to the dtypes it has kernels for (None: any)."""
+
+    devices: dict | None
+    max_head_dim: int | None = None
+    head_dim_multiple: int = 1
+    mask_grad: bool = True
+    note: str = ""
+
+
+# Fused kernels are listed per device as they are built; a device missing here gets a reason naming it.
+_FLASH_DEVICES: dict = {}
+
+LIMITS = {
+    SDPBackend.MATH: Limits(devices=None, note="composite ATen implementation, any device"),
+    SDPBackend.FLASH_ATTENTION: Limits(devices=_FLASH_DEVICES, max_head_dim=256, mask_grad=False,
+                                       note="fused tiled kernels"),
+}
+
+
+@dataclass(frozen=True)
+class Call:
+    """The features of one call that backends care about."""
+
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int
+    value_head_dim: int
+    mask_requires_grad: bool
+
+
+def reasons(backend: SDPBackend, call: Call) -> list[str]:
+    lim = LIMITS[backend]
+    out = []
+    if lim.devices is not None:
+        dtypes = lim.devices.get(call.device.type, ())
+        if call.device.type not in lim.devices:
+            out.append(f"no {backend.name} kernel for device type '{call.device.type}' in this build "
+                       f"(built for: {', '.join(sorted(lim.devices)) or 'none'})")
+        elif call.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            out.append(f"dtype {str(call.dtype).replace('torch.', '')} not supported on {call.device.type} "
+                       f"(supported: {names})")
+    if lim.max_head_dim is not None and max(call.head_dim, call.value_head_dim) > lim.max_head_dim:
+        out.append(f"head dim {max(call.head_dim, call.value_head_dim)} exceeds {lim.max_head_dim}")
+    if lim.head_dim_multiple > 1 and (call.head_dim % lim.head_dim_multiple or
+                                      call.value_head_dim % lim.head_dim_multiple):
+        out.append(f"head dims ({call.head_dim}, {call.value_head_dim}) must be multiples of "
+                   f"{lim.head_dim_multiple}")
+    if call.mask_requires_grad and not lim.mask_grad:
+        out.append("attn_mask requires grad (the mask gradient is computed by MATH only)")
+    return out
+
+
+# ---- the thread-local sdpa_kernel stack ----
+
+class _State(threading.local):
+    def __init__(self):
+        self.stack = []  # entries: tuple of enabled backends in priority order
+
+
+_state = _State()
+
+
+def coerce_backend(b) -> SDPBackend:
+    """Accept sdpax's SDPBackend, torch.nn.attention.SDPBackend members of the same name, or an int."""
+    if isinstance(b, SDPBackend):
+        return b
+    name = getattr(b, "name", None)
+    if isinstance(name, str) and name in SDPBackend.__members__:
+        return SDPBackend[name]
+    if isinstance(b, int) and not isinstance(b, bool) and b in SDPBackend._value2member_map_:
+        return SDPBackend(b)
+    raise ValueError(f"sdpax has no backend {b!r}; available: {', '.join(SDPBackend.__members__)}")
+
+
+def push(backends, set_priority: bool) -> None:
+    if isinstance(backends, (list, tuple)):
+        chosen = [coerce_backend(b) for b in backends]
+    else:
+        chosen = [coerce_backend(backends)]
+    if not chosen:
+        raise ValueError("sdpa_kernel needs at least one backend")
+    order = tuple(dict.fromkeys(chosen)) if set_priority else tuple(b for b in DEFAULT_PRIORITY if b in chosen)
+    _state.stack.append(order)
+
+
+def pop() -> None:
+    _state.stack.pop()
+
+
+def enabled() -> tuple:
+    return _state.stack[-1] if _state.stack else DEFAULT_PRIORITY
+
+
+@dataclass
+class Explanation:
+    """Which backend a call would use, and why each other backend would not run."""
+
+    backend: SDPBackend | None
+    enabled: tuple
+    reasons: dict = field(default_factory=dict)  # backend -> list of reasons (empty list: it could run)
+
+    def __str__(self) -> str:
+        lines = [f"chosen: {self.backend.name if self.backend is not None else 'none'}"]
+        for b, rs in self.reasons.items():
+            state = "enabled" if b in self.enabled else "disabled by sdpa_kernel"
+            lines.append(f"  {b.name} ({state}): " + ("can run" if not rs else "; ".join(rs)))
+        return "\n".join(lines)
+
+
+def explain_call(call: Call) -> Explanation:
+    order = enabled()
+    table = {b: reasons(b, call) for b in SDPBackend}
+    chosen = next((b for b in order if not table[b]), None)
+    return Explanation(backend=chosen, enabled=order, reasons=table)
+
+
+def select(call: Call) -> SDPBackend:
+    ex = explain_call(call)
+    if ex.backend is None:
+        raise RuntimeError(
+            f"sdpax: no enabled backend can run this call (device {call.device}, dtype {call.dtype}, "
+            f"head dims {call.head_dim}/{call.value_head_dim}, mask requires grad: {call.mask_requires_grad})\n"
+            + str(ex))
+    return ex.backend
+
+
+def _register_built_kernels() -> None:
+    """Fused kernels present in this build (the C++ side registers them; this mirrors it as data)."""
+    fused = getattr(_build_config, "FLASH_KERNELS", {})
+    for device, dtypes in fused.items():
+        _FLASH_DEVICES[device] = tuple(getattr(torch, d) for d in dtypes)
+
+
+_register_built_kernels()

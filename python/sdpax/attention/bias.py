@@ -1,0 +1,95 @@
+"""Causal biases that describe a triangular mask without materialising it.
+
+`CausalVariant.UPPER_LEFT`: query i attends to keys j <= i (torch's `is_causal=True`).
+`CausalVariant.LOWER_RIGHT`: query i attends to keys j <= i + (S - L): the diagonal ends in the bottom-right
+corner, which is what decoding with a KV cache wants. Rows with no allowed key (L > S) produce zeros.
+
+Passing a CausalBias as `attn_mask` to sdpax's or torch's scaled_dot_product_attention runs sdpax's fused causal
+path; torch's own `torch.nn.attention.bias.CausalBias` objects are honoured by sdpax the same way.
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+from torch.nn.attention.bias import CausalBias as TorchCausalBias
+
+__all__ = ["CausalVariant", "CausalBias", "causal_upper_left", "causal_lower_right"]
+
+
+class CausalVariant(IntEnum):
+    """Alignment of the causal triangle; the values match torch.nn.attention.bias.CausalVariant."""
+
+    UPPER_LEFT = 1
+    LOWER_RIGHT = 2
+
+
+class CausalBias(torch.Tensor):
+    """A (seq_len_q, seq_len_kv) boolean causal mask described by its variant; it holds no data.
+
+    The tensor itself lives on the meta device, so creating one costs nothing for any L and S;
+    `_materialize(device)` builds the real boolean mask when one is wanted.
+    """
+
+    @staticmethod
+    def __new__(cls, variant: CausalVariant, seq_len_q: int, seq_len_kv: int):
+        if not isinstance(variant, (CausalVariant, int)) or int(variant) not in (1, 2):
+            raise ValueError(f"variant must be a CausalVariant, got {variant!r}")
+        if seq_len_q < 0 or seq_len_kv < 0:
+            raise ValueError(f"sequence lengths must be non-negative, got ({seq_len_q}, {seq_len_kv})")
+        shell = torch.empty((seq_len_q, seq_len_kv), dtype=torch.bool, device="meta")
+        return torch.Tensor._make_subclass(cls, shell)
+
+    def __init__(self, variant: CausalVariant, seq_len_q: int, seq_len_kv: int):
+        self.variant = CausalVariant(int(variant))
+        self.seq_len_q = int(seq_len_q)
+        self.seq_len_kv = int(seq_len_kv)
+
+    def _materialize(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The boolean (L, S) mask: True where query i may attend to key j."""
+        L, S = self.seq_len_q, self.seq_len_kv
+        shift = S - L if self.variant == CausalVariant.LOWER_RIGHT else 0
+        i = torch.arange(L, device=device).unsqueeze(1)
+        j = torch.arange(S, device=device).unsqueeze(0)
+        return j <= i + shift
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _torch_sdpa or func is _sdpax_sdpa():
+            return _sdpax_sdpa()(*args, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"CausalBias(variant={self.variant.name}, seq_len_q={self.seq_len_q}, seq_len_kv={self.seq_len_kv})"
+
+    def __reduce_ex__(self, protocol):
+        return (CausalBias, (self.variant, self.seq_len_q, self.seq_len_kv))
+
+
+def causal_upper_left(*size) -> CausalBias:
+    """Causal bias with query i attending to keys j <= i. `size` is (L, S)."""
+    L, S = _two_sizes(size)
+    return CausalBias(CausalVariant.UPPER_LEFT, L, S)
+
+
+def causal_lower_right(*size) -> CausalBias:
+    """Causal bias with query i attending to keys j <= i + (S - L). `size` is (L, S)."""
+    L, S = _two_sizes(size)
+    return CausalBias(CausalVariant.LOWER_RIGHT, L, S)
+
+
+def _two_sizes(size):
+    if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+        size = tuple(size[0])
+    if len(size) != 2:
+        raise ValueError(f"expected (seq_len_q, seq_len_kv), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+_torch_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def _sdpax_sdpa():
+    from ..functional import scaled_dot_product_attention
+    return scaled_dot_product_attention

@@ -1,0 +1,98 @@
+"""sdpax.functional.scaled_dot_product_attention: torch's signature and semantics, on sdpax's backends."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _ops, _select
+from .attention import bias as _bias
+
+__all__ = ["scaled_dot_product_attention"]
+
+_NONE, _UPPER_LEFT, _LOWER_RIGHT = 0, 1, 2
+
+
+def _causal_from_bias(attn_mask, L: int, S: int) -> int | None:
+    """The causal variant of a CausalBias (sdpax's or torch's), or None if attn_mask is not one."""
+    if isinstance(attn_mask, (_bias.CausalBias, _bias.TorchCausalBias)):
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
+            raise ValueError(f"sdpax: CausalBias is for (L, S) = ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
+                             f"but the inputs have (L, S) = ({L}, {S})")
+        variant = int(attn_mask.variant)
+        if variant not in (_UPPER_LEFT, _LOWER_RIGHT):
+            raise ValueError(f"sdpax: unknown CausalBias variant {attn_mask.variant!r}")
+        return variant
+    return None
+
+
+def _check(query, key, value, attn_mask, dropout_p, sinks):
+    """User-facing checks the C++ op repeats for direct callers; here they raise before any tracing."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sdpax: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise RuntimeError("Expected query, key, and value to all be  at least 2 dimensional, but got query.dim: "
+                           f"{query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead.")
+    if not query.is_floating_point() or not key.is_floating_point() or not value.is_floating_point():
+        raise RuntimeError("sdpax: query, key and value must be floating point (float64, float32, bfloat16, "
+                           f"float16), got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"sdpax: dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"sdpax: attn_mask must be a torch.Tensor or a CausalBias, got {type(attn_mask).__name__}")
+    if sinks is not None and not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sdpax: sinks must be a torch.Tensor of shape (Hq,), got {type(sinks).__name__}")
+
+
+def _call_features(query, value, attn_mask) -> _select.Call:
+    return _select.Call(device=query.device, dtype=query.dtype, head_dim=query.shape[-1],
+                        value_head_dim=value.shape[-1],
+                        mask_requires_grad=bool(attn_mask is not None and attn_mask.requires_grad
+                                                and torch.is_grad_enabled()))
+
+
+def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks):
+    """Validate and turn the public arguments into (mask, causal id, scale)."""
+    _check(query, key, value, attn_mask, dropout_p, sinks)
+    L, S = query.shape[-2], key.shape[-2]
+    causal = _causal_from_bias(attn_mask, L, S)
+    if causal is not None:
+        if is_causal:
+            raise ValueError("sdpax: pass either a CausalBias as attn_mask or is_causal=True, not both")
+        attn_mask = None
+    elif is_causal:
+        if attn_mask is not None:
+            raise ValueError("sdpax: attn_mask and is_causal=True cannot be combined (torch's documentation "
+                             "makes this an error); fold the causal pattern into the mask or drop one")
+        causal = _UPPER_LEFT
+    else:
+        causal = _NONE
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    return attn_mask, causal, scale
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+                                 enable_gqa=False, sinks=None):
+    """softmax(q @ k^T * scale + bias) @ v, with torch.nn.functional.scaled_dot_product_attention's API.
+
+    Extra: ``sinks`` (shape ``(Hq,)``, not scaled) adds exp(sinks[h]) to each row's softmax denominator.
+    A row with no allowed key yields zeros (never NaN). See the README for the full semantics.
+    """
+    mask, causal, scale = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
+    backend = _select.select(_call_features(query, value, mask))
+    rng = None
+    if dropout_p > 0.0:
+        # The seed and offset come from torch's generator for the query's device, so torch.manual_seed makes
+        # dropout reproducible; they stay on the device (CUDA-graph safe) and backward reuses them.
+        rng = torch.randint(-(2 ** 63), 2 ** 63 - 1, (2,), dtype=torch.int64, device=query.device)
+    out, _ = _ops.fwd(query, key, value, mask, float(dropout_p), causal, scale, bool(enable_gqa), sinks, rng,
+                      int(backend))
+    return out
+
+
+def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
+            sinks=None) -> _select.Explanation:
+    """Which backend scaled_dot_product_attention would use for these arguments, and why each other would not."""
+    mask, _, _ = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
+    return _select.explain_call(_call_features(query, value, mask))
