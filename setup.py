@@ -119,6 +119,8 @@ def main():
     else:
         ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **ext_kwargs)
 
+    flash_kernels = {"cpu": ["float32", "bfloat16", "float16"]}
+
     # Record what this build contains; tests and the backend selector read it.
     cfg = ROOT / "python" / "sdpax" / "_build_config.py"
     cfg.write_text(
@@ -126,6 +128,8 @@ def main():
         f"WITH_CUDA = {with_cuda!r}\n"
         f"CUDA_ARCHS = {archs!r}\n"
         f"CPU_ISA = {isa!r}\n"
+        # Fused FLASH_ATTENTION kernels by device type and dtype (float64 stays on MATH).
+        f"FLASH_KERNELS = {flash_kernels!r}\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"DEBUG = {DEBUG!r}\n"
     )

@@ -1,8 +1,10 @@
+// CPU registrations: MATH or the fused CPU kernels (FLASH_ATTENTION), chosen by the backend id of the call.
 #include <torch/library.h>
 
 #include "common/dispatch.h"
+#include "cpu/host.h"
 
 TORCH_LIBRARY_IMPL(sdpax, CPU, m) {
-  m.impl("fwd", &sdpax::fwd_entry<nullptr>);
+  m.impl("fwd", &sdpax::fwd_entry<&sdpax::cpu::flash_fwd>);
   m.impl("bwd", &sdpax::bwd_entry<nullptr>);
 }

@@ -1,0 +1,90 @@
+// Host glue of the fused CPU kernels: validates a call, turns its tensors into AttnParams (views, never copies of
+// q/k/v/mask), allocates the outputs and runs the kernel. The only file of csrc/cpu that sees at::Tensor.
+#include "cpu/host.h"
+
+#include "common/inputs.h"
+#include "cpu/kernel.h"
+
+namespace sdpax::cpu {
+
+namespace {
+
+void check_flash(const at::Tensor& q, const Canonical& c) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "sdpax: FLASH_ATTENTION on CPU supports float32, bfloat16 and float16, got ", q.scalar_type(),
+              " (float64 runs on MATH)");
+  TORCH_CHECK(c.E <= 256 && c.Ev <= 256, "sdpax: FLASH_ATTENTION on CPU supports head dims up to 256, got ", c.E,
+              " / ", c.Ev);
+}
+
+AttnParams make_params(const Canonical& c, const std::optional<at::Tensor>& sinks_f32, double dropout_p,
+                       int64_t causal, double scale, const std::optional<at::Tensor>& rng) {
+  AttnParams p;
+  p.batch = c.B;
+  p.hq = c.Hq;
+  p.hkv = c.Hkv;
+  p.L = c.L;
+  p.S = c.S;
+  p.E = c.E;
+  p.Ev = c.Ev;
+  p.dtype = scalar_kind(c.q.scalar_type());
+  p.q = c.q.data_ptr();
+  p.k = c.k.data_ptr();
+  p.v = c.v.data_ptr();
+  p.q_st = strides4(c.q);
+  p.k_st = strides4(c.k);
+  p.v_st = strides4(c.v);
+  if (c.mask) {
+    p.mask_kind = c.mask->scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
+    p.mask_dtype = scalar_kind(c.mask->scalar_type());
+    p.mask = c.mask->data_ptr();
+    p.mask_st = strides4(*c.mask);
+  }
+  p.causal = static_cast<Causal>(causal);
+  p.scale = static_cast<float>(scale);
+  p.sinks = sinks_f32 ? sinks_f32->data_ptr<float>() : nullptr;
+  p.dropout_p = dropout_p;
+  p.rng = dropout_p > 0.0 ? rng->data_ptr<int64_t>() : nullptr;
+  return p;
+}
+
+std::optional<at::Tensor> sinks_as_float(const std::optional<at::Tensor>& sinks) {
+  if (!sinks) return std::nullopt;
+  return sinks->to(at::kFloat).contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
+                                             double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
+                                             const std::optional<at::Tensor>& rng) {
+  check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
+  const Canonical c = canonicalize(q, k, v, mask);
+  check_flash(q, c);
+  const auto sinks_f = sinks_as_float(sinks);
+  AttnParams p = make_params(c, sinks_f, dropout_p, causal, scale, rng);
+  at::Tensor out = at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
+  at::Tensor lse = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.out_st = strides4(out);
+  p.lse = lse.data_ptr<float>();
+  if (out.numel() > 0) {
+    if (c.S == 0) {
+      // No keys at all: every row is fully masked (or sees only its sink).
+      out.zero_();
+      if (sinks_f) {
+        lse.copy_(sinks_f->view({1, c.Hq, 1}).expand_as(lse));
+      } else {
+        lse.fill_(-std::numeric_limits<float>::infinity());
+      }
+    } else if (c.L <= kDecodeMaxL) {
+      flash_decode(p);
+    } else {
+      sdpax::cpu::flash_fwd(p);
+    }
+  }
+  return {uncanonical(out, q, c.Ev), uncanonical(lse, q, -1)};
+}
+
+}  // namespace sdpax::cpu

@@ -1,0 +1,20 @@
+// Entry points of the fused CPU kernels. They read and write only through AttnParams (no at::Tensor); the host
+// glue in host.cpp builds the params, allocates the outputs and picks the entry point.
+#pragma once
+#include "common/params.h"
+
+namespace sdpax::cpu {
+
+// Tiled online-softmax forward: fills p.out and p.lse.
+void flash_fwd(const AttnParams& p);
+
+// Short query lengths (L <= kDecodeMaxL): streams K/V once per KV head for all query rows of its group, splitting
+// the key sequence across threads when there are fewer heads than threads, and merges the pieces by log-sum-exp.
+constexpr int64_t kDecodeMaxL = 8;
+void flash_decode(const AttnParams& p);
+
+// FA2-style backward: recomputes P from p.lse, Delta = rowsum(dO * O); fills p.dq, p.dk, p.dv and (with sinks)
+// p.dsinks. p.out and p.lse are the forward's outputs.
+void flash_bwd(const AttnParams& p);
+
+}  // namespace sdpax::cpu
