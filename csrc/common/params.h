@@ -59,6 +59,9 @@ struct AttnParams {
   void* dv = nullptr;
   Strides4 dq_st{}, dk_st{}, dv_st{};
   float* dsinks = nullptr;  // (hq,) float32 accumulator
+  // CPU backward: per-(batch, head) terms of dsinks, (batch, hq) float32, written without races and summed over the
+  // batch by the host (deterministic). nullptr when unused.
+  float* dsinks_bh = nullptr;
 };
 
 // First key column that query row i may not see under the causal alignment (keys [0, limit) are visible).

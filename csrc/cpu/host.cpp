@@ -87,4 +87,53 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
   return {uncanonical(out, q, c.Ev), uncanonical(lse, q, -1)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
+    int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& rng, bool mask_grad) {
+  check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", grad_out.sizes(),
+              " does not match the output shape ", out.sizes());
+  TORCH_CHECK(!(mask_grad && mask && mask->scalar_type() != at::kBool),
+              "sdpax: the gradient of attn_mask is computed by the MATH backend only; FLASH_ATTENTION cannot "
+              "produce it");
+  const Canonical c = canonicalize(q, k, v, mask);
+  check_flash(q, c);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == c.B * c.Hq * c.L,
+              "sdpax: lse must be the float32 log-sum-exp of the forward, shape ", q.sizes().slice(0, q.dim() - 1));
+  const auto sinks_f = sinks_as_float(sinks);
+  AttnParams p = make_params(c, sinks_f, dropout_p, causal, scale, rng);
+  // Kernel inputs from the forward: viewed 4-D, copied only if the caller passed non-viewable layouts.
+  const at::Tensor out4 = out.reshape({c.B, c.Hq, c.L, c.Ev});
+  const at::Tensor dout4 = grad_out.to(q.scalar_type()).reshape({c.B, c.Hq, c.L, c.Ev});
+  const at::Tensor lse3 = lse.reshape({c.B, c.Hq, c.L}).contiguous();
+  at::Tensor dq = at::empty({c.B, c.Hq, c.L, c.E}, q.options());
+  at::Tensor dk = at::empty({c.B, c.Hkv, c.S, c.E}, q.options());
+  at::Tensor dv = at::empty({c.B, c.Hkv, c.S, c.Ev}, q.options());
+  at::Tensor dsinks_bh = at::zeros({c.B, c.Hq}, q.options().dtype(at::kFloat));
+  p.out = const_cast<void*>(out4.data_ptr());
+  p.out_st = strides4(out4);
+  p.lse = const_cast<float*>(lse3.data_ptr<float>());
+  p.dout = dout4.data_ptr();
+  p.dout_st = strides4(dout4);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_st = strides4(dq);
+  p.dk_st = strides4(dk);
+  p.dv_st = strides4(dv);
+  p.dsinks_bh = sinks ? dsinks_bh.data_ptr<float>() : nullptr;
+  if (c.S == 0 || c.L == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  } else if (dq.numel() + dk.numel() + dv.numel() > 0) {
+    sdpax::cpu::flash_bwd(p);
+  }
+  at::Tensor dsinks = sinks ? dsinks_bh.sum(0).to(sinks->scalar_type()) : at::empty({0}, q.options());
+  return {uncanonical(dq, q, c.E), dk.reshape(k.sizes()), dv.reshape(v.sizes()), at::empty({0}, q.options()),
+          dsinks};
+}
+
 }  // namespace sdpax::cpu

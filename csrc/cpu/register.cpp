@@ -6,5 +6,5 @@
 
 TORCH_LIBRARY_IMPL(sdpax, CPU, m) {
   m.impl("fwd", &sdpax::fwd_entry<&sdpax::cpu::flash_fwd>);
-  m.impl("bwd", &sdpax::bwd_entry<nullptr>);
+  m.impl("bwd", &sdpax::bwd_entry<&sdpax::cpu::flash_bwd>);
 }

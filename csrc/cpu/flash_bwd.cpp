@@ -1,0 +1,238 @@
+// FA2-style backward on CPU.
+//
+// One task per KV head (batch, kv head): it owns dK and dV of that head and the dQ of its G query heads, so no
+// two threads write the same gradient and the result is deterministic. Per task:
+//   prepack Q, dO of all G*L query rows (in the two layouts the GEMMs need), Delta = rowsum(dO * O), lse
+//   for each key tile j (kBlockN keys):            dK_j, dV_j accumulators (float)
+//     for each query tile i it can see (kBlockM rows of one query head; causal / fully masked tiles skipped):
+//       S^T  = K_j Q_i^T           P^T = exp(S^T * scale + bias - lse)   (recomputed, never stored)
+//       dP^T = V_j dO_i^T          dS^T = P^T * (dP^T - Delta)           (dropout: same Philox mask as forward)
+//       dV_j += P_drop^T dO_i      dK_j += dS^T Q_i      dQ_i^T += K_j^T dS^T
+// Working in the transposed (key-major) orientation makes every GEMM operand either prepacked once or produced
+// row-major by the elementwise pass, so no per-tile transposes are needed. Extra memory per thread:
+// O(G * L * D) for the prepacked rows and dQ^T, O(kBlockN * D) per key tile.
+#include <vector>
+
+#include "cpu/kernel.h"
+#include "cpu/tile.h"
+
+namespace sdpax::cpu {
+
+namespace {
+
+constexpr int64_t kBlockM = 64;   // query rows per tile (one query head)
+constexpr int64_t kBlockN = 128;  // keys per tile
+
+struct BwdLocal {
+  Scratch qtb, qb, dotb, dob, delta, lse, dqt;
+  Scratch ka, va, kta, dk, dv;
+  Scratch st, dpt, pa, dsa, dsb, fbuf, bias, tb, tf, tp;
+  std::vector<const void*> mask_rows;
+  std::vector<const float*> bias_rows;
+};
+
+template <class T>
+struct BwdKernel {
+  using C = typename ComputeOf<T>::type;
+  const AttnParams& p;
+  const int64_t G, GL, Ep, Evp, q_tiles, kv_tiles;
+  const Dropout drop;
+
+  explicit BwdKernel(const AttnParams& params)
+      : p(params), G(params.hq / params.hkv), GL(G * params.L), Ep(padk<C>(params.E)), Evp(padk<C>(params.Ev)),
+        q_tiles((params.L + kBlockM - 1) / kBlockM), kv_tiles((params.S + kBlockN - 1) / kBlockN), drop(params) {}
+
+  // Prepacked layouts of the rows of query tile qt (over g, then tiles of one head).
+  int64_t qt_stride() const { return kBlockM * std::max(Ep, Evp) + 64; }
+
+  void prepack(BwdLocal& loc, int64_t b, int64_t hkv) const {
+    const int64_t nqt = G * q_tiles;
+    C* qtb = loc.qtb.get<C>(nqt * qt_stride());
+    C* qb = loc.qb.get<C>(nqt * qt_stride());
+    C* dotb = loc.dotb.get<C>(nqt * qt_stride());
+    C* dob = loc.dob.get<C>(nqt * qt_stride());
+    float* delta = loc.delta.get<float>(GL);
+    float* lse = loc.lse.get<float>(GL);
+    thread_local std::vector<float> orow, grow;
+    orow.resize(p.Ev);
+    grow.resize(p.Ev);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hkv * G + g;
+      const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
+      const T* o = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
+      const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h;
+      for (int64_t t = 0; t < q_tiles; ++t) {
+        const int64_t i0 = t * kBlockM, M = std::min(kBlockM, p.L - i0);
+        const int64_t off = (g * q_tiles + t) * qt_stride();
+        pack_b_cols(q + i0 * p.q_st.r, p.q_st.r, p.q_st.c, p.E, M, qtb + off);
+        pack_b_rows(q + i0 * p.q_st.r, p.q_st.r, p.q_st.c, M, p.E, qb + off);
+        pack_b_cols(d + i0 * p.dout_st.r, p.dout_st.r, p.dout_st.c, p.Ev, M, dotb + off);
+        pack_b_rows(d + i0 * p.dout_st.r, p.dout_st.r, p.dout_st.c, M, p.Ev, dob + off);
+      }
+      float sink_term = 0.f;
+      for (int64_t i = 0; i < p.L; ++i) {
+        load_row(o + i * p.out_st.r, p.out_st.c, p.Ev, p.Ev, orow.data());
+        load_row(d + i * p.dout_st.r, p.dout_st.c, p.Ev, p.Ev, grow.data());
+        float dl = 0.f;
+        for (int64_t e = 0; e < p.Ev; ++e) dl += orow[e] * grow[e];
+        const float l = p.lse[(b * p.hq + h) * p.L + i];
+        delta[g * p.L + i] = dl;
+        // A row that saw nothing has lse -inf; +inf makes every recomputed probability exp(s - inf) = 0.
+        lse[g * p.L + i] = l == kNegInf ? std::numeric_limits<float>::infinity() : l;
+        if (p.sinks && l != kNegInf) sink_term += std::exp(p.sinks[h] - l) * dl;
+      }
+      if (p.dsinks_bh) p.dsinks_bh[b * p.hq + h] = -sink_term;
+    }
+  }
+
+  // Key tile t against query tile (g, qt): accumulates into dk/dv (key-major) and dQ^T.
+  void pair(BwdLocal& loc, int64_t b, int64_t hkv, int64_t g, int64_t qt, int64_t t, const C* ka, const C* va,
+            const C* kta, float* dk, float* dv, float* dqt) const {
+    const int64_t h = hkv * G + g;
+    const int64_t i0 = qt * kBlockM, M = std::min(kBlockM, p.L - i0), Mp = padk<C>(M);
+    const int64_t j0 = t * kBlockN, n = std::min(kBlockN, p.S - j0), np = padk<C>(n);
+    const int64_t lim_last = causal_limit(p.causal, i0 + M - 1, p.L, p.S);
+    if (lim_last <= j0) return;  // causal: the whole tile is above the diagonal
+    const bool masked = p.mask_kind != MaskKind::None;
+    if (masked) {
+      loc.mask_rows.resize(M);
+      loc.bias_rows.resize(M);
+      for (int64_t r = 0; r < M; ++r) loc.mask_rows[r] = mask_row(p, b, h, i0 + r);
+      float* bias = loc.bias.get<float>(kBlockM * kBlockN);
+      if (load_tile_bias(p, loc.mask_rows.data(), M, j0, n, kBlockN, bias, loc.bias_rows.data())) return;
+    }
+    const int64_t off = (g * q_tiles + qt) * qt_stride();
+    float* st = loc.st.get<float>(kBlockN * kBlockM);
+    float* dpt = loc.dpt.get<float>(kBlockN * kBlockM);
+    gemm(n, M, Ep, ka, Ep, loc.qtb.get<C>(0) + off, M, st, kBlockM, false);
+    gemm(n, M, Evp, va, Evp, loc.dotb.get<C>(0) + off, M, dpt, kBlockM, false);
+
+    float* fbuf = nullptr;
+    if (drop.on) {
+      fbuf = loc.fbuf.get<float>(kBlockM * kBlockN);
+      for (int64_t r = 0; r < M; ++r) drop.factors(b * p.hq + h, i0 + r, j0, n, fbuf + r * kBlockN);
+    }
+    const float* lse = loc.lse.get<float>(0) + g * p.L + i0;
+    const float* delta = loc.delta.get<float>(0) + g * p.L + i0;
+    C* pa = loc.pa.get<C>(kBlockN * (kBlockM + 2));
+    C* dsa = loc.dsa.get<C>(kBlockN * (kBlockM + 2));
+    float* tb = loc.tb.get<float>(kBlockM);
+    float* tf = loc.tf.get<float>(kBlockM);
+    float* tp = loc.tp.get<float>(2 * kBlockM);
+    // Causal: row i sees key j iff j < causal_limit(i), i.e. i >= j - (limit(0) - 1).
+    const int64_t shift = causal_limit(p.causal, 0, p.L, p.S) - 1;
+    const Vec vscale(p.scale);
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const int64_t j = j0 + jj;
+      const int64_t r0 = p.causal == Causal::None ? 0 : std::clamp<int64_t>(j - shift - i0, 0, M);
+      float* srow = st + jj * kBlockM;
+      float* dprow = dpt + jj * kBlockM;
+      float* prow = tp;
+      float* dsrow = tp + kBlockM;
+      if (masked)
+        for (int64_t r = r0; r < M; ++r) tb[r] = loc.bias_rows[r][jj];
+      if (fbuf)
+        for (int64_t r = r0; r < M; ++r) tf[r] = fbuf[r * kBlockN + jj];
+      std::fill(prow, prow + r0, 0.f);
+      std::fill(dsrow, dsrow + r0, 0.f);
+      for (int64_t r = r0; r < M; r += Vec::size()) {
+        const int64_t cnt = std::min<int64_t>(Vec::size(), M - r);
+        Vec s = Vec::loadu(srow + r, cnt) * vscale;
+        if (masked) s = s + Vec::loadu(tb + r, cnt);
+        const Vec pr = (s - Vec::loadu(lse + r, cnt)).exp_u20();
+        Vec dp = Vec::loadu(dprow + r, cnt);
+        Vec pd = pr;
+        if (fbuf) {
+          const Vec f = Vec::loadu(tf + r, cnt);
+          pd = pr * f;
+          dp = dp * f;
+        }
+        const Vec ds = pr * (dp - Vec::loadu(delta + r, cnt));
+        pd.store(prow + r, cnt);
+        ds.store(dsrow + r, cnt);
+      }
+      std::fill(prow + M, prow + Mp, 0.f);
+      std::fill(dsrow + M, dsrow + Mp, 0.f);
+      convert_n(prow, pa + jj * Mp, Mp);
+      convert_n(dsrow, dsa + jj * Mp, Mp);
+    }
+    if (np > n) {
+      std::fill(pa + n * Mp, pa + np * Mp, C(0.f));
+      std::fill(dsa + n * Mp, dsa + np * Mp, C(0.f));
+    }
+    gemm(n, p.Ev, Mp, pa, Mp, loc.dob.get<C>(0) + off, p.Ev, dv, p.Ev, true);
+    gemm(n, p.E, Mp, dsa, Mp, loc.qb.get<C>(0) + off, p.E, dk, p.E, true);
+    // dQ^T (E x M) += K^T (E x n) dS^T (n x M): dS^T as a B operand (VNNI pairs of key rows for bfloat16).
+    const C* dsb = dsa;
+    int64_t ldb = Mp;
+    if constexpr (kVnni<C>) {
+      C* vn = loc.dsb.get<C>(np * M);
+      for (int64_t k = 0; k < np; k += 2)
+        for (int64_t r = 0; r < M; ++r) {
+          vn[k * M + 2 * r] = dsa[k * Mp + r];
+          vn[k * M + 2 * r + 1] = dsa[(k + 1) * Mp + r];
+        }
+      dsb = vn;
+      ldb = M;
+    }
+    gemm(p.E, M, np, kta, np, dsb, ldb, dqt + g * p.L + i0, GL, true);
+  }
+
+  void head(BwdLocal& loc, int64_t b, int64_t hkv) const {
+    prepack(loc, b, hkv);
+    float* dqt = loc.dqt.get<float>(p.E * GL);
+    std::fill(dqt, dqt + p.E * GL, 0.f);
+    C* ka = loc.ka.get<C>(kBlockN * Ep);
+    C* va = loc.va.get<C>(kBlockN * Evp);
+    C* kta = loc.kta.get<C>(p.E * (kBlockN + 2));
+    float* dk = loc.dk.get<float>(kBlockN * p.E);
+    float* dv = loc.dv.get<float>(kBlockN * p.Ev);
+    const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hkv * p.k_st.h;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hkv * p.v_st.h;
+    T* dkout = static_cast<T*>(p.dk) + b * p.dk_st.b + hkv * p.dk_st.h;
+    T* dvout = static_cast<T*>(p.dv) + b * p.dv_st.b + hkv * p.dv_st.h;
+    for (int64_t t = 0; t < kv_tiles; ++t) {
+      const int64_t j0 = t * kBlockN, n = std::min(kBlockN, p.S - j0), np = padk<C>(n);
+      pack_a(k + j0 * p.k_st.r, p.k_st.r, p.k_st.c, n, p.E, Ep, ka);
+      pack_a(v + j0 * p.v_st.r, p.v_st.r, p.v_st.c, n, p.Ev, Evp, va);
+      pack_a_transposed(k + j0 * p.k_st.r, p.k_st.r, p.k_st.c, n, p.E, np, kta);
+      std::fill(dk, dk + n * p.E, 0.f);
+      std::fill(dv, dv + n * p.Ev, 0.f);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t qt = 0; qt < q_tiles; ++qt) pair(loc, b, hkv, g, qt, t, ka, va, kta, dk, dv, dqt);
+      for (int64_t jj = 0; jj < n; ++jj) {
+        T* dkr = dkout + (j0 + jj) * p.dk_st.r;
+        T* dvr = dvout + (j0 + jj) * p.dv_st.r;
+        for (int64_t e = 0; e < p.E; ++e) dkr[e * p.dk_st.c] = static_cast<T>(dk[jj * p.E + e] * p.scale);
+        for (int64_t e = 0; e < p.Ev; ++e) dvr[e * p.dv_st.c] = static_cast<T>(dv[jj * p.Ev + e]);
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t h = hkv * G + g;
+      T* dq = static_cast<T*>(p.dq) + b * p.dq_st.b + h * p.dq_st.h;
+      for (int64_t i = 0; i < p.L; ++i)
+        for (int64_t e = 0; e < p.E; ++e)
+          dq[i * p.dq_st.r + e * p.dq_st.c] = static_cast<T>(dqt[e * GL + g * p.L + i] * p.scale);
+    }
+  }
+
+  void operator()() const {
+    run_tasks(p.batch * p.hkv, kVnni<C>, [&](int64_t t) {
+      thread_local BwdLocal loc;
+      head(loc, t / p.hkv, t % p.hkv);
+    });
+  }
+};
+
+}  // namespace
+
+void flash_bwd(const AttnParams& p) {
+  switch (p.dtype) {
+    case ScalarKind::Float: BwdKernel<float>{p}(); break;
+    case ScalarKind::BFloat16: BwdKernel<BF16>{p}(); break;
+    case ScalarKind::Half: BwdKernel<F16>{p}(); break;
+    default: TORCH_CHECK(false, "sdpax: the CPU flash kernel supports float32, bfloat16 and float16");
+  }
+}
+
+}  // namespace sdpax::cpu
