@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/kernel.h"
+#include "cpu/softmax.h"
 #include "cpu/tile.h"
 
 namespace sdpax::cpu {
@@ -139,7 +140,7 @@ struct BwdKernel {
         const int64_t cnt = std::min<int64_t>(Vec::size(), M - r);
         Vec s = Vec::loadu(srow + r, cnt) * vscale;
         if (masked) s = s + Vec::loadu(tb + r, cnt);
-        const Vec pr = (s - Vec::loadu(lse + r, cnt)).exp_u20();
+        const Vec pr = fast_exp(s - Vec::loadu(lse + r, cnt));
         Vec dp = Vec::loadu(dprow + r, cnt);
         Vec pd = pr;
         if (fbuf) {

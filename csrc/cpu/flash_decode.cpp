@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/kernel.h"
+#include "cpu/softmax.h"
 #include "cpu/tile.h"
 
 namespace sdpax::cpu {
@@ -90,7 +91,7 @@ struct DecodeKernel {
         if (dropf) drop.factors(b * p.hq + h, i, j0, n, dropf);
         float* pr = pb + r * kBlock;
         const float alpha =
-            softmax_row(sr, n, n, p.scale, masked ? loc.bias_rows[r] : nullptr, lim, dropf, m[r], l[r], pr);
+            softmax_row(sr, n, n, p.scale * kLog2e, masked ? loc.bias_rows[r] : nullptr, lim, dropf, m[r], l[r], pr);
         float* ar = acc + r * Ev;
         int64_t c = 0;
         for (; c + Vec::size() <= Ev; c += Vec::size()) {
@@ -107,7 +108,7 @@ struct DecodeKernel {
     }
   }
 
-  void finish(int64_t b, int64_t hkv, const float* acc, const float* m, const float* l) const {
+  void finish(int64_t b, int64_t hkv, float* acc, const float* m, const float* l) const {
     for (int64_t r = 0; r < R; ++r) {
       const int64_t h = hkv * G + r / p.L, i = r % p.L;
       T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
@@ -149,7 +150,7 @@ struct DecodeKernel {
           const float* part = partial + (head * chunks + c) * R * row_stride();
           const float mc = part[R * p.Ev + r];
           if (mc == kNegInf) continue;
-          const float w = std::exp(mc - mx);
+          const float w = std::exp2(mc - mx);  // m is in log2 units
           l[r] += w * part[R * p.Ev + R + r];
           for (int64_t e = 0; e < p.Ev; ++e) acc[r * p.Ev + e] += w * part[r * p.Ev + e];
         }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/kernel.h"
+#include "cpu/softmax.h"
 #include "cpu/tile.h"
 
 namespace sdpax::cpu {
@@ -132,7 +133,7 @@ struct FwdKernel {
         const int64_t i = i0 + r;
         const int64_t lim = std::clamp<int64_t>(causal_limit(p.causal, i, p.L, p.S) - j0, 0, n);
         if (dropf) drop.factors(bh, i, j0, n, dropf);
-        const float alpha = softmax_row(s + r * kBlockN, n, np, p.scale, masked ? loc.bias_rows[r] : nullptr, lim,
+        const float alpha = softmax_row(s + r * kBlockN, n, np, p.scale * kLog2e, masked ? loc.bias_rows[r] : nullptr, lim,
                                         dropf, loc.m[r], loc.l[r], pm + r * np);
         if (alpha != 1.f) scale_row(acc + r * p.Ev, p.Ev, alpha);
       }

@@ -1,5 +1,5 @@
 // Building blocks shared by the fused CPU kernels: compute types, GEMM on packed tiles, operand packing, mask
-// rows, dropout factors, the online-softmax row update and its epilogue, per-thread scratch and the task loop.
+// rows, dropout factors, per-thread scratch and the task loop. The online softmax lives in softmax.h.
 //
 // GEMMs go through at::native::cpublas::brgemm (oneDNN micro-kernels: AMX for bfloat16 on CPUs that have it,
 // AVX-512 FMA for float32). brgemm multiplies row-major A (M x K) by B (K x N) into float C. For bfloat16, B is
@@ -223,93 +223,6 @@ struct Dropout {
     }
   }
 };
-
-// ---- online softmax ----
-
-// One row of a score tile: s[0, n) holds raw q.k products. Applies scale, bias (may be null) and the causal
-// column limit lim (columns >= lim are masked), updates the running max m and denominator l, writes the
-// probabilities (times the dropout factors drop, if any) to pout[0, npad) as C and returns the factor the row's
-// accumulator must be multiplied by.
-template <class C>
-inline float softmax_row(float* s, int64_t n, int64_t npad, float scale, const float* bias, int64_t lim,
-                         const float* drop, float& m, float& l, C* pout) {
-  lim = std::min(lim, n);
-  const Vec vscale(scale);
-  Vec vmax(kNegInf);
-  int64_t j = 0;
-  for (; j + Vec::size() <= lim; j += Vec::size()) {
-    Vec x = Vec::loadu(s + j) * vscale;
-    if (bias) x = x + Vec::loadu(bias + j);
-    x.store(s + j);
-    vmax = at::vec::maximum(vmax, x);
-  }
-  if (j < lim) {
-    const int64_t rem = lim - j;
-    Vec x = Vec::loadu(s + j, rem) * vscale;
-    if (bias) x = x + Vec::loadu(bias + j, rem);
-    x.store(s + j, rem);
-    vmax = at::vec::maximum(vmax, Vec::set(Vec(kNegInf), x, rem));
-  }
-  const float row_max = vmax.reduce_max();
-  const float m_new = std::max(m, row_max);
-  if (m_new == kNegInf) {
-    // Nothing visible yet: no probability mass; keep m at -inf so a later visible key is not underweighted.
-    std::fill(pout, pout + npad, C(0.f));
-    return 1.f;
-  }
-  const Vec vm(m_new);
-  Vec vsum(0.f);
-  thread_local float pf[4096];
-  float* pbuf = std::is_same_v<C, float> ? reinterpret_cast<float*>(pout) : pf;
-  for (j = 0; j + Vec::size() <= lim; j += Vec::size()) {
-    Vec e = (Vec::loadu(s + j) - vm).exp_u20();
-    vsum = vsum + e;
-    if (drop) e = e * Vec::loadu(drop + j);
-    e.store(pbuf + j);
-  }
-  if (j < lim) {
-    const int64_t rem = lim - j;
-    Vec e = Vec::set(Vec(0.f), (Vec::loadu(s + j, rem) - vm).exp_u20(), rem);
-    vsum = vsum + e;
-    if (drop) e = e * Vec::loadu(drop + j, rem);
-    e.store(pbuf + j, rem);
-  }
-  std::fill(pbuf + lim, pbuf + npad, 0.f);
-  if constexpr (!std::is_same_v<C, float>) convert_n(pbuf, pout, npad);
-  const float alpha = m == kNegInf ? 0.f : std::exp(m - m_new);
-  l = l * alpha + vsum.reduce_add();
-  m = m_new;
-  return alpha;
-}
-
-inline void scale_row(float* x, int64_t n, float a) {
-  const Vec va(a);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * va).store(x + j);
-  if (j < n) (Vec::loadu(x + j, n - j) * va).store(x + j, n - j);
-}
-
-// Final normalisation of one row: folds the sink logit into the denominator, writes out = acc / l as T and
-// returns the log-sum-exp. A row with no visible key and no sink has l = 0: output 0 and lse -inf (as MATH).
-template <class T>
-inline float finish_row(const float* acc, int64_t ev, float m, float l, const float* sink, T* out, int64_t out_cs) {
-  if (sink) {
-    const float m2 = std::max(m, *sink);
-    l = (m == kNegInf ? 0.f : l * std::exp(m - m2)) + std::exp(*sink - m2);
-    const float a = m == kNegInf ? 0.f : std::exp(m - m2);
-    m = m2;
-    const float inv = a / l;
-    for (int64_t c = 0; c < ev; ++c) out[c * out_cs] = static_cast<T>(acc[c] * inv);
-    return m + std::log(l);
-  }
-  if (l == 0.f) {
-    for (int64_t c = 0; c < ev; ++c) out[c * out_cs] = T(0.f);
-    return kNegInf;
-  }
-  const float inv = 1.f / l;
-  for (int64_t c = 0; c < ev; ++c) out[c * out_cs] = static_cast<T>(acc[c] * inv);
-  return m + std::log(l);
-}
 
 // ---- scratch and scheduling ----
 

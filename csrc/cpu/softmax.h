@@ -1,0 +1,215 @@
+// Online softmax for the CPU kernels: a fast vector exp, the per-row update of a score tile (running max and
+// denominator, probabilities in the GEMM type) and the final normalisation with sinks and the fully-masked-row
+// guard. The AVX-512 path keeps a row in registers with masked tails; other ISAs use at::vec.
+#pragma once
+#include "cpu/tile.h"
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace sdpax::cpu {
+
+// Scores live in the log2 domain: x = s * (scale * log2 e) + bias * log2 e, probabilities are exp2(x - m), the
+// running max m is in log2 units and finish_row converts back (lse = (m + log2 l) * ln 2). Folding log2 e into
+// the scale saves the multiply-by-log2e of every exp.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// Lazy rescaling: a tile is exponentiated at the row's current max unless its own max exceeds it by more than
+// this (log2 units), so most tiles need one pass and no accumulator rescale. Probabilities stay below 2^8.
+constexpr float kLazyRescale = 8.f;
+
+#if defined(CPU_CAPABILITY_AVX512)
+
+#define SDPAX_INLINE inline __attribute__((always_inline))
+
+// 2^x: x = n + f with |f| <= 1/2, 2^f by its Taylor polynomial in f ln2 (degree 7 for float32 results, truncation
+// below 1e-8 relative; degree 5, below 3e-6, when the probabilities are rounded to bfloat16), 2^n applied by
+// vscalefps. Inputs are clamped so -inf gives exactly 0 (masked scores) and nothing is NaN.
+template <int Degree>
+SDPAX_INLINE __m512 exp2_512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(128.f)), _mm512_set1_ps(-150.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  constexpr float c[8] = {1.f, 0.6931471806f, 0.2402265070f, 0.0555041087f, 0.0096181291f, 0.0013333558f,
+                          0.0001540353f, 0.0000152527f};
+  __m512 p = _mm512_set1_ps(c[Degree]);
+  for (int d = Degree - 1; d >= 0; --d) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[d]));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline Vec fast_exp(const Vec& x) { return Vec(exp2_512<7>(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)))); }
+
+// float -> bfloat16, round to nearest even (probabilities are never NaN); the vcvtneps2bf16 variant is used on
+// CPUs with AVX512-BF16 (one instruction instead of five).
+SDPAX_INLINE __m256i bf16_of(__m512 x) {
+  __m512i b = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+}
+
+template <class C, bool HwBf16>
+SDPAX_INLINE void store_c(C* dst, __m512 x, __mmask16 k) {
+  if constexpr (std::is_same_v<C, float>) {
+    _mm512_mask_storeu_ps(dst, k, x);
+  } else {
+    __m256i h;
+    if constexpr (HwBf16) {
+      // vcvtneps2bf16 written as asm so the rest of the build needs no -mavx512bf16 (chosen at run time).
+      asm("vcvtneps2bf16 %1, %0" : "=v"(h) : "v"(x));
+    } else {
+      h = bf16_of(x);
+    }
+    if (k == 0xffff) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
+    } else {
+      _mm256_mask_storeu_epi16(dst, k, h);
+    }
+  }
+}
+
+SDPAX_INLINE __mmask16 tail_mask(int64_t rem) {
+  return rem >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << rem) - 1);
+}
+
+// exp2(x - m) of the visible columns into pout (times the dropout factors), their sum, and the max of x.
+template <class C, bool HwBf16>
+SDPAX_INLINE float exp_pass(const float* s, const float* bias, const float* drop, int64_t lim, __m512 vs, float m,
+                            C* pout, float& row_max) {
+  constexpr int kDeg = std::is_same_v<C, float> ? 7 : 5;
+  const __m512 neg_m = _mm512_set1_ps(-m), vl2e = _mm512_set1_ps(kLog2e);
+  __m512 vsum = _mm512_setzero_ps(), vmax = _mm512_set1_ps(kNegInf);
+  for (int64_t j = 0; j < lim; j += 16) {
+    const __mmask16 k = tail_mask(lim - j);
+    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), vs);
+    if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bias + j), vl2e, x);
+    vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+    __m512 e = _mm512_maskz_mov_ps(k, exp2_512<kDeg>(_mm512_add_ps(x, neg_m)));
+    vsum = _mm512_add_ps(vsum, e);
+    if (drop) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(k, drop + j));
+    store_c<C, HwBf16>(pout + j, e, k);
+  }
+  row_max = _mm512_reduce_max_ps(vmax);
+  return _mm512_reduce_add_ps(vsum);
+}
+
+template <class C, bool HwBf16>
+SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, float scale2, const float* bias,
+                                    int64_t lim, const float* drop, float& m, float& l, C* pout) {
+  lim = std::clamp<int64_t>(lim, 0, n);
+  const __m512 vs = _mm512_set1_ps(scale2);
+  float row_max;
+  if (m != kNegInf) {
+    const float sum = exp_pass<C, HwBf16>(s, bias, drop, lim, vs, m, pout, row_max);
+    if (row_max <= m + kLazyRescale) {
+      std::fill(pout + lim, pout + npad, C(0.f));
+      l += sum;
+      return 1.f;
+    }
+  } else {
+    const __m512 vl2e = _mm512_set1_ps(kLog2e);
+    __m512 vmax = _mm512_set1_ps(kNegInf);
+    for (int64_t j = 0; j < lim; j += 16) {
+      const __mmask16 k = tail_mask(lim - j);
+      __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), vs);
+      if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bias + j), vl2e, x);
+      vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+    }
+    row_max = _mm512_reduce_max_ps(vmax);
+  }
+  const float m_new = std::max(m, row_max);
+  if (m_new == kNegInf) {
+    // Nothing visible yet: no probability mass; m stays -inf so a later visible key is not underweighted.
+    std::fill(pout, pout + npad, C(0.f));
+    return 1.f;
+  }
+  float unused;
+  const float sum = exp_pass<C, HwBf16>(s, bias, drop, lim, vs, m_new, pout, unused);
+  std::fill(pout + lim, pout + npad, C(0.f));
+  const float alpha = m == kNegInf ? 0.f : std::exp2(m - m_new);
+  l = l * alpha + sum;
+  m = m_new;
+  return alpha;
+}
+
+inline bool cpu_has_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+#else
+
+inline Vec fast_exp(const Vec& x) { return x.exp_u20(); }
+
+#endif
+
+// One row of a score tile. s[0, n) holds raw q.k products; columns >= lim are masked (causal), bias (may be
+// null, natural-log units) is added after scaling; scale2 = scale * log2 e. Updates the running max m (log2
+// units) and denominator l, writes the probabilities (times the dropout factors drop, if any) to pout[0, npad)
+// as C (zeros past lim) and returns the factor the row's accumulator must be multiplied by.
+template <class C>
+inline float softmax_row(const float* s, int64_t n, int64_t npad, float scale2, const float* bias, int64_t lim,
+                         const float* drop, float& m, float& l, C* pout) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<C, BF16>) {
+    if (cpu_has_bf16()) return softmax_row_impl<BF16, true>(s, n, npad, scale2, bias, lim, drop, m, l, pout);
+  }
+  return softmax_row_impl<C, false>(s, n, npad, scale2, bias, lim, drop, m, l, pout);
+#else
+  lim = std::clamp<int64_t>(lim, 0, n);
+  float row_max = kNegInf;
+  for (int64_t j = 0; j < lim; ++j) row_max = std::max(row_max, s[j] * scale2 + (bias ? bias[j] * kLog2e : 0.f));
+  const float m_new = std::max(m, row_max);
+  if (m_new == kNegInf) {
+    std::fill(pout, pout + npad, C(0.f));
+    return 1.f;
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j < lim; ++j) {
+    const float e = std::exp2(s[j] * scale2 + (bias ? bias[j] * kLog2e : 0.f) - m_new);
+    sum += e;
+    pout[j] = static_cast<C>(drop ? e * drop[j] : e);
+  }
+  std::fill(pout + lim, pout + npad, C(0.f));
+  const float alpha = m == kNegInf ? 0.f : std::exp2(m - m_new);
+  l = l * alpha + sum;
+  m = m_new;
+  return alpha;
+#endif
+}
+
+inline void scale_row(float* x, int64_t n, float a) {
+  const Vec va(a);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * va).store(x + j);
+  if (j < n) (Vec::loadu(x + j, n - j) * va).store(x + j, n - j);
+}
+
+// Final normalisation of one row (m in log2 units): folds the sink logit into the denominator, writes
+// out = acc / l as T and returns the natural log-sum-exp. A row with no visible key and no sink has l = 0: output
+// 0 and lse -inf (as MATH).
+template <class T>
+inline float finish_row(float* acc, int64_t ev, float m, float l, const float* sink, T* out, int64_t out_cs) {
+  float a = 1.f;
+  if (sink) {
+    const float sink2 = *sink * kLog2e;
+    const float m2 = std::max(m, sink2);
+    a = m == kNegInf ? 0.f : std::exp2(m - m2);
+    l = l * a + std::exp2(sink2 - m2);
+    m = m2;
+  }
+  if (l == 0.f) {
+    for (int64_t c = 0; c < ev; ++c) out[c * out_cs] = T(0.f);
+    return kNegInf;
+  }
+  scale_row(acc, ev, a / l);
+  if (out_cs == 1) {
+    convert_n(acc, out, ev);
+  } else {
+    for (int64_t c = 0; c < ev; ++c) out[c * out_cs] = static_cast<T>(acc[c]);
+  }
+  return (m + std::log2(l)) * kLn2;
+}
+
+}  // namespace sdpax::cpu
