@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/kernel.h"
+#include "cpu/mask.h"
 #include "cpu/softmax.h"
 #include "cpu/tile.h"
 
@@ -27,9 +28,8 @@ constexpr int64_t kBlockN = 128;  // keys per tile
 struct BwdLocal {
   Scratch qtb, qb, dotb, dob, delta, lse, dqt;
   Scratch ka, va, kta, dk, dv;
-  Scratch st, dpt, pa, dsa, dsb, fbuf, bias, tb, tf, tp;
-  std::vector<const void*> mask_rows;
-  std::vector<const float*> bias_rows;
+  Scratch st, dpt, pa, dsa, dsb, fbuf, tb, tf, tp;
+  TileMask mask;
 };
 
 template <class T>
@@ -96,11 +96,12 @@ struct BwdKernel {
     if (lim_last <= j0) return;  // causal: the whole tile is above the diagonal
     const bool masked = p.mask_kind != MaskKind::None;
     if (masked) {
-      loc.mask_rows.resize(M);
-      loc.bias_rows.resize(M);
-      for (int64_t r = 0; r < M; ++r) loc.mask_rows[r] = mask_row(p, b, h, i0 + r);
-      float* bias = loc.bias.get<float>(kBlockM * kBlockN);
-      if (load_tile_bias(p, loc.mask_rows.data(), M, j0, n, kBlockN, bias, loc.bias_rows.data())) return;
+      loc.mask.set_rows(p, M, [&](int64_t r, int64_t& bb, int64_t& hh, int64_t& ii) {
+        bb = b;
+        hh = h;
+        ii = i0 + r;
+      });
+      if (loc.mask.load(p, j0, n)) return;
     }
     const int64_t off = (g * q_tiles + qt) * qt_stride();
     float* st = loc.st.get<float>(kBlockN * kBlockM);
@@ -131,7 +132,7 @@ struct BwdKernel {
       float* prow = tp;
       float* dsrow = tp + kBlockM;
       if (masked)
-        for (int64_t r = r0; r < M; ++r) tb[r] = loc.bias_rows[r][jj];
+        for (int64_t r = r0; r < M; ++r) tb[r] = loc.mask.row_masks[r].at(jj);
       if (fbuf)
         for (int64_t r = r0; r < M; ++r) tf[r] = fbuf[r * kBlockN + jj];
       std::fill(prow, prow + r0, 0.f);

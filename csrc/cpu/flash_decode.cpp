@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/kernel.h"
+#include "cpu/mask.h"
 #include "cpu/softmax.h"
 #include "cpu/tile.h"
 
@@ -19,10 +20,9 @@ constexpr int64_t kBlock = 64;
 constexpr int64_t kMinChunk = 512;
 
 struct DecodeLocal {
-  Scratch qf, kf, vf, s, pb, acc, bias, dropf;
+  Scratch qf, kf, vf, s, pb, acc, dropf;
   std::vector<float> m, l;
-  std::vector<const void*> mask_rows;
-  std::vector<const float*> bias_rows;
+  TileMask mask;
 };
 
 template <class T>
@@ -56,13 +56,14 @@ struct DecodeKernel {
     std::fill(m, m + R, kNegInf);
     std::fill(l, l + R, 0.f);
     const bool masked = p.mask_kind != MaskKind::None;
-    float* bias = nullptr;
     if (masked) {
-      loc.mask_rows.resize(R);
-      loc.bias_rows.resize(R);
-      for (int64_t r = 0; r < R; ++r) loc.mask_rows[r] = mask_row(p, b, hkv * G + r / p.L, r % p.L);
-      bias = loc.bias.get<float>(R * kBlock);
+      loc.mask.set_rows(p, R, [&](int64_t r, int64_t& bb, int64_t& hh, int64_t& ii) {
+        bb = b;
+        hh = hkv * G + r / p.L;
+        ii = r % p.L;
+      });
     }
+    const RowMask no_mask;
     float* dropf = drop.on ? loc.dropf.get<float>(kBlock) : nullptr;
     // Causal: the last query row sees the most keys.
     const int64_t visible = std::min(s1, causal_limit(p.causal, p.L - 1, p.L, p.S));
@@ -71,7 +72,7 @@ struct DecodeKernel {
 
     for (int64_t j0 = s0; j0 < visible; j0 += kBlock) {
       const int64_t n = std::min(kBlock, s1 - j0);
-      if (masked && load_tile_bias(p, loc.mask_rows.data(), R, j0, n, kBlock, bias, loc.bias_rows.data())) continue;
+      if (masked && loc.mask.load(p, j0, n)) continue;
       pack_a(kbase + j0 * p.k_st.r, p.k_st.r, p.k_st.c, n, E, E, kf);
       pack_a(vbase + j0 * p.v_st.r, p.v_st.r, p.v_st.c, n, Ev, Ev, vf);
       for (int64_t r = 0; r < R; ++r) {
@@ -91,7 +92,8 @@ struct DecodeKernel {
         if (dropf) drop.factors(b * p.hq + h, i, j0, n, dropf);
         float* pr = pb + r * kBlock;
         const float alpha =
-            softmax_row(sr, n, n, p.scale * kLog2e, masked ? loc.bias_rows[r] : nullptr, lim, dropf, m[r], l[r], pr);
+            softmax_row(sr, n, n, p.scale * kLog2e, masked ? loc.mask.row_masks[r] : no_mask, lim, dropf, m[r], l[r],
+                        pr);
         float* ar = acc + r * Ev;
         int64_t c = 0;
         for (; c + Vec::size() <= Ev; c += Vec::size()) {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/kernel.h"
+#include "cpu/mask.h"
 #include "cpu/softmax.h"
 #include "cpu/tile.h"
 
@@ -66,10 +67,9 @@ struct FwdLocal {
   uint64_t call = ~uint64_t(0);
   int64_t b = -1, hkv = -1;
   std::vector<char> packed;
-  Scratch kt, v, q, s, pm, acc, bias, dropf;
+  Scratch kt, v, q, s, pm, acc, dropf;
   std::vector<float> m, l;
-  std::vector<const void*> mask_rows;
-  std::vector<const float*> bias_rows;
+  TileMask mask;
 };
 
 template <class T>
@@ -119,13 +119,14 @@ struct FwdKernel {
     loc.m.assign(M, kNegInf);
     loc.l.assign(M, 0.f);
     const bool masked = p.mask_kind != MaskKind::None;
-    float* bias = nullptr;
     if (masked) {
-      loc.mask_rows.resize(M);
-      loc.bias_rows.resize(M);
-      for (int64_t r = 0; r < M; ++r) loc.mask_rows[r] = mask_row(p, b, h, i0 + r);
-      bias = loc.bias.get<float>(bm * bn);
+      loc.mask.set_rows(p, M, [&](int64_t r, int64_t& bb, int64_t& hh, int64_t& ii) {
+        bb = b;
+        hh = h;
+        ii = i0 + r;
+      });
     }
+    const RowMask no_mask;
     float* dropf = drop.on ? loc.dropf.get<float>(bn) : nullptr;
     const int64_t bh = b * p.hq + h;
 
@@ -133,16 +134,15 @@ struct FwdKernel {
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t j0 = t * bn, n = std::min(bn, p.S - j0);
       const int64_t np = padk<C>(n);
-      if (masked && load_tile_bias(p, loc.mask_rows.data(), M, j0, n, bn, bias, loc.bias_rows.data()))
-        continue;
+      if (masked && loc.mask.load(p, j0, n)) continue;
       ensure_packed(loc, b, hkv, t);
       gemm(M, n, Ep, qa, Ep, kt_tile(loc, t), n, s, bn, false);
       for (int64_t r = 0; r < M; ++r) {
         const int64_t i = i0 + r;
         const int64_t lim = std::clamp<int64_t>(causal_limit(p.causal, i, p.L, p.S) - j0, 0, n);
         if (dropf) drop.factors(bh, i, j0, n, dropf);
-        const float alpha = softmax_row(s + r * bn, n, np, p.scale * kLog2e, masked ? loc.bias_rows[r] : nullptr, lim,
-                                        dropf, loc.m[r], loc.l[r], pm + r * np);
+        const float alpha = softmax_row(s + r * bn, n, np, p.scale * kLog2e, masked ? loc.mask.row_masks[r] : no_mask,
+                                        lim, dropf, loc.m[r], loc.l[r], pm + r * np);
         if (alpha != 1.f) scale_row(acc + r * p.Ev, p.Ev, alpha);
       }
       gemm(M, p.Ev, np, pm, np, v_tile(loc, t), p.Ev, acc, p.Ev, true);

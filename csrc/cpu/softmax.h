@@ -2,6 +2,7 @@
 // denominator, probabilities in the GEMM type) and the final normalisation with sinks and the fully-masked-row
 // guard. The AVX-512 path keeps a row in registers with masked tails; other ISAs use at::vec.
 #pragma once
+#include "cpu/mask.h"
 #include "cpu/tile.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -76,18 +77,24 @@ SDPAX_INLINE __mmask16 tail_mask(int64_t rem) {
 }
 
 // exp2(x - m) of the visible columns into pout (times the dropout factors), their sum, and the max of x.
+// Lanes of columns [j, j + 16) within the tile (k) that the bool mask keep (may be null) lets through.
+SDPAX_INLINE __mmask16 visible(const uint8_t* keep, int64_t j, __mmask16 k) {
+  if (!keep) return k;
+  return k & _mm_test_epi8_mask(_mm_maskz_loadu_epi8(k, keep + j), _mm_set1_epi8(-1));
+}
+
 template <class C, bool HwBf16>
-SDPAX_INLINE float exp_pass(const float* s, const float* bias, const float* drop, int64_t lim, __m512 vs, float m,
-                            C* pout, float& row_max) {
+SDPAX_INLINE float exp_pass(const float* s, const float* bias, const uint8_t* keep, const float* drop, int64_t lim,
+                            __m512 vs, float m, C* pout, float& row_max) {
   constexpr int kDeg = std::is_same_v<C, float> ? 7 : 5;
   const __m512 neg_m = _mm512_set1_ps(-m), vl2e = _mm512_set1_ps(kLog2e);
   __m512 vsum = _mm512_setzero_ps(), vmax = _mm512_set1_ps(kNegInf);
   for (int64_t j = 0; j < lim; j += 16) {
-    const __mmask16 k = tail_mask(lim - j);
-    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), vs);
-    if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bias + j), vl2e, x);
-    vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
-    __m512 e = _mm512_maskz_mov_ps(k, exp2_512<kDeg>(_mm512_add_ps(x, neg_m)));
+    const __mmask16 k = tail_mask(lim - j), kv = visible(keep, j, k);
+    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(kv, s + j), vs);
+    if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, bias + j), vl2e, x);
+    vmax = _mm512_mask_max_ps(vmax, kv, vmax, x);
+    __m512 e = _mm512_maskz_mov_ps(kv, exp2_512<kDeg>(_mm512_add_ps(x, neg_m)));
     vsum = _mm512_add_ps(vsum, e);
     if (drop) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(k, drop + j));
     store_c<C, HwBf16>(pout + j, e, k);
@@ -97,13 +104,15 @@ SDPAX_INLINE float exp_pass(const float* s, const float* bias, const float* drop
 }
 
 template <class C, bool HwBf16>
-SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, float scale2, const float* bias,
+SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, float scale2, const RowMask& mask,
                                     int64_t lim, const float* drop, float& m, float& l, C* pout) {
   lim = std::clamp<int64_t>(lim, 0, n);
+  const float* bias = mask.bias;
+  const uint8_t* keep = mask.keep;
   const __m512 vs = _mm512_set1_ps(scale2);
   float row_max;
   if (m != kNegInf) {
-    const float sum = exp_pass<C, HwBf16>(s, bias, drop, lim, vs, m, pout, row_max);
+    const float sum = exp_pass<C, HwBf16>(s, bias, keep, drop, lim, vs, m, pout, row_max);
     if (row_max <= m + kLazyRescale) {
       std::fill(pout + lim, pout + npad, C(0.f));
       l += sum;
@@ -113,10 +122,10 @@ SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, flo
     const __m512 vl2e = _mm512_set1_ps(kLog2e);
     __m512 vmax = _mm512_set1_ps(kNegInf);
     for (int64_t j = 0; j < lim; j += 16) {
-      const __mmask16 k = tail_mask(lim - j);
-      __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), vs);
-      if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bias + j), vl2e, x);
-      vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+      const __mmask16 kv = visible(keep, j, tail_mask(lim - j));
+      __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(kv, s + j), vs);
+      if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, bias + j), vl2e, x);
+      vmax = _mm512_mask_max_ps(vmax, kv, vmax, x);
     }
     row_max = _mm512_reduce_max_ps(vmax);
   }
@@ -127,7 +136,7 @@ SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, flo
     return 1.f;
   }
   float unused;
-  const float sum = exp_pass<C, HwBf16>(s, bias, drop, lim, vs, m_new, pout, unused);
+  const float sum = exp_pass<C, HwBf16>(s, bias, keep, drop, lim, vs, m_new, pout, unused);
   std::fill(pout + lim, pout + npad, C(0.f));
   const float alpha = m == kNegInf ? 0.f : std::exp2(m - m_new);
   l = l * alpha + sum;
@@ -146,22 +155,22 @@ inline Vec fast_exp(const Vec& x) { return x.exp_u20(); }
 
 #endif
 
-// One row of a score tile. s[0, n) holds raw q.k products; columns >= lim are masked (causal), bias (may be
-// null, natural-log units) is added after scaling; scale2 = scale * log2 e. Updates the running max m (log2
+// One row of a score tile. s[0, n) holds raw q.k products; columns >= lim are masked (causal), the row's mask
+// (bool or additive in natural-log units, or none) is applied after scaling; scale2 = scale * log2 e. Updates the running max m (log2
 // units) and denominator l, writes the probabilities (times the dropout factors drop, if any) to pout[0, npad)
 // as C (zeros past lim) and returns the factor the row's accumulator must be multiplied by.
 template <class C>
-inline float softmax_row(const float* s, int64_t n, int64_t npad, float scale2, const float* bias, int64_t lim,
+inline float softmax_row(const float* s, int64_t n, int64_t npad, float scale2, const RowMask& mask, int64_t lim,
                          const float* drop, float& m, float& l, C* pout) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<C, BF16>) {
-    if (cpu_has_bf16()) return softmax_row_impl<BF16, true>(s, n, npad, scale2, bias, lim, drop, m, l, pout);
+    if (cpu_has_bf16()) return softmax_row_impl<BF16, true>(s, n, npad, scale2, mask, lim, drop, m, l, pout);
   }
-  return softmax_row_impl<C, false>(s, n, npad, scale2, bias, lim, drop, m, l, pout);
+  return softmax_row_impl<C, false>(s, n, npad, scale2, mask, lim, drop, m, l, pout);
 #else
   lim = std::clamp<int64_t>(lim, 0, n);
   float row_max = kNegInf;
-  for (int64_t j = 0; j < lim; ++j) row_max = std::max(row_max, s[j] * scale2 + (bias ? bias[j] * kLog2e : 0.f));
+  for (int64_t j = 0; j < lim; ++j) row_max = std::max(row_max, s[j] * scale2 + mask.at(j) * kLog2e);
   const float m_new = std::max(m, row_max);
   if (m_new == kNegInf) {
     std::fill(pout, pout + npad, C(0.f));
@@ -169,7 +178,7 @@ inline float softmax_row(const float* s, int64_t n, int64_t npad, float scale2, 
   }
   float sum = 0.f;
   for (int64_t j = 0; j < lim; ++j) {
-    const float e = std::exp2(s[j] * scale2 + (bias ? bias[j] * kLog2e : 0.f) - m_new);
+    const float e = std::exp2(s[j] * scale2 + mask.at(j) * kLog2e - m_new);
     sum += e;
     pout[j] = static_cast<C>(drop ? e * drop[j] : e);
   }

@@ -1,5 +1,5 @@
 // Building blocks shared by the fused CPU kernels: compute types, GEMM on packed tiles, operand packing, mask
-// rows, dropout factors, per-thread scratch and the task loop. The online softmax lives in softmax.h.
+// dropout factors, per-thread scratch and the task loop. Masks live in mask.h, the online softmax in softmax.h.
 //
 // GEMMs go through at::native::cpublas::brgemm (oneDNN micro-kernels: AMX for bfloat16 on CPUs that have it,
 // AVX-512 FMA for float32). brgemm multiplies row-major A (M x K) by B (K x N) into float C. For bfloat16, B is
@@ -135,63 +135,6 @@ inline void pack_a_transposed(const S* src, int64_t rs, int64_t cs, int64_t rows
     load_row(src + r * rs, cs, cols, cols, row);
     for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = D(row[c]);
   }
-}
-
-// ---- per-row attention metadata ----
-
-// The additive bias of one mask row as float (bool: 0 or -inf) for columns [j0, j0 + n).
-inline void load_bias(const AttnParams& p, const void* row, int64_t j0, int64_t n, float* out) {
-  const int64_t cs = p.mask_st.c;
-  if (p.mask_kind == MaskKind::Bool) {
-    const bool* m = static_cast<const bool*>(row) + j0 * cs;
-    for (int64_t j = 0; j < n; ++j) out[j] = m[j * cs] ? 0.f : kNegInf;
-    return;
-  }
-  switch (p.mask_dtype) {
-    case ScalarKind::Float: load_row(static_cast<const float*>(row) + j0 * cs, cs, n, n, out); break;
-    case ScalarKind::BFloat16: load_row(static_cast<const BF16*>(row) + j0 * cs, cs, n, n, out); break;
-    case ScalarKind::Half: load_row(static_cast<const F16*>(row) + j0 * cs, cs, n, n, out); break;
-    default: break;
-  }
-}
-
-inline int64_t mask_elem_size(const AttnParams& p) {
-  if (p.mask_kind == MaskKind::Bool) return 1;
-  return p.mask_dtype == ScalarKind::Float ? 4 : 2;
-}
-
-// Start of the mask row for (b, h, i), in bytes from p.mask.
-inline const void* mask_row(const AttnParams& p, int64_t b, int64_t h, int64_t i) {
-  const int64_t off = b * p.mask_st.b + h * p.mask_st.h + i * p.mask_st.r;
-  return static_cast<const char*>(p.mask) + off * mask_elem_size(p);
-}
-
-inline bool all_neg_inf(const float* x, int64_t n) {
-  for (int64_t j = 0; j < n; ++j)
-    if (x[j] != kNegInf) return false;
-  return true;
-}
-
-// Mask biases for the rows of a tile, loaded once per distinct mask row (broadcast rows share one load).
-// rows_bias[r] points at row r's n biases; returns true when every element of the tile is masked.
-inline bool load_tile_bias(const AttnParams& p, const void* const* rows, int64_t nrows, int64_t j0, int64_t n,
-                           int64_t ld, float* buf, const float** rows_bias) {
-  bool all_masked = true;
-  const void* prev = nullptr;
-  const float* prev_bias = nullptr;
-  int64_t used = 0;
-  for (int64_t r = 0; r < nrows; ++r) {
-    if (rows[r] != prev || prev_bias == nullptr) {
-      float* dst = buf + used * ld;
-      ++used;
-      load_bias(p, rows[r], j0, n, dst);
-      prev = rows[r];
-      prev_bias = dst;
-      all_masked = all_masked && all_neg_inf(dst, n);
-    }
-    rows_bias[r] = prev_bias;
-  }
-  return all_masked;
 }
 
 // ---- dropout ----
