@@ -170,10 +170,8 @@ struct BwdKernel {
     if constexpr (kVnni<C>) {
       C* vn = loc.dsb.get<C>(np * M);
       for (int64_t k = 0; k < np; k += 2)
-        for (int64_t r = 0; r < M; ++r) {
-          vn[k * M + 2 * r] = dsa[k * Mp + r];
-          vn[k * M + 2 * r + 1] = dsa[(k + 1) * Mp + r];
-        }
+        vnni_pair(reinterpret_cast<const uint16_t*>(dsa + k * Mp), reinterpret_cast<const uint16_t*>(dsa + (k + 1) * Mp),
+                  M, reinterpret_cast<uint16_t*>(vn + k * M));
       dsb = vn;
       ldb = M;
     }

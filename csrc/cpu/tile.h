@@ -12,6 +12,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -79,12 +83,40 @@ inline void pack_a(const S* src, int64_t rs, int64_t cs, int64_t rows, int64_t c
   for (int64_t r = 0; r < rows; ++r) load_row(src + r * rs, cs, cols, ld, dst + r * ld);
 }
 
+// VNNI-2 interleave of two rows of 16-bit elements: dst[2n] = r0[n], dst[2n + 1] = r1[n] (r1 null: zeros).
+inline void vnni_pair(const uint16_t* r0, const uint16_t* r1, int64_t n, uint16_t* dst) {
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  for (; j + 32 <= n; j += 32) {
+    const __m512i a = _mm512_loadu_si512(r0 + j);
+    const __m512i b = r1 ? _mm512_loadu_si512(r1 + j) : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + 2 * j, _mm512_permutex2var_epi16(a, lo, b));
+    _mm512_storeu_si512(dst + 2 * j + 32, _mm512_permutex2var_epi16(a, hi, b));
+  }
+#endif
+  for (; j < n; ++j) {
+    dst[2 * j] = r0[j];
+    dst[2 * j + 1] = r1 ? r1[j] : 0;
+  }
+}
+
 // B operand whose K dimension runs along the source's rows: element (k, n) = src[k * rs + n * cs], K = rows.
 // float: row-major K x N. bfloat16: VNNI-2 with K padded to even.
 template <class S, class D>
 inline void pack_b_rows(const S* src, int64_t rs, int64_t cs, int64_t K, int64_t N, D* dst) {
   if constexpr (!kVnni<D>) {
     pack_a(src, rs, cs, K, N, N, dst);
+  } else if (std::is_same_v<S, D> && cs == 1) {
+    for (int64_t k0 = 0; k0 < K; k0 += 2) {
+      const auto* r0 = reinterpret_cast<const uint16_t*>(src + k0 * rs);
+      const auto* r1 = k0 + 1 < K ? reinterpret_cast<const uint16_t*>(src + (k0 + 1) * rs) : nullptr;
+      vnni_pair(r0, r1, N, reinterpret_cast<uint16_t*>(dst + k0 * N));
+    }
   } else {
     thread_local float tmp[2][512];
     for (int64_t k0 = 0; k0 < K; k0 += 2) {
@@ -107,11 +139,68 @@ inline void pack_b_rows(const S* src, int64_t rs, int64_t cs, int64_t K, int64_t
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// One 16 x 16 block of 32-bit words: dst[c * ld + r] = src[r * rs + c].
+inline void transpose16x16(const uint32_t* src, int64_t rs, uint32_t* dst, int64_t ld) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * rs);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4q + m] now holds, in 128-bit lane l, column 4l + m of rows 4q..4q+3. Gather lanes across row groups.
+  for (int m = 0; m < 4; ++m) {
+    const __m512i a = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x88);       // lanes 0,2 of r[m], r[4+m]
+    const __m512i b = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xdd);       // lanes 1,3
+    const __m512i c = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x88);
+    const __m512i d = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xdd);
+    t[m] = _mm512_shuffle_i32x4(a, c, 0x88);       // lane 0 of every group: column m
+    t[8 + m] = _mm512_shuffle_i32x4(a, c, 0xdd);   // lane 2: column 8 + m
+    t[4 + m] = _mm512_shuffle_i32x4(b, d, 0x88);   // lane 1: column 4 + m
+    t[12 + m] = _mm512_shuffle_i32x4(b, d, 0xdd);  // lane 3: column 12 + m
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * ld, t[i]);
+}
+#endif
+
+// 32-bit transpose: dst[c * ld + r] = src[r * rs + c] for r < rows, c < cols.
+inline void transpose32(const uint32_t* src, int64_t rs, int64_t rows, int64_t cols, uint32_t* dst, int64_t ld) {
+  constexpr int64_t kB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kB)
+    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+      const int64_t r1 = std::min(rows, r0 + kB), c1 = std::min(cols, c0 + kB);
+#if defined(CPU_CAPABILITY_AVX512)
+      if (r1 - r0 == kB && c1 - c0 == kB) {
+        transpose16x16(src + r0 * rs + c0, rs, dst + c0 * ld + r0, ld);
+        continue;
+      }
+#endif
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) dst[c * ld + r] = src[r * rs + c];
+    }
+}
+
 // B operand whose K dimension runs along the source's columns (a transposed use of the rows):
 // element (k, n) = src[n * rs + k * cs], K = cols, N = rows.
 template <class S, class D>
 inline void pack_b_cols(const S* src, int64_t rs, int64_t cs, int64_t K, int64_t N, D* dst) {
   const int64_t Kp = padk<D>(K);
+  if (std::is_same_v<S, D> && cs == 1 && K == Kp) {
+    // float: a plain transpose; bfloat16 VNNI: pairs of k are one 32-bit word, transposed as a unit.
+    const int64_t words = kVnni<D> ? K / 2 : K;
+    const int64_t row_words = kVnni<D> ? rs / 2 : rs;
+    const bool aligned = reinterpret_cast<uintptr_t>(src) % sizeof(uint32_t) == 0;
+    if (aligned && (!kVnni<D> || rs % 2 == 0)) {
+      transpose32(reinterpret_cast<const uint32_t*>(src), row_words, N, words, reinterpret_cast<uint32_t*>(dst), N);
+      return;
+    }
+  }
   thread_local float row[1024];
   for (int64_t n = 0; n < N; ++n) {
     load_row(src + n * rs, cs, K, Kp, row);
