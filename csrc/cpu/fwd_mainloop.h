@@ -1,0 +1,132 @@
+// The forward main loop shared by the tiled forward (flash_fwd.cpp) and the decode path (flash_decode.cpp):
+// a set of query rows of one KV head against a range of key tiles.
+//   S = Q K^T (GEMM) -> scale + mask + causal limit -> online softmax (softmax.h) -> acc = alpha acc + P V (GEMM)
+// The rows may come from several query heads of the group (decode folds the G heads x L rows of a KV head into
+// one tile, so each K/V tile is read once for all of them). K^T and V are packed once per KV head per thread,
+// lazily tile by tile, and shared by every query head of the group (GQA without copies). Causal tiles past the
+// diagonal are never visited and tiles the mask hides entirely skip both GEMMs.
+#pragma once
+#include <vector>
+
+#include "cpu/mask.h"
+#include "cpu/softmax.h"
+#include "cpu/tile.h"
+
+namespace sdpax::cpu {
+
+// Tile sizes: query rows x keys. Measured on Sapphire Rapids (2 threads): tall query tiles amortise the packed
+// K^T / V tiles in the AMX / FMA micro-kernels; with D <= 64 the QK^T GEMM is shallow, so bfloat16 takes wider
+// key tiles to keep the tiles busy, while D = 128 prefers 128 keys (the score tile stays in L2 next to K and V).
+struct Blocks {
+  int64_t m, n;
+};
+
+inline Blocks fwd_blocks(const AttnParams& p) {
+  return {256, p.dtype == ScalarKind::BFloat16 && p.E <= 64 ? 256 : 128};
+}
+
+// A fresh id per kernel call (flash_fwd.cpp): per-thread packed K/V is keyed by it.
+uint64_t next_call_id();
+
+// Per-thread state: packed K^T / V of the current KV head, the rows of the current tile and the tile buffers.
+struct FwdLocal {
+  uint64_t call = ~uint64_t(0);
+  int64_t b = -1, hkv = -1;
+  std::vector<char> packed;
+  Scratch kt, v, q, s, pm, acc, dropf;
+  std::vector<int64_t> row_h, row_i;  // query head and row of each tile row
+  std::vector<float> m, l;
+  TileMask mask;
+};
+
+template <class T>
+struct FwdMainloop {
+  using C = typename ComputeOf<T>::type;
+  const AttnParams& p;
+  const uint64_t call_id;  // per-thread packed K/V is never reused across calls
+  const int64_t bm, bn, G, Ep, n_kv_tiles;
+  const Dropout drop;
+
+  FwdMainloop(const AttnParams& params, uint64_t id)
+      : p(params), call_id(id), bm(fwd_blocks(params).m), bn(fwd_blocks(params).n), G(params.hq / params.hkv),
+        Ep(padk<C>(params.E)), n_kv_tiles((params.S + bn - 1) / bn), drop(params) {}
+
+  const C* kt_tile(FwdLocal& loc, int64_t t) const { return loc.kt.get<C>(0) + t * Ep * bn; }
+  const C* v_tile(FwdLocal& loc, int64_t t) const { return loc.v.get<C>(0) + t * bn * p.Ev; }
+
+  void ensure_packed(FwdLocal& loc, int64_t b, int64_t hkv, int64_t t) const {
+    if (loc.call != call_id || loc.b != b || loc.hkv != hkv) {
+      loc.call = call_id;
+      loc.b = b;
+      loc.hkv = hkv;
+      loc.packed.assign(n_kv_tiles, 0);
+      loc.kt.get<C>(n_kv_tiles * Ep * bn);
+      loc.v.get<C>(n_kv_tiles * bn * p.Ev);
+    }
+    if (loc.packed[t]) return;
+    const int64_t j0 = t * bn, n = std::min(bn, p.S - j0);
+    const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hkv * p.k_st.h + j0 * p.k_st.r;
+    const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hkv * p.v_st.h + j0 * p.v_st.r;
+    pack_b_cols(k, p.k_st.r, p.k_st.c, p.E, n, const_cast<C*>(kt_tile(loc, t)));
+    pack_b_rows(v, p.v_st.r, p.v_st.c, n, p.Ev, const_cast<C*>(v_tile(loc, t)));
+    loc.packed[t] = 1;
+  }
+
+  // Rows loc.row_h / loc.row_i [0, M) (M <= bm) of KV head (b, hkv) against keys [s0, s1), s0 a multiple of bn.
+  // Leaves the unnormalised accumulator (M x Ev), the running max (log2 units) and denominator per row.
+  void run(FwdLocal& loc, int64_t b, int64_t hkv, int64_t M, int64_t s0, int64_t s1, float* acc, float* m,
+           float* l) const {
+    C* qa = loc.q.get<C>(bm * Ep);
+    int64_t visible_end = 0;
+    for (int64_t r = 0; r < M; ++r) {
+      const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + loc.row_h[r] * p.q_st.h + loc.row_i[r] * p.q_st.r;
+      load_row(q, p.q_st.c, p.E, Ep, qa + r * Ep);
+      visible_end = std::max(visible_end, causal_limit(p.causal, loc.row_i[r], p.L, p.S));
+    }
+    float* s = loc.s.get<float>(bm * bn);
+    C* pm = loc.pm.get<C>(bm * bn);
+    std::fill(acc, acc + M * p.Ev, 0.f);
+    std::fill(m, m + M, kNegInf);
+    std::fill(l, l + M, 0.f);
+    const bool masked = p.mask_kind != MaskKind::None;
+    if (masked) {
+      loc.mask.set_rows(p, M, [&](int64_t r, int64_t& bb, int64_t& hh, int64_t& ii) {
+        bb = b;
+        hh = loc.row_h[r];
+        ii = loc.row_i[r];
+      });
+    }
+    const RowMask no_mask;
+    float* dropf = drop.on ? loc.dropf.get<float>(bn) : nullptr;
+    const float scale2 = p.scale * kLog2e;
+
+    const int64_t end = std::min(s1, visible_end);
+    for (int64_t j0 = s0; j0 < end; j0 += bn) {
+      const int64_t t = j0 / bn, n = std::min(bn, p.S - j0), np = padk<C>(n);
+      if (masked && loc.mask.load(p, j0, n)) continue;
+      ensure_packed(loc, b, hkv, t);
+      gemm(M, n, Ep, qa, Ep, kt_tile(loc, t), n, s, bn, false);
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t i = loc.row_i[r];
+        const int64_t lim = std::clamp<int64_t>(causal_limit(p.causal, i, p.L, p.S) - j0, 0, n);
+        if (dropf) drop.factors(b * p.hq + loc.row_h[r], i, j0, n, dropf);
+        const float alpha = softmax_row(s + r * bn, n, np, scale2, masked ? loc.mask.row_masks[r] : no_mask, lim,
+                                        dropf, m[r], l[r], pm + r * np);
+        if (alpha != 1.f) scale_row(acc + r * p.Ev, p.Ev, alpha);
+      }
+      gemm(M, p.Ev, np, pm, np, v_tile(loc, t), p.Ev, acc, p.Ev, true);
+    }
+  }
+
+  // Normalises the rows and writes out and lse.
+  void finish(FwdLocal& loc, int64_t b, int64_t M, float* acc, const float* m, const float* l) const {
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t h = loc.row_h[r], i = loc.row_i[r];
+      T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
+      p.lse[(b * p.hq + h) * p.L + i] =
+          finish_row(acc + r * p.Ev, p.Ev, m[r], l[r], p.sinks ? p.sinks + h : nullptr, out, p.out_st.c);
+    }
+  }
+};
+
+}  // namespace sdpax::cpu
