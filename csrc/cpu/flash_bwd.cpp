@@ -22,13 +22,13 @@ namespace sdpax::cpu {
 
 namespace {
 
-constexpr int64_t kBlockM = 64;   // query rows per tile (one query head)
+constexpr int64_t kBlockM = 128; // query rows per tile (one query head)
 constexpr int64_t kBlockN = 128;  // keys per tile
 
 struct BwdLocal {
   Scratch qtb, qb, dotb, dob, delta, lse, dqt;
   Scratch ka, va, kta, dk, dv;
-  Scratch st, dpt, pa, dsa, dsb, fbuf, tb, tf, tp;
+  Scratch st, dpt, pa, dsa, dsb, fbuf, tb, tf, dqrow;
   TileMask mask;
 };
 
@@ -86,6 +86,52 @@ struct BwdKernel {
     }
   }
 
+  // One key row of the transposed tile: P^T = exp(S^T * scale + bias - lse) (zero before column r0, the causal
+  // start), P_drop^T = P^T * keep factors, dS^T = P^T * (dP^T * factors - Delta), written as C with zero padding
+  // up to Mp.
+  void grad_row(const float* srow, const float* dprow, const float* bias, const float* f, const float* lse,
+                const float* delta, int64_t r0, int64_t M, int64_t Mp, C* prow, C* dsrow) const {
+    std::fill(prow, prow + r0, C(0.f));
+    std::fill(dsrow, dsrow + r0, C(0.f));
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 vs = _mm512_set1_ps(p.scale * kLog2e), vl2e = _mm512_set1_ps(kLog2e);
+    const bool hw = cpu_has_bf16();
+    for (int64_t r = r0; r < M; r += 16) {
+      const __mmask16 k = tail_mask(M - r);
+      // log2 domain: x = s * scale * log2e + bias * log2e - lse * log2e
+      __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, srow + r), vs,
+                                 _mm512_mul_ps(_mm512_maskz_loadu_ps(k, lse + r), vl2e));
+      if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bias + r), vl2e, x);
+      const __m512 pr = exp2_512<kVnni<C> ? 5 : 7>(x);
+      __m512 dp = _mm512_maskz_loadu_ps(k, dprow + r);
+      __m512 pd = pr;
+      if (f) {
+        const __m512 fv = _mm512_maskz_loadu_ps(k, f + r);
+        pd = _mm512_mul_ps(pr, fv);
+        dp = _mm512_mul_ps(dp, fv);
+      }
+      const __m512 ds = _mm512_mul_ps(pr, _mm512_sub_ps(dp, _mm512_maskz_loadu_ps(k, delta + r)));
+      if (hw) {
+        store_c<C, true>(prow + r, pd, k);
+        store_c<C, true>(dsrow + r, ds, k);
+      } else {
+        store_c<C, false>(prow + r, pd, k);
+        store_c<C, false>(dsrow + r, ds, k);
+      }
+    }
+#else
+    for (int64_t r = r0; r < M; ++r) {
+      const float x = srow[r] * p.scale + (bias ? bias[r] : 0.f) - lse[r];
+      const float pr = std::exp(x);
+      const float fr = f ? f[r] : 1.f;
+      prow[r] = static_cast<C>(pr * fr);
+      dsrow[r] = static_cast<C>(pr * (dprow[r] * fr - delta[r]));
+    }
+#endif
+    std::fill(prow + M, prow + Mp, C(0.f));
+    std::fill(dsrow + M, dsrow + Mp, C(0.f));
+  }
+
   // Key tile t against query tile (g, qt): accumulates into dk/dv (key-major) and dQ^T.
   void pair(BwdLocal& loc, int64_t b, int64_t hkv, int64_t g, int64_t qt, int64_t t, const C* ka, const C* va,
             const C* kta, float* dk, float* dv, float* dqt) const {
@@ -120,43 +166,17 @@ struct BwdKernel {
     C* dsa = loc.dsa.get<C>(kBlockN * (kBlockM + 2));
     float* tb = loc.tb.get<float>(kBlockM);
     float* tf = loc.tf.get<float>(kBlockM);
-    float* tp = loc.tp.get<float>(2 * kBlockM);
     // Causal: row i sees key j iff j < causal_limit(i), i.e. i >= j - (limit(0) - 1).
     const int64_t shift = causal_limit(p.causal, 0, p.L, p.S) - 1;
-    const Vec vscale(p.scale);
     for (int64_t jj = 0; jj < n; ++jj) {
       const int64_t j = j0 + jj;
       const int64_t r0 = p.causal == Causal::None ? 0 : std::clamp<int64_t>(j - shift - i0, 0, M);
-      float* srow = st + jj * kBlockM;
-      float* dprow = dpt + jj * kBlockM;
-      float* prow = tp;
-      float* dsrow = tp + kBlockM;
       if (masked)
         for (int64_t r = r0; r < M; ++r) tb[r] = loc.mask.row_masks[r].at(jj);
       if (fbuf)
         for (int64_t r = r0; r < M; ++r) tf[r] = fbuf[r * kBlockN + jj];
-      std::fill(prow, prow + r0, 0.f);
-      std::fill(dsrow, dsrow + r0, 0.f);
-      for (int64_t r = r0; r < M; r += Vec::size()) {
-        const int64_t cnt = std::min<int64_t>(Vec::size(), M - r);
-        Vec s = Vec::loadu(srow + r, cnt) * vscale;
-        if (masked) s = s + Vec::loadu(tb + r, cnt);
-        const Vec pr = fast_exp(s - Vec::loadu(lse + r, cnt));
-        Vec dp = Vec::loadu(dprow + r, cnt);
-        Vec pd = pr;
-        if (fbuf) {
-          const Vec f = Vec::loadu(tf + r, cnt);
-          pd = pr * f;
-          dp = dp * f;
-        }
-        const Vec ds = pr * (dp - Vec::loadu(delta + r, cnt));
-        pd.store(prow + r, cnt);
-        ds.store(dsrow + r, cnt);
-      }
-      std::fill(prow + M, prow + Mp, 0.f);
-      std::fill(dsrow + M, dsrow + Mp, 0.f);
-      convert_n(prow, pa + jj * Mp, Mp);
-      convert_n(dsrow, dsa + jj * Mp, Mp);
+      grad_row(st + jj * kBlockM, dpt + jj * kBlockM, masked ? tb : nullptr, fbuf ? tf : nullptr, lse, delta, r0, M,
+               Mp, pa + jj * Mp, dsa + jj * Mp);
     }
     if (np > n) {
       std::fill(pa + n * Mp, pa + np * Mp, C(0.f));
@@ -200,19 +220,30 @@ struct BwdKernel {
       std::fill(dv, dv + n * p.Ev, 0.f);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t qt = 0; qt < q_tiles; ++qt) pair(loc, b, hkv, g, qt, t, ka, va, kta, dk, dv, dqt);
-      for (int64_t jj = 0; jj < n; ++jj) {
-        T* dkr = dkout + (j0 + jj) * p.dk_st.r;
-        T* dvr = dvout + (j0 + jj) * p.dv_st.r;
-        for (int64_t e = 0; e < p.E; ++e) dkr[e * p.dk_st.c] = static_cast<T>(dk[jj * p.E + e] * p.scale);
-        for (int64_t e = 0; e < p.Ev; ++e) dvr[e * p.dv_st.c] = static_cast<T>(dv[jj * p.Ev + e]);
-      }
+      write_rows(dk, n, p.E, p.scale, dkout + j0 * p.dk_st.r, p.dk_st.r, p.dk_st.c);
+      write_rows(dv, n, p.Ev, 1.f, dvout + j0 * p.dv_st.r, p.dv_st.r, p.dv_st.c);
     }
+    // dQ^T (E x G*L) back to rows: transpose each query head's block, then scale and convert.
+    float* rows = loc.dqrow.get<float>(p.L * p.E);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hkv * G + g;
-      T* dq = static_cast<T*>(p.dq) + b * p.dq_st.b + h * p.dq_st.h;
-      for (int64_t i = 0; i < p.L; ++i)
-        for (int64_t e = 0; e < p.E; ++e)
-          dq[i * p.dq_st.r + e * p.dq_st.c] = static_cast<T>(dqt[e * GL + g * p.L + i] * p.scale);
+      transpose32(reinterpret_cast<const uint32_t*>(dqt + g * p.L), GL, p.E, p.L, reinterpret_cast<uint32_t*>(rows),
+                  p.E);
+      write_rows(rows, p.L, p.E, p.scale, static_cast<T*>(p.dq) + b * p.dq_st.b + h * p.dq_st.h, p.dq_st.r,
+                 p.dq_st.c);
+    }
+  }
+
+  // dst row r = src row r (cols floats) * scale, as T.
+  static void write_rows(float* src, int64_t rows, int64_t cols, float scale, T* dst, int64_t rs, int64_t cs) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* x = src + r * cols;
+      if (scale != 1.f) scale_row(x, cols, scale);
+      if (cs == 1) {
+        convert_n(x, dst + r * rs, cols);
+      } else {
+        for (int64_t c = 0; c < cols; ++c) dst[r * rs + c * cs] = static_cast<T>(x[c]);
+      }
     }
   }
 

@@ -215,11 +215,51 @@ inline void pack_b_cols(const S* src, int64_t rs, int64_t cs, int64_t K, int64_t
   }
 }
 
-// A operand that is the transpose of a strided source: dst (cols x ld), dst[c * ld + r] = src[r * rs + c * cs].
+// Splits 32-bit words into their low and high 16-bit halves: lo[j] = w[j] & 0xffff, hi[j] = w[j] >> 16.
+inline void split_words(const uint32_t* w, int64_t n, uint16_t* lo, uint16_t* hi) {
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  alignas(64) static const uint16_t even[32] = {0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                               32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+  alignas(64) static const uint16_t odd[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+                                              33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+  const __m512i ie = _mm512_load_si512(even), io = _mm512_load_si512(odd);
+  for (; j + 32 <= n; j += 32) {
+    const __m512i a = _mm512_loadu_si512(w + j), b = _mm512_loadu_si512(w + j + 16);
+    _mm512_storeu_si512(lo + j, _mm512_permutex2var_epi16(a, ie, b));
+    _mm512_storeu_si512(hi + j, _mm512_permutex2var_epi16(a, io, b));
+  }
+#endif
+  for (; j < n; ++j) {
+    lo[j] = static_cast<uint16_t>(w[j]);
+    hi[j] = static_cast<uint16_t>(w[j] >> 16);
+  }
+}
+
+// A operand that is the transpose of a strided source: dst (cols x ld), dst[c * ld + r] = src[r * rs + c * cs],
+// zero in columns [rows, ld).
 template <class S, class D>
 inline void pack_a_transposed(const S* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, int64_t ld, D* dst) {
-  thread_local float row[1024];
   for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + c * ld + ld, D(0.f));
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % sizeof(uint32_t) == 0;
+  if constexpr (std::is_same_v<S, D> && sizeof(D) == 4) {
+    if (cs == 1) {
+      transpose32(reinterpret_cast<const uint32_t*>(src), rs, rows, cols, reinterpret_cast<uint32_t*>(dst), ld);
+      return;
+    }
+  } else if constexpr (std::is_same_v<S, D> && sizeof(D) == 2) {
+    if (cs == 1 && rs % 2 == 0 && cols % 2 == 0 && aligned) {
+      // Transpose pairs of columns as 32-bit words, then split each word row into its two 16-bit columns.
+      thread_local std::vector<uint32_t> words;
+      words.resize(cols / 2 * rows);
+      transpose32(reinterpret_cast<const uint32_t*>(src), rs / 2, rows, cols / 2, words.data(), rows);
+      for (int64_t c = 0; c < cols; c += 2)
+        split_words(words.data() + c / 2 * rows, rows, reinterpret_cast<uint16_t*>(dst + c * ld),
+                    reinterpret_cast<uint16_t*>(dst + (c + 1) * ld));
+      return;
+    }
+  }
+  thread_local float row[1024];
   for (int64_t r = 0; r < rows; ++r) {
     load_row(src + r * rs, cs, cols, cols, row);
     for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = D(row[c]);
