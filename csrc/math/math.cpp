@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
   at::Tensor dout = grad_out.reshape({c.B, c.Hkv, G * c.L, c.Ev}).to(acc);
 
   at::Tensor keep;
-  const float dscale = dropout_scale(dropout_p);
+  const double dscale = dropout_scale(dropout_p);
   if (dropout_p > 0.0) keep = keep_for(c, *rng, dropout_p);
   at::Tensor p_dropped = dropout_p > 0.0 ? p * keep * dscale : p;
   at::Tensor dv = at::matmul(p_dropped.view({c.B, c.Hkv, G * c.L, c.S}).transpose(-2, -1), dout);
