@@ -23,6 +23,10 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 DEBUG = os.environ.get("SDPAX_DEBUG", "0") == "1"
 
+# The fused FLASH_ATTENTION kernels in this source tree: device -> dtypes they run. Written into the generated
+# build config (CUDA only when the CUDA kernels are compiled); the backend selector reads it from there.
+FLASH_KERNELS = {}
+
 
 def _cpu_flags():
     """Which ISA the fused CPU kernels are compiled for.
@@ -126,6 +130,7 @@ def main():
         f"WITH_CUDA = {with_cuda!r}\n"
         f"CUDA_ARCHS = {archs!r}\n"
         f"CPU_ISA = {isa!r}\n"
+        f"FLASH_KERNELS = {({d: v for d, v in FLASH_KERNELS.items() if d != 'cuda' or with_cuda})!r}\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"DEBUG = {DEBUG!r}\n"
     )
