@@ -17,7 +17,10 @@ from sdpax._select import LIMITS
 
 UPPER_LEFT, LOWER_RIGHT = 1, 2
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+# Every grid runs on CPU and on CUDA; without a GPU the CUDA cases show up as skipped.
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 # Absolute error floors per dtype, on outputs of size ~1: what rounding the output itself costs.
 FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
@@ -132,5 +135,3 @@ def make_qkv(shape_q, shape_k, ev, dtype, device, gen, layout="bhle", requires_g
     v = rnd((*shape_k[:-1], ev))
     return q, k, v
 
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
