@@ -123,8 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
     const std::optional<at::Tensor>& rng, bool mask_grad) {
   check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", grad_out.sizes(),
-              " does not match the output shape ", out.sizes());
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", shape(grad_out.sizes()),
+              " does not match the output shape ", shape(out.sizes()));
   const Canonical c = canonicalize(q, k, v, mask);
   const auto acc = acc_type(q);
   const int64_t G = c.Hq / c.Hkv;
