@@ -23,6 +23,10 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 DEBUG = os.environ.get("SDPAX_DEBUG", "0") == "1"
 
+# The fused FLASH_ATTENTION kernels in this source tree: device -> dtypes they run. Written into the generated
+# build config (CUDA only when the CUDA kernels are compiled); the backend selector reads it from there.
+FLASH_KERNELS = {"cpu": ["float32", "bfloat16", "float16"]}  # csrc/cpu; float64 stays on MATH
+
 
 def _cpu_flags():
     """Which ISA the fused CPU kernels are compiled for.
@@ -119,8 +123,6 @@ def main():
     else:
         ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **ext_kwargs)
 
-    flash_kernels = {"cpu": ["float32", "bfloat16", "float16"]}
-
     # Record what this build contains; tests and the backend selector read it.
     cfg = ROOT / "python" / "sdpax" / "_build_config.py"
     cfg.write_text(
@@ -128,8 +130,7 @@ def main():
         f"WITH_CUDA = {with_cuda!r}\n"
         f"CUDA_ARCHS = {archs!r}\n"
         f"CPU_ISA = {isa!r}\n"
-        # Fused FLASH_ATTENTION kernels by device type and dtype (float64 stays on MATH).
-        f"FLASH_KERNELS = {flash_kernels!r}\n"
+        f"FLASH_KERNELS = {({d: v for d, v in FLASH_KERNELS.items() if d != 'cuda' or with_cuda})!r}\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"DEBUG = {DEBUG!r}\n"
     )

@@ -3,6 +3,7 @@
 // device's fused kernel. A device without a fused kernel passes nullptr and refuses FLASH with a reason.
 #pragma once
 #include <ATen/ATen.h>
+#include <string>
 
 #include "common/params.h"
 #include "math/math.h"
@@ -20,7 +21,7 @@ using BwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 
 inline void check_backend(int64_t backend, bool have_flash, const char* device) {
   TORCH_CHECK(backend == static_cast<int64_t>(Backend::Math) || backend == static_cast<int64_t>(Backend::Flash),
-              "sdpax: unknown backend id ", backend, " (0 MATH, 1 FLASH_ATTENTION)");
+              "sdpax: unknown backend id ", std::to_string(backend), " (0 MATH, 1 FLASH_ATTENTION)");
   TORCH_CHECK(backend == static_cast<int64_t>(Backend::Math) || have_flash,
               "sdpax: FLASH_ATTENTION has no ", device, " kernel in this build");
 }

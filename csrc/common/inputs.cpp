@@ -1,6 +1,7 @@
 #include "common/inputs.h"
 
-#include <c10/util/irange.h>
+#include <cstdio>
+#include <string>
 
 namespace sdpax {
 
@@ -18,10 +19,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
                   const std::optional<at::Tensor>& sinks, bool enable_gqa, const std::optional<at::Tensor>& rng) {
   TORCH_CHECK(q.dim() >= 2 && k.dim() >= 2 && v.dim() >= 2,
-              "Expected query, key, and value to all be  at least 2 dimensional, but got query.dim: ", q.dim(),
-              " key.dim: ", k.dim(), " and value.dim: ", v.dim(), " instead.");
+              "Expected query, key, and value to all be  at least 2 dimensional, but got query.dim: ", num(q.dim()),
+              " key.dim: ", num(k.dim()), " and value.dim: ", num(v.dim()), " instead.");
   TORCH_CHECK(q.dim() == k.dim() && q.dim() == v.dim(), "sdpax: query, key and value must have the same rank, got ",
-              q.dim(), ", ", k.dim(), " and ", v.dim());
+              num(q.dim()), ", ", num(k.dim()), " and ", num(v.dim()));
   TORCH_CHECK(is_float_type(q.scalar_type()),
               "sdpax: query, key and value must be floating point (float64, float32, bfloat16, float16), got ",
               q.scalar_type());
@@ -34,25 +35,26 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t r = q.dim();
   for (int64_t d = 0; d + 3 < r; ++d) {
     TORCH_CHECK(q.size(d) == k.size(d) && q.size(d) == v.size(d),
-                "sdpax: query, key and value must have the same batch dimensions, got query ", q.sizes(), ", key ",
-                k.sizes(), ", value ", v.sizes());
+                "sdpax: query, key and value must have the same batch dimensions, got query ", shape(q.sizes()),
+                ", key ", shape(k.sizes()), ", value ", shape(v.sizes()));
   }
   TORCH_CHECK(q.size(-1) == k.size(-1), "sdpax: query and key must have the same head dimension (last dim), got ",
-              q.size(-1), " and ", k.size(-1));
+              num(q.size(-1)), " and ", num(k.size(-1)));
   TORCH_CHECK(k.size(-2) == v.size(-2), "sdpax: key and value must have the same sequence length (dim -2), got ",
-              k.size(-2), " and ", v.size(-2));
+              num(k.size(-2)), " and ", num(v.size(-2)));
   const int64_t hq = heads_of(q), hk = heads_of(k), hv = heads_of(v);
-  TORCH_CHECK(hk == hv, "sdpax: key and value must have the same number of heads, got ", hk, " and ", hv);
+  TORCH_CHECK(hk == hv, "sdpax: key and value must have the same number of heads, got ", num(hk), " and ",
+              num(hv));
   if (!enable_gqa) {
-    TORCH_CHECK(hq == hk, "sdpax: query has ", hq, " heads but key/value have ", hk,
+    TORCH_CHECK(hq == hk, "sdpax: query has ", num(hq), " heads but key/value have ", num(hk),
                 "; pass enable_gqa=True for grouped-query attention");
   } else {
-    TORCH_CHECK(hk > 0 && hq % hk == 0, "sdpax: with enable_gqa the number of query heads (", hq,
-                ") must be divisible by the number of key/value heads (", hk, ")");
+    TORCH_CHECK(hk > 0 && hq % hk == 0, "sdpax: with enable_gqa the number of query heads (", num(hq),
+                ") must be divisible by the number of key/value heads (", num(hk), ")");
   }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "sdpax: dropout_p must be in [0, 1], got ", dropout_p);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "sdpax: dropout_p must be in [0, 1], got ", num(dropout_p));
   TORCH_CHECK(causal >= 0 && causal <= 2, "sdpax: causal must be 0 (none), 1 (upper-left) or 2 (lower-right), got ",
-              causal);
+              num(causal));
   if (mask) {
     const auto& m = *mask;
     TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat || m.scalar_type() == q.scalar_type(),
@@ -68,12 +70,12 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t ms = m.size(-i), ts = target[target.size() - i];
       ok = ms == ts || ms == 1;
     }
-    TORCH_CHECK(ok, "sdpax: attn_mask of shape ", m.sizes(), " is not broadcastable to the attention shape ",
-                at::IntArrayRef(target), " (N, ..., Hq, L, S)");
+    TORCH_CHECK(ok, "sdpax: attn_mask of shape ", shape(m.sizes()), " is not broadcastable to the attention shape ",
+                shape(target), " (N, ..., Hq, L, S)");
   }
   if (sinks) {
-    TORCH_CHECK(sinks->dim() == 1 && sinks->size(0) == hq, "sdpax: sinks must have shape (Hq,) = (", hq,
-                ",), got ", sinks->sizes());
+    TORCH_CHECK(sinks->dim() == 1 && sinks->size(0) == hq, "sdpax: sinks must have shape (Hq,) = (", num(hq),
+                ",), got ", shape(sinks->sizes()));
     TORCH_CHECK(sinks->device() == q.device(), "sdpax: sinks must be on the query's device ", q.device(), ", got ",
                 sinks->device());
     TORCH_CHECK(is_float_type(sinks->scalar_type()), "sdpax: sinks must be floating point, got ",
@@ -130,6 +132,20 @@ ScalarKind scalar_kind(at::ScalarType t) {
     case at::kBool: return ScalarKind::Bool;
     default: TORCH_CHECK(false, "sdpax: unsupported dtype ", t);
   }
+}
+
+std::string num(int64_t x) { return std::to_string(x); }
+
+std::string num(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
+}
+
+std::string shape(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
 }
 
 Strides4 strides4(const at::Tensor& t) {

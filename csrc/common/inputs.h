@@ -26,6 +26,13 @@ Canonical canonicalize(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 at::Tensor uncanonical(const at::Tensor& t4, const at::Tensor& like_query, int64_t last_dim);
 
 ScalarKind scalar_kind(at::ScalarType t);
+
+// Numbers and shapes as text for error messages. Messages never stream integers or doubles into an ostream:
+// with GCC 13 and torch 2.11's wheels that instantiation crashed inside the extension (seen on the H100 machine),
+// while std::to_string is safe everywhere.
+std::string num(int64_t x);
+std::string num(double x);
+std::string shape(at::IntArrayRef s);
 Strides4 strides4(const at::Tensor& t);
 
 }  // namespace sdpax

@@ -67,7 +67,7 @@ SDPAX_HD uint64_t dropout_threshold(double p) {
 }
 
 // Factor applied to kept probabilities: 1/(1-p), and 0 for p = 1 (everything dropped gives zeros, not NaN).
-SDPAX_HD float dropout_scale(double p) { return p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.0f; }
+SDPAX_HD double dropout_scale(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
 
 // The four random words of the group of keys [4*(j/4), 4*(j/4)+4) for row i of head bh.
 SDPAX_HD void dropout_words(uint64_t seed, uint64_t offset, uint32_t bh, uint32_t i, uint32_t j4, uint32_t (&r)[4]) {

@@ -13,8 +13,8 @@ void check_flash(const at::Tensor& q, const Canonical& c) {
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "sdpax: FLASH_ATTENTION on CPU supports float32, bfloat16 and float16, got ", q.scalar_type(),
               " (float64 runs on MATH)");
-  TORCH_CHECK(c.E <= 256 && c.Ev <= 256, "sdpax: FLASH_ATTENTION on CPU supports head dims up to 256, got ", c.E,
-              " / ", c.Ev);
+  TORCH_CHECK(c.E <= 256 && c.Ev <= 256, "sdpax: FLASH_ATTENTION on CPU supports head dims up to 256, got ",
+              num(c.E), " / ", num(c.Ev));
 }
 
 AttnParams make_params(const Canonical& c, const std::optional<at::Tensor>& sinks_f32, double dropout_p,
@@ -93,15 +93,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
     int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
     const std::optional<at::Tensor>& rng, bool mask_grad) {
   check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", grad_out.sizes(),
-              " does not match the output shape ", out.sizes());
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", shape(grad_out.sizes()),
+              " does not match the output shape ", shape(out.sizes()));
   TORCH_CHECK(!(mask_grad && mask && mask->scalar_type() != at::kBool),
               "sdpax: the gradient of attn_mask is computed by the MATH backend only; FLASH_ATTENTION cannot "
               "produce it");
   const Canonical c = canonicalize(q, k, v, mask);
   check_flash(q, c);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == c.B * c.Hq * c.L,
-              "sdpax: lse must be the float32 log-sum-exp of the forward, shape ", q.sizes().slice(0, q.dim() - 1));
+              "sdpax: lse must be the float32 log-sum-exp of the forward, shape ",
+              shape(q.sizes().slice(0, q.dim() - 1)));
   const auto sinks_f = sinks_as_float(sinks);
   AttnParams p = make_params(c, sinks_f, dropout_p, causal, scale, rng);
   // Kernel inputs from the forward: viewed 4-D, copied only if the caller passed non-viewable layouts.

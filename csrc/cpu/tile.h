@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #include "common/params.h"
@@ -311,7 +312,8 @@ class Scratch {
     if (bytes > cap_) {
       std::free(ptr_);
       ptr_ = std::aligned_alloc(64, bytes);
-      TORCH_CHECK(ptr_ != nullptr, "sdpax: out of memory allocating ", bytes, " bytes of kernel scratch");
+      TORCH_CHECK(ptr_ != nullptr, "sdpax: out of memory allocating ", std::to_string(bytes),
+                  " bytes of kernel scratch");
       cap_ = bytes;
     }
     return static_cast<X*>(ptr_);

@@ -56,12 +56,23 @@ at::Tensor scores(const Canonical& c, const at::Tensor& qf, const at::Tensor& kf
   return s;
 }
 
-// Log-sum-exp with the -inf of rows that have no allowed key replaced by +inf, so exp(s - lse) gives 0 there
-// (instead of exp(-inf + inf) = NaN): a fully masked row yields output 0 and zero gradients.
-at::Tensor safe_lse(const at::Tensor& lse) { return lse.masked_fill(lse.eq(-kInf), kInf); }
-
 at::Tensor sink_logits(const Canonical& c, const std::optional<at::Tensor>& sinks, at::ScalarType acc) {
   return sinks->to(acc).view({1, c.Hq, 1});
+}
+
+// Row softmax of the scores with the sink logits in the denominator; returns (P, lse). P is computed as
+// exp(s - max) / denom rather than exp(s - lse), which would cost |lse| ulps of accuracy. A row with no allowed key
+// and no sink has denom 0: its P is set to 0 (output 0, zero gradients) and its lse is -inf. NaN logits stay NaN.
+std::tuple<at::Tensor, at::Tensor> softmax_with_sinks(const Canonical& c, const at::Tensor& s,
+                                                      const std::optional<at::Tensor>& sinks) {
+  at::Tensor row_max = c.S > 0 ? s.amax(-1) : at::full(s.sizes().slice(0, 3), -kInf, s.options());
+  if (sinks) row_max = at::maximum(row_max, sink_logits(c, sinks, s.scalar_type()));
+  row_max.masked_fill_(row_max.eq(-kInf), 0.0);  // every logit -inf: keep the shift finite
+  at::Tensor p = (s - row_max.unsqueeze(-1)).exp_();
+  at::Tensor denom = p.sum(-1);
+  if (sinks) denom.add_((sink_logits(c, sinks, s.scalar_type()) - row_max).exp());
+  p.div_(denom.unsqueeze(-1)).masked_fill_(denom.eq(0).unsqueeze(-1), 0.0);
+  return {p, denom.log().add_(row_max)};
 }
 
 at::Tensor keep_for(const Canonical& c, const at::Tensor& rng, double p) {
@@ -98,13 +109,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   const auto acc = acc_type(q);
   at::Tensor s = scores(c, c.q.to(acc), c.k.to(acc), scale, causal);
 
-  at::Tensor row_max = s.amax(-1);
-  if (sinks) row_max = at::maximum(row_max, sink_logits(c, sinks, acc));
-  row_max.masked_fill_(row_max.eq(-kInf), 0.0);  // every logit -inf: keep the shift finite
-  at::Tensor denom = (s - row_max.unsqueeze(-1)).exp_().sum(-1);
-  if (sinks) denom.add_((sink_logits(c, sinks, acc) - row_max).exp());
-  at::Tensor lse = denom.log().add_(row_max);
-  at::Tensor p = (s - safe_lse(lse).unsqueeze(-1)).exp_();
+  auto [p, lse] = softmax_with_sinks(c, s, sinks);
   if (dropout_p > 0.0) p.mul_(keep_for(c, *rng, dropout_p)).mul_(dropout_scale(dropout_p));
 
   const int64_t G = c.Hq / c.Hkv;
@@ -118,18 +123,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
     const std::optional<at::Tensor>& rng, bool mask_grad) {
   check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", grad_out.sizes(),
-              " does not match the output shape ", out.sizes());
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", shape(grad_out.sizes()),
+              " does not match the output shape ", shape(out.sizes()));
   const Canonical c = canonicalize(q, k, v, mask);
   const auto acc = acc_type(q);
   const int64_t G = c.Hq / c.Hkv;
   at::Tensor qf = c.q.to(acc), kf = c.k.to(acc), vf = c.v.to(acc);
-  at::Tensor lse4 = safe_lse(lse.reshape({c.B, c.Hq, c.L}).to(acc));
-  at::Tensor p = (scores(c, qf, kf, scale, causal) - lse4.unsqueeze(-1)).exp_();
+  // MATH recomputes the softmax from the scores (the saved lse is for the fused kernels): it is the reference.
+  auto [p, lse4] = softmax_with_sinks(c, scores(c, qf, kf, scale, causal), sinks);
   at::Tensor dout = grad_out.reshape({c.B, c.Hkv, G * c.L, c.Ev}).to(acc);
 
   at::Tensor keep;
-  const float dscale = dropout_scale(dropout_p);
+  const double dscale = dropout_scale(dropout_p);
   if (dropout_p > 0.0) keep = keep_for(c, *rng, dropout_p);
   at::Tensor p_dropped = dropout_p > 0.0 ? p * keep * dscale : p;
   at::Tensor dv = at::matmul(p_dropped.view({c.B, c.Hkv, G * c.L, c.S}).transpose(-2, -1), dout);
@@ -149,8 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
   }
   at::Tensor dsinks = at::empty({0}, q.options());
   if (sinks) {
-    at::Tensor p_sink = (sink_logits(c, sinks, acc) - lse4).exp();  // (B, Hq, L)
-    dsinks = (p_sink * delta.squeeze(-1)).sum({0, 2}).neg().to(sinks->scalar_type());
+    at::Tensor p_sink = (sink_logits(c, sinks, acc) - lse4).exp();  // (B, Hq, L); lse is finite with a sink
+    dsinks = (p_sink * delta.squeeze(-1)).sum(at::IntArrayRef{0, 2}).neg().to(sinks->scalar_type());
   }
   return {uncanonical(dq.to(q.scalar_type()), q, c.E), dk.to(k.scalar_type()).reshape(k.sizes()),
           dv.to(v.scalar_type()).reshape(v.sizes()), dmask, dsinks};

@@ -27,6 +27,8 @@ class SDPBackend(enum.IntEnum):
 
 
 DEFAULT_PRIORITY = (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+# A plain tuple: iterating the Enum class itself is not traceable by torch.compile in torch 2.11.
+ALL_BACKENDS = (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ class Explanation:
 
 def explain_call(call: Call) -> Explanation:
     order = enabled()
-    table = {b: reasons(b, call) for b in SDPBackend}
+    table = {b: reasons(b, call) for b in ALL_BACKENDS}
     chosen = next((b for b in order if not table[b]), None)
     return Explanation(backend=chosen, enabled=order, reasons=table)
 

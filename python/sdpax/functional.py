@@ -13,9 +13,13 @@ __all__ = ["scaled_dot_product_attention"]
 _NONE, _UPPER_LEFT, _LOWER_RIGHT = 0, 1, 2
 
 
+def _is_causal_bias(t) -> bool:
+    return isinstance(t, (_bias.CausalBias, _bias.TorchCausalBias))
+
+
 def _causal_from_bias(attn_mask, L: int, S: int) -> int | None:
     """The causal variant of a CausalBias (sdpax's or torch's), or None if attn_mask is not one."""
-    if isinstance(attn_mask, (_bias.CausalBias, _bias.TorchCausalBias)):
+    if _is_causal_bias(attn_mask):
         if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
             raise ValueError(f"sdpax: CausalBias is for (L, S) = ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
                              f"but the inputs have (L, S) = ({L}, {S})")
@@ -43,6 +47,13 @@ def _check(query, key, value, attn_mask, dropout_p, sinks):
         raise TypeError(f"sdpax: attn_mask must be a torch.Tensor or a CausalBias, got {type(attn_mask).__name__}")
     if sinks is not None and not isinstance(sinks, torch.Tensor):
         raise TypeError(f"sdpax: sinks must be a torch.Tensor of shape (Hq,), got {type(sinks).__name__}")
+    # Checked here as well as in C++: with a meta tensor among the inputs the dispatcher would pick the fake kernel.
+    if key.device != query.device or value.device != query.device:
+        raise RuntimeError(f"sdpax: query, key and value must be on the same device, got {query.device}, "
+                           f"{key.device} and {value.device}")
+    for name, t in (("attn_mask", attn_mask), ("sinks", sinks)):
+        if t is not None and not _is_causal_bias(t) and t.device != query.device:
+            raise RuntimeError(f"sdpax: {name} must be on the query's device {query.device}, got {t.device}")
 
 
 def _call_features(query, value, attn_mask) -> _select.Call:

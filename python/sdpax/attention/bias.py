@@ -38,12 +38,11 @@ class CausalBias(torch.Tensor):
         if seq_len_q < 0 or seq_len_kv < 0:
             raise ValueError(f"sequence lengths must be non-negative, got ({seq_len_q}, {seq_len_kv})")
         shell = torch.empty((seq_len_q, seq_len_kv), dtype=torch.bool, device="meta")
-        return torch.Tensor._make_subclass(cls, shell)
-
-    def __init__(self, variant: CausalVariant, seq_len_q: int, seq_len_kv: int):
+        self = torch.Tensor._make_subclass(cls, shell)
         self.variant = CausalVariant(int(variant))
         self.seq_len_q = int(seq_len_q)
         self.seq_len_kv = int(seq_len_kv)
+        return self
 
     def _materialize(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The boolean (L, S) mask: True where query i may attend to key j."""

@@ -1,0 +1,123 @@
+"""Backward parity (q, k, v, float mask, sinks) and float64 gradcheck, including dropout with a fixed seed."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sdpax
+from helpers import (DEVICES, FLOOR, LOWER_RIGHT, UPPER_LEFT, backends_for, causal_allowed, err, make_qkv,
+                     reference, run)
+from sdpax.attention.bias import causal_lower_right
+
+CASES = list(itertools.product([torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                               [(1, 7), (64, 64), (129, 300), (300, 129), (511, 64)],
+                               ["none", "bool_pad", "add_full", "causal_ul", "causal_lr"]))
+
+
+def _grads(out, inputs, gout):
+    return torch.autograd.grad(out, inputs, gout, allow_unused=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,LS,feature", CASES,
+                         ids=[f"{str(d)[6:]}-L{L}-S{S}-{f}" for d, (L, S), f in CASES])
+def test_backward_grid(dtype, LS, feature, device):
+    L, S = LS
+    idx = CASES.index((dtype, LS, feature))
+    gen = torch.Generator().manual_seed(idx)
+    E = [16, 64, 72, 128][idx % 4]
+    gqa = idx % 3 == 1
+    hk = 2 if gqa else 4
+    q, k, v = make_qkv((2, 4, L, E), (2, hk, S, E), E if idx % 2 else 40, dtype, device, gen,
+                       layout="blhe" if idx % 5 == 2 else "bhle", requires_grad=True)
+    sinks = torch.randn(4, generator=gen, dtype=torch.float32).to(device).requires_grad_() if idx % 4 == 1 else None
+    mask, causal = None, 0
+    if feature == "bool_pad":
+        mask = (torch.rand(2, 1, 1, S, generator=gen) > 0.2).to(device)
+    elif feature == "add_full":
+        mask = torch.randn(2, 4, L, S, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    elif feature == "causal_ul":
+        causal = UPPER_LEFT
+    elif feature == "causal_lr":
+        causal = LOWER_RIGHT
+    gout = torch.randn((2, 4, L, v.shape[-1]), generator=gen).to(device=device, dtype=dtype)
+
+    leaves = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else []) + (
+        [sinks] if sinks is not None else [])
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rq, rk, rv = ref_leaves[:3]
+    rmask = ref_leaves[3] if mask is not None and mask.requires_grad else mask
+    rsinks = ref_leaves[-1] if sinks is not None else None
+    ref = reference(rq, rk, rv, mask=rmask, causal=causal, sinks=rsinks)
+    ref_grads = _grads(ref, ref_leaves, gout.double())
+
+    # torch's own gradient error in this dtype (without sinks, which torch lacks) sets the tolerance
+    tm = causal_allowed(L, S, causal, device) if causal == LOWER_RIGHT else mask
+    tq, tk, tv = [t.detach().requires_grad_() for t in (q, k, v)]
+    tout = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm.detach() if tm is not None else None,
+                                          is_causal=causal == UPPER_LEFT, enable_gqa=gqa)
+    tgrads = _grads(tout, [tq, tk, tv], gout)
+    rq2, rk2, rv2 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    plain = reference(rq2, rk2, rv2, mask=tm.detach().double() if tm is not None and tm.dtype != torch.bool else tm,
+                      causal=causal if causal == UPPER_LEFT else 0)
+    pgrads = _grads(plain, [rq2, rk2, rv2], gout.double())
+    t_errs = [err(a[~torch.isnan(a)], b[~torch.isnan(a)]) for a, b in zip(tgrads, pgrads)]
+
+    for backend in backends_for(device, dtype):
+        if causal == UPPER_LEFT:
+            out = run(backend, q, k, v, is_causal=True, enable_gqa=gqa, sinks=sinks)
+        elif causal == LOWER_RIGHT:
+            out = run(backend, q, k, v, attn_mask=causal_lower_right(L, S), enable_gqa=gqa, sinks=sinks)
+        else:
+            out = run(backend, q, k, v, attn_mask=mask, enable_gqa=gqa, sinks=sinks)
+        grads = _grads(out, leaves, gout)
+        names = ["dq", "dk", "dv", "dmask", "dsinks"][:3] + (["dmask"] if len(leaves) > 3 and mask is not None
+                                                             and mask.requires_grad else []) + (
+            ["dsinks"] if sinks is not None else [])
+        for name, g, rg, te in itertools.zip_longest(names, grads, ref_grads, t_errs, fillvalue=None):
+            assert g is not None and g.dtype == leaves[names.index(name)].dtype, name
+            scale = max(1.0, rg.abs().max().item())
+            te = max(t_errs) if te is None else te
+            bound = 4 * te + 4 * max(FLOOR[dtype], FLOOR[g.dtype]) * scale
+            assert err(g, rg) <= bound, f"{backend.name} {name}: {err(g, rg):.3g} > {bound:.3g} (torch {te:.3g})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = make_qkv((1, 4, 5, 6), (1, 2, 7, 6), 5, torch.float64, device, gen, requires_grad=True)
+    mask = torch.randn(1, 4, 5, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    for backend in backends_for(device, torch.float64):
+        def f(q, k, v, mask, sinks):
+            return run(backend, q, k, v, attn_mask=mask, enable_gqa=True, sinks=sinks)
+        assert torch.autograd.gradcheck(f, (q, k, v, mask, sinks))
+
+        def g(q, k, v, sinks):
+            return run(backend, q, k, v, attn_mask=causal_lower_right(5, 7), enable_gqa=True, sinks=sinks, scale=0.7)
+        assert torch.autograd.gradcheck(g, (q, k, v, sinks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_dropout_fixed_seed(device):
+    """Dropout is a deterministic function of the rng tensor, so gradcheck holds with a fixed {seed, offset}."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = make_qkv((2, 2, 6, 4), (2, 2, 9, 4), 3, torch.float64, device, gen, requires_grad=True)
+    rng = torch.tensor([12345, 678], dtype=torch.int64, device=device)
+    for backend in backends_for(device, torch.float64):
+        def f(q, k, v):
+            return torch.ops.sdpax.fwd(q, k, v, None, 0.4, 1, 0.5, False, None, rng, int(backend))[0]
+        assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fully_masked_rows_zero_gradients(device):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = make_qkv((1, 2, 6, 8), (1, 2, 4, 8), 8, torch.float32, device, gen, requires_grad=True)
+    for backend in backends_for(device, torch.float32):
+        out = run(backend, q, k, v, attn_mask=causal_lower_right(6, 4))  # rows 0 and 1 see no key
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+        assert (dq[:, :, :2] == 0).all()
+        assert (out[:, :, :2] == 0).all()

@@ -1,0 +1,93 @@
+"""Backend selection: sdpa_kernel scoping, priority, torch's enum, thread-locality, explain()."""
+import threading
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend as TorchBackend
+
+import sdpax
+from sdpax import SDPBackend, sdpa_kernel
+from sdpax._select import LIMITS, Call, enabled, reasons
+
+
+def _qkv(dtype=torch.float32):
+    return torch.randn(1, 2, 5, 8, dtype=dtype), torch.randn(1, 2, 6, 8, dtype=dtype), torch.randn(1, 2, 6, 8,
+                                                                                                  dtype=dtype)
+
+
+def test_default_priority():
+    assert enabled() == (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+
+
+def test_context_restores_also_on_exception():
+    with pytest.raises(KeyError):
+        with sdpa_kernel(SDPBackend.MATH):
+            assert enabled() == (SDPBackend.MATH,)
+            raise KeyError
+    assert enabled() == (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+
+
+def test_list_and_priority_and_torch_enum():
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]):
+        assert enabled() == (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.FLASH_ATTENTION], set_priority=True):
+        assert enabled() == (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION)
+    with sdpa_kernel(TorchBackend.MATH):
+        assert enabled() == (SDPBackend.MATH,)
+        with sdpa_kernel([TorchBackend.FLASH_ATTENTION]):
+            assert enabled() == (SDPBackend.FLASH_ATTENTION,)
+        assert enabled() == (SDPBackend.MATH,)
+    with pytest.raises(ValueError, match="no backend"):
+        with sdpa_kernel(TorchBackend.EFFICIENT_ATTENTION):
+            pass
+
+
+def test_thread_local():
+    seen = {}
+    inside = threading.Event()
+    release = threading.Event()
+
+    def other():
+        inside.wait()
+        seen["other"] = enabled()
+        release.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with sdpa_kernel(SDPBackend.MATH):
+        inside.set()
+        release.wait()
+    t.join()
+    assert seen["other"] == (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+
+
+def test_explain_reports_reasons_as_data():
+    q, k, v = _qkv(torch.float64)
+    ex = sdpax.explain(q, k, v)
+    assert ex.backend is not None
+    assert set(ex.reasons) == set(SDPBackend)
+    assert ex.reasons[SDPBackend.MATH] == []
+    flash = ex.reasons[SDPBackend.FLASH_ATTENTION]
+    assert flash and all(isinstance(r, str) for r in flash)  # float64 is MATH-only everywhere
+    with sdpa_kernel(SDPBackend.MATH):
+        assert sdpax.explain(q, k, v).backend == SDPBackend.MATH
+    assert "MATH" in str(ex)
+
+
+def test_reasons_cover_limits():
+    call = Call(device=torch.device("cpu"), dtype=torch.float32, head_dim=512, value_head_dim=64,
+                mask_requires_grad=True)
+    rs = reasons(SDPBackend.FLASH_ATTENTION, call)
+    assert any("head dim 512" in r for r in rs)
+    assert any("requires grad" in r for r in rs)
+    assert reasons(SDPBackend.MATH, call) == []
+    assert LIMITS[SDPBackend.MATH].devices is None
+
+
+def test_choice_follows_mask_grad():
+    q, k, v = _qkv()
+    m = torch.randn(5, 6, requires_grad=True)
+    assert sdpax.explain(q, k, v, m).backend == SDPBackend.MATH
+    with torch.no_grad():
+        ex = sdpax.explain(q, k, v, m)
+    assert not any("requires grad" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION])
