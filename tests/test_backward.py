@@ -65,6 +65,8 @@ def test_backward_grid(dtype, LS, feature, device):
     t_errs = [err(a[~torch.isnan(a)], b[~torch.isnan(a)]) for a, b in zip(tgrads, pgrads)]
 
     for backend in backends_for(device, dtype):
+        if backend == sdpax.SDPBackend.FLASH_ATTENTION and mask is not None and mask.requires_grad:
+            continue  # the selector refuses FLASH when the mask needs a gradient (MATH only; test_selection.py)
         if causal == UPPER_LEFT:
             out = run(backend, q, k, v, is_causal=True, enable_gqa=gqa, sinks=sinks)
         elif causal == LOWER_RIGHT:

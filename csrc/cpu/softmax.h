@@ -20,6 +20,12 @@ constexpr float kLn2 = 0.6931471805599453f;
 // this (log2 units), so most tiles need one pass and no accumulator rescale. Probabilities stay below 2^8.
 constexpr float kLazyRescale = 8.f;
 
+inline bool has_nan(const float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j)
+    if (std::isnan(x[j])) return true;
+  return false;
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 
 #define SDPAX_INLINE inline __attribute__((always_inline))
@@ -30,8 +36,9 @@ constexpr float kLazyRescale = 8.f;
 // intermediates would cost a microcode assist of ~100 cycles in every instruction that touches them.
 template <int Degree>
 SDPAX_INLINE __m512 exp2_512(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.f), _CMP_GE_OQ);
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(128.f)), _mm512_set1_ps(-125.f));
+  // NaN stays NaN (as in torch): it counts as live, and min/max return their second operand when one is NaN.
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
+  x = _mm512_max_ps(_mm512_set1_ps(-125.f), _mm512_min_ps(_mm512_set1_ps(128.f), x));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   constexpr float c[8] = {1.f, 0.6931471806f, 0.2402265070f, 0.0555041087f, 0.0096181291f, 0.0013333558f,
@@ -132,6 +139,8 @@ SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, flo
   const float m_new = std::max(m, row_max);
   if (m_new == kNegInf) {
     // Nothing visible yet: no probability mass; m stays -inf so a later visible key is not underweighted.
+    // A NaN score can hide behind -inf here (vector max drops NaN); it must still poison the row, as in torch.
+    if (has_nan(s, lim)) l = std::numeric_limits<float>::quiet_NaN();
     std::fill(pout, pout + npad, C(0.f));
     return 1.f;
   }
@@ -173,6 +182,7 @@ inline float softmax_row(const float* s, int64_t n, int64_t npad, float scale2, 
   for (int64_t j = 0; j < lim; ++j) row_max = std::max(row_max, s[j] * scale2 + mask.at(j) * kLog2e);
   const float m_new = std::max(m, row_max);
   if (m_new == kNegInf) {
+    if (has_nan(s, lim)) l = std::numeric_limits<float>::quiet_NaN();
     std::fill(pout, pout + npad, C(0.f));
     return 1.f;
   }
