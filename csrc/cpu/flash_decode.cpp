@@ -15,6 +15,10 @@ namespace {
 
 constexpr int64_t kMinChunk = 512;  // keys; shorter chunks cost more in merging than they gain in balance
 
+inline int64_t main_row_tiles(const AttnParams& p) {
+  return ((p.hq / p.hkv) * p.L + fwd_blocks(p).m - 1) / fwd_blocks(p).m;
+}
+
 template <class T>
 struct DecodeKernel {
   const FwdMainloop<T> main;
@@ -23,7 +27,7 @@ struct DecodeKernel {
   float* partial;  // per (head, row tile, chunk): bm x (Ev + 2): acc, then m, l
 
   DecodeKernel(const AttnParams& params, uint64_t id, int64_t n_chunks, float* partial_buf)
-      : main(params, id), p(params), R(main.G * params.L), row_tiles((R + main.bm - 1) / main.bm),
+      : main(params, id, /*cache=*/(main_row_tiles(params) > 1)), p(params), R(main.G * params.L), row_tiles((R + main.bm - 1) / main.bm),
         heads(params.batch * params.hkv), chunks(n_chunks),
         chunk_len(round_up((params.S + n_chunks - 1) / n_chunks, main.bn)), partial(partial_buf) {}
 

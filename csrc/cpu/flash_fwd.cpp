@@ -50,7 +50,7 @@ std::vector<Task> make_tasks(const AttnParams& p, Blocks bl) {
 template <class T>
 struct FwdKernel {
   const FwdMainloop<T> main;
-  explicit FwdKernel(const AttnParams& p, uint64_t id) : main(p, id) {}
+  explicit FwdKernel(const AttnParams& p, uint64_t id) : main(p, id, /*cache=*/true) {}
 
   void operator()() const {
     const AttnParams& p = main.p;

@@ -8,6 +8,7 @@
 #pragma once
 #include <vector>
 
+#include "cpu/kernel.h"
 #include "cpu/mask.h"
 #include "cpu/softmax.h"
 #include "cpu/tile.h"
@@ -22,6 +23,7 @@ struct Blocks {
 };
 
 inline Blocks fwd_blocks(const AttnParams& p) {
+  if (p.L <= kDecodeMaxL) return {256, 512};  // decode: a few rows, so wide key tiles cost little L2
   return {256, p.dtype == ScalarKind::BFloat16 && p.E <= 64 ? 256 : 128};
 }
 
@@ -46,29 +48,44 @@ struct FwdMainloop {
   const uint64_t call_id;  // per-thread packed K/V is never reused across calls
   const int64_t bm, bn, G, Ep, n_kv_tiles;
   const Dropout drop;
+  const bool cache_kv;
 
-  FwdMainloop(const AttnParams& params, uint64_t id)
+  FwdMainloop(const AttnParams& params, uint64_t id, bool cache)
       : p(params), call_id(id), bm(fwd_blocks(params).m), bn(fwd_blocks(params).n), G(params.hq / params.hkv),
-        Ep(padk<C>(params.E)), n_kv_tiles((params.S + bn - 1) / bn), drop(params) {}
+        Ep(padk<C>(params.E)), n_kv_tiles((params.S + bn - 1) / bn), drop(params), cache_kv(cache) {}
 
-  const C* kt_tile(FwdLocal& loc, int64_t t) const { return loc.kt.get<C>(0) + t * Ep * bn; }
-  const C* v_tile(FwdLocal& loc, int64_t t) const { return loc.v.get<C>(0) + t * bn * p.Ev; }
+  // Packed K^T / V of key tile t. With cache_kv (a thread runs several row tiles of a KV head) every tile has its
+  // own slot and is packed once per head; without (decode: one row tile per head) one slot is reused, so a long
+  // key sequence is never copied out of cache.
+  int64_t slot(int64_t t) const { return cache_kv ? t : 0; }
+  const C* kt_tile(FwdLocal& loc, int64_t t) const { return loc.kt.get<C>(0) + slot(t) * Ep * bn; }
+  // float32 V with unit column stride is already a row-major B operand: used in place.
+  bool v_in_place() const { return std::is_same_v<T, C> && !kVnni<C> && p.v_st.c == 1; }
+  const C* v_tile(FwdLocal& loc, int64_t b, int64_t hkv, int64_t t) const {
+    if (v_in_place())
+      return reinterpret_cast<const C*>(static_cast<const T*>(p.v) + b * p.v_st.b + hkv * p.v_st.h + t * bn * p.v_st.r);
+    return loc.v.get<C>(0) + slot(t) * bn * p.Ev;
+  }
+  int64_t v_ld() const { return v_in_place() ? p.v_st.r : p.Ev; }
 
   void ensure_packed(FwdLocal& loc, int64_t b, int64_t hkv, int64_t t) const {
+    const int64_t slots = cache_kv ? n_kv_tiles : 1;
     if (loc.call != call_id || loc.b != b || loc.hkv != hkv) {
       loc.call = call_id;
       loc.b = b;
       loc.hkv = hkv;
       loc.packed.assign(n_kv_tiles, 0);
-      loc.kt.get<C>(n_kv_tiles * Ep * bn);
-      loc.v.get<C>(n_kv_tiles * bn * p.Ev);
+      loc.kt.get<C>(slots * Ep * bn);
+      loc.v.get<C>(slots * bn * p.Ev);
     }
-    if (loc.packed[t]) return;
+    if (cache_kv && loc.packed[t]) return;
     const int64_t j0 = t * bn, n = std::min(bn, p.S - j0);
     const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hkv * p.k_st.h + j0 * p.k_st.r;
-    const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hkv * p.v_st.h + j0 * p.v_st.r;
     pack_b_cols(k, p.k_st.r, p.k_st.c, p.E, n, const_cast<C*>(kt_tile(loc, t)));
-    pack_b_rows(v, p.v_st.r, p.v_st.c, n, p.Ev, const_cast<C*>(v_tile(loc, t)));
+    if (!v_in_place()) {
+      const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hkv * p.v_st.h + j0 * p.v_st.r;
+      pack_b_rows(v, p.v_st.r, p.v_st.c, n, p.Ev, const_cast<C*>(v_tile(loc, b, hkv, t)));
+    }
     loc.packed[t] = 1;
   }
 
@@ -114,7 +131,7 @@ struct FwdMainloop {
                                         dropf, m[r], l[r], pm + r * np);
         if (alpha != 1.f) scale_row(acc + r * p.Ev, p.Ev, alpha);
       }
-      gemm(M, p.Ev, np, pm, np, v_tile(loc, t), p.Ev, acc, p.Ev, true);
+      gemm(M, p.Ev, np, pm, np, v_tile(loc, b, hkv, t), v_ld(), acc, p.Ev, true);
     }
   }
 
