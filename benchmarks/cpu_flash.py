@@ -8,7 +8,7 @@
 Every shape is timed for sdpax FLASH, torch's F.scaled_dot_product_attention with its default selection and with
 sdpa_kernel(FLASH_ATTENTION) forced (where torch accepts it), alternating the three calls and taking medians, with
 torch.set_num_threads(2) for all. Ratio = torch time / sdpax time (> 1: sdpax is faster). Also measured once:
-the machine's FMA (float32) and bf16 dot-product peaks with a tiny AVX-512 / AMX-free loop, and the peak extra
+the machine's FMA (float32) and bf16 dot-product (vdpbf16ps) peaks with a tiny AVX-512 loop, and the peak extra
 memory of sdpax at L = S = 8192 bf16.
 """
 from __future__ import annotations
@@ -169,21 +169,28 @@ _PEAK_SRC = textwrap.dedent(r"""
     #include <ATen/Parallel.h>
     #include <immintrin.h>
     #include <chrono>
-    // Independent accumulator chains (more than the FMA latency x ports) so the loop is throughput bound.
+    // Twelve independent accumulator chains in named registers (an array gets spilled to the stack, and the
+    // loop then measures store forwarding): more chains than FMA latency x ports, so the loop is throughput bound.
+    #define SDPAX_CHAINS(OP) OP(a0) OP(a1) OP(a2) OP(a3) OP(a4) OP(a5) OP(a6) OP(a7) OP(a8) OP(a9) OP(a10) OP(a11)
+    #define SDPAX_KEEP asm volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), \
+                                       "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11))
     __attribute__((target("avx512f"))) static double fma_loop(int64_t iters) {
-      __m512 a[12]; const __m512 x = _mm512_set1_ps(1.0000001f), y = _mm512_set1_ps(0.9999999f);
-      for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_ps(float(i));
-      for (int64_t it = 0; it < iters; ++it)
-        for (int i = 0; i < 12; ++i) a[i] = _mm512_fmadd_ps(a[i], x, y);
-      float s = 0; for (int i = 0; i < 12; ++i) s += _mm512_reduce_add_ps(a[i]);
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+             a9 = a0, a10 = a0, a11 = a0;
+      const __m512 x = _mm512_set1_ps(1.0000001f), y = _mm512_set1_ps(0.9999999f);
+      #define SDPAX_FMA(a) a = _mm512_fmadd_ps(a, x, y);
+      for (int64_t it = 0; it < iters; ++it) { SDPAX_CHAINS(SDPAX_FMA) SDPAX_KEEP; }
+      #define SDPAX_SUM(a) s += _mm512_reduce_add_ps(a);
+      float s = 0; SDPAX_CHAINS(SDPAX_SUM)
       return s;
     }
     __attribute__((target("avx512f,avx512bf16"))) static double bf16_loop(int64_t iters) {
-      __m512 a[12]; const __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80), y = (__m512bh)_mm512_set1_epi16(0x3f80);
-      for (int i = 0; i < 12; ++i) a[i] = _mm512_setzero_ps();
-      for (int64_t it = 0; it < iters; ++it)
-        for (int i = 0; i < 12; ++i) a[i] = _mm512_dpbf16_ps(a[i], x, y);
-      float s = 0; for (int i = 0; i < 12; ++i) s += _mm512_reduce_add_ps(a[i]);
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+             a9 = a0, a10 = a0, a11 = a0;
+      const __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80), y = (__m512bh)_mm512_set1_epi16(0x3f80);
+      #define SDPAX_DP(a) a = _mm512_dpbf16_ps(a, x, y);
+      for (int64_t it = 0; it < iters; ++it) { SDPAX_CHAINS(SDPAX_DP) SDPAX_KEEP; }
+      float s = 0; SDPAX_CHAINS(SDPAX_SUM)
       return s;
     }
     // GFLOP/s of all threads together: fma = 2 * 16 flops per instruction, dpbf16 = 2 * 32.
@@ -205,7 +212,7 @@ def measure_peaks(threads: int = 2) -> dict:
     """FMA (float32) and AVX512-BF16 dot-product peaks in GFLOP/s on `threads` threads, plus torch GEMM rates."""
     from torch.utils.cpp_extension import load_inline
     torch.set_num_threads(threads)
-    mod = load_inline("sdpax_peak", cpp_sources=_PEAK_SRC, functions=["peak"],
+    mod = load_inline("sdpax_peak_v2", cpp_sources=_PEAK_SRC, functions=["peak"],
                       extra_cflags=["-O2", "-fopenmp"], verbose=False)
     res = {"fma_fp32_gflops": max(mod.peak(False, 20_000_000) for _ in range(3)),
            "dpbf16_gflops": max(mod.peak(True, 20_000_000) for _ in range(3))}

@@ -86,15 +86,16 @@ struct BwdKernel {
     }
   }
 
-  // One key row of the transposed tile: P^T = exp(S^T * scale + bias - lse) (zero before column r0, the causal
+  // One key row of the transposed tile: P^T = exp(S^T * scale + bias + key_bias - lse) (zero before column r0, the causal
   // start), P_drop^T = P^T * keep factors, dS^T = P^T * (dP^T * factors - Delta), written as C with zero padding
   // up to Mp.
-  void grad_row(const float* srow, const float* dprow, const float* bias, const float* f, const float* lse,
-                const float* delta, int64_t r0, int64_t M, int64_t Mp, C* prow, C* dsrow) const {
+  void grad_row(const float* srow, const float* dprow, const float* bias, float key_bias, const float* f,
+                const float* lse, const float* delta, int64_t r0, int64_t M, int64_t Mp, C* prow, C* dsrow) const {
     std::fill(prow, prow + r0, C(0.f));
     std::fill(dsrow, dsrow + r0, C(0.f));
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512 vs = _mm512_set1_ps(p.scale * kLog2e), vl2e = _mm512_set1_ps(kLog2e);
+    const __m512 vkb = _mm512_set1_ps(key_bias * kLog2e);
     const bool hw = cpu_has_bf16();
     for (int64_t r = r0; r < M; r += 16) {
       const __mmask16 k = tail_mask(M - r);
@@ -102,6 +103,7 @@ struct BwdKernel {
       __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, srow + r), vs,
                                  _mm512_mul_ps(_mm512_maskz_loadu_ps(k, lse + r), vl2e));
       if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bias + r), vl2e, x);
+      if (key_bias != 0.f) x = _mm512_add_ps(x, vkb);
       const __m512 pr = exp2_512<kVnni<C> ? 5 : 7>(x);
       __m512 dp = _mm512_maskz_loadu_ps(k, dprow + r);
       __m512 pd = pr;
@@ -121,7 +123,7 @@ struct BwdKernel {
     }
 #else
     for (int64_t r = r0; r < M; ++r) {
-      const float x = srow[r] * p.scale + (bias ? bias[r] : 0.f) - lse[r];
+      const float x = srow[r] * p.scale + (bias ? bias[r] : 0.f) + key_bias - lse[r];
       const float pr = std::exp(x);
       const float fr = f ? f[r] : 1.f;
       prow[r] = static_cast<C>(pr * fr);
@@ -164,19 +166,28 @@ struct BwdKernel {
     const float* delta = loc.delta.get<float>(0) + g * p.L + i0;
     C* pa = loc.pa.get<C>(kBlockN * (kBlockM + 2));
     C* dsa = loc.dsa.get<C>(kBlockN * (kBlockM + 2));
-    float* tb = loc.tb.get<float>(kBlockM);
+    // The mask in key-major order: one value per key row when all query rows share the mask row, else the
+    // tile's bias rows transposed (both vectorised; the elementwise pass then reads contiguous rows).
+    const bool uniform = masked && loc.mask.uniform();
+    float* bt = nullptr;
+    if (masked && !uniform) {
+      float* rows = loc.tb.get<float>(2 * kBlockM * kBlockN);
+      bt = rows + kBlockM * kBlockN;
+      for (int64_t r = 0; r < M; ++r) row_bias(loc.mask.row_masks[r], n, rows + r * n);
+      transpose32(reinterpret_cast<const uint32_t*>(rows), n, M, n, reinterpret_cast<uint32_t*>(bt), kBlockM);
+    }
     float* tf = loc.tf.get<float>(kBlockM);
     // Causal: row i sees key j iff j < causal_limit(i), i.e. i >= j - (limit(0) - 1).
     const int64_t shift = causal_limit(p.causal, 0, p.L, p.S) - 1;
     for (int64_t jj = 0; jj < n; ++jj) {
       const int64_t j = j0 + jj;
-      const int64_t r0 = p.causal == Causal::None ? 0 : std::clamp<int64_t>(j - shift - i0, 0, M);
-      if (masked)
-        for (int64_t r = r0; r < M; ++r) tb[r] = loc.mask.row_masks[r].at(jj);
+      int64_t r0 = p.causal == Causal::None ? 0 : std::clamp<int64_t>(j - shift - i0, 0, M);
+      const float key_bias = uniform ? loc.mask.row_masks[0].at(jj) : 0.f;
+      if (key_bias == kNegInf) r0 = M;  // this key is hidden from every row of the tile
       if (fbuf)
         for (int64_t r = r0; r < M; ++r) tf[r] = fbuf[r * kBlockN + jj];
-      grad_row(st + jj * kBlockM, dpt + jj * kBlockM, masked ? tb : nullptr, fbuf ? tf : nullptr, lse, delta, r0, M,
-               Mp, pa + jj * Mp, dsa + jj * Mp);
+      grad_row(st + jj * kBlockM, dpt + jj * kBlockM, bt ? bt + jj * kBlockM : nullptr, key_bias,
+               fbuf ? tf : nullptr, lse, delta, r0, M, Mp, pa + jj * Mp, dsa + jj * Mp);
     }
     if (np > n) {
       std::fill(pa + n * Mp, pa + np * Mp, C(0.f));

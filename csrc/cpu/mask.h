@@ -24,6 +24,24 @@ struct RowMask {
   }
 };
 
+// The n additive values of a row mask as float32 (bool rows become 0 / -inf).
+inline void row_bias(const RowMask& rm, int64_t n, float* out) {
+  if (rm.bias) {
+    std::memcpy(out, rm.bias, n * sizeof(float));
+    return;
+  }
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 zero = _mm512_setzero_ps(), ninf = _mm512_set1_ps(kNegInf);
+  for (; j + 16 <= n; j += 16) {
+    const __mmask16 k = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rm.keep + j)),
+                                           _mm_set1_epi8(-1));
+    _mm512_storeu_ps(out + j, _mm512_mask_blend_ps(k, ninf, zero));
+  }
+#endif
+  for (; j < n; ++j) out[j] = rm.at(j);
+}
+
 inline int64_t mask_elem_size(const AttnParams& p) {
   if (p.mask_kind == MaskKind::Bool) return 1;
   return p.mask_dtype == ScalarKind::Float ? 4 : 2;
@@ -106,6 +124,11 @@ struct TileMask {
       rows[r] = mask_row(p, b, h, i);
     }
   }
+
+  // True when every row of the tile reads the same mask row (a (B, 1, 1, S) padding mask, say).
+  bool uniform() const { return !rows.empty() && std::all_of(rows.begin(), rows.end(), [&](const void* r) {
+                                   return r == rows[0];
+                                 }); }
 
   // Loads columns [j0, j0 + n) of every row; true when the whole tile is masked.
   bool load(const AttnParams& p, int64_t j0, int64_t n) {
