@@ -30,15 +30,16 @@ inline bool has_nan(const float* x, int64_t n) {
 
 #define SDPAX_INLINE inline __attribute__((always_inline))
 
-// 2^x: x = n + f with |f| <= 1/2, 2^f by its Taylor polynomial in f ln2 (degree 7 for float32 results, truncation
-// below 1e-8 relative; degree 5, below 3e-6, when the probabilities are rounded to bfloat16), 2^n applied by
-// vscalefps. Results below 2^-125 are flushed to exactly 0 (so -inf, a masked score, gives 0): denormal
-// intermediates would cost a microcode assist of ~100 cycles in every instruction that touches them.
+// 2^x for the lanes in `keep` (others 0): x = n + f with |f| <= 1/2, 2^f by its Taylor polynomial in f ln2
+// (degree 7 for float32 results, truncation below 1e-8 relative; degree 4, below 5e-5, when the probabilities
+// are rounded to bfloat16, whose own rounding is 2e-3), 2^n applied by vscalefps. Lanes below 2^-125 are
+// flushed to exactly 0 (so -inf, a masked score, gives 0): denormal results would cost a microcode assist of
+// ~100 cycles in every instruction that touches them. No clamping is needed: -inf and NaN only produce NaN in
+// lanes that are either zeroed or NaN anyway, +inf saturates (the lazy-rescale pass then redoes the row), and
+// NaN stays NaN as in torch (it counts as live).
 template <int Degree>
-SDPAX_INLINE __m512 exp2_512(__m512 x) {
-  // NaN stays NaN (as in torch): it counts as live, and min/max return their second operand when one is NaN.
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
-  x = _mm512_max_ps(_mm512_set1_ps(-125.f), _mm512_min_ps(_mm512_set1_ps(128.f), x));
+SDPAX_INLINE __m512 exp2_512(__m512 x, __mmask16 keep = 0xffff) {
+  const __mmask16 live = keep & _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   constexpr float c[8] = {1.f, 0.6931471806f, 0.2402265070f, 0.0555041087f, 0.0096181291f, 0.0013333558f,
@@ -93,7 +94,7 @@ SDPAX_INLINE __mmask16 visible(const uint8_t* keep, int64_t j, __mmask16 k) {
 template <class C, bool HwBf16>
 SDPAX_INLINE float exp_pass(const float* s, const float* bias, const uint8_t* keep, const float* drop, int64_t lim,
                             __m512 vs, float m, C* pout, float& row_max) {
-  constexpr int kDeg = std::is_same_v<C, float> ? 7 : 5;
+  constexpr int kDeg = std::is_same_v<C, float> ? 7 : 4;
   const __m512 neg_m = _mm512_set1_ps(-m), vl2e = _mm512_set1_ps(kLog2e);
   __m512 vsum = _mm512_setzero_ps(), vmax = _mm512_set1_ps(kNegInf);
   for (int64_t j = 0; j < lim; j += 16) {
@@ -101,7 +102,7 @@ SDPAX_INLINE float exp_pass(const float* s, const float* bias, const uint8_t* ke
     __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(kv, s + j), vs);
     if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, bias + j), vl2e, x);
     vmax = _mm512_mask_max_ps(vmax, kv, vmax, x);
-    __m512 e = _mm512_maskz_mov_ps(kv, exp2_512<kDeg>(_mm512_add_ps(x, neg_m)));
+    __m512 e = exp2_512<kDeg>(_mm512_add_ps(x, neg_m), kv);
     vsum = _mm512_add_ps(vsum, e);
     if (drop) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(k, drop + j));
     store_c<C, HwBf16>(pout + j, e, k);
