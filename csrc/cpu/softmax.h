@@ -91,23 +91,25 @@ SDPAX_INLINE __mmask16 visible(const uint8_t* keep, int64_t j, __mmask16 k) {
   return k & _mm_test_epi8_mask(_mm_maskz_loadu_epi8(k, keep + j), _mm_set1_epi8(-1));
 }
 
+// exp2(x - m) of the visible columns into pout (times the dropout factors), their sum; vmax_shifted receives
+// the lane-wise max of x - m (the caller reduces it only when it needs the row max).
 template <class C, bool HwBf16>
 SDPAX_INLINE float exp_pass(const float* s, const float* bias, const uint8_t* keep, const float* drop, int64_t lim,
-                            __m512 vs, float m, C* pout, float& row_max) {
+                            __m512 vs, float m, C* pout, __m512& vmax_shifted) {
   constexpr int kDeg = std::is_same_v<C, float> ? 7 : 4;
   const __m512 neg_m = _mm512_set1_ps(-m), vl2e = _mm512_set1_ps(kLog2e);
   __m512 vsum = _mm512_setzero_ps(), vmax = _mm512_set1_ps(kNegInf);
   for (int64_t j = 0; j < lim; j += 16) {
     const __mmask16 k = tail_mask(lim - j), kv = visible(keep, j, k);
-    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(kv, s + j), vs);
+    __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, s + j), vs, neg_m);
     if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, bias + j), vl2e, x);
     vmax = _mm512_mask_max_ps(vmax, kv, vmax, x);
-    __m512 e = exp2_512<kDeg>(_mm512_add_ps(x, neg_m), kv);
+    __m512 e = exp2_512<kDeg>(x, kv);
     vsum = _mm512_add_ps(vsum, e);
     if (drop) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(k, drop + j));
     store_c<C, HwBf16>(pout + j, e, k);
   }
-  row_max = _mm512_reduce_max_ps(vmax);
+  vmax_shifted = vmax;
   return _mm512_reduce_add_ps(vsum);
 }
 
@@ -120,12 +122,15 @@ SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, flo
   const __m512 vs = _mm512_set1_ps(scale2);
   float row_max;
   if (m != kNegInf) {
-    const float sum = exp_pass<C, HwBf16>(s, bias, keep, drop, lim, vs, m, pout, row_max);
-    if (row_max <= m + kLazyRescale) {
+    __m512 vmax;
+    const float sum = exp_pass<C, HwBf16>(s, bias, keep, drop, lim, vs, m, pout, vmax);
+    // The usual case: no score of this tile exceeds the running max by more than the lazy threshold.
+    if (!_mm512_cmp_ps_mask(vmax, _mm512_set1_ps(kLazyRescale), _CMP_GT_OQ)) {
       std::fill(pout + lim, pout + npad, C(0.f));
       l += sum;
       return 1.f;
     }
+    row_max = _mm512_reduce_max_ps(vmax) + m;
   } else {
     const __m512 vl2e = _mm512_set1_ps(kLog2e);
     __m512 vmax = _mm512_set1_ps(kNegInf);
@@ -145,7 +150,7 @@ SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, flo
     std::fill(pout, pout + npad, C(0.f));
     return 1.f;
   }
-  float unused;
+  __m512 unused;
   const float sum = exp_pass<C, HwBf16>(s, bias, keep, drop, lim, vs, m_new, pout, unused);
   std::fill(pout + lim, pout + npad, C(0.f));
   const float alpha = m == kNegInf ? 0.f : std::exp2(m - m_new);
