@@ -1,7 +1,9 @@
 // FA2-style backward on CPU.
 //
-// One task per KV head (batch, kv head): it owns dK and dV of that head and the dQ of its G query heads, so no
-// two threads write the same gradient and the result is deterministic. Per task:
+// A task is a KV head (batch, kv head), or a chunk of its key tiles when there are fewer than two KV heads per
+// thread. A task owns dK and dV of its key tiles and accumulates the dQ^T of the G query heads of the group
+// (chunks leave partial dQ^T that are summed per head afterwards), so no two threads write the same gradient.
+// Per task:
 //   prepack Q, dO of all G*L query rows (in the two layouts the GEMMs need), Delta = rowsum(dO * O), lse
 //   for each key tile j (kBlockN keys):            dK_j, dV_j accumulators (float)
 //     for each query tile i it can see (kBlockM rows of one query head; causal / fully masked tiles skipped):
@@ -46,7 +48,7 @@ struct BwdKernel {
   // Prepacked layouts of the rows of query tile qt (over g, then tiles of one head).
   int64_t qt_stride() const { return kBlockM * std::max(Ep, Evp) + 64; }
 
-  void prepack(BwdLocal& loc, int64_t b, int64_t hkv) const {
+  void prepack(BwdLocal& loc, int64_t b, int64_t hkv, bool write_sinks) const {
     const int64_t nqt = G * q_tiles;
     C* qtb = loc.qtb.get<C>(nqt * qt_stride());
     C* qb = loc.qb.get<C>(nqt * qt_stride());
@@ -82,7 +84,7 @@ struct BwdKernel {
         lse[g * p.L + i] = l == kNegInf ? std::numeric_limits<float>::infinity() : l;
         if (p.sinks && l != kNegInf) sink_term += std::exp(p.sinks[h] - l) * dl;
       }
-      if (p.dsinks_bh) p.dsinks_bh[b * p.hq + h] = -sink_term;
+      if (p.dsinks_bh && write_sinks) p.dsinks_bh[b * p.hq + h] = -sink_term;
     }
   }
 
@@ -209,9 +211,9 @@ struct BwdKernel {
     gemm(p.E, M, np, kta, np, dsb, ldb, dqt + g * p.L + i0, GL, true);
   }
 
-  void head(BwdLocal& loc, int64_t b, int64_t hkv) const {
-    prepack(loc, b, hkv);
-    float* dqt = loc.dqt.get<float>(p.E * GL);
+  // Key tiles [t0, t1) of KV head (b, hkv): writes their dK / dV and accumulates dQ^T (E x G*L) into dqt.
+  void head_chunk(BwdLocal& loc, int64_t b, int64_t hkv, int64_t t0, int64_t t1, bool first_chunk, float* dqt) const {
+    prepack(loc, b, hkv, first_chunk);
     std::fill(dqt, dqt + p.E * GL, 0.f);
     C* ka = loc.ka.get<C>(kBlockN * Ep);
     C* va = loc.va.get<C>(kBlockN * Evp);
@@ -222,7 +224,7 @@ struct BwdKernel {
     const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hkv * p.v_st.h;
     T* dkout = static_cast<T*>(p.dk) + b * p.dk_st.b + hkv * p.dk_st.h;
     T* dvout = static_cast<T*>(p.dv) + b * p.dv_st.b + hkv * p.dv_st.h;
-    for (int64_t t = 0; t < kv_tiles; ++t) {
+    for (int64_t t = t0; t < t1; ++t) {
       const int64_t j0 = t * kBlockN, n = std::min(kBlockN, p.S - j0), np = padk<C>(n);
       pack_a(k + j0 * p.k_st.r, p.k_st.r, p.k_st.c, n, p.E, Ep, ka);
       pack_a(v + j0 * p.v_st.r, p.v_st.r, p.v_st.c, n, p.Ev, Evp, va);
@@ -234,7 +236,10 @@ struct BwdKernel {
       write_rows(dk, n, p.E, p.scale, dkout + j0 * p.dk_st.r, p.dk_st.r, p.dk_st.c);
       write_rows(dv, n, p.Ev, 1.f, dvout + j0 * p.dv_st.r, p.dv_st.r, p.dv_st.c);
     }
-    // dQ^T (E x G*L) back to rows: transpose each query head's block, then scale and convert.
+  }
+
+  // dQ^T (E x G*L) of KV head (b, hkv) back to rows: transpose each query head's block, scale and convert.
+  void write_dq(BwdLocal& loc, int64_t b, int64_t hkv, const float* dqt) const {
     float* rows = loc.dqrow.get<float>(p.L * p.E);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hkv * G + g;
@@ -258,21 +263,57 @@ struct BwdKernel {
     }
   }
 
-  void operator()() const {
-    run_tasks(p.batch * p.hkv, kVnni<C>, [&](int64_t t) {
+  // With at least two KV heads per thread each task is a whole head. With fewer (MQA, a single sequence), the
+  // key tiles of a head are split into chunks: each chunk owns its dK / dV rows and leaves a partial dQ^T in
+  // `partial`, summed per head afterwards (fixed order, so the result does not depend on the thread count's
+  // scheduling).
+  void operator()(int64_t chunks, float* partial) const {
+    const int64_t heads = p.batch * p.hkv;
+    const int64_t per = (kv_tiles + chunks - 1) / chunks;
+    run_tasks(heads * chunks, kVnni<C>, [&](int64_t t) {
       thread_local BwdLocal loc;
-      head(loc, t / p.hkv, t % p.hkv);
+      const int64_t head = t / chunks, c = t % chunks;
+      const int64_t b = head / p.hkv, hkv = head % p.hkv;
+      const int64_t t0 = std::min(kv_tiles, c * per), t1 = std::min(kv_tiles, t0 + per);
+      float* dqt = chunks == 1 ? loc.dqt.get<float>(p.E * GL) : partial + t * p.E * GL;
+      head_chunk(loc, b, hkv, t0, t1, c == 0, dqt);
+      if (chunks == 1) write_dq(loc, b, hkv, dqt);
+    });
+    if (chunks == 1) return;
+    run_tasks(heads, false, [&](int64_t head) {
+      thread_local BwdLocal loc;
+      float* sum = partial + head * chunks * p.E * GL;
+      for (int64_t c = 1; c < chunks; ++c) {
+        const float* part = sum + c * p.E * GL;
+        for (int64_t x = 0; x < p.E * GL; x += Vec::size()) {
+          const int64_t cnt = std::min<int64_t>(Vec::size(), p.E * GL - x);
+          (Vec::loadu(sum + x, cnt) + Vec::loadu(part + x, cnt)).store(sum + x, cnt);
+        }
+      }
+      write_dq(loc, head / p.hkv, head % p.hkv, sum);
     });
   }
 };
+
+template <class T>
+void bwd(const AttnParams& p) {
+  const BwdKernel<T> kernel{p};
+  const int64_t heads = p.batch * p.hkv;
+  const int64_t threads = at::get_num_threads();
+  int64_t chunks = 1;
+  if (heads < 2 * threads) chunks = std::min(kernel.kv_tiles, (2 * threads + heads - 1) / heads);
+  thread_local Scratch partial;
+  float* part = chunks > 1 ? partial.get<float>(heads * chunks * p.E * kernel.GL) : nullptr;
+  kernel(chunks, part);
+}
 
 }  // namespace
 
 void flash_bwd(const AttnParams& p) {
   switch (p.dtype) {
-    case ScalarKind::Float: BwdKernel<float>{p}(); break;
-    case ScalarKind::BFloat16: BwdKernel<BF16>{p}(); break;
-    case ScalarKind::Half: BwdKernel<F16>{p}(); break;
+    case ScalarKind::Float: bwd<float>(p); break;
+    case ScalarKind::BFloat16: bwd<BF16>(p); break;
+    case ScalarKind::Half: bwd<F16>(p); break;
     default: TORCH_CHECK(false, "sdpax: the CPU flash kernel supports float32, bfloat16 and float16");
   }
 }
