@@ -310,12 +310,10 @@ void bwd(const AttnParams& p) {
 }  // namespace
 
 void flash_bwd(const AttnParams& p) {
-  switch (p.dtype) {
-    case ScalarKind::Float: bwd<float>(p); break;
-    case ScalarKind::BFloat16: bwd<BF16>(p); break;
-    case ScalarKind::Half: bwd<F16>(p); break;
-    default: TORCH_CHECK(false, "sdpax: the CPU flash kernel supports float32, bfloat16 and float16");
-  }
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    bwd<T>(p);
+  });
 }
 
 }  // namespace sdpax::cpu

@@ -114,12 +114,10 @@ void decode(const AttnParams& p) {
 }  // namespace
 
 void flash_decode(const AttnParams& p) {
-  switch (p.dtype) {
-    case ScalarKind::Float: decode<float>(p); break;
-    case ScalarKind::BFloat16: decode<BF16>(p); break;
-    case ScalarKind::Half: decode<F16>(p); break;
-    default: TORCH_CHECK(false, "sdpax: the CPU flash kernel supports float32, bfloat16 and float16");
-  }
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    decode<T>(p);
+  });
 }
 
 }  // namespace sdpax::cpu

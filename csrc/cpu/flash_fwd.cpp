@@ -78,12 +78,10 @@ struct FwdKernel {
 
 void flash_fwd(const AttnParams& p) {
   const uint64_t id = next_call_id();
-  switch (p.dtype) {
-    case ScalarKind::Float: FwdKernel<float>(p, id)(); break;
-    case ScalarKind::BFloat16: FwdKernel<BF16>(p, id)(); break;
-    case ScalarKind::Half: FwdKernel<F16>(p, id)(); break;
-    default: TORCH_CHECK(false, "sdpax: the CPU flash kernel supports float32, bfloat16 and float16");
-  }
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    FwdKernel<T>(p, id)();
+  });
 }
 
 uint64_t next_call_id() { return g_call_id.fetch_add(1); }

@@ -45,6 +45,18 @@ template <class C> inline int64_t padk(int64_t k) { return kVnni<C> ? (k + 1) & 
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The input dtypes the CPU kernels are instantiated for: the one list of variants (float64 runs on MATH).
+// f receives a value of the element type.
+template <class F>
+inline void dispatch_dtype(ScalarKind kind, const F& f) {
+  switch (kind) {
+    case ScalarKind::Float: f(float{}); break;
+    case ScalarKind::BFloat16: f(BF16{}); break;
+    case ScalarKind::Half: f(F16{}); break;
+    default: TORCH_CHECK(false, "sdpax: the CPU flash kernel supports float32, bfloat16 and float16");
+  }
+}
+
 // ---- GEMM ----
 
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
