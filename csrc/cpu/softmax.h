@@ -121,16 +121,26 @@ SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, flo
   const uint8_t* keep = mask.keep;
   const __m512 vs = _mm512_set1_ps(scale2);
   float row_max;
-  if (m != kNegInf) {
+  // A row without a running max yet (its first visible tile) guesses one from its first 16 visible scores, so
+  // that it too usually needs a single pass; its accumulator is still zero, so no rescale is owed.
+  float guess = m;
+  if (m == kNegInf && lim > 0) {
+    const __mmask16 kv = visible(keep, 0, tail_mask(lim));
+    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(kv, s), vs);
+    if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, bias), _mm512_set1_ps(kLog2e), x);
+    guess = _mm512_mask_reduce_max_ps(kv, x);
+  }
+  if (guess != kNegInf && !std::isnan(guess)) {
     __m512 vmax;
-    const float sum = exp_pass<C, HwBf16>(s, bias, keep, drop, lim, vs, m, pout, vmax);
+    const float sum = exp_pass<C, HwBf16>(s, bias, keep, drop, lim, vs, guess, pout, vmax);
     // The usual case: no score of this tile exceeds the running max by more than the lazy threshold.
     if (!_mm512_cmp_ps_mask(vmax, _mm512_set1_ps(kLazyRescale), _CMP_GT_OQ)) {
       std::fill(pout + lim, pout + npad, C(0.f));
       l += sum;
+      m = guess;
       return 1.f;
     }
-    row_max = _mm512_reduce_max_ps(vmax) + m;
+    row_max = _mm512_reduce_max_ps(vmax) + guess;
   } else {
     const __m512 vl2e = _mm512_set1_ps(kLog2e);
     __m512 vmax = _mm512_set1_ps(kNegInf);
