@@ -96,9 +96,10 @@ def _callers(q, k, v, kw, backward):
             return out
         return call
 
+    # FLASH is sdpax's default on CPU for these dtypes (checked in time_row), so no context manager is needed,
+    # just as torch's default call has none.
     def ours():
-        with sdpax.sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return sdpax.scaled_dot_product_attention(q, k, v, **kw)
+        return sdpax.scaled_dot_product_attention(q, k, v, **kw)
 
     def torch_default():
         return F.scaled_dot_product_attention(q, k, v, **kw)
@@ -112,6 +113,8 @@ def _callers(q, k, v, kw, backward):
 
 def time_row(row, dtype, backward, reps, budget_s):
     q, k, v, kw = make_inputs(row, dtype, backward)
+    chosen = sdpax.explain(q, k, v, **kw).backend
+    assert chosen == SDPBackend.FLASH_ATTENTION, f"sdpax would run {chosen} for {row}"
     calls = _callers(q, k, v, kw, backward)
     times = {name: [] for name in calls}
     usable = {}
@@ -123,9 +126,10 @@ def time_row(row, dtype, backward, reps, budget_s):
         except RuntimeError:
             usable[name] = None  # torch refuses this input with the forced backend
     live = [n for n in calls if usable[n] is not None]
-    # Fewer repetitions for the slowest shapes, never fewer than 3 (for a median).
+    # As many rounds as fit in the time budget (fast shapes get many, so their medians are stable), at least
+    # `reps`, at most 200.
     per_round = sum(usable[n] for n in live)
-    n = max(3, min(reps, int(budget_s / max(per_round, 1e-6))))
+    n = max(reps, min(200, int(budget_s / max(per_round, 1e-6))))
     for _ in range(n):
         for name in live:  # interleaved: noise from other processes hits all three alike
             t0 = time.perf_counter()
@@ -143,8 +147,8 @@ def time_row(row, dtype, backward, reps, budget_s):
     return res
 
 
-def run_suite(full: bool = False, dtypes=("float32", "bfloat16"), passes=("fwd", "fwd+bwd"), reps: int = 5,
-              budget_s: float = 6.0, threads: int = 2, only: str | None = None, log=print) -> list[dict]:
+def run_suite(full: bool = False, dtypes=("float32", "bfloat16"), passes=("fwd", "fwd+bwd"), reps: int = 3,
+              budget_s: float = 2.0, threads: int = 2, only: str | None = None, log=print) -> list[dict]:
     """Time every (shape, dtype, pass); returns one dict per row (times in ms, ratios torch / sdpax)."""
     torch.set_num_threads(threads)
     rows = []
@@ -297,7 +301,8 @@ def markdown(rows, peaks, mem, command) -> str:
              f"- CPU: {_cpu_name()} ({torch.get_num_threads()} threads used, machine shared with other jobs)",
              f"- torch {torch.__version__}, sdpax {sdpax.__version__}, build ISA {sdpax.build_config.CPU_ISA}",
              f"- command: `{command}`",
-             "- times are medians of interleaved runs (sdpax, torch default, torch forced FLASH_ATTENTION); "
+             "- times are medians of interleaved rounds (sdpax, torch default, torch forced FLASH_ATTENTION), at least 3 "
+             "rounds and about 2 s per row; "
              "ratio = torch / sdpax (> 1: sdpax faster)", ""]
     if peaks:
         lines += ["## Machine peaks (2 threads)", "",
@@ -340,8 +345,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--passes", default="fwd,fwd+bwd")
     ap.add_argument("--only", help="only shape groups whose name contains this (llm, encoder, dense, decode, odd)")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--budget", type=float, default=6.0, help="seconds per row before fewer repetitions are used")
+    ap.add_argument("--reps", type=int, default=3, help="minimum rounds per row")
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of rounds per row (more rounds for fast rows)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-peaks", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
