@@ -1,4 +1,4 @@
-// Building blocks shared by the fused CPU kernels: compute types, GEMM on packed tiles, operand packing, mask
+// Building blocks shared by the fused CPU kernels: compute types, GEMM on packed tiles, operand packing,
 // dropout factors, per-thread scratch and the task loop. Masks live in mask.h, the online softmax in softmax.h.
 //
 // GEMMs go through at::native::cpublas::brgemm (oneDNN micro-kernels: AMX for bfloat16 on CPUs that have it,
