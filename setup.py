@@ -105,7 +105,8 @@ def main():
 
     sources = sorted(str(p.relative_to(ROOT)) for d in ("", "common", "math", "cpu")
                      for p in (CSRC / d).glob("*.cpp"))
-    cxx = ["-O0" if DEBUG else "-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"] + isa_flags
+    # No -std flag: torch.utils.cpp_extension adds the standard this torch needs (C++17, C++20 from torch 2.14).
+    cxx = ["-O0" if DEBUG else "-O3", "-fopenmp", "-Wall", "-Wno-unused-function"] + isa_flags
     if DEBUG:
         cxx.append("-g")
     include_dirs = [str(CSRC)]
@@ -116,7 +117,7 @@ def main():
         cutlass = _cutlass_include()
         if cutlass:
             include_dirs.append(cutlass)
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
                 "-DSDPAX_WITH_CUDA"] + _gencode(archs)
         ext = CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx + ["-DSDPAX_WITH_CUDA"], "nvcc": nvcc},
                             **ext_kwargs)
