@@ -94,6 +94,14 @@ def _cutlass_include():
     return None
 
 
+def _load_variants():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sdpax_cuda_variants", CSRC / "cuda" / "variants.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main():
     isa, isa_flags = _cpu_flags()
     with_cuda = _want_cuda()
@@ -107,8 +115,14 @@ def main():
     include_dirs = [str(CSRC)]
     ext_kwargs = dict(name="sdpax._C", include_dirs=include_dirs)
 
+    flash_kernels = {}
     if with_cuda:
+        # One translation unit per kernel variant, generated from the table in csrc/cuda/variants.py.
+        variants = _load_variants()
+        generated = variants.generate(CSRC / "cuda" / "gen")
         sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.c*"))
+        sources += sorted(str(p.relative_to(ROOT)) for p in generated)
+        flash_kernels["cuda"] = ["bfloat16", "float16"]
         cutlass = _cutlass_include()
         if cutlass:
             include_dirs.append(cutlass)
@@ -128,6 +142,7 @@ def main():
         f"CPU_ISA = {isa!r}\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"DEBUG = {DEBUG!r}\n"
+        f"FLASH_KERNELS = {flash_kernels!r}\n"
     )
 
     setup(

@@ -1,0 +1,354 @@
+// FlashAttention-2-style forward kernel (tensor cores through mma.sync) and the split-key merge.
+//
+// One block computes BM rows of one (batch, kv head). With GQA the G query heads that share a kv head are packed
+// into the row dimension (row r -> head hk*G + r / L, position r % L), so K/V tiles are loaded once for the whole
+// group and never copied. Each warp owns kMT x 16 rows; S = Q K^T and O += P V run on mma.m16n8k16 with P kept in
+// registers. K/V tiles stream through shared memory with cp.async: the V load overlaps the softmax and the next K
+// load overlaps P V.
+//
+// Variants: element type T, head-dim bucket D (E, Ev <= D, padded with zeros in shared memory) and kGeneral
+// (attention mask and/or dropout present). Causal alignment, sinks, scale and split-key decode are run-time.
+#pragma once
+#include "cuda/mask.h"
+#include "cuda/mma.h"
+
+namespace sdpax {
+namespace cuda {
+
+template <int D>
+struct FwdCfg {
+  static constexpr int kWarps = D <= 64 ? 4 : (D <= 128 ? 8 : 4);
+  static constexpr int kMT = D <= 64 ? 2 : 1;  // 16-row m-tiles per warp
+  static constexpr int kBM = kWarps * 16 * kMT;
+  static constexpr int kBN = 64;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kSmem = (kBM + 2 * kBN) * D * 2;
+};
+
+// Blocks: one per (m block, batch * kv head), ordered so that the heaviest causal blocks start first.
+template <class T, int D, bool kGeneral>
+__global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __grid_constant__ AttnParams p) {
+  using Cfg = FwdCfg<D>;
+  constexpr int BM = Cfg::kBM, BN = Cfg::kBN, MT = Cfg::kMT, NT = Cfg::kThreads;
+  using QTile = SmemTile<BM, D>;
+  using KTile = SmemTile<BN, D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t sQ = smem_u32(smem);
+  const uint32_t sK = sQ + QTile::kBytes;
+  const uint32_t sV = sK + KTile::kBytes;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int G = static_cast<int>(p.hq / p.hkv);
+  const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
+  const int rows = G * L;
+  const int m_blocks = (rows + BM - 1) / BM;
+  const int m_block = m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks);
+  const int64_t bhk = blockIdx.x / m_blocks;
+  const int64_t b = bhk / p.hkv;
+  const int hk = static_cast<int>(bhk % p.hkv);
+  const int m0 = m_block * BM;
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+
+  // Query positions covered by the block (conservative when it spans two heads of a GQA group).
+  const int r_last = min(m0 + BM, rows) - 1;
+  const bool one_head = m0 / L == r_last / L;
+  const int i_min = one_head ? m0 % L : 0;
+  const int i_max = one_head ? r_last % L : L - 1;
+  const int n_end = row_limit(p, i_max);  // keys >= n_end are invisible to every row of the block
+  const int n_full = min(row_limit(p, i_min), S);  // keys < n_full pass causal/bounds for every row
+  const int n_tiles = (n_end + BN - 1) / BN;
+  const int per_split = (n_tiles + p.num_splits - 1) / p.num_splits;
+  const int t_begin = static_cast<int>(blockIdx.z) * per_split;
+  const int t_end = min(n_tiles, t_begin + per_split);
+
+  // The rows this thread holds in the C fragments: [mt][half] -> packed row m0 + warp*16*MT + mt*16 + half*8 + g.
+  int row_i[MT][2], row_h[MT][2], row_lim[MT][2];
+  bool row_ok[MT][2];
+  int64_t row_mask[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = m0 + warp * 16 * MT + mt * 16 + hf * 8 + g;
+      row_ok[mt][hf] = r < rows;
+      const int rr = r < rows ? r : 0;
+      row_h[mt][hf] = hk * G + rr / L;
+      row_i[mt][hf] = rr % L;
+      row_lim[mt][hf] = row_limit(p, row_i[mt][hf]);
+      row_mask[mt][hf] = b * p.mask_st.b + row_h[mt][hf] * p.mask_st.h + row_i[mt][hf] * p.mask_st.r;
+    }
+  }
+  const bool warp_active = m0 + warp * 16 * MT < rows;
+
+  // Q tile (zero rows past the end, zero columns past E).
+  {
+    const T* q = static_cast<const T*>(p.q);
+    for (int idx = tid; idx < BM * (D / 8); idx += NT) {
+      const int r = idx / (D / 8), c = idx % (D / 8);
+      const int pr = m0 + r;
+      const bool ok = pr < rows && c * 8 < E;
+      const T* src = q;
+      if (ok) src = q + b * p.q_st.b + static_cast<int64_t>(hk * G + pr / L) * p.q_st.h +
+                    static_cast<int64_t>(pr % L) * p.q_st.r + c * 8;
+      cp_async16(sQ + QTile::offset(r, c), src, ok);
+    }
+  }
+  auto load_kv = [&](uint32_t dst, const void* base, const Strides4& st, int cols, int tile) {
+    const T* src0 = static_cast<const T*>(base) + b * st.b + static_cast<int64_t>(hk) * st.h;
+    for (int idx = tid; idx < BN * (D / 8); idx += NT) {
+      const int r = idx / (D / 8), c = idx % (D / 8);
+      const int j = tile * BN + r;
+      const bool ok = j < S && c * 8 < cols;
+      cp_async16(dst + KTile::offset(r, c), ok ? src0 + static_cast<int64_t>(j) * st.r + c * 8 : src0, ok);
+    }
+  };
+
+  const bool has_mask = kGeneral && p.mask_kind != MaskKind::None;
+  // First tile at or after `tile` with at least one allowed element (fully masked tiles are skipped).
+  auto next_tile = [&](int tile) {
+    if (!has_mask) return tile;
+    for (; tile < t_end; ++tile) {
+      bool any = false;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          if (row_ok[mt][hf]) {
+#pragma unroll 4
+            for (int c = 0; c < BN / 4; ++c) {
+              const int j = tile * BN + (c >> 1) * 8 + 2 * t + (c & 1);
+              if (j < row_lim[mt][hf]) any |= mask_bias(p, row_mask[mt][hf] + j * p.mask_st.c) != -INFINITY;
+            }
+          }
+      if (__syncthreads_or(any)) break;
+    }
+    return tile;
+  };
+
+  Dropout drop{};
+  const bool has_dropout = kGeneral && p.dropout_p > 0.0;
+  if (has_dropout) drop.init(p);
+
+  const bool with_sinks = p.sinks != nullptr && p.num_splits == 1;
+  float m_run[MT][2], l_run[MT][2];
+  float acc_o[MT][D / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      // A sink is one more logit in the denominator: start the running max at it with weight 1 (counted once).
+      m_run[mt][hf] = with_sinks ? p.sinks[row_h[mt][hf]] * kLog2e : -INFINITY;
+      l_run[mt][hf] = with_sinks && t == 0 ? 1.f : 0.f;
+    }
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][dn][e] = 0.f;
+  }
+  const float scale_log2 = p.scale * kLog2e;
+
+  int tile = next_tile(t_begin);
+  if (tile < t_end) load_kv(sK, p.k, p.k_st, E, tile);
+  cp_async_commit();
+
+  while (tile < t_end) {
+    cp_async_wait<0>();
+    __syncthreads();
+
+    float acc_s[MT][BN / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[mt][n][e] = 0.f;
+    if (warp_active) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        if (kk * 16 < E) {
+          uint32_t a[MT][4];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], QTile::a_addr(sQ, warp * 16 * MT + mt * 16, kk * 16, lane));
+#pragma unroll
+          for (int np = 0; np < BN / 16; ++np) {
+            uint32_t bb[4];
+            ldmatrix_x4(bb, KTile::b_addr(sK, np * 16, kk * 16, lane));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              mma16816<T>(acc_s[mt][2 * np], a[mt], bb[0], bb[1]);
+              mma16816<T>(acc_s[mt][2 * np + 1], a[mt], bb[2], bb[3]);
+            }
+          }
+        }
+      }
+    }
+    load_kv(sV, p.v, p.v_st, Ev, tile);
+    cp_async_commit();
+
+    // Scale, mask, online softmax. Elementwise tests only where some element of the tile can fail them.
+    const int j0 = tile * BN;
+    const bool need_elem = has_mask || j0 + BN > n_full;
+    if (warp_active) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float s = acc_s[mt][n][hf * 2 + e] * scale_log2;
+              if (need_elem) {
+                const int j = j0 + n * 8 + 2 * t + e;
+                if (j >= row_lim[mt][hf]) {
+                  s = -INFINITY;
+                } else if (has_mask) {
+                  s += mask_bias(p, row_mask[mt][hf] + j * p.mask_st.c) * kLog2e;
+                }
+              }
+              acc_s[mt][n][hf * 2 + e] = s;
+              mx = fmaxf(mx, s);
+            }
+          }
+          mx = warp_max4(mx);
+          const float m_new = fmaxf(m_run[mt][hf], mx);
+          // Fully-masked-so-far guard: with every logit -inf, shift by 0 so exp2 gives 0 rather than NaN.
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;
+          const float alpha = exp2f(m_run[mt][hf] - m_use);
+          m_run[mt][hf] = m_new;
+          l_run[mt][hf] *= alpha;
+#pragma unroll
+          for (int dn = 0; dn < D / 8; ++dn) {
+            acc_o[mt][dn][hf * 2] *= alpha;
+            acc_o[mt][dn][hf * 2 + 1] *= alpha;
+          }
+          float rs = 0.f;
+#pragma unroll
+          for (int n = 0; n < BN / 8; ++n) {
+            const float p0 = exp2f(acc_s[mt][n][hf * 2] - m_use);
+            const float p1 = exp2f(acc_s[mt][n][hf * 2 + 1] - m_use);
+            rs += p0 + p1;
+            if (has_dropout) {
+              const int64_t bh = b * p.hq + row_h[mt][hf];
+              const float2 k2 = drop.pair(static_cast<uint32_t>(bh), static_cast<uint32_t>(row_i[mt][hf]),
+                                          static_cast<uint32_t>(j0 + n * 8 + 2 * t));
+              acc_s[mt][n][hf * 2] = p0 * k2.x;
+              acc_s[mt][n][hf * 2 + 1] = p1 * k2.y;
+            } else {
+              acc_s[mt][n][hf * 2] = p0;
+              acc_s[mt][n][hf * 2 + 1] = p1;
+            }
+          }
+          l_run[mt][hf] += rs;
+        }
+      }
+    }
+
+    const int next = next_tile(tile + 1);
+    cp_async_wait<0>();
+    __syncthreads();
+    if (next < t_end) load_kv(sK, p.k, p.k_st, E, next);
+    cp_async_commit();
+
+    if (warp_active) {
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          a[mt][0] = pack2<T>(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
+          a[mt][1] = pack2<T>(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
+          a[mt][2] = pack2<T>(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
+          a[mt][3] = pack2<T>(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dn = 0; dn < D / 16; ++dn) {
+          if (dn * 16 < Ev) {
+            uint32_t bb[4];
+            ldmatrix_x4_trans(bb, KTile::a_addr(sV, kk * 16, dn * 16, lane));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              mma16816<T>(acc_o[mt][2 * dn], a[mt], bb[0], bb[1]);
+              mma16816<T>(acc_o[mt][2 * dn + 1], a[mt], bb[2], bb[3]);
+            }
+          }
+        }
+      }
+    }
+    tile = next;
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: normalise, write the output (or this split's partial) and the log-sum-exp.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const float l = warp_sum4(l_run[mt][hf]);
+      if (!row_ok[mt][hf]) continue;
+      // A row with no allowed key (and no sink) has l = 0: output 0 and lse -inf, never NaN.
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float m_use = m_run[mt][hf] == -INFINITY ? 0.f : m_run[mt][hf];
+      const float lse = l > 0.f ? (m_use + log2f(l)) * kLn2 : -INFINITY;
+      const int64_t bh = b * p.hq + row_h[mt][hf];
+      const int i = row_i[mt][hf];
+      if (p.num_splits == 1) {
+        T* out = static_cast<T*>(p.out) + b * p.out_st.b + row_h[mt][hf] * p.out_st.h + i * p.out_st.r;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+          const int c = dn * 8 + 2 * t;
+          if (c < Ev)
+            *reinterpret_cast<uint32_t*>(out + c) =
+                pack2<T>(acc_o[mt][dn][hf * 2] * inv, acc_o[mt][dn][hf * 2 + 1] * inv);
+        }
+        if (t == 0) p.lse[bh * p.L + i] = lse;
+      } else {
+        const int64_t prow = (static_cast<int64_t>(blockIdx.z) * p.batch * p.hq + bh) * p.L + i;
+        float* out = p.o_partial + prow * Ev;
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+          const int c = dn * 8 + 2 * t;
+          if (c < Ev)
+            *reinterpret_cast<float2*>(out + c) = make_float2(acc_o[mt][dn][hf * 2] * inv, acc_o[mt][dn][hf * 2 + 1] * inv);
+        }
+        if (t == 0) p.lse_partial[prow] = lse;
+      }
+    }
+  }
+}
+
+// Merge of the split-key partials: lse = log(sum_s exp(lse_s) + exp(sink)), out = sum_s exp(lse_s - lse) out_s.
+// One warp per (batch * head, row).
+template <class T>
+__global__ void __launch_bounds__(256) merge_splits_kernel(const __grid_constant__ AttnParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  const int64_t rows = p.batch * p.hq * p.L;
+  if (row >= rows) return;
+  const int64_t bh = row / p.L, i = row % p.L, b = bh / p.hq, h = bh % p.hq;
+  const int64_t split_stride = rows;
+  float mx = p.sinks ? p.sinks[h] : -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.lse_partial[s * split_stride + row]);
+  float lse = -INFINITY;
+  if (mx != -INFINITY) {
+    float sum = p.sinks ? __expf(p.sinks[h] - mx) : 0.f;
+    for (int s = 0; s < p.num_splits; ++s) sum += __expf(p.lse_partial[s * split_stride + row] - mx);
+    lse = mx + __logf(sum);
+  }
+  T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
+  for (int c = lane; c < p.Ev; c += 32) {
+    float acc = 0.f;
+    if (lse != -INFINITY) {
+      for (int s = 0; s < p.num_splits; ++s) {
+        const float ls = p.lse_partial[s * split_stride + row];
+        if (ls != -INFINITY) acc += __expf(ls - lse) * p.o_partial[(s * split_stride + row) * p.Ev + c];
+      }
+    }
+    out[c] = static_cast<T>(acc);
+  }
+  if (lane == 0) p.lse[row] = lse;
+}
+
+}  // namespace cuda
+}  // namespace sdpax
