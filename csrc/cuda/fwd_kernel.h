@@ -345,7 +345,7 @@ __global__ void __launch_bounds__(256) merge_splits_kernel(const __grid_constant
         if (ls != -INFINITY) acc += __expf(ls - lse) * p.o_partial[(s * split_stride + row) * p.Ev + c];
       }
     }
-    out[c] = static_cast<T>(acc);
+    out[c] = from_float<T>(acc);
   }
   if (lane == 0) p.lse[row] = lse;
 }
