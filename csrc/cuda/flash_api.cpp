@@ -155,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   if (sinks) {
     // d lse / d sink_h = p_sink; dsinks_h = -sum_{b,i} p_sink * Delta_i (as in MATH).
     at::Tensor p_sink = (sinks_f.view({1, c.Hq, 1}) - lse_f.view({c.B, c.Hq, c.L})).exp();
-    dsinks = p_sink.mul_(delta).sum({0, 2}).neg_().to(sinks->scalar_type());
+    dsinks = p_sink.mul_(delta).sum(at::IntArrayRef{0, 2}).neg_().to(sinks->scalar_type());
   }
   return {uncanonical(dq, q, c.E), dk.reshape(k.sizes()), dv.reshape(v.sizes()), at::empty({0}, q.options()),
           dsinks};

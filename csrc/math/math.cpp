@@ -150,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
   at::Tensor dsinks = at::empty({0}, q.options());
   if (sinks) {
     at::Tensor p_sink = (sink_logits(c, sinks, acc) - lse4).exp();  // (B, Hq, L)
-    dsinks = (p_sink * delta.squeeze(-1)).sum({0, 2}).neg().to(sinks->scalar_type());
+    dsinks = (p_sink * delta.squeeze(-1)).sum(at::IntArrayRef{0, 2}).neg().to(sinks->scalar_type());
   }
   return {uncanonical(dq.to(q.scalar_type()), q, c.E), dk.to(k.scalar_type()).reshape(k.sizes()),
           dv.to(v.scalar_type()).reshape(v.sizes()), dmask, dsinks};
