@@ -35,8 +35,9 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const __grid_constant__ 
 
 template <int D>
 struct BwdCfg {
-  static constexpr int kWarps = 4;
-  static constexpr int kBN = 64;                  // keys per block (16 per warp)
+  // 8 warps x 16 keys: dQ atomics per flop fall as 1 / kBN.
+  static constexpr int kWarps = 8;
+  static constexpr int kBN = kWarps * 16;         // keys per block (16 per warp)
   static constexpr int kBM = D <= 64 ? 64 : 32;   // queries per inner step
   static constexpr int kThreads = kWarps * 32;
   // K, V, 2 x (Q, dO), dS^T
@@ -171,28 +172,19 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __gri
 #pragma unroll
       for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      if (kk * 16 < E) {
-        uint32_t a[4];
-        ldmatrix_x4(a, KTile::a_addr(sK, warp * 16, kk * 16, lane));
+    for (int kk = 0; kk < D / 16; ++kk) {  // full bucket: padding columns are zero, loops stay branch-free
+      uint32_t a[4], av[4];
+      ldmatrix_x4(a, KTile::a_addr(sK, warp * 16, kk * 16, lane));
+      ldmatrix_x4(av, KTile::a_addr(sV, warp * 16, kk * 16, lane));
 #pragma unroll
-        for (int np = 0; np < BM / 16; ++np) {
-          uint32_t bb[4];
-          ldmatrix_x4(bb, QTile::b_addr(sQ, np * 16, kk * 16, lane));
-          mma16816<T>(st[2 * np], a, bb[0], bb[1]);
-          mma16816<T>(st[2 * np + 1], a, bb[2], bb[3]);
-        }
-      }
-      if (kk * 16 < Ev) {
-        uint32_t a[4];
-        ldmatrix_x4(a, KTile::a_addr(sV, warp * 16, kk * 16, lane));
-#pragma unroll
-        for (int np = 0; np < BM / 16; ++np) {
-          uint32_t bb[4];
-          ldmatrix_x4(bb, QTile::b_addr(sdO, np * 16, kk * 16, lane));
-          mma16816<T>(dpt[2 * np], a, bb[0], bb[1]);
-          mma16816<T>(dpt[2 * np + 1], a, bb[2], bb[3]);
-        }
+      for (int np = 0; np < BM / 16; ++np) {
+        uint32_t bb[4], bd[4];
+        ldmatrix_x4(bb, QTile::b_addr(sQ, np * 16, kk * 16, lane));
+        ldmatrix_x4(bd, QTile::b_addr(sdO, np * 16, kk * 16, lane));
+        mma16816<T>(st[2 * np], a, bb[0], bb[1]);
+        mma16816<T>(st[2 * np + 1], a, bb[2], bb[3]);
+        mma16816<T>(dpt[2 * np], av, bd[0], bd[1]);
+        mma16816<T>(dpt[2 * np + 1], av, bd[2], bd[3]);
       }
     }
 
@@ -249,18 +241,13 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __gri
       }
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
-        if (dn * 16 < Ev) {
-          uint32_t bb[4];
-          ldmatrix_x4_trans(bb, QTile::a_addr(sdO, kk * 16, dn * 16, lane));
-          mma16816<T>(acc_dv[2 * dn], ap, bb[0], bb[1]);
-          mma16816<T>(acc_dv[2 * dn + 1], ap, bb[2], bb[3]);
-        }
-        if (dn * 16 < E) {
-          uint32_t bb[4];
-          ldmatrix_x4_trans(bb, QTile::a_addr(sQ, kk * 16, dn * 16, lane));
-          mma16816<T>(acc_dk[2 * dn], as, bb[0], bb[1]);
-          mma16816<T>(acc_dk[2 * dn + 1], as, bb[2], bb[3]);
-        }
+        uint32_t bb[4], bq[4];
+        ldmatrix_x4_trans(bb, QTile::a_addr(sdO, kk * 16, dn * 16, lane));
+        ldmatrix_x4_trans(bq, QTile::a_addr(sQ, kk * 16, dn * 16, lane));
+        mma16816<T>(acc_dv[2 * dn], ap, bb[0], bb[1]);
+        mma16816<T>(acc_dv[2 * dn + 1], ap, bb[2], bb[3]);
+        mma16816<T>(acc_dk[2 * dn], as, bq[0], bq[1]);
+        mma16816<T>(acc_dk[2 * dn + 1], as, bq[2], bq[3]);
       }
     }
     __syncthreads();
@@ -283,12 +270,10 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __gri
           ldmatrix_x4_trans(a, STile::b_addr(sS, kk * 16, mt * 16, lane));
 #pragma unroll
           for (int dn = 0; dn < kCols / 16; ++dn) {
-            if (c_begin + dn * 16 < E) {
-              uint32_t bb[4];
-              ldmatrix_x4_trans(bb, KTile::a_addr(sK, kk * 16, c_begin + dn * 16, lane));
-              mma16816<T>(acc_dq[2 * dn], a, bb[0], bb[1]);
-              mma16816<T>(acc_dq[2 * dn + 1], a, bb[2], bb[3]);
-            }
+            uint32_t bb[4];
+            ldmatrix_x4_trans(bb, KTile::a_addr(sK, kk * 16, c_begin + dn * 16, lane));
+            mma16816<T>(acc_dq[2 * dn], a, bb[0], bb[1]);
+            mma16816<T>(acc_dq[2 * dn + 1], a, bb[2], bb[3]);
           }
         }
 #pragma unroll
@@ -300,8 +285,12 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __gri
           for (int dn = 0; dn < kCols / 8; ++dn) {
             const int c = c_begin + dn * 8 + 2 * t;
             if (c < E) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+              atomicAdd(reinterpret_cast<float2*>(dq + c), make_float2(acc_dq[dn][hf * 2], acc_dq[dn][hf * 2 + 1]));
+#else
               atomicAdd(dq + c, acc_dq[dn][hf * 2]);
               atomicAdd(dq + c + 1, acc_dq[dn][hf * 2 + 1]);
+#endif
             }
           }
         }

@@ -70,11 +70,14 @@ int choose_splits(const Canonical& c) {
   const int64_t rows = (c.Hq / c.Hkv) * c.L;
   const int64_t bm = fwd_block_rows(std::max(c.E, c.Ev));
   const int64_t blocks = (rows + bm - 1) / bm * c.B * c.Hkv;
-  const int64_t n_tiles = (c.S + fwd_block_cols() - 1) / fwd_block_cols();
+  const int64_t bn = fwd_block_cols(std::max(c.E, c.Ev));
+  const int64_t n_tiles = (c.S + bn - 1) / bn;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (blocks >= sms || n_tiles < 8) return 1;
-  const int64_t want = (2 * sms + blocks - 1) / blocks;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, n_tiles / 4, 64})));
+  // Aim for ~8 blocks per multiprocessor over the whole launch (each streams its key range with one load in
+  // flight), with at least 4 key tiles per split so the merge stays cheap.
+  const int64_t want = (8 * sms + blocks - 1) / blocks;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, n_tiles / 4, 128})));
 }
 
 }  // namespace

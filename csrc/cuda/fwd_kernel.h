@@ -17,10 +17,11 @@ namespace cuda {
 
 template <int D>
 struct FwdCfg {
-  static constexpr int kWarps = D <= 64 ? 4 : (D <= 128 ? 8 : 4);
-  static constexpr int kMT = D <= 64 ? 2 : 1;  // 16-row m-tiles per warp
+  // 4 warps, so that two blocks share a multiprocessor and hide each other's barriers and load latency.
+  static constexpr int kWarps = 4;
+  static constexpr int kMT = D <= 128 ? 2 : 1;  // 16-row m-tiles per warp
   static constexpr int kBM = kWarps * 16 * kMT;
-  static constexpr int kBN = 64;
+  static constexpr int kBN = D == 128 ? 32 : 64;  // d128: 32 x 128 rows keeps S and O within 255 registers
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kSmem = (kBM + 2 * kBN) * D * 2;
 };
@@ -104,23 +105,28 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
   };
 
   const bool has_mask = kGeneral && p.mask_kind != MaskKind::None;
-  // First tile at or after `tile` with at least one allowed element (fully masked tiles are skipped).
+  // With a mask, next_tile() reads this thread's mask elements of a candidate tile once, keeps one bit per element
+  // (allowed: causal/bounds pass and mask != -inf / true) for the softmax step, and skips tiles where the whole
+  // block sees no allowed element. Bit index: ((mt * 2 + half) * BN / 8 + n) * 2 + e.
+  static_assert(MT * 2 * BN / 4 <= 64, "mask bits must fit in 64");
+  uint64_t bits = 0;
   auto next_tile = [&](int tile) {
     if (!has_mask) return tile;
     for (; tile < t_end; ++tile) {
-      bool any = false;
+      bits = 0;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf)
           if (row_ok[mt][hf]) {
-#pragma unroll 4
+#pragma unroll
             for (int c = 0; c < BN / 4; ++c) {
               const int j = tile * BN + (c >> 1) * 8 + 2 * t + (c & 1);
-              if (j < row_lim[mt][hf]) any |= mask_bias(p, row_mask[mt][hf] + j * p.mask_st.c) != -INFINITY;
+              if (j < row_lim[mt][hf] && mask_bias(p, row_mask[mt][hf] + j * p.mask_st.c) != -INFINITY)
+                bits |= uint64_t(1) << ((mt * 2 + hf) * (BN / 4) + c);
             }
           }
-      if (__syncthreads_or(any)) break;
+      if (__syncthreads_or(bits != 0)) break;
     }
     return tile;
   };
@@ -163,21 +169,21 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_s[mt][n][e] = 0.f;
     if (warp_active) {
+      // Full head-dim bucket: columns past E are zero in shared memory, and branch-free loops let the compiler
+      // hoist the ldmatrix of step kk + 1 above the mma of step kk.
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        if (kk * 16 < E) {
-          uint32_t a[MT][4];
+        uint32_t a[MT][4];
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], QTile::a_addr(sQ, warp * 16 * MT + mt * 16, kk * 16, lane));
+        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], QTile::a_addr(sQ, warp * 16 * MT + mt * 16, kk * 16, lane));
 #pragma unroll
-          for (int np = 0; np < BN / 16; ++np) {
-            uint32_t bb[4];
-            ldmatrix_x4(bb, KTile::b_addr(sK, np * 16, kk * 16, lane));
+        for (int np = 0; np < BN / 16; ++np) {
+          uint32_t bb[4];
+          ldmatrix_x4(bb, KTile::b_addr(sK, np * 16, kk * 16, lane));
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              mma16816<T>(acc_s[mt][2 * np], a[mt], bb[0], bb[1]);
-              mma16816<T>(acc_s[mt][2 * np + 1], a[mt], bb[2], bb[3]);
-            }
+          for (int mt = 0; mt < MT; ++mt) {
+            mma16816<T>(acc_s[mt][2 * np], a[mt], bb[0], bb[1]);
+            mma16816<T>(acc_s[mt][2 * np + 1], a[mt], bb[2], bb[3]);
           }
         }
       }
@@ -199,13 +205,15 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               float s = acc_s[mt][n][hf * 2 + e] * scale_log2;
-              if (need_elem) {
+              if (has_mask) {
                 const int j = j0 + n * 8 + 2 * t + e;
-                if (j >= row_lim[mt][hf]) {
+                if (!((bits >> ((mt * 2 + hf) * (BN / 4) + n * 2 + e)) & 1)) {
                   s = -INFINITY;
-                } else if (has_mask) {
+                } else if (p.mask_kind == MaskKind::Additive) {
                   s += mask_bias(p, row_mask[mt][hf] + j * p.mask_st.c) * kLog2e;
                 }
+              } else if (need_elem) {
+                if (j0 + n * 8 + 2 * t + e >= row_lim[mt][hf]) s = -INFINITY;
               }
               acc_s[mt][n][hf * 2 + e] = s;
               mx = fmaxf(mx, s);
@@ -264,14 +272,12 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
         }
 #pragma unroll
         for (int dn = 0; dn < D / 16; ++dn) {
-          if (dn * 16 < Ev) {
-            uint32_t bb[4];
-            ldmatrix_x4_trans(bb, KTile::a_addr(sV, kk * 16, dn * 16, lane));
+          uint32_t bb[4];
+          ldmatrix_x4_trans(bb, KTile::a_addr(sV, kk * 16, dn * 16, lane));
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              mma16816<T>(acc_o[mt][2 * dn], a[mt], bb[0], bb[1]);
-              mma16816<T>(acc_o[mt][2 * dn + 1], a[mt], bb[2], bb[3]);
-            }
+          for (int mt = 0; mt < MT; ++mt) {
+            mma16816<T>(acc_o[mt][2 * dn], a[mt], bb[0], bb[1]);
+            mma16816<T>(acc_o[mt][2 * dn + 1], a[mt], bb[2], bb[3]);
           }
         }
       }

@@ -36,7 +36,13 @@ int fwd_block_rows(int64_t head_dim) {
     default: return FwdCfg<256>::kBM;
   }
 }
-int fwd_block_cols() { return FwdCfg<64>::kBN; }
+int fwd_block_cols(int64_t head_dim) {
+  switch (bucket(head_dim)) {
+    case 64: return FwdCfg<64>::kBN;
+    case 128: return FwdCfg<128>::kBN;
+    default: return FwdCfg<256>::kBN;
+  }
+}
 int bwd_max_head_dim() { return SDPAX_CUDA_BWD_MAX_HEAD_DIM; }
 
 cudaError_t launch_fwd(const AttnParams& p, cudaStream_t stream) {

@@ -11,7 +11,7 @@ namespace cuda {
 // Rows (query positions x heads of a GQA group) per forward block for head dims up to `head_dim`; the host uses
 // it to size the split-key decode path.
 int fwd_block_rows(int64_t head_dim);
-int fwd_block_cols();
+int fwd_block_cols(int64_t head_dim);
 // Largest head dim (max of E and Ev) the fused backward handles.
 int bwd_max_head_dim();
 
