@@ -107,6 +107,13 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __gri
     load_rows(q_dst, p.q, b * p.q_st.b + static_cast<int64_t>(h) * p.q_st.h, p.q_st, i0, BM, L, E, QTile{});
     load_rows(q_dst + QTile::kBytes, p.dout, b * p.dout_st.b + static_cast<int64_t>(h) * p.dout_st.h, p.dout_st,
               i0, BM, L, Ev, QTile{});
+    // lse and Delta of the same rows travel in the same cp.async group (0 past L; those rows are masked anyway).
+    const int64_t row0 = (b * p.hq + h) * p.L + i0;
+    for (int r = tid; r < BM; r += NT) {
+      const bool ok = i0 + r < L;
+      cp_async4(smem_u32(sLse + buf * BM + r), ok ? p.lse + row0 + r : p.lse, ok);
+      cp_async4(smem_u32(sDelta + buf * BM + r), ok ? p.delta + row0 + r : p.delta, ok);
+    }
   };
   if (steps > 0) load_q(0, 0);
   cp_async_commit();
@@ -132,13 +139,6 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __gri
     const int buf = step & 1;
     const int h = step_head(step), i0 = step_i0(step);
     const int64_t bh = b * p.hq + h;
-    for (int r = tid; r < BM; r += NT) {
-      const int i = i0 + r;
-      // Rows past L and rows with no allowed key (lse = -inf) get lse = +inf, so their P is exactly 0.
-      const float l = i < L ? p.lse[bh * p.L + i] : INFINITY;
-      sLse[buf * BM + r] = l == -INFINITY ? INFINITY : l * kLog2e;
-      sDelta[buf * BM + r] = i < L ? p.delta[bh * p.L + i] : 0.f;
-    }
     cp_async_wait<0>();
     __syncthreads();
     if (step + 1 < steps) load_q(step + 1, buf ^ 1);
@@ -204,7 +204,9 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __gri
                                   int64_t(j) * p.mask_st.c) * kLog2e;
           }
         }
-        const float pr = exp2f(s - sLse[buf * BM + r]);
+        // A row with no allowed key has lse = -inf: its P must be 0, not exp2(-inf + inf).
+        const float lse = sLse[buf * BM + r];
+        const float pr = lse == -INFINITY ? 0.f : exp2f(s - lse * kLog2e);
         float dp = dpt[n][e];
         float pd = pr;
         if (has_dropout) {

@@ -3,8 +3,8 @@
 // One block computes BM rows of one (batch, kv head). With GQA the G query heads that share a kv head are packed
 // into the row dimension (row r -> head hk*G + r / L, position r % L), so K/V tiles are loaded once for the whole
 // group and never copied. Each warp owns kMT x 16 rows; S = Q K^T and O += P V run on mma.m16n8k16 with P kept in
-// registers. K/V tiles stream through shared memory with cp.async: the V load overlaps the softmax and the next K
-// load overlaps P V.
+// registers. K/V tiles stream through a two-stage cp.async pipeline: the next visible tile loads while the current
+// one computes.
 //
 // Variants: element type T, head-dim bucket D (E, Ev <= D, padded with zeros in shared memory) and kGeneral
 // (attention mask and/or dropout present). Causal alignment, sinks, scale and split-key decode are run-time.
@@ -21,9 +21,11 @@ struct FwdCfg {
   static constexpr int kWarps = 4;
   static constexpr int kMT = D <= 128 ? 2 : 1;  // 16-row m-tiles per warp
   static constexpr int kBM = kWarps * 16 * kMT;
-  static constexpr int kBN = D == 128 ? 32 : 64;  // d128: 32 x 128 rows keeps S and O within 255 registers
+  // d128: 32 keys x 128 rows keeps S and O within 255 registers; d256: 32 keys keeps two stages in 96 KB.
+  static constexpr int kBN = D == 64 ? 64 : 32;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kSmem = (kBM + 2 * kBN) * D * 2;
+  static constexpr int kStages = 2;  // K/V tiles in flight: tile j + 1 loads while tile j computes
+  static constexpr int kSmem = (kBM + 2 * kStages * kBN) * D * 2;
 };
 
 // Blocks: one per (m block, batch * kv head), ordered so that the heaviest causal blocks start first.
@@ -35,8 +37,8 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
   using KTile = SmemTile<BN, D>;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sQ = smem_u32(smem);
-  const uint32_t sK = sQ + QTile::kBytes;
-  const uint32_t sV = sK + KTile::kBytes;
+  const uint32_t sK0 = sQ + QTile::kBytes;                       // K stage s at sK0 + s * KTile::kBytes
+  const uint32_t sV0 = sK0 + Cfg::kStages * KTile::kBytes;       // V stage s at sV0 + s * KTile::kBytes
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int G = static_cast<int>(p.hq / p.hkv);
@@ -109,8 +111,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
   // (allowed: causal/bounds pass and mask != -inf / true) for the softmax step, and skips tiles where the whole
   // block sees no allowed element. Bit index: ((mt * 2 + half) * BN / 8 + n) * 2 + e.
   static_assert(MT * 2 * BN / 4 <= 64, "mask bits must fit in 64");
-  uint64_t bits = 0;
-  auto next_tile = [&](int tile) {
+  auto next_tile = [&](int tile, uint64_t& bits) {
     if (!has_mask) return tile;
     for (; tile < t_end; ++tile) {
       bits = 0;
@@ -153,13 +154,22 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
   }
   const float scale_log2 = p.scale * kLog2e;
 
-  int tile = next_tile(t_begin);
-  if (tile < t_end) load_kv(sK, p.k, p.k_st, E, tile);
+  auto load_tile = [&](int tile, int stage) {
+    load_kv(sK0 + stage * KTile::kBytes, p.k, p.k_st, E, tile);
+    load_kv(sV0 + stage * KTile::kBytes, p.v, p.v_st, Ev, tile);
+  };
+  uint64_t bits = 0, bits_next = 0;
+  int tile = next_tile(t_begin, bits);
+  if (tile < t_end) load_tile(tile, 0);
+  cp_async_commit();
+  int tile_next = tile < t_end ? next_tile(tile + 1, bits_next) : t_end;
+  if (tile_next < t_end) load_tile(tile_next, 1);
   cp_async_commit();
 
-  while (tile < t_end) {
-    cp_async_wait<0>();
+  for (int stage = 0; tile < t_end; stage ^= 1) {
+    cp_async_wait<1>();  // this tile's group is complete; the next tile's may still be in flight
     __syncthreads();
+    const uint32_t sK = sK0 + stage * KTile::kBytes, sV = sV0 + stage * KTile::kBytes;
 
     float acc_s[MT][BN / 8][4];
 #pragma unroll
@@ -188,8 +198,6 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
         }
       }
     }
-    load_kv(sV, p.v, p.v_st, Ev, tile);
-    cp_async_commit();
 
     // Scale, mask, online softmax. Elementwise tests only where some element of the tile can fail them.
     const int j0 = tile * BN;
@@ -226,10 +234,13 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
           const float alpha = exp2f(m_run[mt][hf] - m_use);
           m_run[mt][hf] = m_new;
           l_run[mt][hf] *= alpha;
+          // Once the running max settles, alpha is 1 for the whole warp: skip the O rescale.
+          if (__any_sync(0xffffffffu, alpha != 1.f)) {
 #pragma unroll
-          for (int dn = 0; dn < D / 8; ++dn) {
-            acc_o[mt][dn][hf * 2] *= alpha;
-            acc_o[mt][dn][hf * 2 + 1] *= alpha;
+            for (int dn = 0; dn < D / 8; ++dn) {
+              acc_o[mt][dn][hf * 2] *= alpha;
+              acc_o[mt][dn][hf * 2 + 1] *= alpha;
+            }
           }
           float rs = 0.f;
 #pragma unroll
@@ -252,12 +263,6 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
         }
       }
     }
-
-    const int next = next_tile(tile + 1);
-    cp_async_wait<0>();
-    __syncthreads();
-    if (next < t_end) load_kv(sK, p.k, p.k_st, E, next);
-    cp_async_commit();
 
     if (warp_active) {
 #pragma unroll
@@ -282,7 +287,15 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
         }
       }
     }
-    tile = next;
+    __syncthreads();  // every warp is done with this stage: refill it with the tile after next
+    int tile_after = tile_next < t_end ? next_tile(tile_next + 1, bits) : t_end;
+    if (tile_after < t_end) load_tile(tile_after, stage);
+    cp_async_commit();
+    tile = tile_next;
+    tile_next = tile_after;
+    const uint64_t b = bits;
+    bits = bits_next;
+    bits_next = b;
   }
   cp_async_wait<0>();
 
