@@ -22,7 +22,13 @@ struct FwdCfg {
   static constexpr int kMT = D <= 128 ? 2 : 1;  // 16-row m-tiles per warp
   static constexpr int kBM = kWarps * 16 * kMT;
   // d128: 32 keys x 128 rows keeps S and O within 255 registers; d256: 32 keys keeps two stages in 96 KB.
-  static constexpr int kBN = D == 64 ? 64 : 32;
+#ifndef SDPAX_FWD_BN128
+#define SDPAX_FWD_BN128 32
+#endif
+#ifndef SDPAX_FWD_BN256
+#define SDPAX_FWD_BN256 32
+#endif
+  static constexpr int kBN = D == 64 ? 64 : (D == 128 ? SDPAX_FWD_BN128 : SDPAX_FWD_BN256);
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kStages = 2;  // K/V tiles in flight: tile j + 1 loads while tile j computes
   static constexpr int kSmem = (kBM + 2 * kStages * kBN) * D * 2;
