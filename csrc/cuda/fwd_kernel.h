@@ -31,7 +31,8 @@ struct FwdCfg {
   static constexpr int kBN = D == 64 ? 64 : (D == 128 ? SDPAX_FWD_BN128 : SDPAX_FWD_BN256);
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kStages = 2;  // K/V tiles in flight: tile j + 1 loads while tile j computes
-  static constexpr int kSmem = (kBM + 2 * kStages * kBN) * D * 2;
+  static constexpr int kMaskBytes = kBM * kBN;  // one stage of a staged bool mask tile
+  static constexpr int kSmem = (kBM + 2 * kStages * kBN) * D * 2 + kStages * kMaskBytes;
 };
 
 // Blocks: one per (m block, batch * kv head), ordered so that the heaviest causal blocks start first.
@@ -45,6 +46,8 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
   const uint32_t sQ = smem_u32(smem);
   const uint32_t sK0 = sQ + QTile::kBytes;                       // K stage s at sK0 + s * KTile::kBytes
   const uint32_t sV0 = sK0 + Cfg::kStages * KTile::kBytes;       // V stage s at sV0 + s * KTile::kBytes
+  // Staged bool-mask tiles (BM rows x BN bytes per stage) after the V stages.
+  const unsigned char* sM0 = smem + QTile::kBytes + 2 * Cfg::kStages * KTile::kBytes;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int G = static_cast<int>(p.hq / p.hkv);
@@ -117,8 +120,13 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
   // (allowed: causal/bounds pass and mask != -inf / true) for the softmax step, and skips tiles where the whole
   // block sees no allowed element. Bit index: ((mt * 2 + half) * BN / 8 + n) * 2 + e.
   static_assert(MT * 2 * BN / 4 <= 64, "mask bits must fit in 64");
+  // A bool mask whose rows are 16-byte aligned travels through shared memory with the K/V tiles (cp.async, so its
+  // latency hides behind the previous tile's math); other masks are read element by element by next_tile().
+  const bool mask_staged = has_mask && p.mask_kind == MaskKind::Bool && p.mask_st.c == 1 &&
+                           reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 && p.mask_st.r % 16 == 0 &&
+                           p.mask_st.h % 16 == 0 && p.mask_st.b % 16 == 0;
   auto next_tile = [&](int tile, uint64_t& bits) {
-    if (!has_mask) return tile;
+    if (!has_mask || mask_staged) return tile;
     for (; tile < t_end; ++tile) {
       bits = 0;
 #pragma unroll
@@ -163,6 +171,19 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
   auto load_tile = [&](int tile, int stage) {
     load_kv(sK0 + stage * KTile::kBytes, p.k, p.k_st, E, tile);
     load_kv(sV0 + stage * KTile::kBytes, p.v, p.v_st, Ev, tile);
+    if (mask_staged) {
+      const unsigned char* m = static_cast<const unsigned char*>(p.mask);
+      for (int idx = tid; idx < BM * (BN / 16); idx += NT) {
+        const int r = idx / (BN / 16), c = idx % (BN / 16);
+        const int pr = m0 + r, j = tile * BN + c * 16;
+        const int bytes = pr < rows ? max(0, min(16, S - j)) : 0;
+        const unsigned char* src = m;
+        if (bytes > 0)
+          src = m + b * p.mask_st.b + static_cast<int64_t>(hk * G + pr / L) * p.mask_st.h +
+                static_cast<int64_t>(pr % L) * p.mask_st.r + j;
+        cp_async16_partial(smem_u32(sM0 + stage * Cfg::kMaskBytes + r * BN + c * 16), src, bytes);
+      }
+    }
   };
   uint64_t bits = 0, bits_next = 0;
   int tile = next_tile(t_begin, bits);
@@ -176,6 +197,23 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
     cp_async_wait<1>();  // this tile's group is complete; the next tile's may still be in flight
     __syncthreads();
     const uint32_t sK = sK0 + stage * KTile::kBytes, sV = sV0 + stage * KTile::kBytes;
+    bool skip = false;  // staged mask: the whole tile is masked for every row of the block
+    if (mask_staged) {
+      const unsigned char* sm = sM0 + stage * Cfg::kMaskBytes;
+      bits = 0;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const unsigned char* row = sm + (warp * 16 * MT + mt * 16 + hf * 8 + g) * BN;
+#pragma unroll
+          for (int c = 0; c < BN / 4; ++c) {
+            const int col = (c >> 1) * 8 + 2 * t + (c & 1);
+            if (row[col] && tile * BN + col < row_lim[mt][hf]) bits |= uint64_t(1) << ((mt * 2 + hf) * (BN / 4) + c);
+          }
+        }
+      skip = !__syncthreads_or(bits != 0);
+    }
 
     float acc_s[MT][BN / 8][4];
 #pragma unroll
@@ -184,7 +222,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
       for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_s[mt][n][e] = 0.f;
-    if (warp_active) {
+    if (warp_active && !skip) {
       // Full head-dim bucket: columns past E are zero in shared memory, and branch-free loops let the compiler
       // hoist the ldmatrix of step kk + 1 above the mma of step kk.
 #pragma unroll
@@ -208,7 +246,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
     // Scale, mask, online softmax. Elementwise tests only where some element of the tile can fail them.
     const int j0 = tile * BN;
     const bool need_elem = has_mask || j0 + BN > n_full;
-    if (warp_active) {
+    if (warp_active && !skip) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -270,7 +308,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::kThreads, 1) fwd_kernel(const __gri
       }
     }
 
-    if (warp_active) {
+    if (warp_active && !skip) {
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         uint32_t a[MT][4];
