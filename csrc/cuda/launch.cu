@@ -31,16 +31,16 @@ bool general(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dr
 
 int fwd_block_rows(int64_t head_dim) {
   switch (bucket(head_dim)) {
-    case 64: return FwdCfg<64>::kBM;
-    case 128: return FwdCfg<128>::kBM;
-    default: return FwdCfg<256>::kBM;
+    case 64: return FwdCfg<64, false>::kBM;
+    case 128: return FwdCfg<128, false>::kBM;
+    default: return FwdCfg<256, false>::kBM;
   }
 }
 int fwd_block_cols(int64_t head_dim) {
   switch (bucket(head_dim)) {
-    case 64: return FwdCfg<64>::kBN;
-    case 128: return FwdCfg<128>::kBN;
-    default: return FwdCfg<256>::kBN;
+    case 64: return FwdCfg<64, false>::kBN;
+    case 128: return FwdCfg<128, false>::kBN;
+    default: return FwdCfg<256, false>::kBN;
   }
 }
 int bwd_max_head_dim() { return SDPAX_CUDA_BWD_MAX_HEAD_DIM; }

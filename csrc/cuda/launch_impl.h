@@ -9,7 +9,7 @@ namespace cuda {
 
 template <class T, int D, bool kGeneral>
 cudaError_t run_fwd(const AttnParams& p, cudaStream_t stream) {
-  using Cfg = FwdCfg<D>;
+  using Cfg = FwdCfg<D, kGeneral>;
   auto kernel = fwd_kernel<T, D, kGeneral>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
   if (err != cudaSuccess) return err;
