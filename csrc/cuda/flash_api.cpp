@@ -65,21 +65,6 @@ void fill_common(AttnParams& p, const Canonical& c, const at::Tensor& q4, const 
   p.rng = dropout_p > 0.0 ? rng->data_ptr<int64_t>() : nullptr;
 }
 
-// Split the keys across blocks when the grid alone would leave most multiprocessors idle (decode: small L).
-int choose_splits(const Canonical& c) {
-  const int64_t rows = (c.Hq / c.Hkv) * c.L;
-  const int64_t bm = fwd_block_rows(std::max(c.E, c.Ev));
-  const int64_t blocks = (rows + bm - 1) / bm * c.B * c.Hkv;
-  const int64_t bn = fwd_block_cols(std::max(c.E, c.Ev));
-  const int64_t n_tiles = (c.S + bn - 1) / bn;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  if (blocks >= sms || n_tiles < 8) return 1;
-  // Aim for ~8 blocks per multiprocessor over the whole launch (each streams its key range with one load in
-  // flight), with at least 4 key tiles per split so the merge stays cheap.
-  const int64_t want = (8 * sms + blocks - 1) / blocks;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, n_tiles / 4, 128})));
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -101,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
   p.out = out.data_ptr();
   p.out_st = strides4(out);
   p.lse = lse.data_ptr<float>();
-  p.num_splits = choose_splits(c);
+  const FwdPlan plan = plan_fwd(p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  p.num_splits = plan.num_splits;
   at::Tensor o_partial, lse_partial;
   if (p.num_splits > 1) {
     o_partial = at::empty({p.num_splits, c.B * c.Hq, c.L, c.Ev}, lse.options());
@@ -109,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
     p.o_partial = o_partial.data_ptr<float>();
     p.lse_partial = lse_partial.data_ptr<float>();
   }
-  C10_CUDA_CHECK(launch_fwd(p, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(launch_fwd(p, plan.kind, at::cuda::getCurrentCUDAStream()));
   return {uncanonical(out, q, c.Ev), uncanonical(lse, q, -1)};
 }
 

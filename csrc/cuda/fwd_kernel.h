@@ -6,8 +6,12 @@
 // registers. K/V tiles stream through a two-stage cp.async pipeline: the next visible tile loads while the current
 // one computes.
 //
-// Variants: element type T, head-dim bucket D (E, Ev <= D, padded with zeros in shared memory) and kGeneral
-// (attention mask and/or dropout present). Causal alignment, sinks, scale and split-key decode are run-time.
+// Variants: element type T, head-dim bucket D (E, Ev <= D, padded with zeros in shared memory) and kKind:
+//   0 plain    no mask, no dropout (causal, sinks, GQA, scale are run-time)
+//   1 general  attention mask and/or dropout
+//   2 decode   plain, for at most 16 rows per (batch, kv head) (decode, GQA groups of L = 1): one-warp blocks of 16
+//              rows, so that many blocks share a multiprocessor and keep enough K/V loads in flight; combined with
+//              the split-key launch it streams K/V at close to the memory bandwidth.
 #pragma once
 #include "cuda/mask.h"
 #include "cuda/mma.h"
@@ -15,15 +19,15 @@
 namespace sdpax {
 namespace cuda {
 
-template <int D, bool kGeneral>
+template <int D, int kKind>
 struct FwdCfg {
   // 4 warps, so that two blocks share a multiprocessor and hide each other's barriers and load latency.
-  static constexpr int kWarps = 4;
-  static constexpr int kMT = D <= 128 ? 2 : 1;  // 16-row m-tiles per warp
+  static constexpr int kWarps = kKind == 2 ? 1 : 4;
+  static constexpr int kMT = kKind == 2 ? 1 : (D <= 128 ? 2 : 1);  // 16-row m-tiles per warp
   static constexpr int kBM = kWarps * 16 * kMT;
   // Keys per tile. d128: 64 for the plain variant (measured +5% over 32 on the H100); the mask/dropout variant keeps
   // 32, which holds its spills down (64 measured 6% slower there). d256: 32 keeps two stages of K/V in 96 KB.
-  static constexpr int kBN = D == 64 ? 64 : (D == 128 && !kGeneral ? 64 : 32);
+  static constexpr int kBN = kKind == 2 ? 32 : (D == 64 ? 64 : (D == 128 && kKind == 0 ? 64 : 32));
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kStages = 2;  // K/V tiles in flight: tile j + 1 loads while tile j computes
   static constexpr int kMaskBytes = kBM * kBN;  // one stage of a staged bool mask tile
@@ -31,9 +35,10 @@ struct FwdCfg {
 };
 
 // Blocks: one per (m block, batch * kv head), ordered so that the heaviest causal blocks start first.
-template <class T, int D, bool kGeneral>
-__global__ void __launch_bounds__(FwdCfg<D, kGeneral>::kThreads, 1) fwd_kernel(const __grid_constant__ AttnParams p) {
-  using Cfg = FwdCfg<D, kGeneral>;
+template <class T, int D, int kKind>
+__global__ void __launch_bounds__(FwdCfg<D, kKind>::kThreads, 1) fwd_kernel(const __grid_constant__ AttnParams p) {
+  using Cfg = FwdCfg<D, kKind>;
+  constexpr bool kGeneral = kKind == 1;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, MT = Cfg::kMT, NT = Cfg::kThreads;
   using QTile = SmemTile<BM, D>;
   using KTile = SmemTile<BN, D>;

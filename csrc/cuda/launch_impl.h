@@ -7,10 +7,10 @@
 namespace sdpax {
 namespace cuda {
 
-template <class T, int D, bool kGeneral>
+template <class T, int D, int kKind>
 cudaError_t run_fwd(const AttnParams& p, cudaStream_t stream) {
-  using Cfg = FwdCfg<D, kGeneral>;
-  auto kernel = fwd_kernel<T, D, kGeneral>;
+  using Cfg = FwdCfg<D, kKind>;
+  auto kernel = fwd_kernel<T, D, kKind>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
   if (err != cudaSuccess) return err;
   const int64_t rows = (p.hq / p.hkv) * p.L;
