@@ -21,7 +21,7 @@ namespace cuda {
 
 template <int D, int kKind>
 struct FwdCfg {
-  // 4 warps, so that two blocks share a multiprocessor and hide each other's barriers and load latency.
+  // 4 warps, so that two blocks share a multiprocessor and hide each other's barriers and load latency (decode: 1).
   static constexpr int kWarps = kKind == 2 ? 1 : 4;
   static constexpr int kMT = kKind == 2 ? 1 : (D <= 128 ? 2 : 1);  // 16-row m-tiles per warp
   static constexpr int kBM = kWarps * 16 * kMT;
