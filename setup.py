@@ -25,7 +25,7 @@ DEBUG = os.environ.get("SDPAX_DEBUG", "0") == "1"
 
 # The fused FLASH_ATTENTION kernels in this source tree: device -> dtypes they run. Written into the generated
 # build config (CUDA only when the CUDA kernels are compiled); the backend selector reads it from there.
-FLASH_KERNELS = {}
+FLASH_KERNELS = {"cuda": ["bfloat16", "float16"]}
 
 
 def _cpu_flags():
@@ -83,19 +83,12 @@ def _gencode(archs):
     return flags
 
 
-def _cutlass_include():
-    """CUTLASS/CuTe headers from the pinned nvidia-cutlass package (only needed for the CUDA build)."""
-    env = os.environ.get("SDPAX_CUTLASS_INCLUDE")
-    if env:
-        return env
-    try:
-        import cutlass_library  # noqa: F401  (nvidia-cutlass ships the headers next to this package)
-        base = Path(cutlass_library.__file__).resolve().parent / "source" / "include"
-        if base.is_dir():
-            return str(base)
-    except ImportError:
-        pass
-    return None
+def _load_variants():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sdpax_cuda_variants", CSRC / "cuda" / "variants.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def main():
@@ -113,10 +106,11 @@ def main():
     ext_kwargs = dict(name="sdpax._C", include_dirs=include_dirs)
 
     if with_cuda:
+        # One translation unit per kernel variant, generated from the table in csrc/cuda/variants.py.
+        variants = _load_variants()
+        generated = variants.generate(CSRC / "cuda" / "gen")
         sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.c*"))
-        cutlass = _cutlass_include()
-        if cutlass:
-            include_dirs.append(cutlass)
+        sources += sorted(str(p.relative_to(ROOT)) for p in generated)
         nvcc = ["-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
                 "-DSDPAX_WITH_CUDA"] + _gencode(archs)
         ext = CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx + ["-DSDPAX_WITH_CUDA"], "nvcc": nvcc},

@@ -59,6 +59,13 @@ struct AttnParams {
   void* dv = nullptr;
   Strides4 dq_st{}, dk_st{}, dv_st{};
   float* dsinks = nullptr;  // (hq,) float32 accumulator
+
+  // CUDA only (additions for the split-key decode path and the backward workspaces).
+  int num_splits = 1;            // key ranges processed by separate blocks, merged by log-sum-exp
+  float* o_partial = nullptr;    // (num_splits, batch*hq, L, Ev) float32, normalised per split
+  float* lse_partial = nullptr;  // (num_splits, batch*hq, L) float32
+  const float* delta = nullptr;  // (batch*hq, L): rowsum(dout * out), float32
+  float* dq_accum = nullptr;     // (batch, hq, L, E) float32, unscaled dS @ K accumulated by atomics
 };
 
 // First key column that query row i may not see under the causal alignment (keys [0, limit) are visible).
