@@ -31,7 +31,7 @@ void check_supported(const at::Tensor& q, int64_t E, int64_t Ev) {
               "; use the MATH backend");
   TORCH_CHECK(E % 8 == 0 && Ev % 8 == 0 && std::max(E, Ev) <= 256,
               "sdpax: the CUDA FLASH_ATTENTION kernels need head dims that are multiples of 8 and at most 256, got ",
-              E, " and ", Ev, "; use the MATH backend");
+              num(E), " and ", num(Ev), "; use the MATH backend");
 }
 
 void fill_common(AttnParams& p, const Canonical& c, const at::Tensor& q4, const at::Tensor& k4, const at::Tensor& v4,
@@ -105,12 +105,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
     int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
     const std::optional<at::Tensor>& rng, bool mask_grad) {
   check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", grad_out.sizes(),
-              " does not match the output shape ", out.sizes());
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", shape(grad_out.sizes()),
+              " does not match the output shape ", shape(out.sizes()));
   const Canonical c = canonicalize(q, k, v, mask);
   check_supported(q, c.E, c.Ev);
   // Head dims above the fused backward's register budget, the additive-mask gradient and empty inputs are
-  // computed by MATH from the same saved tensors (the selector already routes mask-gradient calls to MATH).
+  // computed by MATH from the same saved tensors. The Python selector gives a reason and routes calls that need
+  // those gradients to MATH up front (_select.py: max_head_dim_backward, mask_grad), so this only serves direct
+  // callers of torch.ops.sdpax.bwd with backend FLASH.
   const bool wants_dmask = mask_grad && mask && mask->scalar_type() != at::kBool;
   if (std::max(c.E, c.Ev) > bwd_max_head_dim() || wants_dmask || c.B * c.Hq * c.L == 0 || c.S == 0)
     return math::bwd(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks, rng, mask_grad);

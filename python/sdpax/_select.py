@@ -48,12 +48,13 @@ class DeviceLimits:
     """Extra limits of one device's kernel of a backend."""
 
     head_dim_multiple: int = 1
+    max_head_dim_backward: int | None = None  # larger head dims: forward only (a gradient routes to MATH)
     deterministic_backward: bool = True
     why_nondeterministic: str = ""
 
 
 # CUDA: rows are copied with 16-byte vector loads, and dQ is accumulated with float atomics.
-_CUDA_FLASH = DeviceLimits(head_dim_multiple=8, deterministic_backward=False,
+_CUDA_FLASH = DeviceLimits(head_dim_multiple=8, max_head_dim_backward=128, deterministic_backward=False,
                            why_nondeterministic="the CUDA backward accumulates dQ with float atomics")
 
 
@@ -76,6 +77,7 @@ class Call:
     head_dim: int
     value_head_dim: int
     mask_requires_grad: bool
+    needs_grad: bool = False  # grad mode is on and an input requires grad
     deterministic_grad: bool = False  # torch.use_deterministic_algorithms(True) and a gradient may be taken
 
 
@@ -105,6 +107,10 @@ def reasons(backend: SDPBackend, call: Call) -> list[str]:
         if m > 1 and (call.head_dim % m or call.value_head_dim % m):
             out.append(f"head dims ({call.head_dim}, {call.value_head_dim}) must be multiples of {m} on "
                        f"{call.device.type}")
+        hd = max(call.head_dim, call.value_head_dim)
+        if call.needs_grad and dev.max_head_dim_backward is not None and hd > dev.max_head_dim_backward:
+            out.append(f"head dim {hd} needs a gradient and the fused {call.device.type} backward stops at "
+                       f"{dev.max_head_dim_backward}")
         if call.deterministic_grad and not dev.deterministic_backward:
             out.append(f"deterministic algorithms are enabled and {dev.why_nondeterministic}")
     return out

@@ -63,7 +63,7 @@ def _call_features(query, value, attn_mask, key=None, sinks=None) -> _select.Cal
                         value_head_dim=value.shape[-1],
                         mask_requires_grad=bool(attn_mask is not None and attn_mask.requires_grad
                                                 and torch.is_grad_enabled()),
-                        deterministic_grad=grad and torch.are_deterministic_algorithms_enabled())
+                        needs_grad=grad, deterministic_grad=grad and torch.are_deterministic_algorithms_enabled())
 
 
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks):
