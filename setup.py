@@ -25,7 +25,7 @@ DEBUG = os.environ.get("SDPAX_DEBUG", "0") == "1"
 
 # The fused FLASH_ATTENTION kernels in this source tree: device -> dtypes they run. Written into the generated
 # build config (CUDA only when the CUDA kernels are compiled); the backend selector reads it from there.
-FLASH_KERNELS = {"cpu": ["float32", "bfloat16", "float16"]}  # csrc/cpu; float64 stays on MATH
+FLASH_KERNELS = {"cpu": ["float32", "bfloat16", "float16"], "cuda": ["bfloat16", "float16"]}  # float64: MATH
 
 
 def _cpu_flags():
@@ -83,19 +83,12 @@ def _gencode(archs):
     return flags
 
 
-def _cutlass_include():
-    """CUTLASS/CuTe headers from the pinned nvidia-cutlass package (only needed for the CUDA build)."""
-    env = os.environ.get("SDPAX_CUTLASS_INCLUDE")
-    if env:
-        return env
-    try:
-        import cutlass_library  # noqa: F401  (nvidia-cutlass ships the headers next to this package)
-        base = Path(cutlass_library.__file__).resolve().parent / "source" / "include"
-        if base.is_dir():
-            return str(base)
-    except ImportError:
-        pass
-    return None
+def _load_variants():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sdpax_cuda_variants", CSRC / "cuda" / "variants.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def main():
@@ -105,18 +98,20 @@ def main():
 
     sources = sorted(str(p.relative_to(ROOT)) for d in ("", "common", "math", "cpu")
                      for p in (CSRC / d).glob("*.cpp"))
-    cxx = ["-O0" if DEBUG else "-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unused-function"] + isa_flags
+    # No -std flag: torch.utils.cpp_extension adds the standard this torch needs (C++17, C++20 from torch 2.14).
+    cxx = ["-O0" if DEBUG else "-O3", "-fopenmp", "-Wall", "-Wno-unused-function"] + isa_flags
     if DEBUG:
         cxx.append("-g")
     include_dirs = [str(CSRC)]
     ext_kwargs = dict(name="sdpax._C", include_dirs=include_dirs)
 
     if with_cuda:
+        # One translation unit per kernel variant, generated from the table in csrc/cuda/variants.py.
+        variants = _load_variants()
+        generated = variants.generate(CSRC / "cuda" / "gen")
         sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.c*"))
-        cutlass = _cutlass_include()
-        if cutlass:
-            include_dirs.append(cutlass)
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
+        sources += sorted(str(p.relative_to(ROOT)) for p in generated)
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
                 "-DSDPAX_WITH_CUDA"] + _gencode(archs)
         ext = CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx + ["-DSDPAX_WITH_CUDA"], "nvcc": nvcc},
                             **ext_kwargs)

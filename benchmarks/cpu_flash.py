@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -295,12 +296,14 @@ def summary(rows) -> dict:
     return out
 
 
-def markdown(rows, peaks, mem, command) -> str:
+def markdown(rows, peaks, mem, command, load=None) -> str:
     lines = [f"# sdpax FLASH_ATTENTION on CPU vs torch", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- CPU: {_cpu_name()} ({torch.get_num_threads()} threads used, machine shared with other jobs)",
              f"- torch {torch.__version__}, sdpax {sdpax.__version__}, build ISA {sdpax.build_config.CPU_ISA}",
              f"- command: `{command}`",
+             f"- 1-minute load average before / after the run (2 cores; this run alone adds ~2): "
+             f"{_fmt(load[0], '.2f') if load else 'n/a'} / {_fmt(load[1], '.2f') if load else 'n/a'}",
              "- times are medians of interleaved rounds (sdpax, torch default, torch forced FLASH_ATTENTION), at least 3 "
              "rounds and about 2 s per row; "
              "ratio = torch / sdpax (> 1: sdpax faster)", ""]
@@ -353,6 +356,7 @@ def main(argv=None) -> int:
     ap.add_argument("--results", help="write the markdown report to this file")
     args = ap.parse_args(argv)
     command = "python benchmarks/cpu_flash.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    load_before = os.getloadavg()[0]
     peaks = None if args.no_peaks else measure_peaks(args.threads)
     if peaks:
         print(peaks)
@@ -364,7 +368,7 @@ def main(argv=None) -> int:
     for k, v in summary(rows).items():
         print(f"{k}: {_fmt(v)}")
     if args.results:
-        Path(args.results).write_text(markdown(rows, peaks, mem, command.strip()))
+        Path(args.results).write_text(markdown(rows, peaks, mem, command.strip(), (load_before, os.getloadavg()[0])))
     return 0
 
 

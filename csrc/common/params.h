@@ -62,6 +62,13 @@ struct AttnParams {
   // CPU backward: per-(batch, head) terms of dsinks, (batch, hq) float32, written without races and summed over the
   // batch by the host (deterministic). nullptr when unused.
   float* dsinks_bh = nullptr;
+
+  // CUDA only (additions for the split-key decode path and the backward workspaces).
+  int num_splits = 1;            // key ranges processed by separate blocks, merged by log-sum-exp
+  float* o_partial = nullptr;    // (num_splits, batch*hq, L, Ev) float32, normalised per split
+  float* lse_partial = nullptr;  // (num_splits, batch*hq, L) float32
+  const float* delta = nullptr;  // (batch*hq, L): rowsum(dout * out), float32
+  float* dq_accum = nullptr;     // (batch, hq, L, E) float32, unscaled dS @ K accumulated by atomics
 };
 
 // First key column that query row i may not see under the causal alignment (keys [0, limit) are visible).

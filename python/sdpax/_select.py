@@ -40,6 +40,22 @@ class Limits:
     head_dim_multiple: int = 1
     mask_grad: bool = True
     note: str = ""
+    per_device: dict = field(default_factory=dict)  # device type -> DeviceLimits
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """Extra limits of one device's kernel of a backend."""
+
+    head_dim_multiple: int = 1
+    max_head_dim_backward: int | None = None  # larger head dims: forward only (a gradient routes to MATH)
+    deterministic_backward: bool = True
+    why_nondeterministic: str = ""
+
+
+# CUDA: rows are copied with 16-byte vector loads, and dQ is accumulated with float atomics.
+_CUDA_FLASH = DeviceLimits(head_dim_multiple=8, max_head_dim_backward=128, deterministic_backward=False,
+                           why_nondeterministic="the CUDA backward accumulates dQ with float atomics")
 
 
 # Fused kernels are listed per device as they are built; a device missing here gets a reason naming it.
@@ -48,7 +64,7 @@ _FLASH_DEVICES: dict = {}
 LIMITS = {
     SDPBackend.MATH: Limits(devices=None, note="composite ATen implementation, any device"),
     SDPBackend.FLASH_ATTENTION: Limits(devices=_FLASH_DEVICES, max_head_dim=256, mask_grad=False,
-                                       note="fused tiled kernels"),
+                                       note="fused tiled kernels", per_device={"cuda": _CUDA_FLASH}),
 }
 
 
@@ -61,6 +77,8 @@ class Call:
     head_dim: int
     value_head_dim: int
     mask_requires_grad: bool
+    needs_grad: bool = False  # grad mode is on and an input requires grad
+    deterministic_grad: bool = False  # torch.use_deterministic_algorithms(True) and a gradient may be taken
 
 
 def reasons(backend: SDPBackend, call: Call) -> list[str]:
@@ -83,6 +101,18 @@ def reasons(backend: SDPBackend, call: Call) -> list[str]:
                    f"{lim.head_dim_multiple}")
     if call.mask_requires_grad and not lim.mask_grad:
         out.append("attn_mask requires grad (the mask gradient is computed by MATH only)")
+    dev = lim.per_device.get(call.device.type)
+    if dev is not None:
+        m = dev.head_dim_multiple
+        if m > 1 and (call.head_dim % m or call.value_head_dim % m):
+            out.append(f"head dims ({call.head_dim}, {call.value_head_dim}) must be multiples of {m} on "
+                       f"{call.device.type}")
+        hd = max(call.head_dim, call.value_head_dim)
+        if call.needs_grad and dev.max_head_dim_backward is not None and hd > dev.max_head_dim_backward:
+            out.append(f"head dim {hd} needs a gradient and the fused {call.device.type} backward stops at "
+                       f"{dev.max_head_dim_backward}")
+        if call.deterministic_grad and not dev.deterministic_backward:
+            out.append(f"deterministic algorithms are enabled and {dev.why_nondeterministic}")
     return out
 
 

@@ -56,11 +56,14 @@ def _check(query, key, value, attn_mask, dropout_p, sinks):
             raise RuntimeError(f"sdpax: {name} must be on the query's device {query.device}, got {t.device}")
 
 
-def _call_features(query, value, attn_mask) -> _select.Call:
+def _call_features(query, value, attn_mask, key=None, sinks=None) -> _select.Call:
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (query, key, value, attn_mask, sinks))
     return _select.Call(device=query.device, dtype=query.dtype, head_dim=query.shape[-1],
                         value_head_dim=value.shape[-1],
                         mask_requires_grad=bool(attn_mask is not None and attn_mask.requires_grad
-                                                and torch.is_grad_enabled()))
+                                                and torch.is_grad_enabled()),
+                        needs_grad=grad, deterministic_grad=grad and torch.are_deterministic_algorithms_enabled())
 
 
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks):
@@ -91,7 +94,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     A row with no allowed key yields zeros (never NaN). See the README for the full semantics.
     """
     mask, causal, scale = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
-    backend = _select.select(_call_features(query, value, mask))
+    backend = _select.select(_call_features(query, value, mask, key, sinks))
     rng = None
     if dropout_p > 0.0:
         # The seed and offset come from torch's generator for the query's device, so torch.manual_seed makes
@@ -106,4 +109,4 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *
             sinks=None) -> _select.Explanation:
     """Which backend scaled_dot_product_attention would use for these arguments, and why each other would not."""
     mask, _, _ = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
-    return _select.explain_call(_call_features(query, value, mask))
+    return _select.explain_call(_call_features(query, value, mask, key, sinks))

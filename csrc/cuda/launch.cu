@@ -1,0 +1,96 @@
+// Variant dispatch: run-time dtype / head dim / mask kind -> the template instantiation listed in the generated
+// gen/variants.h (from csrc/cuda/variants.py). Kernels are instantiated in their own translation units.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "cuda/fwd_kernel.h"
+#include "cuda/launch.h"
+#include "cuda/gen/variants.h"
+
+namespace sdpax {
+namespace cuda {
+
+#define SDPAX_DECLARE(pass, ctype, kind, d, flag) \
+  extern template cudaError_t run_##pass<ctype, d, flag>(const AttnParams&, cudaStream_t);
+// The declaration of run_fwd takes an int kind and run_bwd a bool; `flag` is written accordingly by variants.py.
+SDPAX_CUDA_VARIANTS(SDPAX_DECLARE)
+#undef SDPAX_DECLARE
+
+namespace {
+
+int bucket(int64_t head_dim) {
+  for (int b : SDPAX_CUDA_FWD_HEAD_DIMS)
+    if (head_dim <= b) return b;
+  return -1;
+}
+
+bool general(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dropout_p > 0.0; }
+
+}  // namespace
+
+namespace {
+
+template <int kKind>
+void dims_of(int d, int64_t& bm, int64_t& bn) {
+  switch (d) {
+    case 64: bm = FwdCfg<64, kKind>::kBM; bn = FwdCfg<64, kKind>::kBN; break;
+    case 128: bm = FwdCfg<128, kKind>::kBM; bn = FwdCfg<128, kKind>::kBN; break;
+    default: bm = FwdCfg<256, kKind>::kBM; bn = FwdCfg<256, kKind>::kBN; break;
+  }
+}
+
+}  // namespace
+
+FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
+  FwdPlan plan;
+  const int64_t rows = (p.hq / p.hkv) * p.L;
+  plan.kind = general(p) ? 1 : (rows <= FwdCfg<64, 2>::kBM ? 2 : 0);
+  const int d = bucket(std::max(p.E, p.Ev));
+  int64_t bm = 0, bn = 0;
+  if (plan.kind == 0) dims_of<0>(d, bm, bn);
+  else if (plan.kind == 1) dims_of<1>(d, bm, bn);
+  else dims_of<2>(d, bm, bn);
+  const int64_t blocks = (rows + bm - 1) / bm * p.batch * p.hkv;
+  const int64_t n_tiles = (p.S + bn - 1) / bn;
+  if (blocks >= num_sms || n_tiles < 8) return plan;
+  // Enough blocks to fill the machine several times over (one-warp decode blocks: 16 per multiprocessor), with at
+  // least 4 key tiles per split so the merge stays cheap.
+  const int64_t target = (plan.kind == 2 ? 16 : 8) * static_cast<int64_t>(num_sms);
+  const int64_t want = (target + blocks - 1) / blocks;
+  plan.num_splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, n_tiles / 4, 128})));
+  return plan;
+}
+
+int bwd_max_head_dim() { return SDPAX_CUDA_BWD_MAX_HEAD_DIM; }
+
+cudaError_t launch_fwd(const AttnParams& p, int fwd_kind, cudaStream_t stream) {
+  const int d = bucket(std::max(p.E, p.Ev));
+#define SDPAX_CASE_fwd(ctype, kind, dd, flag) \
+  if (p.dtype == ScalarKind::kind && d == dd && fwd_kind == flag) return run_fwd<ctype, dd, flag>(p, stream);
+#define SDPAX_CASE_bwd(ctype, kind, dd, flag)
+#define SDPAX_CASE(pass, ctype, kind, dd, flag) SDPAX_CASE_##pass(ctype, kind, dd, flag)
+  SDPAX_CUDA_VARIANTS(SDPAX_CASE)
+#undef SDPAX_CASE_fwd
+#undef SDPAX_CASE_bwd
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream) {
+  AttnParams q = p;
+  q.delta = delta;
+  const int d = bucket(std::max(p.E, p.Ev));
+  const bool gen = general(p);
+#define SDPAX_CASE_fwd(ctype, kind, dd, flag)
+#define SDPAX_CASE_bwd(ctype, kind, dd, flag) \
+  if (p.dtype == ScalarKind::kind && d == dd && gen == flag) return run_bwd<ctype, dd, flag>(q, stream);
+  SDPAX_CUDA_VARIANTS(SDPAX_CASE)
+#undef SDPAX_CASE_fwd
+#undef SDPAX_CASE_bwd
+#undef SDPAX_CASE
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace sdpax

@@ -1,0 +1,34 @@
+// Entry points from the host glue (flash_api.cpp) into the CUDA kernels. No torch header here: the host glue
+// fills an AttnParams (common/params.h) and these pick the variant and launch on the given stream.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "common/params.h"
+
+namespace sdpax {
+namespace cuda {
+
+// How a forward call runs: the kernel kind (0 plain, 1 mask/dropout, 2 decode; see fwd_kernel.h) and the number of
+// key splits (> 1 when the grid alone would leave most multiprocessors idle). The host sizes the split workspace
+// (o_partial, lse_partial) from it before launch_fwd.
+struct FwdPlan {
+  int kind = 0;
+  int num_splits = 1;
+};
+FwdPlan plan_fwd(const AttnParams& p, int num_sms);
+// Largest head dim (max of E and Ev) the fused backward handles.
+int bwd_max_head_dim();
+
+// Forward: out, lse (and o_partial / lse_partial when num_splits > 1, followed by the merge).
+cudaError_t launch_fwd(const AttnParams& p, int kind, cudaStream_t stream);
+// Backward: Delta into `delta` (batch*hq*L floats), then dK, dV and dq_accum (zeroed by the caller).
+cudaError_t launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream);
+
+// One variant (instantiated once each, in the files generated from csrc/cuda/variants.py).
+template <class T, int D, int kKind>
+cudaError_t run_fwd(const AttnParams& p, cudaStream_t stream);
+template <class T, int D, bool kGeneral>
+cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace sdpax

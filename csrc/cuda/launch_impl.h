@@ -1,0 +1,44 @@
+// Launch code of one variant; included only by the generated per-variant translation units.
+#pragma once
+#include "cuda/bwd_kernel.h"
+#include "cuda/fwd_kernel.h"
+#include "cuda/launch.h"
+
+namespace sdpax {
+namespace cuda {
+
+template <class T, int D, int kKind>
+cudaError_t run_fwd(const AttnParams& p, cudaStream_t stream) {
+  using Cfg = FwdCfg<D, kKind>;
+  auto kernel = fwd_kernel<T, D, kKind>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+  if (err != cudaSuccess) return err;
+  const int64_t rows = (p.hq / p.hkv) * p.L;
+  const int64_t m_blocks = (rows + Cfg::kBM - 1) / Cfg::kBM;
+  const dim3 grid(static_cast<unsigned>(m_blocks * p.batch * p.hkv), 1, static_cast<unsigned>(p.num_splits));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  const int64_t all_rows = p.batch * p.hq * p.L;
+  merge_splits_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class T, int D, bool kGeneral>
+cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
+  using Cfg = BwdCfg<D>;
+  const int64_t all_rows = p.batch * p.hq * p.L;
+  bwd_delta_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(p, const_cast<float*>(p.delta));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  auto kernel = bwd_kernel<T, D, kGeneral>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+  if (err != cudaSuccess) return err;
+  const int64_t n_blocks = (p.S + Cfg::kBN - 1) / Cfg::kBN;
+  const dim3 grid(static_cast<unsigned>(n_blocks * p.batch * p.hkv));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace sdpax

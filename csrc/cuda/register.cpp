@@ -1,0 +1,10 @@
+// CUDA registrations: MATH stays available (backend 0); FLASH_ATTENTION (backend 1) runs the fused kernels.
+#include <torch/library.h>
+
+#include "common/dispatch.h"
+#include "cuda/flash_api.h"
+
+TORCH_LIBRARY_IMPL(sdpax, CUDA, m) {
+  m.impl("fwd", &sdpax::fwd_entry<&sdpax::cuda::flash_fwd>);
+  m.impl("bwd", &sdpax::bwd_entry<&sdpax::cuda::flash_bwd>);
+}

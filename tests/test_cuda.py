@@ -1,0 +1,370 @@
+"""CUDA FLASH_ATTENTION kernels: parity with a float64 reference (within a multiple of low-precision attention's own
+error), every fused feature, dropout masks identical to MATH, CUDA graphs, opcheck, torch.compile, memory.
+
+Skips cleanly without a GPU or without the CUDA build.
+"""
+import contextlib
+import math
+
+import pytest
+import torch
+
+import sdpax
+from sdpax import SDPBackend, sdpa_kernel
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available() or not sdpax.build_config.WITH_CUDA,
+                       reason="needs a CUDA device and a CUDA build of sdpax"),
+]
+
+DEV = "cuda"
+FLASH, MATH = int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.MATH)
+
+
+# ---- references ----
+
+def reference(q, k, v, mask=None, causal=0, scale=None, sinks=None, compute=torch.float64):
+    """Attention written out with plain torch ops. compute=float64: the golden answer. compute=q.dtype: what
+    low-precision attention itself gets (matrix products rounded to the input dtype, softmax in float32)."""
+    L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = 1 / math.sqrt(E) if scale is None else scale
+    G = q.shape[-3] // k.shape[-3]
+    k = k.repeat_interleave(G, dim=-3)
+    v = v.repeat_interleave(G, dim=-3)
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    acc = torch.float64 if compute == torch.float64 else torch.float32
+    s = (qc @ kc.transpose(-2, -1)).to(acc) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.to(acc)
+    if causal:
+        shift = S - L if causal == 2 else 0
+        i = torch.arange(L, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
+        s = s.masked_fill(j > i + shift, -math.inf)
+    cols = [s]
+    if sinks is not None:
+        cols.append(sinks.to(acc).view(-1, 1, 1).expand(*s.shape[:-1], 1))
+    z = torch.cat(cols, -1)
+    mx = z.amax(-1, keepdim=True).clamp_min(torch.finfo(acc).min).nan_to_num(0.0)
+    e = (z - mx).exp()
+    p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
+    p = p[..., :S]
+    out = p.to(compute) @ vc
+    return out
+
+
+def rel_err(a, b):
+    # Relative, with an absolute floor of 1e-3 per element (so an all-zero golden gradient is not divided by 0).
+    floor = 1e-3 * math.sqrt(max(b.numel(), 1))
+    return ((a.double() - b.double()).norm() / (b.double().norm() + floor)).item()
+
+
+def assert_close(ours, golden, base, k=3.0, floor=2e-3, what="out"):
+    e_ours, e_base = rel_err(ours, golden), rel_err(base, golden)
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    assert e_ours <= k * e_base + floor, f"{what}: err {e_ours:.3e} vs low-precision attention {e_base:.3e}"
+
+
+def make(shape, dtype, gen, requires_grad=True):
+    return torch.randn(shape, generator=gen, device=DEV, dtype=torch.float32).to(dtype).requires_grad_(requires_grad)
+
+
+def flash(*args, **kw):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return sdpax.scaled_dot_product_attention(*args, **kw)
+
+
+def check_case(B, Hq, Hkv, L, S, E, Ev, dtype, mask_kind=None, causal=0, sinks=False, scale=None, layout="bhle",
+               backward=True, seed=0, lead=None):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    lead_q = (B, Hq) if lead is None else (*lead, Hq)
+    lead_k = (B, Hkv) if lead is None else (*lead, Hkv)
+    if layout == "blhe":  # (B, L, H, E) storage, viewed as (B, H, L, E) without a copy
+        q = make((B, L, Hq, E), dtype, gen, False).transpose(1, 2).requires_grad_()
+        k = make((B, S, Hkv, E), dtype, gen, False).transpose(1, 2).requires_grad_()
+        v = make((B, S, Hkv, Ev), dtype, gen, False).transpose(1, 2).requires_grad_()
+    else:
+        q = make((*lead_q, L, E), dtype, gen)
+        k = make((*lead_k, S, E), dtype, gen)
+        v = make((*lead_k, S, Ev), dtype, gen)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand((*lead_q[:-1], 1, L, S), generator=gen, device=DEV) > 0.3
+    elif mask_kind == "bool_blocks":  # whole 64x64 tiles masked out, to exercise tile skipping
+        blocks = torch.rand((L + 63) // 64, (S + 63) // 64, generator=gen, device=DEV) > 0.5
+        mask = blocks.repeat_interleave(64, 0).repeat_interleave(64, 1)[:L, :S]
+        mask[:, 0] = True
+    elif mask_kind == "pad":
+        mask = torch.rand((*lead_q[:-1], 1, 1, S), generator=gen, device=DEV) > 0.2
+    elif mask_kind == "add_f32":
+        mask = torch.randn((Hq, L, S), generator=gen, device=DEV)
+    elif mask_kind == "add_same":
+        mask = torch.randn((*lead_q, L, S), generator=gen, device=DEV).to(dtype)
+    elif mask_kind == "bool_rows":  # some rows fully masked: output 0, zero gradients
+        mask = torch.rand((L, S), generator=gen, device=DEV) > 0.5
+        mask[::3] = False
+    snk = (torch.randn(Hq, generator=gen, device=DEV) * 2).requires_grad_() if sinks else None
+    kw = dict(scale=scale, enable_gqa=Hq != Hkv, sinks=snk)
+    if causal == 1:
+        kw["is_causal"] = True
+    elif causal == 2:
+        kw["attn_mask"] = sdpax.attention.bias.causal_lower_right(L, S)
+    if mask is not None:
+        kw["attn_mask"] = mask
+    if max(E, Ev) > 128:
+        backward = False  # the fused CUDA backward stops at head dim 128: gradients there go to MATH (a reason)
+    with contextlib.nullcontext() if backward else torch.no_grad():
+        ex = sdpax.explain(q, k, v, **kw)
+        assert ex.backend == SDPBackend.FLASH_ATTENTION, str(ex)
+        out = flash(q, k, v, **kw)
+    assert out.shape == (*q.shape[:-1], Ev) and out.dtype == dtype
+
+    d = dict(mask=mask, causal=causal, scale=scale)
+    golden = reference(q.detach(), k.detach(), v.detach(), sinks=None if snk is None else snk.detach(), **d)
+    base = reference(q.detach(), k.detach(), v.detach(), sinks=None if snk is None else snk.detach(), compute=dtype,
+                     **d)
+    assert_close(out, golden, base)
+    if not backward:
+        return
+    dout = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
+    leaves = [q, k, v] + ([snk] if snk is not None else [])
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    g_golden = torch.autograd.grad(reference(*ref_leaves[:3], sinks=ref_leaves[3] if snk is not None else None, **d),
+                                   ref_leaves, dout.double())
+    base_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    g_base = torch.autograd.grad(reference(*base_leaves[:3], sinks=base_leaves[3] if snk is not None else None,
+                                           compute=dtype, **d), base_leaves, dout)
+    for name, a, g, bse in zip("q k v sinks".split(), grads, g_golden, g_base):
+        assert a.shape == g.shape
+        assert_close(a, g, bse, floor=5e-3, what=f"d{name}")
+
+
+DTYPES = [torch.bfloat16, torch.float16]
+LENGTHS = [(1, 1), (7, 97), (97, 7), (1025, 1025), (97, 1025), (1, 1025)]
+HEAD_DIMS = [64, 72, 80, 96, 128, 256]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L,S", LENGTHS, ids=lambda x: str(x))
+@pytest.mark.parametrize("E", HEAD_DIMS)
+def test_plain_grid(dtype, L, S, E):
+    check_case(2, 3, 3, L, S, E, E, dtype, backward=L * S <= 1025 * 97 or E == 128)
+
+
+FEATURES = {
+    "causal_ul": dict(causal=1),
+    "causal_lr": dict(causal=2),
+    "bool": dict(mask_kind="bool"),
+    "bool_blocks": dict(mask_kind="bool_blocks"),
+    "pad": dict(mask_kind="pad"),
+    "add_f32": dict(mask_kind="add_f32"),
+    "add_same": dict(mask_kind="add_same"),
+    "rows_fully_masked": dict(mask_kind="bool_rows"),
+    "sinks": dict(sinks=True),
+    "sinks_causal_lr": dict(sinks=True, causal=2),
+    "scale": dict(scale=0.37),
+    "blhe": dict(layout="blhe"),
+    "gqa": dict(gqa=True),
+    "gqa_causal": dict(gqa=True, causal=1),
+    "gqa_mask_sinks": dict(gqa=True, mask_kind="pad", sinks=True),
+    "ev_ne_e": dict(ev=40),
+    "lead_dims": dict(lead=(2, 2)),
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("L,S", [(97, 200), (200, 97), (1, 300), (256, 256)], ids=str)
+@pytest.mark.parametrize("E", [64, 128])
+def test_features(feature, L, S, E):
+    f = dict(FEATURES[feature])
+    hq, hkv = (8, 2) if f.pop("gqa", False) else (4, 4)
+    ev = f.pop("ev", E)
+    check_case(2, hq, hkv, L, S, E, ev, torch.bfloat16, **f)
+
+
+@pytest.mark.parametrize("feature", ["causal_ul", "bool", "sinks", "gqa_mask_sinks"])
+def test_features_fp16_d256(feature):
+    f = dict(FEATURES[feature])
+    hq, hkv = (8, 2) if f.pop("gqa", False) else (4, 4)
+    check_case(1, hq, hkv, 129, 300, 256, 256, torch.float16, **f)
+
+
+@pytest.mark.parametrize("S", [4097, 32768])
+def test_decode_split_keys(S):
+    # L = 1 with GQA 32/8: the split-key path (blocks over key ranges merged by log-sum-exp).
+    check_case(2, 32, 8, 1, S, 128, 128, torch.bfloat16, sinks=True, backward=S < 10000)
+    check_case(2, 32, 8, 3, S, 64, 64, torch.bfloat16, causal=2, mask_kind="pad", backward=False)
+
+
+# ---- dropout ----
+
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("mask", [False, True])
+def test_dropout_same_elements_as_math(gqa, mask):
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    B, hq, hkv, L, S, E = 2, 4, (2 if gqa else 4), 67, 131, 64
+    q = make((B, hq, L, E), torch.bfloat16, gen)
+    k = make((B, hkv, S, E), torch.bfloat16, gen)
+    v = make((B, hkv, S, E), torch.bfloat16, gen)
+    m = (torch.rand(B, 1, 1, S, generator=gen, device=DEV) > 0.2) if mask else None
+    rng = torch.tensor([1234567891234, 77], dtype=torch.int64, device=DEV)
+    args = (m, 0.3, 0, 1 / 8, gqa, None, rng)
+    o_f, lse_f = torch.ops.sdpax.fwd(q, k, v, *args, FLASH)
+    o_m, lse_m = torch.ops.sdpax.fwd(q, k, v, *args, MATH)
+    # Different keep masks would change each output row by O(1); identical masks leave bf16 rounding only.
+    assert (o_f.float() - o_m.float()).abs().max().item() < 2e-2
+    assert (lse_f - lse_m).abs().max().item() < 1e-3
+    # and the mask does matter: another offset gives a different result
+    rng2 = torch.tensor([1234567891234, 78], dtype=torch.int64, device=DEV)
+    o_2, _ = torch.ops.sdpax.fwd(q, k, v, m, 0.3, 0, 1 / 8, gqa, None, rng2, FLASH)
+    assert (o_2.float() - o_m.float()).abs().max().item() > 0.1
+    dout = torch.randn(o_f.shape, generator=gen, device=DEV).to(torch.bfloat16)
+    g_f = torch.ops.sdpax.bwd(dout, q, k, v, m, o_f, lse_f, 0.3, 0, 1 / 8, gqa, None, rng, FLASH, False)
+    g_m = torch.ops.sdpax.bwd(dout, q, k, v, m, o_m, lse_m, 0.3, 0, 1 / 8, gqa, None, rng, MATH, False)
+    for a, b in zip(g_f[:3], g_m[:3]):
+        assert rel_err(a, b) < 2e-2
+
+
+def test_dropout_statistics():
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    q = make((2, 4, 256, 64), torch.bfloat16, gen, False)
+    k = make((2, 4, 512, 64), torch.bfloat16, gen, False)
+    v = torch.ones(2, 4, 512, 64, device=DEV, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    out = flash(q, k, v, dropout_p=0.4)
+    # Each output is sum_j p_j keep_j / (1 - p): mean 1 over many rows, and not all 1.
+    assert abs(out.float().mean().item() - 1.0) < 0.02
+    assert out.float().std().item() > 0.05
+    out1 = flash(q, k, v, dropout_p=1.0)
+    assert out1.abs().max().item() == 0.0
+
+
+# ---- torch integration ----
+
+def test_cuda_graph_capture_and_replay():
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    q = make((2, 4, 300, 64), torch.bfloat16, gen, False)
+    k = make((2, 4, 300, 64), torch.bfloat16, gen, False)
+    v = make((2, 4, 300, 64), torch.bfloat16, gen, False)
+    rng = torch.tensor([99, 5], dtype=torch.int64, device=DEV)
+    fn = lambda: torch.ops.sdpax.fwd(q, k, v, None, 0.2, 1, 0.125, False, None, rng, FLASH)[0]  # noqa: E731
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    for trial in range(2):
+        q.copy_(torch.randn(q.shape, generator=gen, device=DEV))
+        rng[1] = 5 + trial  # seed/offset are read from device memory at run time, so a replay sees new values
+        g.replay()
+        torch.cuda.synchronize()
+        eager = torch.ops.sdpax.fwd(q, k, v, None, 0.2, 1, 0.125, False, None, rng, FLASH)[0]
+        assert torch.equal(out, eager)
+
+
+def test_opcheck_cuda():
+    gen = torch.Generator(device=DEV).manual_seed(9)
+    q = make((2, 4, 33, 64), torch.bfloat16, gen)
+    k = make((2, 2, 47, 64), torch.bfloat16, gen)
+    v = make((2, 2, 47, 64), torch.bfloat16, gen)
+    sinks = torch.randn(4, device=DEV, requires_grad=True)
+    mask = torch.rand(2, 1, 33, 47, device=DEV) > 0.3
+    rng = torch.tensor([3, 4], dtype=torch.int64, device=DEV)
+    for args in [(q, k, v, None, 0.0, 1, 0.125, True, sinks, None, FLASH),
+                 (q, k, v, mask, 0.25, 0, 0.125, True, None, rng, FLASH)]:
+        torch.library.opcheck(torch.ops.sdpax.fwd.default, args)
+
+
+def test_torch_compile_cuda():
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    q = make((2, 4, 129, 64), torch.bfloat16, gen)
+    k = make((2, 4, 129, 64), torch.bfloat16, gen)
+    v = make((2, 4, 129, 64), torch.bfloat16, gen)
+
+    def f(q, k, v):
+        return sdpax.scaled_dot_product_attention(q, k, v, is_causal=True).sum()
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        eager = f(q, k, v)
+        ge = torch.autograd.grad(eager, (q, k, v))
+        comp = torch.compile(f)
+        got = comp(q, k, v)
+        gc = torch.autograd.grad(got, (q, k, v))
+    torch.testing.assert_close(got, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+def test_deterministic_mode_routes_to_math():
+    q = torch.randn(1, 2, 16, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        ex = sdpax.explain(q, q, q)
+        assert ex.backend == SDPBackend.MATH
+        assert any("atomics" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION])
+        with torch.no_grad():
+            assert sdpax.explain(q, q, q).backend == SDPBackend.FLASH_ATTENTION
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def test_head_dim_256_with_gradient_routes_to_math():
+    q = torch.randn(1, 2, 64, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    ex = sdpax.explain(q, q, q)
+    assert ex.backend == SDPBackend.MATH
+    assert any("backward stops at 128" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION]), str(ex)
+    with torch.no_grad():
+        assert sdpax.explain(q, q, q).backend == SDPBackend.FLASH_ATTENTION
+
+
+def test_reasons_route_unsupported_to_math():
+    for dtype, E in [(torch.float32, 64), (torch.bfloat16, 20), (torch.bfloat16, 264)]:
+        q = torch.randn(1, 2, 16, E, device=DEV, dtype=dtype)
+        ex = sdpax.explain(q, q, q)
+        assert ex.backend == SDPBackend.MATH and ex.reasons[SDPBackend.FLASH_ATTENTION], str(ex)
+        out = sdpax.scaled_dot_product_attention(q, q, q)
+        assert torch.isfinite(out).all()
+
+
+# ---- size ----
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_memory_32k(mask):
+    L = S = 32768
+    B, H, E = 1, 4, 128
+    gen = torch.Generator(device=DEV).manual_seed(13)
+    q = make((B, H, L, E), torch.bfloat16, gen, False)
+    k = make((B, H, S, E), torch.bfloat16, gen, False)
+    v = make((B, H, S, E), torch.bfloat16, gen, False)
+    m = torch.ones(B, 1, L, S, dtype=torch.bool, device=DEV).tril_() if mask else None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = flash(q, k, v, attn_mask=m, is_causal=not mask)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    out_bytes = out.numel() * out.element_size()
+    assert extra <= 3 * out_bytes, f"peak extra {extra / 2**20:.0f} MiB for an output of {out_bytes / 2**20:.0f} MiB"
+    rows = torch.tensor([0, 1, 4097, L - 1], device=DEV)
+    sub_ref = reference(q[:, :, rows], k, v, causal=0,
+                        mask=torch.arange(S, device=DEV)[None, :] <= rows[:, None])
+    assert rel_err(out[:, :, rows], sub_ref) < 1e-2
+
+
+def test_more_than_2_31_elements():
+    # q and out hold 2^31 + 448 elements: every offset must be 64-bit.
+    L, E = 2 ** 25 + 7, 64
+    gen = torch.Generator(device=DEV).manual_seed(17)
+    q = torch.randn(1, 1, L, E, generator=gen, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, 1, 37, E, generator=gen, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(1, 1, 37, E, generator=gen, device=DEV, dtype=torch.bfloat16)
+    out = flash(q, k, v)
+    rows = torch.tensor([0, 2 ** 24, L - 2, L - 1], device=DEV)
+    assert rel_err(out[:, :, rows], reference(q[:, :, rows], k, v)) < 1e-2
+    del out
