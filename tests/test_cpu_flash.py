@@ -83,6 +83,9 @@ def check_case(dtype, B, Hq, Hkv, L, S, E, Ev, mask_kind=None, causal=0, sinks=F
     if mask_kind == "pad":  # (B, 1, 1, S) bool padding mask
         mask = torch.rand(B, 1, 1, S, generator=gen) > 0.3
         mask[..., 0] = True
+    elif mask_kind == "lengths":  # (B, 1, 1, S) padding by sequence length: hidden tails of odd lengths
+        lengths = torch.tensor([S // 3 + 1, S - 3] + [S] * (B - 2))[:B]
+        mask = (torch.arange(S)[None, :] < lengths[:, None]).view(B, 1, 1, S)
     elif mask_kind == "heads":  # (1, H, L, S) additive float32
         mask = torch.randn(1, Hq, L, S, generator=gen)
     elif mask_kind == "2d":  # (L, S) bool
@@ -153,6 +156,8 @@ CASES = {
     "gqa": dict(B=2, Hq=8, Hkv=2, L=77, S=150, E=64, Ev=64),
     "mqa_causal": dict(B=1, Hq=4, Hkv=1, L=150, S=150, E=64, Ev=64, causal=1),
     "mask_pad": dict(B=2, Hq=3, Hkv=3, L=100, S=300, E=64, Ev=64, mask_kind="pad"),
+    "mask_lengths": dict(B=2, Hq=3, Hkv=3, L=100, S=533, E=64, Ev=64, mask_kind="lengths"),
+    "mask_lengths_decode": dict(B=2, Hq=4, Hkv=2, L=3, S=1201, E=64, Ev=64, mask_kind="lengths"),
     "mask_heads": dict(B=2, Hq=3, Hkv=3, L=100, S=140, E=64, Ev=64, mask_kind="heads"),
     "mask_2d": dict(B=2, Hq=3, Hkv=3, L=100, S=140, E=64, Ev=64, mask_kind="2d"),
     "mask_dense_dtype": dict(B=1, Hq=2, Hkv=2, L=100, S=140, E=64, Ev=64, mask_kind="dense_dtype"),

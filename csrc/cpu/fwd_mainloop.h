@@ -119,10 +119,13 @@ struct FwdMainloop {
 
     const int64_t end = std::min(s1, visible_end);
     for (int64_t j0 = s0; j0 < end; j0 += bn) {
-      const int64_t t = j0 / bn, n = std::min(bn, p.S - j0), np = padk<C>(n);
-      if (masked && loc.mask.load(p, j0, n)) continue;
+      const int64_t t = j0 / bn, width = std::min(bn, p.S - j0);
+      if (masked && loc.mask.load(p, j0, width)) continue;
+      // Keys past the last one the mask lets through (a padded tail) take no part in the GEMMs or the softmax;
+      // the cut is rounded up to 32 keys so the GEMM shapes stay few and aligned (one JIT kernel each).
+      const int64_t n = masked ? std::min(width, round_up(loc.mask.visible_end, 32)) : width, np = padk<C>(n);
       ensure_packed(loc, b, hkv, t);
-      gemm(M, n, Ep, qa, Ep, kt_tile(loc, t), n, s, bn, false);
+      gemm(M, n, Ep, qa, Ep, kt_tile(loc, t), width, s, bn, false);
       for (int64_t r = 0; r < M; ++r) {
         const int64_t i = loc.row_i[r];
         const int64_t lim = std::clamp<int64_t>(causal_limit(p.causal, i, p.L, p.S) - j0, 0, n);

@@ -24,6 +24,25 @@ struct RowMask {
   }
 };
 
+// Index of the last column of a row mask that is not hidden (-1 if none).
+inline int64_t last_visible(const RowMask& rm, int64_t n) {
+  int64_t j = n;
+  if (rm.keep) {
+#if defined(CPU_CAPABILITY_AVX512)
+    for (; j >= 64; j -= 64) {
+      const uint64_t k = _mm512_test_epi8_mask(_mm512_loadu_si512(rm.keep + j - 64), _mm512_set1_epi8(-1));
+      if (k) return j - 64 + 63 - __builtin_clzll(k);
+    }
+#endif
+    for (; j > 0; --j)
+      if (rm.keep[j - 1]) return j - 1;
+    return -1;
+  }
+  for (; j > 0; --j)
+    if (rm.bias[j - 1] != kNegInf) return j - 1;
+  return -1;
+}
+
 // The n additive values of a row mask as float32 (bool rows become 0 / -inf).
 inline void row_bias(const RowMask& rm, int64_t n, float* out) {
   if (rm.bias) {
@@ -131,11 +150,14 @@ struct TileMask {
                                  }); }
 
   // Loads columns [j0, j0 + n) of every row; true when the whole tile is masked.
+  // Also sets visible_end: no row sees a column at or past it (padding masks hide a tile's tail, which the
+  // kernels then leave out of the GEMMs and the softmax).
   bool load(const AttnParams& p, int64_t j0, int64_t n) {
     const int64_t nrows = static_cast<int64_t>(rows.size());
     float* base = buf.get<float>(nrows * n);
     bool all_masked = true;
     int64_t used = 0;
+    visible_end = 0;
     for (int64_t r = 0; r < nrows; ++r) {
       if (r > 0 && rows[r] == rows[r - 1]) {
         row_masks[r] = row_masks[r - 1];
@@ -145,9 +167,12 @@ struct TileMask {
       row_masks[r] = load_row_mask(p, rows[r], j0, n, base + used * n, row_dead);
       if (row_masks[r].bias == base + used * n) ++used;
       all_masked = all_masked && row_dead;
+      if (!row_dead && visible_end < n) visible_end = std::max(visible_end, last_visible(row_masks[r], n) + 1);
     }
     return all_masked;
   }
+
+  int64_t visible_end = 0;
 };
 
 }  // namespace sdpax::cpu
