@@ -24,7 +24,9 @@ struct Blocks {
 
 inline Blocks fwd_blocks(const AttnParams& p) {
   if (p.L <= kDecodeMaxL) return {256, 512};  // decode: a few rows, so wide key tiles cost little L2
-  return {256, p.dtype == ScalarKind::BFloat16 && p.E <= 64 ? 256 : 128};
+  const int64_t n = p.dtype == ScalarKind::BFloat16 && p.E <= 64 ? 256 : 128;
+  // Causal: the diagonal tiles are computed whole and half masked, so shorter query tiles waste less.
+  return {p.causal == Causal::None ? 256 : 128, n};
 }
 
 // A fresh id per kernel call (flash_fwd.cpp): per-thread packed K/V is keyed by it.
