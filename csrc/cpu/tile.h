@@ -281,10 +281,43 @@ inline void pack_a_transposed(const S* src, int64_t rs, int64_t cs, int64_t rows
 
 // ---- dropout ----
 
+#if defined(CPU_CAPABILITY_AVX512)
+// 32 x 32 -> 64-bit products of 16 lanes, split in high and low words (AVX-512 has no 32-bit mulhi).
+inline void mulhilo16(uint32_t m, __m512i x, __m512i& hi, __m512i& lo) {
+  const __m512i vm = _mm512_set1_epi32(static_cast<int32_t>(m));
+  const __m512i even = _mm512_mul_epu32(x, vm);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), vm);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mullo_epi32(x, vm);
+}
+#endif
+
 struct Dropout {
   bool on = false;
   uint64_t seed = 0, offset = 0, threshold = 0;
   float scale = 1.f;
+
+#if defined(CPU_CAPABILITY_AVX512)
+  // philox4x32_10 of philox.h on 16 counters at once (the key is this call's seed).
+  void philox16(__m512i (&c)[4]) const {
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      if (round > 0) {
+        k0 += kPhiloxW0;
+        k1 += kPhiloxW1;
+      }
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(kPhiloxM0, c[0], hi0, lo0);
+      mulhilo16(kPhiloxM1, c[2], hi1, lo1);
+      const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c[1]), _mm512_set1_epi32(static_cast<int32_t>(k0)));
+      const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c[3]), _mm512_set1_epi32(static_cast<int32_t>(k1)));
+      c[0] = n0;
+      c[1] = lo1;
+      c[2] = n2;
+      c[3] = lo0;
+    }
+  }
+#endif
 
   explicit Dropout(const AttnParams& p) {
     on = p.dropout_p > 0.0;
@@ -298,8 +331,44 @@ struct Dropout {
 
   // f[j - j0] = scale if element (bh, i, j) is kept else 0, for j in [j0, j0 + n).
   void factors(int64_t bh, int64_t i, int64_t j0, int64_t n, float* f) const {
+    int64_t j4 = j0 / 4;
+#if defined(CPU_CAPABILITY_AVX512)
+    // Sixteen Philox counters (consecutive groups of four keys) per step, the same function as philox.h.
+    if (threshold <= 0xffffffffu) {
+      if (j0 % 4 != 0) {
+        scalar_groups(bh, i, j0, n, j4, j4 + 1, f);
+        ++j4;
+      }
+      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const __m512i thr = _mm512_set1_epi32(static_cast<int32_t>(threshold));
+      const __m512 vscale = _mm512_set1_ps(scale);
+      for (; (j4 + 16) * 4 <= j0 + n; j4 += 16) {
+        __m512i c[4] = {_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j4)), lane),
+                        _mm512_set1_epi32(static_cast<int32_t>(i)), _mm512_set1_epi32(static_cast<int32_t>(bh)),
+                        _mm512_set1_epi32(static_cast<int32_t>(offset))};
+        philox16(c);
+        uint32_t keep[4];
+        for (int t = 0; t < 4; ++t) keep[t] = _mm512_cmpge_epu32_mask(c[t], thr);
+        // Columns 16 at a time: bit 4g + t of the store mask is word t of group g.
+        for (int blk = 0; blk < 4; ++blk) {
+          uint32_t m = 0;
+          for (int t = 0; t < 4; ++t) {
+            uint32_t x = (keep[t] >> (4 * blk)) & 0xF;
+            x = (x | x << 3 | x << 6 | x << 9) & 0x1111;
+            m |= x << t;
+          }
+          _mm512_storeu_ps(f + (j4 + 4 * blk) * 4 - j0, _mm512_maskz_mov_ps(static_cast<__mmask16>(m), vscale));
+        }
+      }
+    }
+#endif
+    scalar_groups(bh, i, j0, n, j4, (j0 + n + 3) / 4, f);
+  }
+
+  // Groups [g0, g1) of four keys, one Philox call each, clipped to [j0, j0 + n).
+  void scalar_groups(int64_t bh, int64_t i, int64_t j0, int64_t n, int64_t g0, int64_t g1, float* f) const {
     uint32_t r[4];
-    for (int64_t j4 = j0 / 4; j4 * 4 < j0 + n; ++j4) {
+    for (int64_t j4 = g0; j4 < g1; ++j4) {
       dropout_words(seed, offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i), static_cast<uint32_t>(j4), r);
       for (int t = 0; t < 4; ++t) {
         const int64_t j = j4 * 4 + t;
