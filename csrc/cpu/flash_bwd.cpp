@@ -208,13 +208,16 @@ struct BwdKernel {
       dsb = vn;
       ldb = M;
     }
-    gemm(p.E, M, np, kta, np, dsb, ldb, dqt + g * p.L + i0, GL, true);
+    gemm(p.E, M, np, kta, np, dsb, ldb, dqt + (g * q_tiles + qt) * p.E * kBlockM, kBlockM, true);
   }
 
-  // Key tiles [t0, t1) of KV head (b, hkv): writes their dK / dV and accumulates dQ^T (E x G*L) into dqt.
+  // dQ^T accumulators: one E x kBlockM block per query tile, so the dQ GEMM writes a compact C.
+  int64_t dq_size() const { return G * q_tiles * p.E * kBlockM; }
+
+  // Key tiles [t0, t1) of KV head (b, hkv): writes their dK / dV and accumulates dQ^T into dqt.
   void head_chunk(BwdLocal& loc, int64_t b, int64_t hkv, int64_t t0, int64_t t1, bool first_chunk, float* dqt) const {
     prepack(loc, b, hkv, first_chunk);
-    std::fill(dqt, dqt + p.E * GL, 0.f);
+    std::fill(dqt, dqt + dq_size(), 0.f);
     C* ka = loc.ka.get<C>(kBlockN * Ep);
     C* va = loc.va.get<C>(kBlockN * Evp);
     C* kta = loc.kta.get<C>(p.E * (kBlockN + 2));
@@ -238,15 +241,18 @@ struct BwdKernel {
     }
   }
 
-  // dQ^T (E x G*L) of KV head (b, hkv) back to rows: transpose each query head's block, scale and convert.
+  // dQ^T of KV head (b, hkv) back to rows: transpose each query tile's block, scale and convert.
   void write_dq(BwdLocal& loc, int64_t b, int64_t hkv, const float* dqt) const {
-    float* rows = loc.dqrow.get<float>(p.L * p.E);
+    float* rows = loc.dqrow.get<float>(kBlockM * p.E);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t h = hkv * G + g;
-      transpose32(reinterpret_cast<const uint32_t*>(dqt + g * p.L), GL, p.E, p.L, reinterpret_cast<uint32_t*>(rows),
-                  p.E);
-      write_rows(rows, p.L, p.E, p.scale, static_cast<T*>(p.dq) + b * p.dq_st.b + h * p.dq_st.h, p.dq_st.r,
-                 p.dq_st.c);
+      for (int64_t qt = 0; qt < q_tiles; ++qt) {
+        const int64_t i0 = qt * kBlockM, M = std::min(kBlockM, p.L - i0);
+        transpose32(reinterpret_cast<const uint32_t*>(dqt + (g * q_tiles + qt) * p.E * kBlockM), kBlockM, p.E, M,
+                    reinterpret_cast<uint32_t*>(rows), p.E);
+        write_rows(rows, M, p.E, p.scale, static_cast<T*>(p.dq) + b * p.dq_st.b + h * p.dq_st.h + i0 * p.dq_st.r,
+                   p.dq_st.r, p.dq_st.c);
+      }
     }
   }
 
@@ -275,18 +281,18 @@ struct BwdKernel {
       const int64_t head = t / chunks, c = t % chunks;
       const int64_t b = head / p.hkv, hkv = head % p.hkv;
       const int64_t t0 = std::min(kv_tiles, c * per), t1 = std::min(kv_tiles, t0 + per);
-      float* dqt = chunks == 1 ? loc.dqt.get<float>(p.E * GL) : partial + t * p.E * GL;
+      float* dqt = chunks == 1 ? loc.dqt.get<float>(dq_size()) : partial + t * dq_size();
       head_chunk(loc, b, hkv, t0, t1, c == 0, dqt);
       if (chunks == 1) write_dq(loc, b, hkv, dqt);
     });
     if (chunks == 1) return;
     run_tasks(heads, false, [&](int64_t head) {
       thread_local BwdLocal loc;
-      float* sum = partial + head * chunks * p.E * GL;
+      float* sum = partial + head * chunks * dq_size();
       for (int64_t c = 1; c < chunks; ++c) {
-        const float* part = sum + c * p.E * GL;
-        for (int64_t x = 0; x < p.E * GL; x += Vec::size()) {
-          const int64_t cnt = std::min<int64_t>(Vec::size(), p.E * GL - x);
+        const float* part = sum + c * dq_size();
+        for (int64_t x = 0; x < dq_size(); x += Vec::size()) {
+          const int64_t cnt = std::min<int64_t>(Vec::size(), dq_size() - x);
           (Vec::loadu(sum + x, cnt) + Vec::loadu(part + x, cnt)).store(sum + x, cnt);
         }
       }
@@ -303,7 +309,7 @@ void bwd(const AttnParams& p) {
   int64_t chunks = 1;
   if (heads < 2 * threads) chunks = std::min(kernel.kv_tiles, (2 * threads + heads - 1) / heads);
   thread_local Scratch partial;
-  float* part = chunks > 1 ? partial.get<float>(heads * chunks * p.E * kernel.GL) : nullptr;
+  float* part = chunks > 1 ? partial.get<float>(heads * chunks * kernel.dq_size()) : nullptr;
   kernel(chunks, part);
 }
 
