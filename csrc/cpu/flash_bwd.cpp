@@ -141,7 +141,7 @@ struct BwdKernel {
             const C* kta, float* dk, float* dv, float* dqt) const {
     const int64_t h = hkv * G + g;
     const int64_t i0 = qt * kBlockM, M = std::min(kBlockM, p.L - i0), Mp = padk<C>(M);
-    const int64_t j0 = t * kBlockN, n = std::min(kBlockN, p.S - j0), np = padk<C>(n);
+    const int64_t j0 = t * kBlockN, width = std::min(kBlockN, p.S - j0);
     const int64_t lim_last = causal_limit(p.causal, i0 + M - 1, p.L, p.S);
     if (lim_last <= j0) return;  // causal: the whole tile is above the diagonal
     const bool masked = p.mask_kind != MaskKind::None;
@@ -151,8 +151,12 @@ struct BwdKernel {
         hh = h;
         ii = i0 + r;
       });
-      if (loc.mask.load(p, j0, n)) return;
+      if (loc.mask.load(p, j0, width)) return;
     }
+    // Keys past the last one the mask lets through (a padded tail, rounded up to 32) have P = dS = 0: they are
+    // left out of all five GEMMs. kta keeps the whole tile's leading dimension.
+    const int64_t n = masked ? std::min(width, round_up(loc.mask.visible_end, 32)) : width, np = padk<C>(n);
+    const int64_t kta_ld = padk<C>(width);
     const int64_t off = (g * q_tiles + qt) * qt_stride();
     float* st = loc.st.get<float>(kBlockN * kBlockM);
     float* dpt = loc.dpt.get<float>(kBlockN * kBlockM);
@@ -208,7 +212,7 @@ struct BwdKernel {
       dsb = vn;
       ldb = M;
     }
-    gemm(p.E, M, np, kta, np, dsb, ldb, dqt + (g * q_tiles + qt) * p.E * kBlockM, kBlockM, true);
+    gemm(p.E, M, np, kta, kta_ld, dsb, ldb, dqt + (g * q_tiles + qt) * p.E * kBlockM, kBlockM, true);
   }
 
   // dQ^T accumulators: one E x kBlockM block per query tile, so the dQ GEMM writes a compact C.
