@@ -88,6 +88,14 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
+void check_bwd_inputs(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
+                      const std::optional<at::Tensor>& sinks, bool enable_gqa, const std::optional<at::Tensor>& rng) {
+  check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", shape(grad_out.sizes()),
+              " does not match the output shape ", shape(out.sizes()));
+}
+
 Canonical canonicalize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const std::optional<at::Tensor>& mask) {
   Canonical c;

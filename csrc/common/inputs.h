@@ -19,6 +19,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
                   const std::optional<at::Tensor>& sinks, bool enable_gqa, const std::optional<at::Tensor>& rng);
 
+// check_inputs plus the backward's own argument: grad_out must have the output's shape.
+void check_bwd_inputs(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
+                      const std::optional<at::Tensor>& sinks, bool enable_gqa, const std::optional<at::Tensor>& rng);
+
 Canonical canonicalize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const std::optional<at::Tensor>& mask);
 

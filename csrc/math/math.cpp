@@ -122,9 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
     int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
     const std::optional<at::Tensor>& rng, bool mask_grad) {
-  check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", shape(grad_out.sizes()),
-              " does not match the output shape ", shape(out.sizes()));
+  check_bwd_inputs(grad_out, out, q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
   const Canonical c = canonicalize(q, k, v, mask);
   const auto acc = acc_type(q);
   const int64_t G = c.Hq / c.Hkv;
