@@ -125,6 +125,38 @@ Canonical canonicalize(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return c;
 }
 
+AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tensor& k4, const at::Tensor& v4,
+                       const std::optional<at::Tensor>& sinks_f32, double dropout_p, int64_t causal, double scale,
+                       const std::optional<at::Tensor>& rng) {
+  AttnParams p;
+  p.batch = c.B;
+  p.hq = c.Hq;
+  p.hkv = c.Hkv;
+  p.L = c.L;
+  p.S = c.S;
+  p.E = c.E;
+  p.Ev = c.Ev;
+  p.dtype = scalar_kind(q4.scalar_type());
+  p.q = q4.data_ptr();
+  p.k = k4.data_ptr();
+  p.v = v4.data_ptr();
+  p.q_st = strides4(q4);
+  p.k_st = strides4(k4);
+  p.v_st = strides4(v4);
+  if (c.mask) {  // (B, Hq, L, S) view with stride 0 on broadcast dims
+    p.mask_kind = c.mask->scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
+    p.mask_dtype = scalar_kind(c.mask->scalar_type());
+    p.mask = c.mask->data_ptr();
+    p.mask_st = strides4(*c.mask);
+  }
+  p.causal = static_cast<Causal>(causal);
+  p.scale = static_cast<float>(scale);
+  p.sinks = sinks_f32 ? sinks_f32->data_ptr<float>() : nullptr;
+  p.dropout_p = dropout_p;
+  p.rng = dropout_p > 0.0 ? rng->data_ptr<int64_t>() : nullptr;
+  return p;
+}
+
 at::Tensor uncanonical(const at::Tensor& t4, const at::Tensor& like_query, int64_t last_dim) {
   std::vector<int64_t> shape(like_query.sizes().begin(), like_query.sizes().end() - 1);
   if (last_dim >= 0) shape.push_back(last_dim);

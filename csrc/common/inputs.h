@@ -27,6 +27,13 @@ void check_bwd_inputs(const at::Tensor& grad_out, const at::Tensor& out, const a
 Canonical canonicalize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const std::optional<at::Tensor>& mask);
 
+// The kernel-facing description of a call: shapes, pointers and strides of the 4-D q/k/v given (the canonical
+// views, or aligned copies a kernel asked for) and of c.mask, plus the scalar arguments. Outputs and backward
+// fields are left to the caller. sinks_f32: the sinks as contiguous float32, if any.
+AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tensor& k4, const at::Tensor& v4,
+                       const std::optional<at::Tensor>& sinks_f32, double dropout_p, int64_t causal, double scale,
+                       const std::optional<at::Tensor>& rng);
+
 // The view of a tensor of shape (B', Hq, L, X) with B' the flattened batch, as the original rank.
 at::Tensor uncanonical(const at::Tensor& t4, const at::Tensor& like_query, int64_t last_dim);
 

@@ -17,37 +17,6 @@ void check_flash(const at::Tensor& q, const Canonical& c) {
               num(c.E), " / ", num(c.Ev));
 }
 
-AttnParams make_params(const Canonical& c, const std::optional<at::Tensor>& sinks_f32, double dropout_p,
-                       int64_t causal, double scale, const std::optional<at::Tensor>& rng) {
-  AttnParams p;
-  p.batch = c.B;
-  p.hq = c.Hq;
-  p.hkv = c.Hkv;
-  p.L = c.L;
-  p.S = c.S;
-  p.E = c.E;
-  p.Ev = c.Ev;
-  p.dtype = scalar_kind(c.q.scalar_type());
-  p.q = c.q.data_ptr();
-  p.k = c.k.data_ptr();
-  p.v = c.v.data_ptr();
-  p.q_st = strides4(c.q);
-  p.k_st = strides4(c.k);
-  p.v_st = strides4(c.v);
-  if (c.mask) {
-    p.mask_kind = c.mask->scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
-    p.mask_dtype = scalar_kind(c.mask->scalar_type());
-    p.mask = c.mask->data_ptr();
-    p.mask_st = strides4(*c.mask);
-  }
-  p.causal = static_cast<Causal>(causal);
-  p.scale = static_cast<float>(scale);
-  p.sinks = sinks_f32 ? sinks_f32->data_ptr<float>() : nullptr;
-  p.dropout_p = dropout_p;
-  p.rng = dropout_p > 0.0 ? rng->data_ptr<int64_t>() : nullptr;
-  return p;
-}
-
 std::optional<at::Tensor> sinks_as_float(const std::optional<at::Tensor>& sinks) {
   if (!sinks) return std::nullopt;
   return sinks->to(at::kFloat).contiguous();
@@ -63,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
   const Canonical c = canonicalize(q, k, v, mask);
   check_flash(q, c);
   const auto sinks_f = sinks_as_float(sinks);
-  AttnParams p = make_params(c, sinks_f, dropout_p, causal, scale, rng);
+  AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, dropout_p, causal, scale, rng);
   at::Tensor out = at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
   at::Tensor lse = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
@@ -102,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
               "sdpax: lse must be the float32 log-sum-exp of the forward, shape ",
               shape(q.sizes().slice(0, q.dim() - 1)));
   const auto sinks_f = sinks_as_float(sinks);
-  AttnParams p = make_params(c, sinks_f, dropout_p, causal, scale, rng);
+  AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, dropout_p, causal, scale, rng);
   // Kernel inputs from the forward: viewed 4-D, copied only if the caller passed non-viewable layouts.
   const at::Tensor out4 = out.reshape({c.B, c.Hq, c.L, c.Ev});
   const at::Tensor dout4 = grad_out.to(q.scalar_type()).reshape({c.B, c.Hq, c.L, c.Ev});

@@ -34,37 +34,6 @@ void check_supported(const at::Tensor& q, int64_t E, int64_t Ev) {
               num(E), " and ", num(Ev), "; use the MATH backend");
 }
 
-void fill_common(AttnParams& p, const Canonical& c, const at::Tensor& q4, const at::Tensor& k4, const at::Tensor& v4,
-                 const std::optional<at::Tensor>& mask, int64_t causal, double scale, const at::Tensor& sinks_f,
-                 double dropout_p, const std::optional<at::Tensor>& rng) {
-  p.batch = c.B;
-  p.hq = c.Hq;
-  p.hkv = c.Hkv;
-  p.L = c.L;
-  p.S = c.S;
-  p.E = c.E;
-  p.Ev = c.Ev;
-  p.dtype = scalar_kind(q4.scalar_type());
-  p.q = q4.data_ptr();
-  p.k = k4.data_ptr();
-  p.v = v4.data_ptr();
-  p.q_st = strides4(q4);
-  p.k_st = strides4(k4);
-  p.v_st = strides4(v4);
-  if (mask) {
-    const at::Tensor& m = *mask;  // (B, Hq, L, S) view with broadcast strides 0, read element by element
-    p.mask_kind = m.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
-    p.mask_dtype = scalar_kind(m.scalar_type());
-    p.mask = m.data_ptr();
-    p.mask_st = strides4(m);
-  }
-  p.causal = static_cast<Causal>(causal);
-  p.scale = static_cast<float>(scale);
-  p.sinks = sinks_f.defined() ? sinks_f.data_ptr<float>() : nullptr;
-  p.dropout_p = dropout_p;
-  p.rng = dropout_p > 0.0 ? rng->data_ptr<int64_t>() : nullptr;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -77,12 +46,12 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
   if (c.B * c.Hq * c.L == 0) return math::fwd(q, k, v, mask, dropout_p, causal, scale, enable_gqa, sinks, rng);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor q4 = vector_ready(c.q), k4 = vector_ready(c.k), v4 = vector_ready(c.v);
-  const at::Tensor sinks_f = sinks ? sinks->to(at::kFloat).contiguous() : at::Tensor();
+  const std::optional<at::Tensor> sinks_f =
+      sinks ? std::optional<at::Tensor>(sinks->to(at::kFloat).contiguous()) : std::nullopt;
   at::Tensor out = at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
   at::Tensor lse = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
 
-  AttnParams p;
-  fill_common(p, c, q4, k4, v4, c.mask, causal, scale, sinks_f, dropout_p, rng);
+  AttnParams p = make_params(c, q4, k4, v4, sinks_f, dropout_p, causal, scale, rng);
   p.out = out.data_ptr();
   p.out_st = strides4(out);
   p.lse = lse.data_ptr<float>();
@@ -119,14 +88,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   const at::Tensor do4 = vector_ready(grad_out.reshape({c.B, c.Hq, c.L, c.Ev}));
   const at::Tensor o4 = out.reshape({c.B, c.Hq, c.L, c.Ev});
   const at::Tensor lse_f = lse.reshape({c.B * c.Hq * c.L}).to(at::kFloat).contiguous();
-  const at::Tensor sinks_f = sinks ? sinks->to(at::kFloat).contiguous() : at::Tensor();
+  const std::optional<at::Tensor> sinks_f =
+      sinks ? std::optional<at::Tensor>(sinks->to(at::kFloat).contiguous()) : std::nullopt;
   at::Tensor dk = at::empty({c.B, c.Hkv, c.S, c.E}, q.options());
   at::Tensor dv = at::empty({c.B, c.Hkv, c.S, c.Ev}, q.options());
   at::Tensor dq_accum = at::zeros({c.B, c.Hq, c.L, c.E}, q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
 
-  AttnParams p;
-  fill_common(p, c, q4, k4, v4, c.mask, causal, scale, sinks_f, dropout_p, rng);
+  AttnParams p = make_params(c, q4, k4, v4, sinks_f, dropout_p, causal, scale, rng);
   p.out = const_cast<void*>(o4.data_ptr());
   p.out_st = strides4(o4);
   p.lse = const_cast<float*>(lse_f.data_ptr<float>());
@@ -143,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   at::Tensor dsinks = at::empty({0}, q.options());
   if (sinks) {
     // d lse / d sink_h = p_sink; dsinks_h = -sum_{b,i} p_sink * Delta_i (as in MATH).
-    at::Tensor p_sink = (sinks_f.view({1, c.Hq, 1}) - lse_f.view({c.B, c.Hq, c.L})).exp();
+    at::Tensor p_sink = (sinks_f->view({1, c.Hq, 1}) - lse_f.view({c.B, c.Hq, c.L})).exp();
     dsinks = p_sink.mul_(delta).sum(at::IntArrayRef{0, 2}).neg_().to(sinks->scalar_type());
   }
   return {uncanonical(dq, q, c.E), dk.reshape(k.sizes()), dv.reshape(v.sizes()), at::empty({0}, q.options()),
