@@ -103,7 +103,9 @@ def main():
     if DEBUG:
         cxx.append("-g")
     include_dirs = [str(CSRC)]
-    ext_kwargs = dict(name="sdpax._C", include_dirs=include_dirs)
+    # py_limited_api: the extension uses only CPython's stable C API (module.cpp; no pybind11); torch defines
+    # Py_LIMITED_API and the build is one _C.abi3.so that loads in every CPython that runs the same torch.
+    ext_kwargs = dict(name="sdpax._C", include_dirs=include_dirs, py_limited_api=True)
 
     if with_cuda:
         # One translation unit per kernel variant, generated from the table in csrc/cuda/variants.py.
