@@ -168,6 +168,10 @@ CASES = {
     "decode_L1": dict(B=1, Hq=8, Hkv=2, L=1, S=2000, E=128, Ev=128),
     "decode_L4_split": dict(B=1, Hq=4, Hkv=1, L=4, S=3000, E=128, Ev=128, causal=2, sinks=True),
     "decode_L4_mask": dict(B=2, Hq=4, Hkv=2, L=4, S=1500, E=64, Ev=64, mask_kind="pad"),
+    # decode rows read K/V in place (gemv.h): head dims off the 16-lane grid, E != Ev, key counts off the 4-key
+    # steps, row counts off the 4-row groups, transposed (B, S, H, E) views
+    "decode_odd_dims": dict(B=1, Hq=6, Hkv=2, L=2, S=301, E=72, Ev=40, causal=1, sinks=True),
+    "decode_transposed": dict(B=2, Hq=5, Hkv=1, L=1, S=257, E=80, Ev=80, transposed=True, mask_kind="heads"),
     "long_q_tiles": dict(B=1, Hq=1, Hkv=1, L=520, S=600, E=64, Ev=64, causal=1),
 }
 

@@ -8,6 +8,7 @@
 #pragma once
 #include <vector>
 
+#include "cpu/gemv.h"
 #include "cpu/kernel.h"
 #include "cpu/mask.h"
 #include "cpu/softmax.h"
@@ -37,7 +38,7 @@ struct FwdLocal {
   uint64_t call = ~uint64_t(0);
   int64_t b = -1, hkv = -1;
   std::vector<char> packed;
-  Scratch kt, v, q, s, pm, acc, dropf;
+  Scratch kt, v, q, qf, s, pm, acc, dropf;
   std::vector<int64_t> row_h, row_i;  // query head and row of each tile row
   std::vector<float> m, l;
   TileMask mask;
@@ -69,6 +70,10 @@ struct FwdMainloop {
     return loc.v.get<C>(0) + slot(t) * bn * p.Ev;
   }
   int64_t v_ld() const { return v_in_place() ? p.v_st.r : p.Ev; }
+  // A few decode rows read K and V in place (gemv.h) instead of packing them: see there for why.
+  bool direct(int64_t M) const {
+    return p.L <= kDecodeMaxL && M <= kDirectMaxRows<T> && p.k_st.c == 1 && p.v_st.c == 1;
+  }
 
   void ensure_packed(FwdLocal& loc, int64_t b, int64_t hkv, int64_t t) const {
     const int64_t slots = cache_kv ? n_kv_tiles : 1;
@@ -95,13 +100,23 @@ struct FwdMainloop {
   // Leaves the unnormalised accumulator (M x Ev), the running max (log2 units) and denominator per row.
   void run(FwdLocal& loc, int64_t b, int64_t hkv, int64_t M, int64_t s0, int64_t s1, float* acc, float* m,
            float* l) const {
+    const bool in_place = direct(M);
+    const int64_t E16 = round_up(p.E, 16);
     C* qa = loc.q.get<C>(bm * Ep);
+    float* qf = in_place ? loc.qf.get<float>(round_up(M, 4) * E16) : nullptr;  // zero-padded rows and columns
+    if (in_place) std::fill(qf, qf + round_up(M, 4) * E16, 0.f);
     int64_t visible_end = 0;
     for (int64_t r = 0; r < M; ++r) {
       const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + loc.row_h[r] * p.q_st.h + loc.row_i[r] * p.q_st.r;
-      load_row(q, p.q_st.c, p.E, Ep, qa + r * Ep);
+      if (in_place) {
+        load_row(q, p.q_st.c, p.E, p.E, qf + r * E16);
+      } else {
+        load_row(q, p.q_st.c, p.E, Ep, qa + r * Ep);
+      }
       visible_end = std::max(visible_end, causal_limit(p.causal, loc.row_i[r], p.L, p.S));
     }
+    const T* kh = static_cast<const T*>(p.k) + b * p.k_st.b + hkv * p.k_st.h;
+    const T* vh = static_cast<const T*>(p.v) + b * p.v_st.b + hkv * p.v_st.h;
     float* s = loc.s.get<float>(bm * bn);
     C* pm = loc.pm.get<C>(bm * bn);
     std::fill(acc, acc + M * p.Ev, 0.f);
@@ -126,8 +141,12 @@ struct FwdMainloop {
       // Keys past the last one the mask lets through (a padded tail) take no part in the GEMMs or the softmax;
       // the cut is rounded up to 32 keys so the GEMM shapes stay few and aligned (one JIT kernel each).
       const int64_t n = masked ? std::min(width, round_up(loc.mask.visible_end, 32)) : width, np = padk<C>(n);
-      ensure_packed(loc, b, hkv, t);
-      gemm(M, n, Ep, qa, Ep, kt_tile(loc, t), width, s, bn, false);
+      if (in_place) {
+        scores_direct(M, n, p.E, qf, kh + j0 * p.k_st.r, p.k_st.r, s, bn);
+      } else {
+        ensure_packed(loc, b, hkv, t);
+        gemm(M, n, Ep, qa, Ep, kt_tile(loc, t), width, s, bn, false);
+      }
       for (int64_t r = 0; r < M; ++r) {
         const int64_t i = loc.row_i[r];
         const int64_t lim = std::clamp<int64_t>(causal_limit(p.causal, i, p.L, p.S) - j0, 0, n);
@@ -136,7 +155,11 @@ struct FwdMainloop {
                                         dropf, m[r], l[r], pm + r * np);
         if (alpha != 1.f) scale_row(acc + r * p.Ev, p.Ev, alpha);
       }
-      gemm(M, p.Ev, np, pm, np, v_tile(loc, b, hkv, t), v_ld(), acc, p.Ev, true);
+      if (in_place) {
+        pv_direct(M, p.Ev, n, pm, np, vh + j0 * p.v_st.r, p.v_st.r, acc, p.Ev);
+      } else {
+        gemm(M, p.Ev, np, pm, np, v_tile(loc, b, hkv, t), v_ld(), acc, p.Ev, true);
+      }
     }
   }
 
