@@ -91,3 +91,28 @@ def test_choice_follows_mask_grad():
     with torch.no_grad():
         ex = sdpax.explain(q, k, v, m)
     assert not any("requires grad" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION])
+
+
+def test_repeated_calls_follow_the_context():
+    """select() is memoised per (call features, enabled backends): a cached choice never outlives its context."""
+    q = torch.randn(1, 2, 8, 16)
+    want = sdpax.scaled_dot_product_attention(q, q, q)
+    for backend in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel(backend):
+            assert sdpax.explain(q, q, q).backend == backend
+            torch.testing.assert_close(sdpax.scaled_dot_product_attention(q, q, q), want)
+    d = q.double()
+    sdpax.scaled_dot_product_attention(d, d, d)  # float64 runs on MATH: cached as such
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with pytest.raises(RuntimeError, match="no enabled backend"):
+            sdpax.scaled_dot_product_attention(d, d, d)
+
+
+def test_inference_call_has_no_graph():
+    """Without grad mode the call runs below autograd: no grad_fn, even for inputs that require grad."""
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    with torch.no_grad():
+        out = sdpax.scaled_dot_product_attention(q, q, q)
+    assert out.grad_fn is None and not out.requires_grad
+    out = sdpax.scaled_dot_product_attention(q, q, q)
+    assert out.grad_fn is not None

@@ -190,6 +190,22 @@ def select(call: Call) -> SDPBackend:
     return ex.backend
 
 
+# select() per (call features, enabled backends): the reasons are pure functions of both, and evaluating them is
+# most of the Python cost of a short call. Bounded: a new entry per distinct shape of call, cleared when full.
+_SELECT_CACHE: dict = {}
+
+
+def select_cached(call: Call) -> SDPBackend:
+    key = (call, enabled())
+    backend = _SELECT_CACHE.get(key)
+    if backend is None:
+        backend = select(call)  # raises (and caches nothing) when no backend can run
+        if len(_SELECT_CACHE) > 4096:
+            _SELECT_CACHE.clear()
+        _SELECT_CACHE[key] = backend
+    return backend
+
+
 def _register_built_kernels() -> None:
     """Fused kernels present in this build (the C++ side registers them; this mirrors it as data)."""
     fused = getattr(_build_config, "FLASH_KERNELS", {})

@@ -94,15 +94,21 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     A row with no allowed key yields zeros (never NaN). See the README for the full semantics.
     """
     mask, causal, scale = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
-    backend = _select.select(_call_features(query, value, mask, key, sinks))
+    call = _call_features(query, value, mask, key, sinks)
+    compiling = torch.compiler.is_compiling()
+    backend = _select.select(call) if compiling else _select.select_cached(call)
     rng = None
     if dropout_p > 0.0:
         # The seed and offset come from torch's generator for the query's device, so torch.manual_seed makes
         # dropout reproducible; they stay on the device (CUDA-graph safe) and backward reuses them.
         rng = torch.randint(-(2 ** 63), 2 ** 63 - 1, (2,), dtype=torch.int64, device=query.device)
-    out, _ = _ops.fwd(query, key, value, mask, float(dropout_p), causal, scale, bool(enable_gqa), sinks, rng,
-                      int(backend))
-    return out
+    args = (query, key, value, mask, float(dropout_p), causal, scale, bool(enable_gqa), sinks, rng, int(backend))
+    if call.needs_grad or compiling:
+        return _ops.fwd(*args)[0]
+    # No gradient can be taken: skip the Python autograd wrapper (torch.library's register_autograd), which would
+    # only redispatch below autograd itself; on short calls (decode) it costs as much as a small kernel.
+    with torch._C._AutoDispatchBelowAutograd():
+        return _ops.fwd(*args)[0]
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
