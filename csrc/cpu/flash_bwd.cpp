@@ -106,7 +106,7 @@ struct BwdKernel {
                                  _mm512_mul_ps(_mm512_maskz_loadu_ps(k, lse + r), vl2e));
       if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bias + r), vl2e, x);
       if (key_bias != 0.f) x = _mm512_add_ps(x, vkb);
-      const __m512 pr = exp2_512<kVnni<C> ? 4 : 7>(x, k);
+      const __m512 pr = exp2_512<kExpDegree<C>>(x, k);
       __m512 dp = _mm512_maskz_loadu_ps(k, dprow + r);
       __m512 pd = pr;
       if (f) {

@@ -30,9 +30,10 @@ inline bool has_nan(const float* x, int64_t n) {
 
 #define SDPAX_INLINE inline __attribute__((always_inline))
 
-// 2^x for the lanes in `keep` (others 0): x = n + f with |f| <= 1/2, 2^f by its Taylor polynomial in f ln2
-// (degree 7 for float32 results, truncation below 1e-8 relative; degree 4, below 5e-5, when the probabilities
-// are rounded to bfloat16, whose own rounding is 2e-3), 2^n applied by vscalefps. Lanes below 2^-125 are
+// 2^x for the lanes in `keep` (others 0): x = n + f with |f| <= 1/2, 2^f by a polynomial in f (degree 7 Taylor
+// for float32 results, truncation below 1e-8 relative; degree 3 fitted for least maximum relative error, 7.5e-5,
+// when the probabilities are rounded to bfloat16, whose own rounding is 2e-3: one FMA fewer per 16 scores in the
+// loop that bounds the bfloat16 forward), 2^n applied by vscalefps. Lanes below 2^-125 are
 // flushed to exactly 0 (so -inf, a masked score, gives 0): denormal results would cost a microcode assist of
 // ~100 cycles in every instruction that touches them. No clamping is needed: -inf and NaN only produce NaN in
 // lanes that are either zeroed or NaN anyway, +inf saturates (the lazy-rescale pass then redoes the row), and
@@ -42,12 +43,17 @@ SDPAX_INLINE __m512 exp2_512(__m512 x, __mmask16 keep = 0xffff) {
   const __mmask16 live = keep & _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  constexpr float c[8] = {1.f, 0.6931471806f, 0.2402265070f, 0.0555041087f, 0.0096181291f, 0.0013333558f,
-                          0.0001540353f, 0.0000152527f};
+  constexpr float taylor[8] = {1.f, 0.6931471806f, 0.2402265070f, 0.0555041087f, 0.0096181291f, 0.0013333558f,
+                               0.0001540353f, 0.0000152527f};
+  constexpr float fit3[4] = {0.99992807f, 0.69326099f, 0.24261117f, 0.05517164f};
+  const float* c = Degree == 3 ? fit3 : taylor;
   __m512 p = _mm512_set1_ps(c[Degree]);
   for (int d = Degree - 1; d >= 0; --d) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[d]));
   return _mm512_maskz_scalef_ps(live, p, n);
 }
+
+// Degree of exp2_512 for probabilities stored as C (float32, or bfloat16 for the AMX GEMMs).
+template <class C> constexpr int kExpDegree = std::is_same_v<C, float> ? 7 : 3;
 
 inline Vec fast_exp(const Vec& x) { return Vec(exp2_512<7>(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)))); }
 
@@ -96,7 +102,7 @@ SDPAX_INLINE __mmask16 visible(const uint8_t* keep, int64_t j, __mmask16 k) {
 template <class C, bool HwBf16>
 SDPAX_INLINE float exp_pass(const float* s, const float* bias, const uint8_t* keep, const float* drop, int64_t lim,
                             __m512 vs, float m, C* pout, __m512& vmax_shifted) {
-  constexpr int kDeg = std::is_same_v<C, float> ? 7 : 4;
+  constexpr int kDeg = kExpDegree<C>;
   const __m512 neg_m = _mm512_set1_ps(-m), vl2e = _mm512_set1_ps(kLog2e);
   __m512 vsum = _mm512_setzero_ps(), vmax = _mm512_set1_ps(kNegInf);
   for (int64_t j = 0; j < lim; j += 16) {
