@@ -97,10 +97,14 @@ def torch_fused_grads(q, k, v, dout, mask, causal, scale):
     if causal == 2:
         mask = torch.arange(S, device=DEV)[None, :] <= torch.arange(L, device=DEV)[:, None] + (S - L)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    # GQA as repeated K/V (autograd sums dK, dV over the group): torch runs enable_gqa calls on its math backend,
+    # which is the autograd reference again, not its fused kernel.
+    G = q.shape[-3] // k.shape[-3]
+    kk, vv = (t.repeat_interleave(G, dim=-3) for t in leaves[1:])
     try:
         with fp32_exact():
-            out = F.scaled_dot_product_attention(*leaves, attn_mask=mask, is_causal=causal == 1, scale=scale,
-                                                 enable_gqa=q.shape[-3] != k.shape[-3])
+            out = F.scaled_dot_product_attention(leaves[0], kk, vv, attn_mask=mask, is_causal=causal == 1,
+                                                 scale=scale)
             return torch.autograd.grad(out, leaves, dout)
     except RuntimeError:  # a call torch cannot make: the autograd reference alone is the baseline
         return [None] * 3
