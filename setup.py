@@ -25,7 +25,7 @@ DEBUG = os.environ.get("SDPAX_DEBUG", "0") == "1"
 
 # The fused FLASH_ATTENTION kernels in this source tree: device -> dtypes they run. Written into the generated
 # build config (CUDA only when the CUDA kernels are compiled); the backend selector reads it from there.
-FLASH_KERNELS = {"cpu": ["float32", "bfloat16", "float16"], "cuda": ["bfloat16", "float16"]}  # float64: MATH
+FLASH_KERNELS = {"cpu": ["float32", "bfloat16", "float16"], "cuda": ["float32", "bfloat16", "float16"]}  # float64: MATH
 
 
 def _cpu_flags():

@@ -3,11 +3,13 @@
     python benchmarks/cuda_flash.py                 # full table, writes benchmarks/RESULTS-cuda.md
     python benchmarks/cuda_flash.py --quick         # a few rows
     python benchmarks/cuda_flash.py --no-write      # print only
+    python benchmarks/cuda_flash.py --only fp32     # rows whose name contains "fp32"
 
 Builds nothing. Medians of triton.testing.do_bench (CUDA events). TFLOP/s counts 4*B*H*L*S*D per forward (half of
 that when causal) and 2.5x that for the backward; decode rows report time and the K/V bytes per second.
-Columns: sdpax (default selection, which is FLASH on CUDA for bf16/fp16), torch default F.scaled_dot_product_attention
-(cuDNN on H100) and torch forced to FLASH_ATTENTION (FA2); 'n/a' where torch cannot run the row.
+Columns: sdpax (default selection: FLASH on CUDA for bf16/fp16/fp32), torch default F.scaled_dot_product_attention
+(cuDNN on H100 for bf16, memory-efficient for fp32) and torch forced to FLASH_ATTENTION (FA2); 'n/a' where torch
+cannot run the row.
 """
 from __future__ import annotations
 
@@ -45,8 +47,11 @@ def rows(quick: bool):
     out.append(("sinks d128 L4k", 4, 16, 16, 4096, 4096, 128, bf16, "sinks"))
     out.append(("same, no sinks", 4, 16, 16, 4096, 4096, 128, bf16, "plain"))
     out.append(("decode L1 S32k gqa 32/8 d128", 16, 32, 8, 1, 32768, 128, bf16, "decode"))
+    # float32 (split-TF32 kernels): the 16k-token shape of issue 4, plain and causal
+    out.append(("fp32 d64 L2k", 8, 16, 16, 2048, 2048, 64, f32, "plain"))
     if not quick:
-        out.append(("fp32 d64 L2k", 8, 32, 32, 2048, 2048, 64, f32, "plain"))
+        out.append(("fp32 d64 L2k causal", 8, 16, 16, 2048, 2048, 64, f32, "causal"))
+        out.append(("fp32 d128 L2k", 8, 16, 16, 2048, 2048, 128, f32, "plain"))
     return out
 
 
@@ -134,13 +139,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--results", default=str(HERE / "RESULTS-cuda.md"))
+    ap.add_argument("--only", default=None, help="only rows whose name contains this")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or not sdpax.build_config.WITH_CUDA:
         print("cuda_flash: needs a CUDA device and a CUDA build of sdpax")
         return 1
     header = "| shape | pass | sdpax backend | sdpax TFLOP/s | torch default | torch FA2 | vs default | vs FA2 |"
     lines = [header, "|" + "---|" * 8]
-    for row in rows(args.quick):
+    for row in [r for r in rows(args.quick) if args.only is None or args.only in r[0]]:
         for backward in (False, True):
             if row[-1] == "decode" and backward:
                 continue

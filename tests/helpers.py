@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import sdpax
 from sdpax import SDPBackend
-from sdpax._select import LIMITS
+from sdpax._select import LIMITS, Call, reasons
 
 UPPER_LEFT, LOWER_RIGHT = 1, 2
 
@@ -26,12 +26,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
-def backends_for(device: str, dtype: torch.dtype) -> list:
-    """The backends that claim this device and dtype in this build (so FLASH grids run where FLASH exists)."""
+def backends_for(device: str, dtype: torch.dtype, head_dims=None) -> list:
+    """The backends that claim this device and dtype in this build (so FLASH grids run where FLASH exists).
+    head_dims=(E, Ev): also leave out a fused kernel that declines those head dims (e.g. CUDA's multiples of 8)."""
     out = [SDPBackend.MATH]
     flash = LIMITS[SDPBackend.FLASH_ATTENTION].devices
     if device in flash and dtype in flash[device]:
-        out.append(SDPBackend.FLASH_ATTENTION)
+        if head_dims is None or not reasons(SDPBackend.FLASH_ATTENTION,
+                                            Call(torch.device(device), dtype, *head_dims, False)):
+            out.append(SDPBackend.FLASH_ATTENTION)
     return out
 
 

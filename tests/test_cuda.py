@@ -1,5 +1,6 @@
-"""CUDA FLASH_ATTENTION kernels: parity with a float64 reference (within a multiple of low-precision attention's own
-error), every fused feature, dropout masks identical to MATH, CUDA graphs, opcheck, torch.compile, memory.
+"""CUDA FLASH_ATTENTION kernels: parity with a float64 reference (within a multiple of the same-dtype attention's own
+error: bfloat16/float16 with float32 softmax, float32 with true float32 matrix products, never TF32), every fused
+feature, dropout masks identical to MATH, CUDA graphs, opcheck, torch.compile, memory.
 
 Skips cleanly without a GPU or without the CUDA build.
 """
@@ -8,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sdpax
 from sdpax import SDPBackend, sdpa_kernel
@@ -26,7 +28,8 @@ FLASH, MATH = int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.MATH)
 
 def reference(q, k, v, mask=None, causal=0, scale=None, sinks=None, compute=torch.float64):
     """Attention written out with plain torch ops. compute=float64: the golden answer. compute=q.dtype: what
-    low-precision attention itself gets (matrix products rounded to the input dtype, softmax in float32)."""
+    attention in that dtype itself gets (matrix products rounded to the input dtype, softmax in float32; for float32,
+    cuBLAS float32 products as long as TF32 is off, see fp32_exact)."""
     L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1 / math.sqrt(E) if scale is None else scale
     G = q.shape[-3] // k.shape[-3]
@@ -60,10 +63,51 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / (b.double().norm() + floor)).item()
 
 
-def assert_close(ours, golden, base, k=3.0, floor=2e-3, what="out"):
+def assert_close(ours, golden, base, k=3.0, floor=2e-3, what="out", alt=None):
+    """alt: another same-dtype result (torch's fused kernel); the larger of the two errors is the baseline."""
     e_ours, e_base = rel_err(ours, golden), rel_err(base, golden)
+    if alt is not None and torch.isfinite(alt).all():
+        e_base = max(e_base, rel_err(alt, golden))
     assert torch.isfinite(ours).all(), f"{what}: non-finite values"
-    assert e_ours <= k * e_base + floor, f"{what}: err {e_ours:.3e} vs low-precision attention {e_base:.3e}"
+    assert e_ours <= k * e_base + floor, f"{what}: err {e_ours:.3e} vs same-dtype attention {e_base:.3e}"
+
+
+# (k, output floor, gradient floor) of assert_close per dtype. float32: a floor about 20x below what TF32 products
+# give (~2e-4 relative), so a silent TF32 kernel fails, and k = 5 over torch's own float32 error.
+TOL = {torch.bfloat16: (3.0, 2e-3, 5e-3), torch.float16: (3.0, 2e-3, 5e-3), torch.float32: (5.0, 1e-5, 1e-5)}
+
+
+@contextlib.contextmanager
+def fp32_exact():
+    """The float32 baselines must not use TF32 themselves (torch's default, asserted rather than assumed)."""
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+def torch_fused_grads(q, k, v, dout, mask, causal, scale):
+    """float32 gradients of torch's own F.scaled_dot_product_attention (its default fused backward) on the same
+    inputs. Its dS = P (dP - rowsum(dO O)) cancels to rounding error where the exact gradient is 0 (a row with one
+    visible key): the autograd reference gets exactly 0 there, torch's kernel (and any FlashAttention-style one)
+    gets float32 rounding of dP, so this is the float32 baseline too."""
+    L, S = q.shape[-2], k.shape[-2]
+    if causal == 2:
+        mask = torch.arange(S, device=DEV)[None, :] <= torch.arange(L, device=DEV)[:, None] + (S - L)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    # GQA as repeated K/V (autograd sums dK, dV over the group): torch runs enable_gqa calls on its math backend,
+    # which is the autograd reference again, not its fused kernel.
+    G = q.shape[-3] // k.shape[-3]
+    kk, vv = (t.repeat_interleave(G, dim=-3) for t in leaves[1:])
+    try:
+        with fp32_exact():
+            out = F.scaled_dot_product_attention(leaves[0], kk, vv, attn_mask=mask, is_causal=causal == 1,
+                                                 scale=scale)
+            return torch.autograd.grad(out, leaves, dout)
+    except RuntimeError:  # a call torch cannot make: the autograd reference alone is the baseline
+        return [None] * 3
 
 
 def make(shape, dtype, gen, requires_grad=True):
@@ -105,6 +149,8 @@ def check_case(B, Hq, Hkv, L, S, E, Ev, dtype, mask_kind=None, causal=0, sinks=F
         mask = torch.rand((L, S), generator=gen, device=DEV) > 0.5
         mask[::3] = False
     snk = (torch.randn(Hq, generator=gen, device=DEV) * 2).requires_grad_() if sinks else None
+    # A mask and a causal alignment cannot both reach sdpax (a CausalBias is the mask): one or the other.
+    assert mask is None or not causal, "check_case takes a mask kind or a causal alignment, not both"
     kw = dict(scale=scale, enable_gqa=Hq != Hkv, sinks=snk)
     if causal == 1:
         kw["is_causal"] = True
@@ -121,27 +167,33 @@ def check_case(B, Hq, Hkv, L, S, E, Ev, dtype, mask_kind=None, causal=0, sinks=F
     assert out.shape == (*q.shape[:-1], Ev) and out.dtype == dtype
 
     d = dict(mask=mask, causal=causal, scale=scale)
-    golden = reference(q.detach(), k.detach(), v.detach(), sinks=None if snk is None else snk.detach(), **d)
-    base = reference(q.detach(), k.detach(), v.detach(), sinks=None if snk is None else snk.detach(), compute=dtype,
-                     **d)
-    assert_close(out, golden, base)
+    k_tol, floor, g_floor = TOL[dtype]
+    with fp32_exact():
+        golden = reference(q.detach(), k.detach(), v.detach(), sinks=None if snk is None else snk.detach(), **d)
+        base = reference(q.detach(), k.detach(), v.detach(), sinks=None if snk is None else snk.detach(),
+                         compute=dtype, **d)
+    assert_close(out, golden, base, k=k_tol, floor=floor)
     if not backward:
         return
     dout = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
     leaves = [q, k, v] + ([snk] if snk is not None else [])
     grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    g_golden = torch.autograd.grad(reference(*ref_leaves[:3], sinks=ref_leaves[3] if snk is not None else None, **d),
-                                   ref_leaves, dout.double())
     base_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    g_base = torch.autograd.grad(reference(*base_leaves[:3], sinks=base_leaves[3] if snk is not None else None,
-                                           compute=dtype, **d), base_leaves, dout)
-    for name, a, g, bse in zip("q k v sinks".split(), grads, g_golden, g_base):
+    with fp32_exact():
+        g_golden = torch.autograd.grad(reference(*ref_leaves[:3], sinks=ref_leaves[3] if snk is not None else None,
+                                                 **d), ref_leaves, dout.double())
+        g_base = torch.autograd.grad(reference(*base_leaves[:3], sinks=base_leaves[3] if snk is not None else None,
+                                               compute=dtype, **d), base_leaves, dout)
+    g_torch = [None] * len(leaves)
+    if dtype == torch.float32 and snk is None:
+        g_torch = torch_fused_grads(q, k, v, dout, mask, causal, scale)
+    for name, a, g, bse, alt in zip("q k v sinks".split(), grads, g_golden, g_base, g_torch):
         assert a.shape == g.shape
-        assert_close(a, g, bse, floor=5e-3, what=f"d{name}")
+        assert_close(a, g, bse, k=k_tol, floor=g_floor, what=f"d{name}", alt=alt)
 
 
-DTYPES = [torch.bfloat16, torch.float16]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 LENGTHS = [(1, 1), (7, 97), (97, 7), (1025, 1025), (97, 1025), (1, 1025)]
 HEAD_DIMS = [64, 72, 80, 96, 128, 256]
 
@@ -174,57 +226,84 @@ FEATURES = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("L,S", [(97, 200), (200, 97), (1, 300), (256, 256)], ids=str)
 @pytest.mark.parametrize("E", [64, 128])
-def test_features(feature, L, S, E):
+def test_features(feature, L, S, E, dtype):
     f = dict(FEATURES[feature])
     hq, hkv = (8, 2) if f.pop("gqa", False) else (4, 4)
     ev = f.pop("ev", E)
-    check_case(2, hq, hkv, L, S, E, ev, torch.bfloat16, **f)
+    check_case(2, hq, hkv, L, S, E, ev, dtype, **f)
 
 
-@pytest.mark.parametrize("feature", ["causal_ul", "bool", "sinks", "gqa_mask_sinks"])
-def test_features_fp16_d256(feature):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("feature", ["causal_ul", "causal_lr", "bool", "add_f32", "sinks", "gqa_mask_sinks"])
+def test_features_d256(feature, dtype):
     f = dict(FEATURES[feature])
     hq, hkv = (8, 2) if f.pop("gqa", False) else (4, 4)
-    check_case(1, hq, hkv, 129, 300, 256, 256, torch.float16, **f)
+    check_case(1, hq, hkv, 129, 300, 256, 256, dtype, **f)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("S", [4097, 32768])
-def test_decode_split_keys(S):
+def test_decode_split_keys(S, dtype):
     # L = 1 with GQA 32/8: the split-key path (blocks over key ranges merged by log-sum-exp).
-    check_case(2, 32, 8, 1, S, 128, 128, torch.bfloat16, sinks=True, backward=S < 10000)
-    check_case(2, 32, 8, 3, S, 64, 64, torch.bfloat16, causal=2, mask_kind="pad", backward=False)
+    check_case(2, 32, 8, 1, S, 128, 128, dtype, sinks=True, backward=S < 10000)
+    check_case(2, 32, 8, 3, S, 64, 64, dtype, causal=2, backward=False)
+    check_case(2, 32, 8, 3, S, 64, 64, dtype, mask_kind="pad", backward=False)
+
+
+@pytest.mark.parametrize("E", [64, 128])
+def test_fp32_is_not_tf32(E):
+    """float32 FLASH error stays at float32 level: far below what the same attention with TF32 products gets."""
+    gen = torch.Generator(device=DEV).manual_seed(21)
+    q, k, v = (make((2, 4, 1025, E), torch.float32, gen, False) for _ in range(3))
+    out = flash(q, k, v, is_causal=True)
+    golden = reference(q, k, v, causal=1)
+    with fp32_exact():
+        e_f32 = rel_err(reference(q, k, v, causal=1, compute=torch.float32), golden)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        e_tf32 = rel_err(reference(q, k, v, causal=1, compute=torch.float32), golden)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    e_ours = rel_err(out, golden)
+    assert e_ours <= 5 * e_f32 + 1e-6 and e_ours * 20 < e_tf32, (e_ours, e_f32, e_tf32)
 
 
 # ---- dropout ----
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("gqa", [False, True])
 @pytest.mark.parametrize("mask", [False, True])
-def test_dropout_same_elements_as_math(gqa, mask):
+def test_dropout_same_elements_as_math(gqa, mask, dtype):
     gen = torch.Generator(device=DEV).manual_seed(3)
     B, hq, hkv, L, S, E = 2, 4, (2 if gqa else 4), 67, 131, 64
-    q = make((B, hq, L, E), torch.bfloat16, gen)
-    k = make((B, hkv, S, E), torch.bfloat16, gen)
-    v = make((B, hkv, S, E), torch.bfloat16, gen)
+    q = make((B, hq, L, E), dtype, gen)
+    k = make((B, hkv, S, E), dtype, gen)
+    v = make((B, hkv, S, E), dtype, gen)
+    # Different keep masks change each output row by O(1); identical ones leave rounding only.
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
     m = (torch.rand(B, 1, 1, S, generator=gen, device=DEV) > 0.2) if mask else None
     rng = torch.tensor([1234567891234, 77], dtype=torch.int64, device=DEV)
     args = (m, 0.3, 0, 1 / 8, gqa, None, rng)
     o_f, lse_f = torch.ops.sdpax.fwd(q, k, v, *args, FLASH)
-    o_m, lse_m = torch.ops.sdpax.fwd(q, k, v, *args, MATH)
-    # Different keep masks would change each output row by O(1); identical masks leave bf16 rounding only.
-    assert (o_f.float() - o_m.float()).abs().max().item() < 2e-2
-    assert (lse_f - lse_m).abs().max().item() < 1e-3
+    with fp32_exact():
+        o_m, lse_m = torch.ops.sdpax.fwd(q, k, v, *args, MATH)
+    assert (o_f.float() - o_m.float()).abs().max().item() < tol
+    assert (lse_f - lse_m).abs().max().item() < min(tol, 1e-3)
     # and the mask does matter: another offset gives a different result
     rng2 = torch.tensor([1234567891234, 78], dtype=torch.int64, device=DEV)
     o_2, _ = torch.ops.sdpax.fwd(q, k, v, m, 0.3, 0, 1 / 8, gqa, None, rng2, FLASH)
     assert (o_2.float() - o_m.float()).abs().max().item() > 0.1
-    dout = torch.randn(o_f.shape, generator=gen, device=DEV).to(torch.bfloat16)
+    dout = torch.randn(o_f.shape, generator=gen, device=DEV).to(dtype)
     g_f = torch.ops.sdpax.bwd(dout, q, k, v, m, o_f, lse_f, 0.3, 0, 1 / 8, gqa, None, rng, FLASH, False)
-    g_m = torch.ops.sdpax.bwd(dout, q, k, v, m, o_m, lse_m, 0.3, 0, 1 / 8, gqa, None, rng, MATH, False)
+    with fp32_exact():
+        g_m = torch.ops.sdpax.bwd(dout, q, k, v, m, o_m, lse_m, 0.3, 0, 1 / 8, gqa, None, rng, MATH, False)
     for a, b in zip(g_f[:3], g_m[:3]):
-        assert rel_err(a, b) < 2e-2
+        assert rel_err(a, b) < tol
 
 
 def test_dropout_statistics():
@@ -324,7 +403,7 @@ def test_head_dim_256_with_gradient_routes_to_math():
 
 
 def test_reasons_route_unsupported_to_math():
-    for dtype, E in [(torch.float32, 64), (torch.bfloat16, 20), (torch.bfloat16, 264)]:
+    for dtype, E in [(torch.float64, 64), (torch.bfloat16, 20), (torch.float32, 264)]:
         q = torch.randn(1, 2, 16, E, device=DEV, dtype=dtype)
         ex = sdpax.explain(q, q, q)
         assert ex.backend == SDPBackend.MATH and ex.reasons[SDPBackend.FLASH_ATTENTION], str(ex)
@@ -357,14 +436,15 @@ def test_memory_32k(mask):
     assert rel_err(out[:, :, rows], sub_ref) < 1e-2
 
 
-def test_more_than_2_31_elements():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_more_than_2_31_elements(dtype):
     # q and out hold 2^31 + 448 elements: every offset must be 64-bit.
     L, E = 2 ** 25 + 7, 64
     gen = torch.Generator(device=DEV).manual_seed(17)
-    q = torch.randn(1, 1, L, E, generator=gen, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(1, 1, 37, E, generator=gen, device=DEV, dtype=torch.bfloat16)
-    v = torch.randn(1, 1, 37, E, generator=gen, device=DEV, dtype=torch.bfloat16)
+    q = torch.randn(1, 1, L, E, generator=gen, device=DEV, dtype=dtype)
+    k = torch.randn(1, 1, 37, E, generator=gen, device=DEV, dtype=dtype)
+    v = torch.randn(1, 1, 37, E, generator=gen, device=DEV, dtype=dtype)
     out = flash(q, k, v)
     rows = torch.tensor([0, 2 ** 24, L - 2, L - 1], device=DEV)
-    assert rel_err(out[:, :, rows], reference(q[:, :, rows], k, v)) < 1e-2
+    assert rel_err(out[:, :, rows], reference(q[:, :, rows], k, v)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
     del out

@@ -1,4 +1,4 @@
-// FlashAttention-2-style backward kernels (tensor cores through mma.sync).
+// FlashAttention-2-style backward kernels (tensor cores through mma.sync; float inputs in split TF32, mma.h).
 //
 //   bwd_delta_kernel  Delta_i = rowsum(dO_i * O_i) (float32), one warp per row.
 //   bwd_kernel        one block per (key block, batch * kv head). Each warp owns 16 keys and works on transposed
@@ -33,24 +33,27 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const __grid_constant__ 
   if (lane == 0) delta[row] = acc;
 }
 
-template <int D>
+template <class T, int D>
 struct BwdCfg {
-  // 8 warps x 16 keys: dQ atomics per flop fall as 1 / kBN.
-  static constexpr int kWarps = 8;
-  static constexpr int kBN = kWarps * 16;         // keys per block (16 per warp)
-  static constexpr int kBM = D <= 64 ? 64 : 32;   // queries per inner step
+  static constexpr bool kF32 = sizeof(T) == 4;
+  // 8 warps x 16 keys: dQ atomics per flop fall as 1 / kBN. float at d128: 4 warps, so that K, V and the Q / dO
+  // buffers (twice the bytes) stay within 136 KB, which an sm80 block can have.
+  static constexpr int kWarps = kF32 && D > 64 ? 4 : 8;
+  static constexpr int kBN = kWarps * 16;                        // keys per block (16 per warp)
+  static constexpr int kBM = D <= 64 && !kF32 ? 64 : 32;        // queries per inner step
   static constexpr int kThreads = kWarps * 32;
-  // K, V, 2 x (Q, dO), dS^T
-  static constexpr int kSmem = 2 * kBN * D * 2 + 4 * kBM * D * 2 + kBN * kBM * 2 + 2 * 2 * kBM * 4;
+  // K, V, 2 x (Q, dO), dS^T; lse and Delta
+  static constexpr int kSmem = (2 * kBN * D + 4 * kBM * D + kBN * kBM) * static_cast<int>(sizeof(T)) + 2 * 2 * kBM * 4;
 };
 
 template <class T, int D, bool kGeneral>
-__global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __grid_constant__ AttnParams p) {
-  using Cfg = BwdCfg<D>;
+__global__ void __launch_bounds__(BwdCfg<T, D>::kThreads, 1) bwd_kernel(const __grid_constant__ AttnParams p) {
+  using Cfg = BwdCfg<T, D>;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kThreads, NW = Cfg::kWarps;
-  using KTile = SmemTile<BN, D>;
-  using QTile = SmemTile<BM, D>;
-  using STile = SmemTile<BN, BM>;
+  using KTile = SmemTile<BN, D, T>;
+  using QTile = SmemTile<BM, D, T>;
+  using STile = SmemTile<BN, BM, T>;
+  constexpr int kVec = KTile::kVec;  // elements per 16-byte copy
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sK = smem_u32(smem);
   const uint32_t sV = sK + KTile::kBytes;
@@ -88,10 +91,10 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __gri
                        int valid_rows, int cols, auto tile) {
     using Tile = decltype(tile);
     const T* src0 = static_cast<const T*>(base) + off;
-    for (int idx = tid; idx < nrows * (D / 8); idx += NT) {
-      const int r = idx / (D / 8), c = idx % (D / 8);
-      const bool ok = r0 + r < valid_rows && c * 8 < cols;
-      cp_async16(dst + Tile::offset(r, c), ok ? src0 + static_cast<int64_t>(r0 + r) * st.r + c * 8 : src0, ok);
+    for (int idx = tid; idx < nrows * (D / kVec); idx += NT) {
+      const int r = idx / (D / kVec), c = idx % (D / kVec);
+      const bool ok = r0 + r < valid_rows && c * kVec < cols;
+      cp_async16(dst + Tile::offset(r, c), ok ? src0 + static_cast<int64_t>(r0 + r) * st.r + c * kVec : src0, ok);
     }
   };
   const int64_t k_off = b * p.k_st.b + static_cast<int64_t>(hk) * p.k_st.h;
@@ -173,18 +176,18 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __gri
       for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {  // full bucket: padding columns are zero, loops stay branch-free
-      uint32_t a[4], av[4];
-      ldmatrix_x4(a, KTile::a_addr(sK, warp * 16, kk * 16, lane));
-      ldmatrix_x4(av, KTile::a_addr(sV, warp * 16, kk * 16, lane));
+      FragA<T> a, av;
+      KTile::lda(a, sK, warp * 16, kk * 16, lane);
+      KTile::lda(av, sV, warp * 16, kk * 16, lane);
 #pragma unroll
       for (int np = 0; np < BM / 16; ++np) {
-        uint32_t bb[4], bd[4];
-        ldmatrix_x4(bb, QTile::b_addr(sQ, np * 16, kk * 16, lane));
-        ldmatrix_x4(bd, QTile::b_addr(sdO, np * 16, kk * 16, lane));
-        mma16816<T>(st[2 * np], a, bb[0], bb[1]);
-        mma16816<T>(st[2 * np + 1], a, bb[2], bb[3]);
-        mma16816<T>(dpt[2 * np], av, bd[0], bd[1]);
-        mma16816<T>(dpt[2 * np + 1], av, bd[2], bd[3]);
+        FragB<T> bb, bd;
+        QTile::ldb(bb, sQ, np * 16, kk * 16, lane);
+        QTile::ldb(bd, sdO, np * 16, kk * 16, lane);
+        mma(st[2 * np], a, bb, 0);
+        mma(st[2 * np + 1], a, bb, 1);
+        mma(dpt[2 * np], av, bd, 0);
+        mma(dpt[2 * np + 1], av, bd, 1);
       }
     }
 
@@ -222,34 +225,26 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __gri
     // dV += P_drop^T dO, dK += dS^T Q (A operands straight from the C fragments).
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
-      uint32_t ap[4], as[4];
-      ap[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
-      ap[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
-      ap[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      ap[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-      as[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
-      as[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
-      as[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-      as[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      FragA<T> ap, as;
+      a_from_c(ap, st[2 * kk], st[2 * kk + 1]);
+      a_from_c(as, dpt[2 * kk], dpt[2 * kk + 1]);
       // dS^T to shared memory for dQ (rows = keys, columns = queries).
       {
-        const int row = warp * 16 + g;
-        const int c0 = 2 * kk, c1 = 2 * kk + 1;  // 8-column chunks of this k16 step
-        unsigned char* base = sS_ptr;
-        *reinterpret_cast<uint32_t*>(base + STile::offset(row, c0) + 4 * t) = as[0];
-        *reinterpret_cast<uint32_t*>(base + STile::offset(row + 8, c0) + 4 * t) = as[1];
-        *reinterpret_cast<uint32_t*>(base + STile::offset(row, c1) + 4 * t) = as[2];
-        *reinterpret_cast<uint32_t*>(base + STile::offset(row + 8, c1) + 4 * t) = as[3];
+        const int row = warp * 16 + g, col = kk * 16 + 2 * t;
+        STile::st2(sS_ptr, row, col, dpt[2 * kk][0], dpt[2 * kk][1]);
+        STile::st2(sS_ptr, row + 8, col, dpt[2 * kk][2], dpt[2 * kk][3]);
+        STile::st2(sS_ptr, row, col + 8, dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+        STile::st2(sS_ptr, row + 8, col + 8, dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
       }
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
-        uint32_t bb[4], bq[4];
-        ldmatrix_x4_trans(bb, QTile::a_addr(sdO, kk * 16, dn * 16, lane));
-        ldmatrix_x4_trans(bq, QTile::a_addr(sQ, kk * 16, dn * 16, lane));
-        mma16816<T>(acc_dv[2 * dn], ap, bb[0], bb[1]);
-        mma16816<T>(acc_dv[2 * dn + 1], ap, bb[2], bb[3]);
-        mma16816<T>(acc_dk[2 * dn], as, bq[0], bq[1]);
-        mma16816<T>(acc_dk[2 * dn + 1], as, bq[2], bq[3]);
+        FragB<T> bb, bq;
+        QTile::ldb_t(bb, sdO, kk * 16, dn * 16, lane);
+        QTile::ldb_t(bq, sQ, kk * 16, dn * 16, lane);
+        mma(acc_dv[2 * dn], ap, bb, 0);
+        mma(acc_dv[2 * dn + 1], ap, bb, 1);
+        mma(acc_dk[2 * dn], as, bq, 0);
+        mma(acc_dk[2 * dn + 1], as, bq, 1);
       }
     }
     __syncthreads();
@@ -268,14 +263,14 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __gri
       if (c_begin < E) {
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-          uint32_t a[4];
-          ldmatrix_x4_trans(a, STile::b_addr(sS, kk * 16, mt * 16, lane));
+          FragA<T> a;
+          STile::lda_t(a, sS, kk * 16, mt * 16, lane);
 #pragma unroll
           for (int dn = 0; dn < kCols / 16; ++dn) {
-            uint32_t bb[4];
-            ldmatrix_x4_trans(bb, KTile::a_addr(sK, kk * 16, c_begin + dn * 16, lane));
-            mma16816<T>(acc_dq[2 * dn], a, bb[0], bb[1]);
-            mma16816<T>(acc_dq[2 * dn + 1], a, bb[2], bb[3]);
+            FragB<T> bb;
+            KTile::ldb_t(bb, sK, kk * 16, c_begin + dn * 16, lane);
+            mma(acc_dq[2 * dn], a, bb, 0);
+            mma(acc_dq[2 * dn + 1], a, bb, 1);
           }
         }
 #pragma unroll
@@ -311,11 +306,8 @@ __global__ void __launch_bounds__(BwdCfg<D>::kThreads, 1) bwd_kernel(const __gri
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
       const int c = dn * 8 + 2 * t;
-      if (c < E)
-        *reinterpret_cast<uint32_t*>(dk + c) =
-            pack2<T>(acc_dk[dn][hf * 2] * p.scale, acc_dk[dn][hf * 2 + 1] * p.scale);
-      if (c < Ev)
-        *reinterpret_cast<uint32_t*>(dv + c) = pack2<T>(acc_dv[dn][hf * 2], acc_dv[dn][hf * 2 + 1]);
+      if (c < E) st2<T>(dk + c, acc_dk[dn][hf * 2] * p.scale, acc_dk[dn][hf * 2 + 1] * p.scale);
+      if (c < Ev) st2<T>(dv + c, acc_dv[dn][hf * 2], acc_dv[dn][hf * 2 + 1]);
     }
   }
 }

@@ -2,11 +2,11 @@
 //
 // One block computes BM rows of one (batch, kv head). With GQA the G query heads that share a kv head are packed
 // into the row dimension (row r -> head hk*G + r / L, position r % L), so K/V tiles are loaded once for the whole
-// group and never copied. Each warp owns kMT x 16 rows; S = Q K^T and O += P V run on mma.m16n8k16 with P kept in
-// registers. K/V tiles stream through a two-stage cp.async pipeline: the next visible tile loads while the current
+// group and never copied. Each warp owns kMT x 16 rows; S = Q K^T and O += P V run on tensor cores (mma.h: one
+// m16n8k16 per step for 16-bit inputs, split TF32 for float) with P kept in registers. K/V tiles stream through a two-stage cp.async pipeline: the next visible tile loads while the current
 // one computes.
 //
-// Variants: element type T, head-dim bucket D (E, Ev <= D, padded with zeros in shared memory) and kKind:
+// Variants: element type T (bfloat16, float16, float), head-dim bucket D (E, Ev <= D, padded with zeros in shared memory) and kKind:
 //   0 plain    no mask, no dropout (causal, sinks, GQA, scale are run-time)
 //   1 general  attention mask and/or dropout
 //   2 decode   plain, for at most 16 rows per (batch, kv head) (decode, GQA groups of L = 1): one-warp blocks of 16
@@ -19,29 +19,37 @@
 namespace sdpax {
 namespace cuda {
 
-template <int D, int kKind>
+template <class T, int D, int kKind>
 struct FwdCfg {
+  static constexpr bool kF32 = sizeof(T) == 4;
   // 4 warps, so that two blocks share a multiprocessor and hide each other's barriers and load latency (decode: 1).
   static constexpr int kWarps = kKind == 2 ? 1 : 4;
-  static constexpr int kMT = kKind == 2 ? 1 : (D <= 128 ? 2 : 1);  // 16-row m-tiles per warp
+  // 16-row m-tiles per warp. float tiles take twice the shared memory and split operands twice the registers:
+  // two m-tiles only at d64.
+  static constexpr int kMT = kKind == 2 ? 1 : (D <= (kF32 ? 64 : 128) ? 2 : 1);
   static constexpr int kBM = kWarps * 16 * kMT;
   // Keys per tile. d128: 64 for the plain variant (measured +5% over 32 on the H100); the mask/dropout variant keeps
   // 32, which holds its spills down (64 measured 6% slower there). d256: 32 keeps two stages of K/V in 96 KB.
-  static constexpr int kBN = kKind == 2 ? 32 : (D == 64 ? 64 : (D == 128 && kKind == 0 ? 64 : 32));
+  // float: half the keys where the tiles would otherwise not fit (d128: 96 KB, two blocks per multiprocessor;
+  // d256: 16 keys, 128 KB, which the 163 KB of an sm80 block also holds).
+  static constexpr int kBN16 = kKind == 2 ? 32 : (D == 64 ? 64 : (D == 128 && kKind == 0 ? 64 : 32));
+  static constexpr int kBN32 = D == 64 ? (kKind == 0 ? 64 : 32) : (D == 128 ? 32 : 16);
+  static constexpr int kBN = kF32 ? kBN32 : kBN16;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kStages = 2;  // K/V tiles in flight: tile j + 1 loads while tile j computes
   static constexpr int kMaskBytes = kBM * kBN;  // one stage of a staged bool mask tile
-  static constexpr int kSmem = (kBM + 2 * kStages * kBN) * D * 2 + kStages * kMaskBytes;
+  static constexpr int kSmem = (kBM + 2 * kStages * kBN) * D * static_cast<int>(sizeof(T)) + kStages * kMaskBytes;
 };
 
 // Blocks: one per (m block, batch * kv head), ordered so that the heaviest causal blocks start first.
 template <class T, int D, int kKind>
-__global__ void __launch_bounds__(FwdCfg<D, kKind>::kThreads, 1) fwd_kernel(const __grid_constant__ AttnParams p) {
-  using Cfg = FwdCfg<D, kKind>;
+__global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(const __grid_constant__ AttnParams p) {
+  using Cfg = FwdCfg<T, D, kKind>;
   constexpr bool kGeneral = kKind == 1;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, MT = Cfg::kMT, NT = Cfg::kThreads;
-  using QTile = SmemTile<BM, D>;
-  using KTile = SmemTile<BN, D>;
+  using QTile = SmemTile<BM, D, T>;
+  using KTile = SmemTile<BN, D, T>;
+  constexpr int kVec = QTile::kVec;  // elements per 16-byte copy
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sQ = smem_u32(smem);
   const uint32_t sK0 = sQ + QTile::kBytes;                       // K stage s at sK0 + s * KTile::kBytes
@@ -95,23 +103,23 @@ __global__ void __launch_bounds__(FwdCfg<D, kKind>::kThreads, 1) fwd_kernel(cons
   // Q tile (zero rows past the end, zero columns past E).
   {
     const T* q = static_cast<const T*>(p.q);
-    for (int idx = tid; idx < BM * (D / 8); idx += NT) {
-      const int r = idx / (D / 8), c = idx % (D / 8);
+    for (int idx = tid; idx < BM * (D / kVec); idx += NT) {
+      const int r = idx / (D / kVec), c = idx % (D / kVec);
       const int pr = m0 + r;
-      const bool ok = pr < rows && c * 8 < E;
+      const bool ok = pr < rows && c * kVec < E;
       const T* src = q;
       if (ok) src = q + b * p.q_st.b + static_cast<int64_t>(hk * G + pr / L) * p.q_st.h +
-                    static_cast<int64_t>(pr % L) * p.q_st.r + c * 8;
+                    static_cast<int64_t>(pr % L) * p.q_st.r + c * kVec;
       cp_async16(sQ + QTile::offset(r, c), src, ok);
     }
   }
   auto load_kv = [&](uint32_t dst, const void* base, const Strides4& st, int cols, int tile) {
     const T* src0 = static_cast<const T*>(base) + b * st.b + static_cast<int64_t>(hk) * st.h;
-    for (int idx = tid; idx < BN * (D / 8); idx += NT) {
-      const int r = idx / (D / 8), c = idx % (D / 8);
+    for (int idx = tid; idx < BN * (D / kVec); idx += NT) {
+      const int r = idx / (D / kVec), c = idx % (D / kVec);
       const int j = tile * BN + r;
-      const bool ok = j < S && c * 8 < cols;
-      cp_async16(dst + KTile::offset(r, c), ok ? src0 + static_cast<int64_t>(j) * st.r + c * 8 : src0, ok);
+      const bool ok = j < S && c * kVec < cols;
+      cp_async16(dst + KTile::offset(r, c), ok ? src0 + static_cast<int64_t>(j) * st.r + c * kVec : src0, ok);
     }
   };
 
@@ -227,17 +235,17 @@ __global__ void __launch_bounds__(FwdCfg<D, kKind>::kThreads, 1) fwd_kernel(cons
       // hoist the ldmatrix of step kk + 1 above the mma of step kk.
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[MT][4];
+        FragA<T> a[MT];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], QTile::a_addr(sQ, warp * 16 * MT + mt * 16, kk * 16, lane));
+        for (int mt = 0; mt < MT; ++mt) QTile::lda(a[mt], sQ, warp * 16 * MT + mt * 16, kk * 16, lane);
 #pragma unroll
         for (int np = 0; np < BN / 16; ++np) {
-          uint32_t bb[4];
-          ldmatrix_x4(bb, KTile::b_addr(sK, np * 16, kk * 16, lane));
+          FragB<T> bb;
+          KTile::ldb(bb, sK, np * 16, kk * 16, lane);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            mma16816<T>(acc_s[mt][2 * np], a[mt], bb[0], bb[1]);
-            mma16816<T>(acc_s[mt][2 * np + 1], a[mt], bb[2], bb[3]);
+            mma(acc_s[mt][2 * np], a[mt], bb, 0);
+            mma(acc_s[mt][2 * np + 1], a[mt], bb, 1);
           }
         }
       }
@@ -311,22 +319,17 @@ __global__ void __launch_bounds__(FwdCfg<D, kKind>::kThreads, 1) fwd_kernel(cons
     if (warp_active && !skip) {
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t a[MT][4];
+        FragA<T> a[MT];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          a[mt][0] = pack2<T>(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
-          a[mt][1] = pack2<T>(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
-          a[mt][2] = pack2<T>(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
-          a[mt][3] = pack2<T>(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
-        }
+        for (int mt = 0; mt < MT; ++mt) a_from_c(a[mt], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
 #pragma unroll
         for (int dn = 0; dn < D / 16; ++dn) {
-          uint32_t bb[4];
-          ldmatrix_x4_trans(bb, KTile::a_addr(sV, kk * 16, dn * 16, lane));
+          FragB<T> bb;
+          KTile::ldb_t(bb, sV, kk * 16, dn * 16, lane);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            mma16816<T>(acc_o[mt][2 * dn], a[mt], bb[0], bb[1]);
-            mma16816<T>(acc_o[mt][2 * dn + 1], a[mt], bb[2], bb[3]);
+            mma(acc_o[mt][2 * dn], a[mt], bb, 0);
+            mma(acc_o[mt][2 * dn + 1], a[mt], bb, 1);
           }
         }
       }
@@ -361,9 +364,7 @@ __global__ void __launch_bounds__(FwdCfg<D, kKind>::kThreads, 1) fwd_kernel(cons
 #pragma unroll
         for (int dn = 0; dn < D / 8; ++dn) {
           const int c = dn * 8 + 2 * t;
-          if (c < Ev)
-            *reinterpret_cast<uint32_t*>(out + c) =
-                pack2<T>(acc_o[mt][dn][hf * 2] * inv, acc_o[mt][dn][hf * 2 + 1] * inv);
+          if (c < Ev) st2<T>(out + c, acc_o[mt][dn][hf * 2] * inv, acc_o[mt][dn][hf * 2 + 1] * inv);
         }
         if (t == 0) p.lse[bh * p.L + i] = lse;
       } else {

@@ -28,17 +28,19 @@ int bucket(int64_t head_dim) {
 
 bool general(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dropout_p > 0.0; }
 
-}  // namespace
-
-namespace {
-
-template <int kKind>
-void dims_of(int d, int64_t& bm, int64_t& bn) {
-  switch (d) {
-    case 64: bm = FwdCfg<64, kKind>::kBM; bn = FwdCfg<64, kKind>::kBN; break;
-    case 128: bm = FwdCfg<128, kKind>::kBM; bn = FwdCfg<128, kKind>::kBN; break;
-    default: bm = FwdCfg<256, kKind>::kBM; bn = FwdCfg<256, kKind>::kBN; break;
+// Block rows and keys per tile of the forward variant that runs this call.
+template <class T>
+void tile_of(int kind, int d, int64_t& bm, int64_t& bn) {
+#define SDPAX_TILE(K, DD)     \
+  if (kind == K && d == DD) { \
+    bm = FwdCfg<T, DD, K>::kBM; \
+    bn = FwdCfg<T, DD, K>::kBN; \
+    return;                   \
   }
+  SDPAX_TILE(0, 64) SDPAX_TILE(0, 128) SDPAX_TILE(0, 256)
+  SDPAX_TILE(1, 64) SDPAX_TILE(1, 128) SDPAX_TILE(1, 256)
+  SDPAX_TILE(2, 64) SDPAX_TILE(2, 128) SDPAX_TILE(2, 256)
+#undef SDPAX_TILE
 }
 
 }  // namespace
@@ -46,12 +48,11 @@ void dims_of(int d, int64_t& bm, int64_t& bn) {
 FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
   FwdPlan plan;
   const int64_t rows = (p.hq / p.hkv) * p.L;
-  plan.kind = general(p) ? 1 : (rows <= FwdCfg<64, 2>::kBM ? 2 : 0);
+  plan.kind = general(p) ? 1 : (rows <= FwdCfg<float, 64, 2>::kBM ? 2 : 0);  // 16 rows for every variant
   const int d = bucket(std::max(p.E, p.Ev));
   int64_t bm = 0, bn = 0;
-  if (plan.kind == 0) dims_of<0>(d, bm, bn);
-  else if (plan.kind == 1) dims_of<1>(d, bm, bn);
-  else dims_of<2>(d, bm, bn);
+  if (p.dtype == ScalarKind::Float) tile_of<float>(plan.kind, d, bm, bn);
+  else tile_of<__half>(plan.kind, d, bm, bn);  // bfloat16 and float16 share their tiles
   const int64_t blocks = (rows + bm - 1) / bm * p.batch * p.hkv;
   const int64_t n_tiles = (p.S + bn - 1) / bn;
   if (blocks >= num_sms || n_tiles < 8) return plan;

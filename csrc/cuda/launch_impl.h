@@ -9,7 +9,7 @@ namespace cuda {
 
 template <class T, int D, int kKind>
 cudaError_t run_fwd(const AttnParams& p, cudaStream_t stream) {
-  using Cfg = FwdCfg<D, kKind>;
+  using Cfg = FwdCfg<T, D, kKind>;
   auto kernel = fwd_kernel<T, D, kKind>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
   if (err != cudaSuccess) return err;
@@ -26,7 +26,7 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t stream) {
 
 template <class T, int D, bool kGeneral>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
-  using Cfg = BwdCfg<D>;
+  using Cfg = BwdCfg<T, D>;
   const int64_t all_rows = p.batch * p.hq * p.L;
   bwd_delta_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(p, const_cast<float*>(p.delta));
   cudaError_t err = cudaGetLastError();

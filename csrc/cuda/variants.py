@@ -7,7 +7,8 @@ gradients in registers, which fits up to head dim 128; larger head dims run thei
 """
 from pathlib import Path
 
-DTYPES = {"bf16": ("__nv_bfloat16", "BFloat16"), "fp16": ("__half", "Half")}
+# float runs split TF32 on the tensor cores (csrc/cuda/mma.h): float32 accuracy, no silent TF32.
+DTYPES = {"bf16": ("__nv_bfloat16", "BFloat16"), "fp16": ("__half", "Half"), "fp32": ("float", "Float")}
 FWD_HEAD_DIMS = (64, 128, 256)
 BWD_HEAD_DIMS = (64, 128)
 # Mask kinds per pass -> template argument. general: attention mask and/or dropout present; decode: plain with at
