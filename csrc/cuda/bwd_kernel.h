@@ -17,7 +17,8 @@
 //                     about 1.4x the flops of the atomic path.
 // Mask gradient: dS is written straight to a float32 buffer when each mask element has one writer (full-shape
 // mask, or the per-writer scratch of deterministic mode, summed afterwards by the host); a mask broadcast over
-// rows is first summed over the rows of a query tile inside the warp; other broadcasts use float atomics.
+// rows is first summed over the rows of a query tile inside the warp; other broadcasts use float atomics. (A mask
+// broadcast over keys needs no writes: its gradient has a closed form, see flash_api.cpp.)
 #pragma once
 #include "cuda/mask.h"
 #include "cuda/mma.h"

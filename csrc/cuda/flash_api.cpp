@@ -42,6 +42,10 @@ void check_supported(const at::Tensor& q, int64_t E, int64_t Ev) {
 // query tile when the mask is broadcast over rows), summed here in a fixed order. A full-shape mask has one
 // writer per element either way. Broadcast is judged from the mask's sizes, not its strides: an expanded view
 // passed as the mask still gets a gradient per element.
+// A mask broadcast over keys (..., L, 1) needs no kernel writes: a row's dS sums to
+// sum_j P_ij (dP_ij - Delta_i) = Delta_i (1 - sum_j P_ij) = Delta_i p_sink_i (0 without sinks), exactly, whereas
+// summing the kernel's dS would leave Delta's own rounding (from the rounded O) as an O(1e-3) residue on a
+// gradient that is zero.
 struct MaskGrad {
   at::Tensor buf;
   bool bcast[4] = {false, false, false, false};  // canonical dims (B, Hq, L, S) the mask is broadcast along
@@ -60,6 +64,7 @@ MaskGrad plan_mask_grad(const Canonical& c, const at::Tensor& q, const at::Tenso
   g.bcast[3] = md < 1 || mask.size(-1) == 1;
   bool any = false;
   for (int d = 0; d < 4; ++d) any = any || (g.bcast[d] = g.bcast[d] && full[d] > 1);
+  if (g.bcast[3]) return g;  // closed form on the host (flash_bwd)
   const auto f32 = q.options().dtype(at::kFloat);
   p.dmask_tile_rows = g.bcast[2];
   if (!any) {
@@ -178,13 +183,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   C10_CUDA_CHECK(launch_bwd(p, delta.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
 
   if (!deterministic) dq = dq_accum.mul_(scale).to(q.scalar_type());
-  at::Tensor dmask = wants_dmask ? fold_mask_grad(mg, q, *mask) : at::empty({0}, q.options());
-  at::Tensor dsinks = at::empty({0}, q.options());
-  if (sinks) {
-    // d lse / d sink_h = p_sink; dsinks_h = -sum_{b,i} p_sink * Delta_i (as in MATH).
-    at::Tensor p_sink = (sinks_f->view({1, c.Hq, 1}) - lse_f.view({c.B, c.Hq, c.L})).exp();
-    dsinks = p_sink.mul_(delta).sum(at::IntArrayRef{0, 2}).neg_().to(sinks->scalar_type());
+  // d lse / d sink_h = p_sink, the sink's probability; Delta_i p_sink_i per row (B, Hq, L).
+  at::Tensor sink_rows;
+  if (sinks) sink_rows = (sinks_f->view({1, c.Hq, 1}) - lse_f.view({c.B, c.Hq, c.L})).exp_().mul_(delta);
+  at::Tensor dmask = at::empty({0}, q.options());
+  if (wants_dmask) {
+    if (mg.bcast[3])  // broadcast over keys: the closed form above
+      mg.buf = (sinks ? sink_rows : at::zeros_like(delta)).view({c.B, c.Hq, c.L, 1});
+    dmask = fold_mask_grad(mg, q, *mask);
   }
+  at::Tensor dsinks = at::empty({0}, q.options());
+  // dsinks_h = -sum_{b,i} p_sink * Delta_i (as in MATH).
+  if (sinks) dsinks = sink_rows.sum(at::IntArrayRef{0, 2}).neg_().to(sinks->scalar_type());
   return {uncanonical(dq, q, c.E), dk.reshape(k.sizes()), dv.reshape(v.sizes()), dmask, dsinks};
 }
 
