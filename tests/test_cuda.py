@@ -239,8 +239,10 @@ def test_mask_grad(shape, L, S, E, deterministic):
                mask_shape=MASK_SHAPES[shape](B, H, L, S), mask_grad=True, sinks=E == 80, deterministic=deterministic)
 
 
-def test_mask_grad_lead_dims_and_dropout():
-    # (2, 2) leading batch dims with the mask broadcast over one of them; dropout on top (same keep mask as MATH).
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_mask_grad_lead_dims_and_dropout(deterministic):
+    # (2, 3) leading batch dims with the mask broadcast over one of them and over heads; dropout on top (the same
+    # keep mask as MATH).
     gen = torch.Generator(device=DEV).manual_seed(21)
     q = make((2, 3, 4, 33, 64), torch.bfloat16, gen)
     k = make((2, 3, 4, 47, 64), torch.bfloat16, gen)
@@ -248,11 +250,16 @@ def test_mask_grad_lead_dims_and_dropout():
     m = torch.randn(1, 3, 1, 33, 47, generator=gen, device=DEV).requires_grad_()
     rng = torch.tensor([11, 12], dtype=torch.int64, device=DEV)
     outs = {}
+    dout = torch.randn(2, 3, 4, 33, 64, generator=gen, device=DEV).to(torch.bfloat16)
     for backend in (FLASH, MATH):
         o, lse = torch.ops.sdpax.fwd(q, k, v, m, 0.25, 0, 0.125, False, None, rng, backend)
-        dout = torch.ones_like(o)
-        outs[backend] = torch.ops.sdpax.bwd(dout, q, k, v, m, o, lse, 0.25, 0, 0.125, False, None, rng, backend,
+        with _deterministic(deterministic and backend == FLASH):
+            outs[backend] = torch.ops.sdpax.bwd(dout, q, k, v, m, o, lse, 0.25, 0, 0.125, False, None, rng,
+                                                backend, True)
+            if deterministic and backend == FLASH:
+                again = torch.ops.sdpax.bwd(dout, q, k, v, m, o, lse, 0.25, 0, 0.125, False, None, rng, backend,
                                             True)
+                assert all(torch.equal(a, b) for a, b in zip(outs[FLASH][:4], again[:4]))
     for a, b in zip(outs[FLASH][:4], outs[MATH][:4]):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert rel_err(a, b) < 2e-2
@@ -314,11 +321,12 @@ def test_decode_split_keys(S):
 
 # ---- dropout ----
 
+@pytest.mark.parametrize("E", [64, 256])
 @pytest.mark.parametrize("gqa", [False, True])
 @pytest.mark.parametrize("mask", [False, True])
-def test_dropout_same_elements_as_math(gqa, mask):
+def test_dropout_same_elements_as_math(gqa, mask, E):
     gen = torch.Generator(device=DEV).manual_seed(3)
-    B, hq, hkv, L, S, E = 2, 4, (2 if gqa else 4), 67, 131, 64
+    B, hq, hkv, L, S = 2, 4, (2 if gqa else 4), 67, 131
     q = make((B, hq, L, E), torch.bfloat16, gen)
     k = make((B, hkv, S, E), torch.bfloat16, gen)
     v = make((B, hkv, S, E), torch.bfloat16, gen)
