@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import sdpax
 from sdpax import SDPBackend
+from sdpax._select import LIMITS
 from helpers import (DEVICES, FLOOR, LOWER_RIGHT, UPPER_LEFT, backends_for, causal_allowed, err, make_qkv,
                      reference, run)
 from sdpax.attention.bias import causal_lower_right
@@ -14,6 +15,11 @@ from sdpax.attention.bias import causal_lower_right
 CASES = list(itertools.product([torch.float64, torch.float32, torch.bfloat16, torch.float16],
                                [(1, 7), (64, 64), (129, 300), (300, 129), (511, 64)],
                                ["none", "bool_pad", "add_full", "causal_ul", "causal_lr"]))
+
+
+def _fused_mask_grad(device: str) -> bool:
+    dev = LIMITS[SDPBackend.FLASH_ATTENTION].per_device.get(device)
+    return bool(dev is not None and dev.mask_grad)
 
 
 def _grads(out, inputs, gout):
@@ -68,8 +74,9 @@ def test_backward_grid(dtype, LS, feature, device):
     mask_grad = mask is not None and mask.requires_grad
     names = ["dq", "dk", "dv"] + (["dmask"] if mask_grad else []) + (["dsinks"] if sinks is not None else [])
     for backend in backends_for(device, dtype):
-        # The mask gradient is MATH's alone (the fused kernels give a reason); they get the mask without grad.
-        fused_no_dmask = mask_grad and backend != SDPBackend.MATH
+        # Where a fused kernel does not compute the mask gradient (a reason sends such calls to MATH), it gets the
+        # mask without grad.
+        fused_no_dmask = mask_grad and backend != SDPBackend.MATH and not _fused_mask_grad(device)
         use_mask = mask.detach() if fused_no_dmask else mask
         if causal == UPPER_LEFT:
             out = run(backend, q, k, v, is_causal=True, enable_gqa=gqa, sinks=sinks)

@@ -119,8 +119,20 @@ def flash(*args, **kw):
         return sdpax.scaled_dot_product_attention(*args, **kw)
 
 
+@contextlib.contextmanager
+def _deterministic(on=True):
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
 def check_case(B, Hq, Hkv, L, S, E, Ev, dtype, mask_kind=None, causal=0, sinks=False, scale=None, layout="bhle",
-               backward=True, seed=0, lead=None):
+               backward=True, seed=0, lead=None, mask_shape=None, mask_grad=False, deterministic=False):
+    """One call checked against the float64 reference (forward, and the gradients unless backward=False); returns
+    the gradients. deterministic: torch.use_deterministic_algorithms(True) around sdpax's forward and backward."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
     lead_q = (B, Hq) if lead is None else (*lead, Hq)
     lead_k = (B, Hkv) if lead is None else (*lead, Hkv)
@@ -148,6 +160,12 @@ def check_case(B, Hq, Hkv, L, S, E, Ev, dtype, mask_kind=None, causal=0, sinks=F
     elif mask_kind == "bool_rows":  # some rows fully masked: output 0, zero gradients
         mask = torch.rand((L, S), generator=gen, device=DEV) > 0.5
         mask[::3] = False
+    elif mask_kind == "add_shape":  # float32 additive mask of the given broadcast shape
+        mask = torch.randn(mask_shape, generator=gen, device=DEV)
+    elif mask_kind == "add_shape_same":  # the same in the input dtype
+        mask = torch.randn(mask_shape, generator=gen, device=DEV).to(dtype)
+    if mask_grad:
+        mask.requires_grad_()
     snk = (torch.randn(Hq, generator=gen, device=DEV) * 2).requires_grad_() if sinks else None
     # A mask and a causal alignment cannot both reach sdpax (a CausalBias is the mask): one or the other.
     assert mask is None or not causal, "check_case takes a mask kind or a causal alignment, not both"
@@ -158,39 +176,42 @@ def check_case(B, Hq, Hkv, L, S, E, Ev, dtype, mask_kind=None, causal=0, sinks=F
         kw["attn_mask"] = sdpax.attention.bias.causal_lower_right(L, S)
     if mask is not None:
         kw["attn_mask"] = mask
-    if max(E, Ev) > 128:
-        backward = False  # the fused CUDA backward stops at head dim 128: gradients there go to MATH (a reason)
-    with contextlib.nullcontext() if backward else torch.no_grad():
+    with contextlib.nullcontext() if backward else torch.no_grad(), _deterministic(deterministic):
         ex = sdpax.explain(q, k, v, **kw)
         assert ex.backend == SDPBackend.FLASH_ATTENTION, str(ex)
         out = flash(q, k, v, **kw)
     assert out.shape == (*q.shape[:-1], Ev) and out.dtype == dtype
 
-    d = dict(mask=mask, causal=causal, scale=scale)
+    leaves = [q, k, v] + ([snk] if snk is not None else []) + ([mask] if mask_grad else [])
+    names = ["q", "k", "v"] + (["sinks"] if snk is not None else []) + (["mask"] if mask_grad else [])
     k_tol, floor, g_floor = TOL[dtype]
+
+    def ref_of(ls, compute=torch.float64):
+        kw = dict(zip(names[3:], ls[3:]))
+        m = kw.get("mask", None if mask is None else mask.detach())
+        return reference(*ls[:3], mask=m, sinks=kw.get("sinks"), causal=causal, scale=scale, compute=compute)
+
     with fp32_exact():
-        golden = reference(q.detach(), k.detach(), v.detach(), sinks=None if snk is None else snk.detach(), **d)
-        base = reference(q.detach(), k.detach(), v.detach(), sinks=None if snk is None else snk.detach(),
-                         compute=dtype, **d)
+        golden = ref_of([t.detach() for t in leaves])
+        base = ref_of([t.detach() for t in leaves], compute=dtype)
     assert_close(out, golden, base, k=k_tol, floor=floor)
     if not backward:
         return
     dout = torch.randn(out.shape, generator=gen, device=DEV).to(dtype)
-    leaves = [q, k, v] + ([snk] if snk is not None else [])
-    grads = torch.autograd.grad(out, leaves, dout)
+    with _deterministic(deterministic):
+        grads = torch.autograd.grad(out, leaves, dout)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     base_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     with fp32_exact():
-        g_golden = torch.autograd.grad(reference(*ref_leaves[:3], sinks=ref_leaves[3] if snk is not None else None,
-                                                 **d), ref_leaves, dout.double())
-        g_base = torch.autograd.grad(reference(*base_leaves[:3], sinks=base_leaves[3] if snk is not None else None,
-                                               compute=dtype, **d), base_leaves, dout)
+        g_golden = torch.autograd.grad(ref_of(ref_leaves), ref_leaves, dout.double())
+        g_base = torch.autograd.grad(ref_of(base_leaves, compute=dtype), base_leaves, dout)
     g_torch = [None] * len(leaves)
-    if dtype == torch.float32 and snk is None:
-        g_torch = torch_fused_grads(q, k, v, dout, mask, causal, scale)
-    for name, a, g, bse, alt in zip("q k v sinks".split(), grads, g_golden, g_base, g_torch):
-        assert a.shape == g.shape
+    if dtype == torch.float32 and snk is None and not mask_grad:
+        g_torch = list(torch_fused_grads(q, k, v, dout, mask, causal, scale))
+    for name, a, g, bse, alt in zip(names, grads, g_golden, g_base, g_torch):
+        assert a.shape == g.shape and a.dtype == bse.dtype, name
         assert_close(a, g, bse, k=k_tol, floor=g_floor, what=f"d{name}", alt=alt)
+    return grads
 
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -202,7 +223,7 @@ HEAD_DIMS = [64, 72, 80, 96, 128, 256]
 @pytest.mark.parametrize("L,S", LENGTHS, ids=lambda x: str(x))
 @pytest.mark.parametrize("E", HEAD_DIMS)
 def test_plain_grid(dtype, L, S, E):
-    check_case(2, 3, 3, L, S, E, E, dtype, backward=L * S <= 1025 * 97 or E == 128)
+    check_case(2, 3, 3, L, S, E, E, dtype, backward=L * S <= 1025 * 97 or E in (128, 256))
 
 
 FEATURES = {
@@ -237,12 +258,118 @@ def test_features(feature, L, S, E, dtype):
     check_case(2, hq, hkv, L, S, E, ev, dtype, **f)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("feature", ["causal_ul", "causal_lr", "bool", "add_f32", "sinks", "gqa_mask_sinks"])
-def test_features_d256(feature, dtype):
+@pytest.mark.parametrize("feature", ["causal_ul", "causal_lr", "bool", "sinks", "gqa_mask_sinks", "add_same", "blhe",
+                                     "ev_ne_e"])
+def test_features_fp16_d256(feature):
     f = dict(FEATURES[feature])
     hq, hkv = (8, 2) if f.pop("gqa", False) else (4, 4)
-    check_case(1, hq, hkv, 129, 300, 256, 256, dtype, **f)
+    ev = f.pop("ev", 256)
+    check_case(1, hq, hkv, 129, 300, 256, ev, torch.float16, **f)
+    check_case(1, hq, hkv, 7, 1025, 200, min(ev, 200), torch.bfloat16, **f)
+
+
+# ---- the float mask gradient (fused: dS reduced over the mask's broadcast dims) ----
+
+MASK_SHAPES = {
+    "full": lambda B, H, L, S: (B, H, L, S),
+    "b1ls": lambda B, H, L, S: (B, 1, L, S),
+    "11ls": lambda B, H, L, S: (1, 1, L, S),
+    "b11s": lambda B, H, L, S: (B, 1, 1, S),
+    "1h1s": lambda B, H, L, S: (1, H, 1, S),
+    "ls": lambda B, H, L, S: (L, S),
+    "bhl1": lambda B, H, L, S: (B, H, L, 1),
+    "s": lambda B, H, L, S: (S,),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("shape", list(MASK_SHAPES))
+@pytest.mark.parametrize("L,S,E", [(97, 200, 64), (200, 97, 128), (7, 1025, 256), (1, 300, 80)], ids=str)
+def test_mask_grad(shape, L, S, E, deterministic):
+    B, H = 2, 4
+    kind = "add_shape_same" if E == 128 else "add_shape"
+    check_case(B, H, 2 if E == 64 else H, L, S, E, E, torch.bfloat16, mask_kind=kind,
+               mask_shape=MASK_SHAPES[shape](B, H, L, S), mask_grad=True, sinks=E == 80, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_mask_grad_lead_dims_and_dropout(deterministic):
+    # (2, 3) leading batch dims with the mask broadcast over one of them and over heads; dropout on top (the same
+    # keep mask as MATH).
+    gen = torch.Generator(device=DEV).manual_seed(21)
+    q = make((2, 3, 4, 33, 64), torch.bfloat16, gen)
+    k = make((2, 3, 4, 47, 64), torch.bfloat16, gen)
+    v = make((2, 3, 4, 47, 64), torch.bfloat16, gen)
+    m = torch.randn(1, 3, 1, 33, 47, generator=gen, device=DEV).requires_grad_()
+    rng = torch.tensor([11, 12], dtype=torch.int64, device=DEV)
+    outs = {}
+    dout = torch.randn(2, 3, 4, 33, 64, generator=gen, device=DEV).to(torch.bfloat16)
+    for backend in (FLASH, MATH):
+        o, lse = torch.ops.sdpax.fwd(q, k, v, m, 0.25, 0, 0.125, False, None, rng, backend)
+        with _deterministic(deterministic and backend == FLASH):
+            outs[backend] = torch.ops.sdpax.bwd(dout, q, k, v, m, o, lse, 0.25, 0, 0.125, False, None, rng,
+                                                backend, True)
+            if deterministic and backend == FLASH:
+                again = torch.ops.sdpax.bwd(dout, q, k, v, m, o, lse, 0.25, 0, 0.125, False, None, rng, backend,
+                                            True)
+                assert all(torch.equal(a, b) for a, b in zip(outs[FLASH][:4], again[:4]))
+    for a, b in zip(outs[FLASH][:4], outs[MATH][:4]):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert rel_err(a, b) < 2e-2
+
+
+# ---- deterministic mode ----
+
+DET_CASES = {
+    "plain_d64": dict(B=2, Hq=4, Hkv=4, L=1025, S=1025, E=64),
+    "causal_lr_d128": dict(B=2, Hq=4, Hkv=4, L=300, S=700, E=128, causal=2),
+    "gqa_causal_d128": dict(B=2, Hq=8, Hkv=2, L=513, S=513, E=128, causal=1),
+    "gqa_sinks_pad_d96": dict(B=2, Hq=8, Hkv=2, L=257, S=129, E=96, mask_kind="pad", sinks=True),
+    "d256_blhe": dict(B=1, Hq=4, Hkv=4, L=300, S=300, E=256, layout="blhe"),
+    "mask_grad_b1ls": dict(B=2, Hq=4, Hkv=4, L=200, S=300, E=64, mask_kind="add_shape",
+                           mask_shape=(2, 1, 200, 300), mask_grad=True),
+    "mask_grad_pad_d256": dict(B=2, Hq=4, Hkv=2, L=130, S=300, E=256, mask_kind="add_shape",
+                               mask_shape=(2, 1, 1, 300), mask_grad=True),
+}
+
+
+@pytest.mark.parametrize("case", list(DET_CASES))
+def test_deterministic_backward_bitwise(case):
+    c = dict(DET_CASES[case])
+    B, Hq, Hkv, L, S, E = (c.pop(n) for n in ("B", "Hq", "Hkv", "L", "S", "E"))
+    # check_case asserts that FLASH runs and checks parity with the float64 reference each time.
+    first = check_case(B, Hq, Hkv, L, S, E, E, torch.bfloat16, deterministic=True, **c)
+    for _ in range(3):
+        again = check_case(B, Hq, Hkv, L, S, E, E, torch.bfloat16, deterministic=True, **c)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_deterministic_dropout_bitwise():
+    gen = torch.Generator(device=DEV).manual_seed(23)
+    q = make((2, 8, 300, 128), torch.bfloat16, gen)
+    k = make((2, 2, 400, 128), torch.bfloat16, gen)
+    v = make((2, 2, 400, 128), torch.bfloat16, gen)
+    rng = torch.tensor([5, 6], dtype=torch.int64, device=DEV)
+    dout = torch.randn(2, 8, 300, 128, generator=gen, device=DEV).to(torch.bfloat16)
+    with _deterministic():
+        o, lse = torch.ops.sdpax.fwd(q, k, v, None, 0.2, 0, 0.1, True, None, rng, FLASH)
+        runs = [torch.ops.sdpax.bwd(dout, q, k, v, None, o, lse, 0.2, 0, 0.1, True, None, rng, FLASH, False)[:3]
+                for _ in range(3)]
+    o_m, lse_m = torch.ops.sdpax.fwd(q, k, v, None, 0.2, 0, 0.1, True, None, rng, MATH)
+    g_m = torch.ops.sdpax.bwd(dout, q, k, v, None, o_m, lse_m, 0.2, 0, 0.1, True, None, rng, MATH, False)
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
+    for a, b in zip(runs[0], g_m[:3]):
+        assert rel_err(a, b) < 2e-2
+
+
+@pytest.mark.parametrize("feature", ["causal_ul", "causal_lr", "bool", "add_f32", "sinks", "gqa_mask_sinks"])
+def test_features_fp32_d256(feature):
+    f = dict(FEATURES[feature])
+    hq, hkv = (8, 2) if f.pop("gqa", False) else (4, 4)
+    check_case(1, hq, hkv, 129, 300, 256, 256, torch.float32, **f)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -275,12 +402,12 @@ def test_fp32_is_not_tf32(E):
 
 # ---- dropout ----
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype,E", [(torch.bfloat16, 64), (torch.bfloat16, 256), (torch.float32, 64)], ids=str)
 @pytest.mark.parametrize("gqa", [False, True])
 @pytest.mark.parametrize("mask", [False, True])
-def test_dropout_same_elements_as_math(gqa, mask, dtype):
+def test_dropout_same_elements_as_math(gqa, mask, dtype, E):
     gen = torch.Generator(device=DEV).manual_seed(3)
-    B, hq, hkv, L, S, E = 2, 4, (2 if gqa else 4), 67, 131, 64
+    B, hq, hkv, L, S = 2, 4, (2 if gqa else 4), 67, 131
     q = make((B, hq, L, E), dtype, gen)
     k = make((B, hkv, S, E), dtype, gen)
     v = make((B, hkv, S, E), dtype, gen)
@@ -379,27 +506,15 @@ def test_torch_compile_cuda():
         torch.testing.assert_close(a, b)
 
 
-def test_deterministic_mode_routes_to_math():
-    q = torch.randn(1, 2, 16, 64, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        ex = sdpax.explain(q, q, q)
-        assert ex.backend == SDPBackend.MATH
-        assert any("atomics" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION])
-        with torch.no_grad():
-            assert sdpax.explain(q, q, q).backend == SDPBackend.FLASH_ATTENTION
-    finally:
-        torch.use_deterministic_algorithms(prev)
-
-
-def test_head_dim_256_with_gradient_routes_to_math():
+def test_gradients_stay_on_flash():
+    # Head dim 256, a float mask that requires grad, deterministic mode: all served by the fused backward.
     q = torch.randn(1, 2, 64, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    ex = sdpax.explain(q, q, q)
-    assert ex.backend == SDPBackend.MATH
-    assert any("backward stops at 128" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION]), str(ex)
-    with torch.no_grad():
-        assert sdpax.explain(q, q, q).backend == SDPBackend.FLASH_ATTENTION
+    m = torch.randn(1, 1, 64, 64, device=DEV, requires_grad=True)
+    for det in (False, True):
+        with _deterministic(det):
+            for args in [(q, q, q), (q, q, q, m)]:
+                ex = sdpax.explain(*args)
+                assert ex.backend == SDPBackend.FLASH_ATTENTION and not ex.reasons[SDPBackend.FLASH_ATTENTION], str(ex)
 
 
 def test_reasons_route_unsupported_to_math():

@@ -84,6 +84,18 @@ def test_reasons_cover_limits():
     assert LIMITS[SDPBackend.MATH].devices is None
 
 
+def test_cuda_flash_limits_cover_the_backward():
+    # The CUDA fused backward takes head dims up to 256, the float mask gradient and deterministic mode; only the
+    # device itself may be missing from this build.
+    call = Call(device=torch.device("cuda"), dtype=torch.bfloat16, head_dim=256, value_head_dim=256,
+                mask_requires_grad=True, needs_grad=True, deterministic_grad=True)
+    rs = [r for r in reasons(SDPBackend.FLASH_ATTENTION, call) if "kernel for device type" not in r]
+    assert rs == []
+    cpu = Call(device=torch.device("cpu"), dtype=torch.bfloat16, head_dim=64, value_head_dim=64,
+               mask_requires_grad=True, needs_grad=True)
+    assert any("requires grad" in r for r in reasons(SDPBackend.FLASH_ATTENTION, cpu))
+
+
 def test_choice_follows_mask_grad():
     q, k, v = _qkv()
     m = torch.randn(5, 6, requires_grad=True)

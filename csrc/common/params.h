@@ -69,6 +69,16 @@ struct AttnParams {
   float* lse_partial = nullptr;  // (num_splits, batch*hq, L) float32
   const float* delta = nullptr;  // (batch*hq, L): rowsum(dout * out), float32
   float* dq_accum = nullptr;     // (batch, hq, L, E) float32, unscaled dS @ K accumulated by atomics
+  // Deterministic backward (torch.use_deterministic_algorithms): no dq_accum atomics; a separate pass owns each
+  // query tile and writes dq (scaled, input dtype) once, and dmask goes to a per-writer float32 scratch.
+  bool deterministic = false;
+  // Float mask gradient dS (unscaled), float32, indexed (b, h, row slot, j) through dmask_st (nullptr: not wanted).
+  // dmask_tile_rows: the mask is broadcast over L, so a key's gradient is first summed over the query rows of one
+  // tile (row slot = tile index). dmask_atomic: several writers share an element (stride 0 on broadcast dims).
+  float* dmask = nullptr;
+  Strides4 dmask_st{};
+  bool dmask_tile_rows = false;
+  bool dmask_atomic = false;
 };
 
 // First key column that query row i may not see under the causal alignment (keys [0, limit) are visible).

@@ -2,14 +2,23 @@
 //
 //   bwd_delta_kernel  Delta_i = rowsum(dO_i * O_i) (float32), one warp per row.
 //   bwd_kernel        one block per (key block, batch * kv head). Each warp owns 16 keys and works on transposed
-//                     scores, so the key-indexed gradients stay in registers for the whole block:
+//                     scores, so the key-indexed gradients stay in registers for the whole block (head dims above
+//                     128: two warps share 16 keys, each keeping half of the dK/dV columns, see BwdCfg):
 //                       S^T = K Q^T,  P^T = exp(S^T * scale - lse)   (recomputed from the forward's lse)
 //                       dP^T = V dO^T, dS^T = P^T o (dP^T - Delta)   (dropout: the same Philox keep mask)
 //                       dV += P_drop^T dO,  dK += dS^T Q              (register accumulators, all G query heads)
 //                       dQ += dS K                                    (through shared memory, float atomics)
-//                     Query blocks stream through double-buffered shared memory with cp.async.
-// dQ is accumulated in float32 with atomics, so it is not bitwise deterministic: the selector routes
-// deterministic-mode training to MATH (python/sdpax/_select.py).
+//                       dmask = dS                                    (float mask gradient, when asked for)
+//                     Query blocks stream through double-buffered shared memory with cp.async. The G query heads
+//                     of a GQA group are summed into dK/dV in registers by one block in a fixed order.
+//   bwd_dq_kernel     deterministic mode only: one block per (query tile, batch * query head) loops over the key
+//                     tiles, recomputes P and dS and keeps dQ in registers, so dQ has one writer and a fixed
+//                     summation order. (bwd_kernel then skips its dQ atomics.) It costs recomputing S and dP:
+//                     about 1.4x the flops of the atomic path.
+// Mask gradient: dS is written straight to a float32 buffer when each mask element has one writer (full-shape
+// mask, or the per-writer scratch of deterministic mode, summed afterwards by the host); a mask broadcast over
+// rows is first summed over the rows of a query tile inside the warp; other broadcasts use float atomics. (A mask
+// broadcast over keys needs no writes: its gradient has a closed form, see flash_api.cpp.)
 #pragma once
 #include "cuda/mask.h"
 #include "cuda/mma.h"
@@ -39,7 +48,13 @@ struct BwdCfg {
   // 8 warps x 16 keys: dQ atomics per flop fall as 1 / kBN. float at d128: 4 warps, so that K, V and the Q / dO
   // buffers (twice the bytes) stay within 136 KB, which an sm80 block can have.
   static constexpr int kWarps = kF32 && D > 64 ? 4 : 8;
-  static constexpr int kBN = kWarps * 16;                        // keys per block (16 per warp)
+  // dK and dV of 16 keys over D columns cost each thread D float registers: 256 at D = 256, more than a thread
+  // has. Above 128 two warps share 16 keys and each keeps half the columns; both compute the same S^T and dP^T
+  // (their reduction runs over all D), which costs 2 of the 5 matrix products twice.
+  static constexpr int kColSplit = D > 128 ? 2 : 1;
+  static constexpr int kKeyWarps = kWarps / kColSplit;
+  static constexpr int kDc = D / kColSplit;                      // dK/dV columns per warp
+  static constexpr int kBN = kKeyWarps * 16;                     // keys per block (16 per key warp)
   static constexpr int kBM = D <= 64 && !kF32 ? 64 : 32;        // queries per inner step
   static constexpr int kThreads = kWarps * 32;
   // K, V, 2 x (Q, dO), dS^T; lse and Delta
@@ -63,7 +78,10 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::kThreads, 1) bwd_kernel(const __
   float* sDelta = sLse + 2 * BM;
   unsigned char* sS_ptr = smem + 2 * KTile::kBytes + 4 * QTile::kBytes;
 
+  constexpr int DC = Cfg::kDc;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int kw = warp % Cfg::kKeyWarps;  // this warp's 16 keys
+  const int ch = warp / Cfg::kKeyWarps;  // and its share of the dK/dV columns: [ch * DC, ch * DC + DC)
   const int G = static_cast<int>(p.hq / p.hkv);
   const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
@@ -125,16 +143,18 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::kThreads, 1) bwd_kernel(const __
   const bool has_dropout = kGeneral && p.dropout_p > 0.0;
   if (has_dropout) drop.init(p);
   const bool has_mask = kGeneral && p.mask_kind != MaskKind::None;
+  const bool has_dmask = kGeneral && p.dmask != nullptr && ch == 0;  // the column halves hold the same dS
+  const bool dq_atomic = !p.deterministic;                             // else bwd_dq_kernel computes dQ
   const float scale_log2 = p.scale * kLog2e;
 
   // This warp's keys: rows g and g + 8 of its 16.
   int key[2];
-  key[0] = j0 + warp * 16 + g;
+  key[0] = j0 + kw * 16 + g;
   key[1] = key[0] + 8;
 
-  float acc_dk[D / 8][4], acc_dv[D / 8][4];
+  float acc_dk[DC / 8][4], acc_dv[DC / 8][4];
 #pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn)
+  for (int dn = 0; dn < DC / 8; ++dn)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_dk[dn][e] = acc_dv[dn][e] = 0.f;
 
@@ -177,8 +197,8 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::kThreads, 1) bwd_kernel(const __
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {  // full bucket: padding columns are zero, loops stay branch-free
       FragA<T> a, av;
-      KTile::lda(a, sK, warp * 16, kk * 16, lane);
-      KTile::lda(av, sV, warp * 16, kk * 16, lane);
+      KTile::lda(a, sK, kw * 16, kk * 16, lane);
+      KTile::lda(av, sV, kw * 16, kk * 16, lane);
 #pragma unroll
       for (int np = 0; np < BM / 16; ++np) {
         FragB<T> bb, bd;
@@ -222,6 +242,41 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::kThreads, 1) bwd_kernel(const __
       }
     }
 
+    // Mask gradient: dS itself (rows past L and keys past S hold 0 and are not written).
+    if (has_dmask) {
+      const int64_t base = b * p.dmask_st.b + h * p.dmask_st.h;
+      if (p.dmask_tile_rows) {
+        // Broadcast over rows: sum this tile's BM rows of each key (4 lanes x BM / 4 values) before one write.
+        float part[2] = {0.f, 0.f};
+#pragma unroll
+        for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part[e >> 1] += dpt[n][e];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          part[hf] = warp_sum4(part[hf]);
+          const int j = key[hf];
+          if (t == 0 && j < S) {
+            float* dst = p.dmask + base + int64_t(i0 / BM) * p.dmask_st.r + int64_t(j) * p.dmask_st.c;
+            if (p.dmask_atomic) atomicAdd(dst, part[hf]);
+            else *dst = part[hf];
+          }
+        }
+      } else {
+#pragma unroll
+        for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = i0 + n * 8 + 2 * t + (e & 1), j = key[e >> 1];
+            if (i < L && j < S) {
+              float* dst = p.dmask + base + int64_t(i) * p.dmask_st.r + int64_t(j) * p.dmask_st.c;
+              if (p.dmask_atomic) atomicAdd(dst, dpt[n][e]);
+              else *dst = dpt[n][e];
+            }
+          }
+      }
+    }
+
     // dV += P_drop^T dO, dK += dS^T Q (A operands straight from the C fragments).
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
@@ -229,18 +284,18 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::kThreads, 1) bwd_kernel(const __
       a_from_c(ap, st[2 * kk], st[2 * kk + 1]);
       a_from_c(as, dpt[2 * kk], dpt[2 * kk + 1]);
       // dS^T to shared memory for dQ (rows = keys, columns = queries).
-      {
-        const int row = warp * 16 + g, col = kk * 16 + 2 * t;
+      if (dq_atomic && ch == 0) {
+        const int row = kw * 16 + g, col = kk * 16 + 2 * t;
         STile::st2(sS_ptr, row, col, dpt[2 * kk][0], dpt[2 * kk][1]);
         STile::st2(sS_ptr, row + 8, col, dpt[2 * kk][2], dpt[2 * kk][3]);
         STile::st2(sS_ptr, row, col + 8, dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
         STile::st2(sS_ptr, row + 8, col + 8, dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
       }
 #pragma unroll
-      for (int dn = 0; dn < D / 16; ++dn) {
+      for (int dn = 0; dn < DC / 16; ++dn) {
         FragB<T> bb, bq;
-        QTile::ldb_t(bb, sdO, kk * 16, dn * 16, lane);
-        QTile::ldb_t(bq, sQ, kk * 16, dn * 16, lane);
+        QTile::ldb_t(bb, sdO, kk * 16, ch * DC + dn * 16, lane);
+        QTile::ldb_t(bq, sQ, kk * 16, ch * DC + dn * 16, lane);
         mma(acc_dv[2 * dn], ap, bb, 0);
         mma(acc_dv[2 * dn + 1], ap, bb, 1);
         mma(acc_dk[2 * dn], as, bq, 0);
@@ -250,7 +305,7 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::kThreads, 1) bwd_kernel(const __
     __syncthreads();
 
     // dQ (BM x E) += dS (BM x BN) K (BN x E): warp -> one 16-row m-tile and a share of the columns.
-    {
+    if (dq_atomic) {
       constexpr int kMTiles = BM / 16;
       constexpr int kSplit = NW / kMTiles;      // warps per m-tile
       constexpr int kCols = D / kSplit;         // columns per warp
@@ -304,10 +359,182 @@ __global__ void __launch_bounds__(BwdCfg<T, D>::kThreads, 1) bwd_kernel(const __
     T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + static_cast<int64_t>(hk) * p.dk_st.h + int64_t(j) * p.dk_st.r;
     T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + static_cast<int64_t>(hk) * p.dv_st.h + int64_t(j) * p.dv_st.r;
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      const int c = dn * 8 + 2 * t;
+    for (int dn = 0; dn < DC / 8; ++dn) {
+      const int c = ch * DC + dn * 8 + 2 * t;
       if (c < E) st2<T>(dk + c, acc_dk[dn][hf * 2] * p.scale, acc_dk[dn][hf * 2 + 1] * p.scale);
       if (c < Ev) st2<T>(dv + c, acc_dv[dn][hf * 2], acc_dv[dn][hf * 2 + 1]);
+    }
+  }
+}
+
+template <class T, int D>
+struct BwdDqCfg {
+  static constexpr int kWarps = 4;
+  static constexpr int kBM = kWarps * 16;          // query rows per block (16 per warp)
+  // keys per tile; 32 at D = 256 keeps S, dP and dQ in registers; float tiles (twice the bytes) take 32 keys so
+  // that the block stays within the 163 KB an sm80 block can have
+  static constexpr int kBN = D <= 128 && sizeof(T) == 2 ? 64 : 32;
+  static constexpr int kThreads = kWarps * 32;
+  // Q, dO, then two stages of (K, V)
+  static constexpr int kSmem = (2 * kBM * D + 2 * 2 * kBN * D) * static_cast<int>(sizeof(T));
+};
+
+// Deterministic dQ: dQ_i = scale * sum_j dS_ij K_j, summed over the key tiles in order by the one block that owns
+// row i. Writes dq (input dtype, scaled) directly.
+template <class T, int D, bool kGeneral>
+__global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(const __grid_constant__ AttnParams p) {
+  using Cfg = BwdDqCfg<T, D>;
+  constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kThreads;
+  using QTile = SmemTile<BM, D, T>;
+  using KTile = SmemTile<BN, D, T>;
+  constexpr int kVec = KTile::kVec;  // elements per 16-byte copy
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t sQ = smem_u32(smem);
+  const uint32_t sdO = sQ + QTile::kBytes;
+  const uint32_t sKV0 = sdO + QTile::kBytes;  // stage s: K at sKV0 + s * 2 * KTile::kBytes, V right after
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int G = static_cast<int>(p.hq / p.hkv);
+  const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+  const int m_blocks = (L + BM - 1) / BM;
+  const int m_block = m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks);  // heaviest causal blocks first
+  const int64_t bh = blockIdx.x / m_blocks;
+  const int64_t b = bh / p.hq;
+  const int h = static_cast<int>(bh % p.hq), hk = h / G;
+  const int i0 = m_block * BM;
+  const int n_end = row_limit(p, min(i0 + BM, L) - 1);             // keys visible to the block's last row
+  const int n_full = i0 + BM <= L ? row_limit(p, i0) : 0;          // keys visible to all of its rows
+  const int n_tiles = (n_end + BN - 1) / BN;
+
+  auto load_rows = [&](uint32_t dst, const void* base, int64_t off, const Strides4& st, int r0, int nrows,
+                       int valid_rows, int cols, auto tile) {
+    using Tile = decltype(tile);
+    const T* src0 = static_cast<const T*>(base) + off;
+    for (int idx = tid; idx < nrows * (D / kVec); idx += NT) {
+      const int r = idx / (D / kVec), c = idx % (D / kVec);
+      const bool ok = r0 + r < valid_rows && c * kVec < cols;
+      cp_async16(dst + Tile::offset(r, c), ok ? src0 + static_cast<int64_t>(r0 + r) * st.r + c * kVec : src0, ok);
+    }
+  };
+  load_rows(sQ, p.q, b * p.q_st.b + int64_t(h) * p.q_st.h, p.q_st, i0, BM, L, E, QTile{});
+  load_rows(sdO, p.dout, b * p.dout_st.b + int64_t(h) * p.dout_st.h, p.dout_st, i0, BM, L, Ev, QTile{});
+  const int64_t k_off = b * p.k_st.b + int64_t(hk) * p.k_st.h;
+  const int64_t v_off = b * p.v_st.b + int64_t(hk) * p.v_st.h;
+  auto load_kv = [&](int tile, int stage) {
+    const uint32_t dst = sKV0 + stage * 2 * KTile::kBytes;
+    load_rows(dst, p.k, k_off, p.k_st, tile * BN, BN, S, E, KTile{});
+    load_rows(dst + KTile::kBytes, p.v, v_off, p.v_st, tile * BN, BN, S, Ev, KTile{});
+  };
+  if (n_tiles > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  Dropout drop{};
+  const bool has_dropout = kGeneral && p.dropout_p > 0.0;
+  if (has_dropout) drop.init(p);
+  const bool has_mask = kGeneral && p.mask_kind != MaskKind::None;
+  const float scale_log2 = p.scale * kLog2e;
+
+  // The rows this thread holds: i0 + warp * 16 + g (+ 8). Past L: lse = -inf, so P = 0 and nothing is written.
+  int row[2], lim[2];
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    row[hf] = i0 + warp * 16 + hf * 8 + g;
+    const bool ok = row[hf] < L;
+    lim[hf] = ok ? row_limit(p, row[hf]) : 0;
+    const int64_t r = (b * p.hq + h) * p.L + row[hf];
+    lse2[hf] = ok ? p.lse[r] * kLog2e : -INFINITY;
+    delta[hf] = ok ? p.delta[r] : 0.f;
+  }
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[dn][e] = 0.f;
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int stage = tile & 1;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (tile + 1 < n_tiles) load_kv(tile + 1, stage ^ 1);
+    cp_async_commit();
+    const uint32_t sK = sKV0 + stage * 2 * KTile::kBytes, sV = sK + KTile::kBytes;
+    const int j0 = tile * BN;
+
+    // S = Q K^T and dP = dO V^T (16 rows x BN keys per warp).
+    float s[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      FragA<T> a, ad;
+      QTile::lda(a, sQ, warp * 16, kk * 16, lane);
+      QTile::lda(ad, sdO, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        FragB<T> bk, bv;
+        KTile::ldb(bk, sK, np * 16, kk * 16, lane);
+        KTile::ldb(bv, sV, np * 16, kk * 16, lane);
+        mma(s[2 * np], a, bk, 0);
+        mma(s[2 * np + 1], a, bk, 1);
+        mma(dp[2 * np], ad, bv, 0);
+        mma(dp[2 * np + 1], ad, bv, 1);
+      }
+    }
+
+    // dS = P o (dP_drop - Delta), in the same order of operations as bwd_kernel.
+    const bool need_elem = has_mask || j0 + BN > n_full;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hf = e >> 1;
+        const int i = row[hf], j = j0 + n * 8 + 2 * t + (e & 1);
+        float x = s[n][e] * scale_log2;
+        if (need_elem) {
+          if (j >= lim[hf]) {
+            x = -INFINITY;
+          } else if (has_mask) {
+            x += mask_bias(p, b * p.mask_st.b + h * p.mask_st.h + int64_t(i) * p.mask_st.r +
+                                  int64_t(j) * p.mask_st.c) * kLog2e;
+          }
+        }
+        const float pr = lse2[hf] == -INFINITY ? 0.f : exp2f(x - lse2[hf]);
+        float d = dp[n][e];
+        if (has_dropout) d *= drop.one(static_cast<uint32_t>(bh), static_cast<uint32_t>(i), static_cast<uint32_t>(j));
+        s[n][e] = pr * (d - delta[hf]);
+      }
+    }
+
+    // dQ += dS K (A operand straight from the C fragments, K read transposed as the B operand).
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      FragA<T> a;
+      a_from_c(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dn = 0; dn < D / 16; ++dn) {
+        FragB<T> bk;
+        KTile::ldb_t(bk, sK, kk * 16, dn * 16, lane);
+        mma(acc[2 * dn], a, bk, 0);
+        mma(acc[2 * dn + 1], a, bk, 1);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int i = row[hf];
+    if (i >= L) continue;
+    T* dq = static_cast<T*>(p.dq) + b * p.dq_st.b + int64_t(h) * p.dq_st.h + int64_t(i) * p.dq_st.r;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      const int c = dn * 8 + 2 * t;
+      if (c < E) st2<T>(dq + c, acc[dn][hf * 2] * p.scale, acc[dn][hf * 2 + 1] * p.scale);
     }
   }
 }

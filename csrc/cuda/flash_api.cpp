@@ -1,10 +1,12 @@
 #include "cuda/flash_api.h"
 
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "common/inputs.h"
 #include "cuda/launch.h"
@@ -32,6 +34,67 @@ void check_supported(const at::Tensor& q, int64_t E, int64_t Ev) {
   TORCH_CHECK(E % 8 == 0 && Ev % 8 == 0 && std::max(E, Ev) <= 256,
               "sdpax: the CUDA FLASH_ATTENTION kernels need head dims that are multiples of 8 and at most 256, got ",
               num(E), " and ", num(Ev), "; use the MATH backend");
+}
+
+// The float mask's gradient is dS summed over the dims the mask is broadcast along. The kernel writes dS into a
+// float32 buffer over (b, h, row slot, j): mask-shaped (stride 0 on broadcast dims, float atomics) normally; in
+// deterministic mode a scratch with one writer per element (all batches and heads; rows, or one partial sum per
+// query tile when the mask is broadcast over rows), summed here in a fixed order. A full-shape mask has one
+// writer per element either way. Broadcast is judged from the mask's sizes, not its strides: an expanded view
+// passed as the mask still gets a gradient per element.
+// A mask broadcast over keys (..., L, 1) needs no kernel writes: a row's dS sums to
+// sum_j P_ij (dP_ij - Delta_i) = Delta_i (1 - sum_j P_ij) = Delta_i p_sink_i (0 without sinks), exactly, whereas
+// summing the kernel's dS would leave Delta's own rounding (from the rounded O) as an O(1e-3) residue on a
+// gradient that is zero.
+struct MaskGrad {
+  at::Tensor buf;
+  bool bcast[4] = {false, false, false, false};  // canonical dims (B, Hq, L, S) the mask is broadcast along
+};
+
+MaskGrad plan_mask_grad(const Canonical& c, const at::Tensor& q, const at::Tensor& mask, bool deterministic,
+                        AttnParams& p) {
+  MaskGrad g;
+  const int64_t full[4] = {c.B, c.Hq, c.L, c.S};
+  const int64_t md = mask.dim(), lead = q.dim() - 3;
+  bool lead_ones = true;  // all leading batch dims of the mask are 1 (or absent)
+  for (int64_t d = 0; d < md - 3; ++d) lead_ones = lead_ones && mask.size(d) == 1;
+  g.bcast[0] = lead > 0 && lead_ones;
+  g.bcast[1] = md < 3 || mask.size(-3) == 1;
+  g.bcast[2] = md < 2 || mask.size(-2) == 1;
+  g.bcast[3] = md < 1 || mask.size(-1) == 1;
+  bool any = false;
+  for (int d = 0; d < 4; ++d) any = any || (g.bcast[d] = g.bcast[d] && full[d] > 1);
+  if (g.bcast[3]) return g;  // closed form on the host (flash_bwd)
+  const auto f32 = q.options().dtype(at::kFloat);
+  p.dmask_tile_rows = g.bcast[2];
+  if (!any) {
+    g.buf = at::zeros({c.B, c.Hq, c.L, c.S}, f32);
+    p.dmask_st = strides4(g.buf);
+  } else if (!deterministic) {
+    std::vector<int64_t> sizes(full, full + 4);
+    for (int d = 0; d < 4; ++d) sizes[d] = g.bcast[d] ? 1 : full[d];
+    g.buf = at::zeros(sizes, f32);
+    p.dmask_st = strides4(g.buf.expand({c.B, c.Hq, c.L, c.S}));
+    p.dmask_atomic = true;
+  } else {
+    const int64_t bm = bwd_tile_rows(std::max(c.E, c.Ev));
+    g.buf = at::zeros({c.B, c.Hq, g.bcast[2] ? (c.L + bm - 1) / bm : c.L, c.S}, f32);
+    p.dmask_st = strides4(g.buf);
+  }
+  p.dmask = g.buf.data_ptr<float>();
+  return g;
+}
+
+at::Tensor fold_mask_grad(const MaskGrad& g, const at::Tensor& q, const at::Tensor& mask) {
+  at::Tensor t = g.buf;
+  for (int64_t d = 0; d < 4; ++d)
+    if (g.bcast[d] && t.size(d) > 1) t = t.sum(d, /*keepdim=*/true);
+  std::vector<int64_t> shp;
+  for (int64_t d = 0; d + 3 < q.dim(); ++d) shp.push_back(t.size(0) == 1 ? 1 : q.size(d));
+  if (q.dim() >= 3) shp.push_back(t.size(1));
+  shp.push_back(t.size(2));
+  shp.push_back(t.size(3));
+  return t.reshape(shp).sum_to_size(mask.sizes()).to(mask.scalar_type());
 }
 
 }  // namespace
@@ -76,14 +139,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   check_bwd_inputs(grad_out, out, q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
   const Canonical c = canonicalize(q, k, v, mask);
   check_supported(q, c.E, c.Ev);
-  // Head dims above the fused backward's register budget, the additive-mask gradient and empty inputs are
-  // computed by MATH from the same saved tensors. The Python selector gives a reason and routes calls that need
-  // those gradients to MATH up front (_select.py: max_head_dim_backward, mask_grad), so this only serves direct
-  // callers of torch.ops.sdpax.bwd with backend FLASH.
-  const bool wants_dmask = mask_grad && mask && mask->scalar_type() != at::kBool;
-  if (std::max(c.E, c.Ev) > bwd_max_head_dim() || wants_dmask || c.B * c.Hq * c.L == 0 || c.S == 0)
+  // Empty inputs (and head dims past the fused backward, which the selector never sends here) are computed by
+  // MATH from the same saved tensors.
+  if (std::max(c.E, c.Ev) > bwd_max_head_dim() || c.B * c.Hq * c.L == 0 || c.S == 0)
     return math::bwd(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks, rng, mask_grad);
   const c10::cuda::CUDAGuard guard(q.device());
+  // torch.use_deterministic_algorithms(True): bitwise-reproducible gradients (no float atomics).
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
   const at::Tensor q4 = vector_ready(c.q), k4 = vector_ready(c.k), v4 = vector_ready(c.v);
   const at::Tensor do4 = vector_ready(grad_out.reshape({c.B, c.Hq, c.L, c.Ev}));
   const at::Tensor o4 = out.reshape({c.B, c.Hq, c.L, c.Ev});
@@ -92,8 +154,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
       sinks ? std::optional<at::Tensor>(sinks->to(at::kFloat).contiguous()) : std::nullopt;
   at::Tensor dk = at::empty({c.B, c.Hkv, c.S, c.E}, q.options());
   at::Tensor dv = at::empty({c.B, c.Hkv, c.S, c.Ev}, q.options());
-  at::Tensor dq_accum = at::zeros({c.B, c.Hq, c.L, c.E}, q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
+  // dQ: float32 atomics into dq_accum, or (deterministic) written once per element by its own pass.
+  at::Tensor dq_accum, dq;
+  if (deterministic) dq = at::empty({c.B, c.Hq, c.L, c.E}, q.options());
+  else dq_accum = at::zeros({c.B, c.Hq, c.L, c.E}, q.options().dtype(at::kFloat));
 
   AttnParams p = make_params(c, q4, k4, v4, sinks_f, dropout_p, causal, scale, rng);
   p.out = const_cast<void*>(o4.data_ptr());
@@ -105,18 +170,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   p.dv = dv.data_ptr();
   p.dk_st = strides4(dk);
   p.dv_st = strides4(dv);
-  p.dq_accum = dq_accum.data_ptr<float>();
+  p.deterministic = deterministic;
+  if (deterministic) {
+    p.dq = dq.data_ptr();
+    p.dq_st = strides4(dq);
+  } else {
+    p.dq_accum = dq_accum.data_ptr<float>();
+  }
+  const bool wants_dmask = mask_grad && mask && mask->scalar_type() != at::kBool;
+  MaskGrad mg;
+  if (wants_dmask) mg = plan_mask_grad(c, q, *mask, deterministic, p);
   C10_CUDA_CHECK(launch_bwd(p, delta.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
 
-  at::Tensor dq = dq_accum.mul_(scale).to(q.scalar_type());
-  at::Tensor dsinks = at::empty({0}, q.options());
-  if (sinks) {
-    // d lse / d sink_h = p_sink; dsinks_h = -sum_{b,i} p_sink * Delta_i (as in MATH).
-    at::Tensor p_sink = (sinks_f->view({1, c.Hq, 1}) - lse_f.view({c.B, c.Hq, c.L})).exp();
-    dsinks = p_sink.mul_(delta).sum(at::IntArrayRef{0, 2}).neg_().to(sinks->scalar_type());
+  if (!deterministic) dq = dq_accum.mul_(scale).to(q.scalar_type());
+  // d lse / d sink_h = p_sink, the sink's probability; Delta_i p_sink_i per row (B, Hq, L).
+  at::Tensor sink_rows;
+  if (sinks) sink_rows = (sinks_f->view({1, c.Hq, 1}) - lse_f.view({c.B, c.Hq, c.L})).exp_().mul_(delta);
+  at::Tensor dmask = at::empty({0}, q.options());
+  if (wants_dmask) {
+    if (mg.bcast[3])  // broadcast over keys: the closed form above
+      mg.buf = (sinks ? sink_rows : at::zeros_like(delta)).view({c.B, c.Hq, c.L, 1});
+    dmask = fold_mask_grad(mg, q, *mask);
   }
-  return {uncanonical(dq, q, c.E), dk.reshape(k.sizes()), dv.reshape(v.sizes()), at::empty({0}, q.options()),
-          dsinks};
+  at::Tensor dsinks = at::empty({0}, q.options());
+  // dsinks_h = -sum_{b,i} p_sink * Delta_i (as in MATH).
+  if (sinks) dsinks = sink_rows.sum(at::IntArrayRef{0, 2}).neg_().to(sinks->scalar_type());
+  return {uncanonical(dq, q, c.E), dk.reshape(k.sizes()), dv.reshape(v.sizes()), dmask, dsinks};
 }
 
 }  // namespace cuda

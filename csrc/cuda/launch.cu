@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "cuda/bwd_kernel.h"
 #include "cuda/fwd_kernel.h"
 #include "cuda/launch.h"
 #include "cuda/gen/variants.h"
@@ -65,6 +66,14 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
 }
 
 int bwd_max_head_dim() { return SDPAX_CUDA_BWD_MAX_HEAD_DIM; }
+
+int bwd_tile_rows(int64_t head_dim) {
+  switch (bucket(head_dim)) {
+    case 64: return BwdCfg<64>::kBM;
+    case 128: return BwdCfg<128>::kBM;
+    default: return BwdCfg<256>::kBM;
+  }
+}
 
 cudaError_t launch_fwd(const AttnParams& p, int fwd_kind, cudaStream_t stream) {
   const int d = bucket(std::max(p.E, p.Ev));

@@ -18,10 +18,14 @@ struct FwdPlan {
 FwdPlan plan_fwd(const AttnParams& p, int num_sms);
 // Largest head dim (max of E and Ev) the fused backward handles.
 int bwd_max_head_dim();
+// Query rows per inner step of the backward for this head dim: a mask broadcast over rows gets one gradient
+// partial sum per such tile (the host sizes the deterministic scratch from it).
+int bwd_tile_rows(int64_t head_dim);
 
 // Forward: out, lse (and o_partial / lse_partial when num_splits > 1, followed by the merge).
 cudaError_t launch_fwd(const AttnParams& p, int kind, cudaStream_t stream);
-// Backward: Delta into `delta` (batch*hq*L floats), then dK, dV and dq_accum (zeroed by the caller).
+// Backward: Delta into `delta` (batch*hq*L floats), then dK, dV and dq_accum (zeroed by the caller), or with
+// p.deterministic dq directly (no dq_accum); dmask when p.dmask is set (zeroed by the caller).
 cudaError_t launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream);
 
 // One variant (instantiated once each, in the files generated from csrc/cuda/variants.py).

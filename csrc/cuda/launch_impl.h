@@ -37,6 +37,15 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
   const int64_t n_blocks = (p.S + Cfg::kBN - 1) / Cfg::kBN;
   const dim3 grid(static_cast<unsigned>(n_blocks * p.batch * p.hkv));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || !p.deterministic) return err;
+  // Deterministic mode: dQ from its own pass (bwd_kernel skipped the atomics).
+  using DqCfg = BwdDqCfg<T, D>;
+  auto dq_kernel = bwd_dq_kernel<T, D, kGeneral>;
+  err = cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DqCfg::kSmem);
+  if (err != cudaSuccess) return err;
+  const int64_t m_blocks = (p.L + DqCfg::kBM - 1) / DqCfg::kBM;
+  dq_kernel<<<static_cast<unsigned>(m_blocks * p.batch * p.hq), DqCfg::kThreads, DqCfg::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -3,14 +3,14 @@
 setup.py calls generate(): one translation unit per variant (so nvcc compiles them in parallel) plus
 gen/variants.h, an X-macro list that launch.cu uses for `extern template` declarations and for dispatch.
 Head dims are rounded up to the next bucket (zero-padded in shared memory). The backward keeps the per-key
-gradients in registers, which fits up to head dim 128; larger head dims run their backward on MATH (flash_api.cpp).
+gradients in registers; at head dim 256 two warps share each group of keys (bwd_kernel.h, BwdCfg).
 """
 from pathlib import Path
 
 # float runs split TF32 on the tensor cores (csrc/cuda/mma.h): float32 accuracy, no silent TF32.
 DTYPES = {"bf16": ("__nv_bfloat16", "BFloat16"), "fp16": ("__half", "Half"), "fp32": ("float", "Float")}
 FWD_HEAD_DIMS = (64, 128, 256)
-BWD_HEAD_DIMS = (64, 128)
+BWD_HEAD_DIMS = (64, 128, 256)
 # Mask kinds per pass -> template argument. general: attention mask and/or dropout present; decode: plain with at
 # most 16 rows per (batch, kv head), one-warp blocks (forward only).
 FWD_KINDS = {"plain": "0", "general": "1", "decode": "2"}

@@ -51,11 +51,12 @@ class DeviceLimits:
     max_head_dim_backward: int | None = None  # larger head dims: forward only (a gradient routes to MATH)
     deterministic_backward: bool = True
     why_nondeterministic: str = ""
+    mask_grad: bool | None = None  # overrides the backend's Limits.mask_grad on this device (None: keep it)
 
 
-# CUDA: rows are copied with 16-byte vector loads, and dQ is accumulated with float atomics.
-_CUDA_FLASH = DeviceLimits(head_dim_multiple=8, max_head_dim_backward=128, deterministic_backward=False,
-                           why_nondeterministic="the CUDA backward accumulates dQ with float atomics")
+# CUDA: rows are copied with 16-byte vector loads. The fused backward covers every head dim of the forward, computes
+# the float mask gradient, and has a deterministic mode (its own dQ pass, no atomics; csrc/cuda/bwd_kernel.h).
+_CUDA_FLASH = DeviceLimits(head_dim_multiple=8, mask_grad=True)
 
 
 # Fused kernels are listed per device as they are built; a device missing here gets a reason naming it.
@@ -99,9 +100,10 @@ def reasons(backend: SDPBackend, call: Call) -> list[str]:
                                       call.value_head_dim % lim.head_dim_multiple):
         out.append(f"head dims ({call.head_dim}, {call.value_head_dim}) must be multiples of "
                    f"{lim.head_dim_multiple}")
-    if call.mask_requires_grad and not lim.mask_grad:
-        out.append("attn_mask requires grad (the mask gradient is computed by MATH only)")
     dev = lim.per_device.get(call.device.type)
+    mask_grad = lim.mask_grad if dev is None or dev.mask_grad is None else dev.mask_grad
+    if call.mask_requires_grad and not mask_grad:
+        out.append("attn_mask requires grad (the mask gradient is computed by MATH only)")
     if dev is not None:
         m = dev.head_dim_multiple
         if m > 1 and (call.head_dim % m or call.value_head_dim % m):
