@@ -77,7 +77,7 @@ MaskGrad plan_mask_grad(const Canonical& c, const at::Tensor& q, const at::Tenso
     p.dmask_st = strides4(g.buf.expand({c.B, c.Hq, c.L, c.S}));
     p.dmask_atomic = true;
   } else {
-    const int64_t bm = bwd_tile_rows(std::max(c.E, c.Ev));
+    const int64_t bm = bwd_tile_rows(std::max(c.E, c.Ev), p.dtype);
     g.buf = at::zeros({c.B, c.Hq, g.bcast[2] ? (c.L + bm - 1) / bm : c.L, c.S}, f32);
     p.dmask_st = strides4(g.buf);
   }

@@ -67,12 +67,18 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
 
 int bwd_max_head_dim() { return SDPAX_CUDA_BWD_MAX_HEAD_DIM; }
 
-int bwd_tile_rows(int64_t head_dim) {
+template <class T>
+static int bwd_tile_rows_of(int64_t head_dim) {
   switch (bucket(head_dim)) {
-    case 64: return BwdCfg<64>::kBM;
-    case 128: return BwdCfg<128>::kBM;
-    default: return BwdCfg<256>::kBM;
+    case 64: return BwdCfg<T, 64>::kBM;
+    case 128: return BwdCfg<T, 128>::kBM;
+    default: return BwdCfg<T, 256>::kBM;
   }
+}
+
+int bwd_tile_rows(int64_t head_dim, ScalarKind dtype) {
+  // bfloat16 and float16 share their tiles
+  return dtype == ScalarKind::Float ? bwd_tile_rows_of<float>(head_dim) : bwd_tile_rows_of<__half>(head_dim);
 }
 
 cudaError_t launch_fwd(const AttnParams& p, int fwd_kind, cudaStream_t stream) {

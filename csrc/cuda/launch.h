@@ -20,7 +20,7 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms);
 int bwd_max_head_dim();
 // Query rows per inner step of the backward for this head dim: a mask broadcast over rows gets one gradient
 // partial sum per such tile (the host sizes the deterministic scratch from it).
-int bwd_tile_rows(int64_t head_dim);
+int bwd_tile_rows(int64_t head_dim, ScalarKind dtype);
 
 // Forward: out, lse (and o_partial / lse_partial when num_splits > 1, followed by the merge).
 cudaError_t launch_fwd(const AttnParams& p, int kind, cudaStream_t stream);
