@@ -1,11 +1,16 @@
 // Variant dispatch: run-time dtype / head dim / mask kind -> the template instantiation listed in the generated
 // gen/variants.h (from csrc/cuda/variants.py). Kernels are instantiated in their own translation units.
+//
+// Forward main loop: on a compute-capability-9 device, in a build that contains sm_90a code (SDPAX_BUILD_SM90A,
+// set by setup.py), a (dtype, head dim, kind) listed as fwd_sm90 in the table runs the wgmma main loop
+// (fwd_sm90.h); everything else runs fwd_kernel.h (mma.sync), which every architecture has.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 
 #include "cuda/fwd_kernel.h"
+#include "cuda/fwd_sm90.h"
 #include "cuda/launch.h"
 #include "cuda/gen/variants.h"
 
@@ -28,6 +33,44 @@ int bucket(int64_t head_dim) {
 
 bool general(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dropout_p > 0.0; }
 
+// Compute capability major of the current device, looked up once per device.
+bool device_is_sm90() {
+  static int major[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (major[dev] == 0) {
+    int m = -1;
+    if (cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) m = -1;
+    major[dev] = m;
+  }
+  return major[dev] == 9;
+}
+
+// Whether the table lists an sm90 forward of this dtype, head-dim bucket and kind.
+bool has_sm90_fwd(const AttnParams& p, int d, int fwd_kind) {
+  bool found = false;
+#define SDPAX_CASE_fwd(ctype, kind, dd, flag)
+#define SDPAX_CASE_bwd(ctype, kind, dd, flag)
+#define SDPAX_CASE_fwd_sm90(ctype, kind, dd, flag) \
+  found = found || (p.dtype == ScalarKind::kind && d == dd && fwd_kind == flag);
+#define SDPAX_CASE(pass, ctype, kind, dd, flag) SDPAX_CASE_##pass(ctype, kind, dd, flag)
+  SDPAX_CUDA_VARIANTS(SDPAX_CASE)
+#undef SDPAX_CASE_fwd
+#undef SDPAX_CASE_bwd
+#undef SDPAX_CASE_fwd_sm90
+#undef SDPAX_CASE
+  return found;
+}
+
+bool use_sm90(const AttnParams& p, int d, int fwd_kind) {
+#ifdef SDPAX_BUILD_SM90A
+  return has_sm90_fwd(p, d, fwd_kind) && device_is_sm90();
+#else
+  (void)p, (void)d, (void)fwd_kind;
+  return false;
+#endif
+}
+
 }  // namespace
 
 namespace {
@@ -49,9 +92,17 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
   plan.kind = general(p) ? 1 : (rows <= FwdCfg<64, 2>::kBM ? 2 : 0);
   const int d = bucket(std::max(p.E, p.Ev));
   int64_t bm = 0, bn = 0;
-  if (plan.kind == 0) dims_of<0>(d, bm, bn);
-  else if (plan.kind == 1) dims_of<1>(d, bm, bn);
-  else dims_of<2>(d, bm, bn);
+  plan.sm90 = use_sm90(p, d, plan.kind);
+  if (plan.sm90) {
+    bm = d == 64 ? FwdSm90Cfg<64, 0>::kBM : FwdSm90Cfg<128, 0>::kBM;
+    bn = d == 64 ? FwdSm90Cfg<64, 0>::kBN : FwdSm90Cfg<128, 0>::kBN;
+  } else if (plan.kind == 0) {
+    dims_of<0>(d, bm, bn);
+  } else if (plan.kind == 1) {
+    dims_of<1>(d, bm, bn);
+  } else {
+    dims_of<2>(d, bm, bn);
+  }
   const int64_t blocks = (rows + bm - 1) / bm * p.batch * p.hkv;
   const int64_t n_tiles = (p.S + bn - 1) / bn;
   if (blocks >= num_sms || n_tiles < 8) return plan;
@@ -65,14 +116,20 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
 
 int bwd_max_head_dim() { return SDPAX_CUDA_BWD_MAX_HEAD_DIM; }
 
-cudaError_t launch_fwd(const AttnParams& p, int fwd_kind, cudaStream_t stream) {
+cudaError_t launch_fwd(const AttnParams& p, const FwdPlan& plan, cudaStream_t stream) {
   const int d = bucket(std::max(p.E, p.Ev));
-#define SDPAX_CASE_fwd(ctype, kind, dd, flag) \
-  if (p.dtype == ScalarKind::kind && d == dd && fwd_kind == flag) return run_fwd<ctype, dd, flag>(p, stream);
+  const int fwd_kind = plan.kind;
+#define SDPAX_CASE_fwd(ctype, kind, dd, flag)                                       \
+  if (!plan.sm90 && p.dtype == ScalarKind::kind && d == dd && fwd_kind == flag) \
+    return run_fwd<ctype, dd, flag>(p, stream);
+#define SDPAX_CASE_fwd_sm90(ctype, kind, dd, flag)                                 \
+  if (plan.sm90 && p.dtype == ScalarKind::kind && d == dd && fwd_kind == flag) \
+    return run_fwd_sm90<ctype, dd, flag>(p, stream);
 #define SDPAX_CASE_bwd(ctype, kind, dd, flag)
 #define SDPAX_CASE(pass, ctype, kind, dd, flag) SDPAX_CASE_##pass(ctype, kind, dd, flag)
   SDPAX_CUDA_VARIANTS(SDPAX_CASE)
 #undef SDPAX_CASE_fwd
+#undef SDPAX_CASE_fwd_sm90
 #undef SDPAX_CASE_bwd
   return cudaErrorInvalidValue;
 }
@@ -83,10 +140,12 @@ cudaError_t launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream) {
   const int d = bucket(std::max(p.E, p.Ev));
   const bool gen = general(p);
 #define SDPAX_CASE_fwd(ctype, kind, dd, flag)
+#define SDPAX_CASE_fwd_sm90(ctype, kind, dd, flag)
 #define SDPAX_CASE_bwd(ctype, kind, dd, flag) \
   if (p.dtype == ScalarKind::kind && d == dd && gen == flag) return run_bwd<ctype, dd, flag>(q, stream);
   SDPAX_CUDA_VARIANTS(SDPAX_CASE)
 #undef SDPAX_CASE_fwd
+#undef SDPAX_CASE_fwd_sm90
 #undef SDPAX_CASE_bwd
 #undef SDPAX_CASE
   return cudaErrorInvalidValue;
