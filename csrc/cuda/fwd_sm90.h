@@ -8,7 +8,8 @@
 //                 V from shared memory as the N-major (transposed) B operand: V is stored [key][head dim] exactly
 //                 like K, no transpose is ever written.
 // K/V tiles stream through a kStages-deep cp.async pipeline loaded by all threads; each tile is published with
-// cp.async.wait + fence.proxy.async (wgmma reads through the async proxy) + a block barrier.
+// cp.async.wait + fence.proxy.async (wgmma reads through the async proxy) + a block barrier. Within a warpgroup,
+// the softmax of tile j + 1 runs while the tensor cores compute P(j) V(j) (see the loop).
 //
 // The kernel body exists only in the sm_90a compilation (SDPAX_SM90A_DEVICE); the host launches it only on
 // compute capability 9.x when the build contains sm_90a (launch.cu).
@@ -26,7 +27,7 @@ struct FwdSm90Cfg {
   static constexpr int kBM = 64 * kWG;
   static constexpr int kBN = 128;  // keys per tile: the n of S's wgmma and the k extent of P V
   static constexpr int kThreads = 128 * kWG;
-  static constexpr int kStages = 2;
+  static constexpr int kStages = 3;  // K/V tiles resident: j (P V), j + 1 (Q K^T), j + 2 (landing)
   using QTile = Sw128Tile<kBM, D>;
   using KTile = Sw128Tile<kBN, D>;  // K and V stages share the layout
   // + 1024: the dynamic shared-memory base is rounded up to the 1024-byte alignment the swizzle atoms need.
@@ -130,39 +131,24 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   const uint64_t k_desc = sw128_desc(sK0, 16, 1024);
   const uint64_t v_desc = sw128_desc(sV0, KTile::kBlockBytes, 1024);
 
-  int tile = t_begin;
-  if (tile < t_end) load_tile(tile, 0);
-  cp_async_commit();
-#pragma unroll
-  for (int s = 1; s < kStages; ++s) {
-    if (tile + s < t_end) load_tile(tile + s, s);
-    cp_async_commit();
-  }
-
-  for (int stage = 0; tile < t_end; ++tile, stage = stage + 1 == kStages ? 0 : stage + 1) {
-    cp_async_wait<kStages - 1>();  // this tile's group is complete; later tiles may still be in flight
-    fence_proxy_async();           // make the cp.async writes visible to wgmma's async proxy
-    __syncthreads();
-
-    // S = Q K^T (fp32, 64 x BN per warpgroup).
-    float s[BN / 2];
+  // S = Q K^T of one tile into s (fp32, 64 x BN per warpgroup), issued and committed, not waited for.
+  auto issue_s = [&](float (&s)[BN / 2], int stage) {
     const uint64_t kd = k_desc + ((stage * KTile::kBytes) >> 4);
-    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       // k16 step kk: 64-column block kk / 4, 32-byte step kk % 4 inside the swizzled 128-byte rows.
-      const uint32_t off = ((kk >> 2) * QTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      const uint32_t qoff = ((kk >> 2) * QTile::kBlockBytes + (kk & 3) * 32) >> 4;
       const uint32_t koff = ((kk >> 2) * KTile::kBlockBytes + (kk & 3) * 32) >> 4;
-      wgmma_ss<BN, T>(s, q_desc + off, kd + koff, kk > 0);
+      wgmma_ss<BN, T>(s, q_desc + qoff, kd + koff, kk > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    reg_fence(s);
-
-    // Scale, causal bound, online softmax. Elementwise tests only where some element of the tile can fail them.
+  };
+  // Scale, causal bound and online softmax of S in place (s then holds P in fp32); the factor that rescales O is
+  // returned per row half and applied by the caller once O is no longer being accumulated into.
+  auto softmax = [&](float (&s)[BN / 2], int tile, float (&alpha)[2]) {
+    // Elementwise tests only where some element of the tile can fail them.
     const int j0 = tile * BN;
     const bool need_elem = j0 + BN > n_full;
-    uint32_t pa[BN / 16][4];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       float mx = -INFINITY;
@@ -180,39 +166,96 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       const float m_new = fmaxf(m_run[hf], mx);
       // Fully-masked-so-far guard: with every logit -inf, shift by 0 so exp2 gives 0 rather than NaN.
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(m_run[hf] - m_use);
+      alpha[hf] = exp2f(m_run[hf] - m_use);
       m_run[hf] = m_new;
-      l_run[hf] *= alpha;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        acc_o[dn * 4 + hf * 2] *= alpha;
-        acc_o[dn * 4 + hf * 2 + 1] *= alpha;
-      }
       float rs = 0.f;
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) {
-        const float p0 = exp2f(s[n * 4 + hf * 2] - m_use);
-        const float p1 = exp2f(s[n * 4 + hf * 2 + 1] - m_use);
-        rs += p0 + p1;
-        // A fragment of k16 step n / 2: (row g, keys 2t..) in regs 0/2, (row g + 8, ..) in regs 1/3.
-        pa[n >> 1][(n & 1) * 2 + hf] = pack2<T>(p0, p1);
-      }
-      l_run[hf] += rs;
-    }
-
-    // O += P V.
-    const uint64_t vd = v_desc + ((stage * KTile::kBytes) >> 4);
-    reg_fence(acc_o);
-    wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_tb<D, T>(acc_o, pa[kk], vd + ((kk * 16 * 128) >> 4));
-    wgmma_commit();
-    wgmma_wait<0>();
-    reg_fence(acc_o);
+        for (int e = 0; e < 2; ++e) {
+          const float pe = exp2f(s[n * 4 + hf * 2 + e] - m_use);
+          s[n * 4 + hf * 2 + e] = pe;
+          rs += pe;
+        }
+      }
+      l_run[hf] = l_run[hf] * alpha[hf] + rs;
+    }
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      acc_o[dn * 4] *= alpha[0];
+      acc_o[dn * 4 + 1] *= alpha[0];
+      acc_o[dn * 4 + 2] *= alpha[1];
+      acc_o[dn * 4 + 3] *= alpha[1];
+    }
+  };
+  // P (fp32 in s) rounded to 16 bits: the A fragment of k16 step n / 2 is (row g, keys 2t..) in registers 0 / 2
+  // and (row g + 8, ..) in 1 / 3.
+  auto to_a = [&](const float (&s)[BN / 2], uint32_t (&pa)[BN / 16][4]) {
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+      pa[n >> 1][(n & 1) * 2] = pack2<T>(s[n * 4], s[n * 4 + 1]);
+      pa[n >> 1][(n & 1) * 2 + 1] = pack2<T>(s[n * 4 + 2], s[n * 4 + 3]);
+    }
+  };
+  auto wait_tile = [&]() {
+    fence_proxy_async();  // make this thread's cp.async writes visible to wgmma's async proxy
+    __syncthreads();
+  };
 
-    __syncthreads();  // every warpgroup is done with this stage: refill it with the tile kStages ahead
-    if (tile + kStages < t_end) load_tile(tile + kStages, stage);
+  // Pipeline (per warpgroup; the block barrier once per tile publishes tile j + 1 and frees tile j's stage):
+  //   issue S(j+1) = Q K(j+1)^T; issue O += P(j) V(j); wait S(j+1); softmax(j+1) while P(j) V(j) runs on the
+  //   tensor cores; wait O; rescale O; refill the stage of tile j with tile j + kStages.
+  // kStages = 3 gives each load a whole iteration to land.
+  int tile = t_begin;
+#pragma unroll
+  for (int st = 0; st < kStages; ++st) {
+    if (tile + st < t_end) load_tile(tile + st, st);
     cp_async_commit();
+  }
+  if (tile < t_end) {
+    float s[BN / 2];
+    uint32_t pa[BN / 16][4];
+    float alpha[2];
+    cp_async_wait<kStages - 1>();
+    wait_tile();
+    wgmma_fence();
+    issue_s(s, 0);
+    wgmma_wait<0>();
+    reg_fence(s);
+    softmax(s, tile, alpha);
+    to_a(s, pa);
+    for (int stage = 0;;) {
+      const int next_stage = stage + 1 == kStages ? 0 : stage + 1;
+      const bool has_next = tile + 1 < t_end;
+      if (has_next) {
+        cp_async_wait<kStages - 2>();  // tile + 1's group is complete; tile + 2's may still be in flight
+        wait_tile();
+      }
+      wgmma_fence();
+      if (has_next) issue_s(s, next_stage);
+      const uint64_t vd = v_desc + ((stage * KTile::kBytes) >> 4);
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_tb<D, T>(acc_o, pa[kk], vd + ((kk * 16 * 128) >> 4));
+      wgmma_commit();
+      if (has_next) {
+        wgmma_wait<1>();  // S(j+1) done; P(j) V(j) may still run
+        reg_fence(s);
+        softmax(s, tile + 1, alpha);
+      }
+      wgmma_wait<0>();
+      reg_fence(acc_o);
+      reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
+      __syncthreads();    // every warpgroup is done with this stage: refill it with the tile kStages ahead
+      if (tile + kStages < t_end) load_tile(tile + kStages, stage);
+      cp_async_commit();
+      if (!has_next) break;
+      rescale_o(alpha);
+      to_a(s, pa);
+      ++tile;
+      stage = next_stage;
+    }
   }
   cp_async_wait<0>();
 

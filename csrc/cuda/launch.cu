@@ -8,6 +8,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/fwd_kernel.h"
 #include "cuda/fwd_sm90.h"
@@ -62,9 +64,16 @@ bool has_sm90_fwd(const AttnParams& p, int d, int fwd_kind) {
   return found;
 }
 
+// SDPAX_CUDA_FWD_SM90=0 turns the Hopper main loop off (read on every call, so a benchmark can time both main
+// loops in one process: benchmarks/cuda_sm90.py).
+bool sm90_enabled() {
+  const char* v = std::getenv("SDPAX_CUDA_FWD_SM90");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 bool use_sm90(const AttnParams& p, int d, int fwd_kind) {
 #ifdef SDPAX_BUILD_SM90A
-  return has_sm90_fwd(p, d, fwd_kind) && device_is_sm90();
+  return has_sm90_fwd(p, d, fwd_kind) && device_is_sm90() && sm90_enabled();
 #else
   (void)p, (void)d, (void)fwd_kind;
   return false;

@@ -79,6 +79,14 @@ __device__ __forceinline__ void reg_fence(float (&d)[R]) {
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+template <int R, int C>
+__device__ __forceinline__ void reg_fence_u32(uint32_t (&a)[R][C]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < C; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+}
+
 // D (64 x N, fp32) (+)= A (64 x 16, K-major descriptor) * B (N x 16, K-major descriptor)^T; accumulate = 0 zeroes D
 // first. N/2 accumulators per thread.
 template <int N, class T>
