@@ -214,6 +214,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
     if (tile + st < t_end) load_tile(tile + st, st);
     cp_async_commit();
   }
+  // The steady-state loop has no data-dependent branch between a wgmma's issue and its wait: ptxas tracks the
+  // in-flight groups through straight-line code only, and serializes every wgmma of the kernel (C7514) when it
+  // cannot prove that the accumulators read after wait_group<1> belong to the completed group.
   if (tile < t_end) {
     float s[BN / 2];
     uint32_t pa[BN / 16][4];
@@ -226,36 +229,39 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
     reg_fence(s);
     softmax(s, tile, alpha);
     to_a(s, pa);
-    for (int stage = 0;;) {
+    int stage = 0;
+    for (; tile + 1 < t_end; ++tile) {
       const int next_stage = stage + 1 == kStages ? 0 : stage + 1;
-      const bool has_next = tile + 1 < t_end;
-      if (has_next) {
-        cp_async_wait<kStages - 2>();  // tile + 1's group is complete; tile + 2's may still be in flight
-        wait_tile();
-      }
+      cp_async_wait<kStages - 2>();  // tile + 1's group is complete; tile + 2's may still be in flight
+      wait_tile();
       wgmma_fence();
-      if (has_next) issue_s(s, next_stage);
+      issue_s(s, next_stage);
       const uint64_t vd = v_desc + ((stage * KTile::kBytes) >> 4);
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_tb<D, T>(acc_o, pa[kk], vd + ((kk * 16 * 128) >> 4));
       wgmma_commit();
-      if (has_next) {
-        wgmma_wait<1>();  // S(j+1) done; P(j) V(j) may still run
-        reg_fence(s);
-        softmax(s, tile + 1, alpha);
-      }
+      wgmma_wait<1>();  // S(j+1) done; P(j) V(j) may still run
+      reg_fence(s);
+      softmax(s, tile + 1, alpha);
       wgmma_wait<0>();
       reg_fence(acc_o);
       reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
       __syncthreads();    // every warpgroup is done with this stage: refill it with the tile kStages ahead
       if (tile + kStages < t_end) load_tile(tile + kStages, stage);
       cp_async_commit();
-      if (!has_next) break;
       rescale_o(alpha);
       to_a(s, pa);
-      ++tile;
       stage = next_stage;
     }
+    // Last tile: P V only.
+    const uint64_t vd = v_desc + ((stage * KTile::kBytes) >> 4);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_tb<D, T>(acc_o, pa[kk], vd + ((kk * 16 * 128) >> 4));
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(acc_o);
+    reg_fence_u32(pa);
   }
   cp_async_wait<0>();
 
