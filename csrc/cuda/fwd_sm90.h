@@ -23,15 +23,23 @@ namespace cuda {
 
 template <int D, int kKind>
 struct FwdSm90Cfg {
+  static constexpr bool kGeneral = kKind == 1;
   static constexpr int kWG = 2;  // warpgroups of 64 rows
   static constexpr int kBM = 64 * kWG;
-  static constexpr int kBN = 128;  // keys per tile: the n of S's wgmma and the k extent of P V
+  // Keys per tile: the n of S's wgmma and the k extent of P V. The general kind takes 64: a staged mask tile per
+  // stage fits beside three K/V stages at d128, and half the S registers leave room for the mask and dropout work.
+  static constexpr int kBN = kGeneral ? 64 : 128;
   static constexpr int kThreads = 128 * kWG;
   static constexpr int kStages = 3;  // K/V tiles resident: j (P V), j + 1 (Q K^T), j + 2 (landing)
+  static_assert(kStages == 3, "the main loop rotates exactly three stages");
+  // Staged bool-mask tile: BM rows of BN bytes, rows padded by 16 bytes so that the 8 rows a warp reads at once
+  // start in different banks.
+  static constexpr int kMaskRow = kGeneral ? kBN + 16 : 0;
+  static constexpr int kMaskBytes = kBM * kMaskRow;
   using QTile = Sw128Tile<kBM, D>;
   using KTile = Sw128Tile<kBN, D>;  // K and V stages share the layout
   // + 1024: the dynamic shared-memory base is rounded up to the 1024-byte alignment the swizzle atoms need.
-  static constexpr int kSmem = QTile::kBytes + 2 * kStages * KTile::kBytes + 1024;
+  static constexpr int kSmem = QTile::kBytes + kStages * (2 * KTile::kBytes + kMaskBytes) + 1024;
 };
 
 template <class T, int D, int kKind>
@@ -41,12 +49,15 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   using Cfg = FwdSm90Cfg<D, kKind>;
   using QTile = typename Cfg::QTile;
   using KTile = typename Cfg::KTile;
+  constexpr bool kGeneral = Cfg::kGeneral;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kThreads, kStages = Cfg::kStages;
-  static_assert(kKind == 0, "the sm90 main loop implements the plain kind");
+  static_assert(kKind == 0 || kKind == 1, "the sm90 main loop implements the plain and general kinds");
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u;
-  const uint32_t sK0 = sQ + QTile::kBytes;                  // K stage s at sK0 + s * KTile::kBytes
-  const uint32_t sV0 = sK0 + kStages * KTile::kBytes;       // V stage s at sV0 + s * KTile::kBytes
+  const uint32_t sK0 = sQ + QTile::kBytes;               // K stage s at sK0 + s * KTile::kBytes
+  const uint32_t sV0 = sK0 + kStages * KTile::kBytes;    // V stage s at sV0 + s * KTile::kBytes
+  const uint32_t sM0 = sV0 + kStages * KTile::kBytes;    // mask stage s at sM0 + s * kMaskBytes
+  const unsigned char* smem_m0 = smem + (sM0 - smem_u32(smem));
 
   const int tid = threadIdx.x, wg = tid >> 7, wwarp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int G = static_cast<int>(p.hq / p.hkv);
@@ -75,6 +86,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   // The two rows this thread holds in the accumulators: packed row m0 + 64 wg + 16 wwarp + 8 hf + g.
   int row_i[2], row_h[2], row_lim[2];
   bool row_ok[2];
+  int64_t row_mask[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int r = m0 + wg * 64 + wwarp * 16 + hf * 8 + g;
@@ -83,7 +95,18 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
     row_h[hf] = hk * G + rr / L;
     row_i[hf] = rr % L;
     row_lim[hf] = row_limit(p, row_i[hf]);
+    row_mask[hf] = b * p.mask_st.b + row_h[hf] * p.mask_st.h + row_i[hf] * p.mask_st.r;
   }
+
+  const bool has_mask = kGeneral && p.mask_kind != MaskKind::None;
+  // A bool mask whose rows are 16-byte aligned travels through shared memory with the K/V tiles (cp.async), and a
+  // key tile that no row of the block may see is skipped; other masks are read element by element in the softmax.
+  const bool mask_staged = has_mask && p.mask_kind == MaskKind::Bool && p.mask_st.c == 1 &&
+                           reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 && p.mask_st.r % 16 == 0 &&
+                           p.mask_st.h % 16 == 0 && p.mask_st.b % 16 == 0;
+  Dropout drop{};
+  const bool has_dropout = kGeneral && p.dropout_p > 0.0;
+  if (has_dropout) drop.init(p);
 
   // Q tile (zero rows past the end, zero columns past E), in the same cp.async group as the first K/V tile.
   {
@@ -110,6 +133,39 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   auto load_tile = [&](int tile, int stage) {
     load_kv(sK0 + stage * KTile::kBytes, p.k, p.k_st, E, tile);
     load_kv(sV0 + stage * KTile::kBytes, p.v, p.v_st, Ev, tile);
+    if (kGeneral && mask_staged) {
+      const unsigned char* m = static_cast<const unsigned char*>(p.mask);
+      for (int idx = tid; idx < BM * (BN / 16); idx += NT) {
+        const int r = idx / (BN / 16), c = idx % (BN / 16);
+        const int pr = m0 + r, j = tile * BN + c * 16;
+        const int bytes = pr < rows ? max(0, min(16, S - j)) : 0;  // zero-filled past S and past the last row
+        const unsigned char* src = m;
+        if (bytes > 0)
+          src = m + b * p.mask_st.b + static_cast<int64_t>(hk * G + pr / L) * p.mask_st.h +
+                static_cast<int64_t>(pr % L) * p.mask_st.r + j;
+        cp_async16_partial(sM0 + stage * Cfg::kMaskBytes + r * Cfg::kMaskRow + c * 16, src, bytes);
+      }
+    }
+  };
+  // Staged mask: one bit per element this thread holds (allowed: causal/bounds pass and the mask is true), bit
+  // index (hf * BN / 8 + n) * 2 + e for key tile * BN + 8n + 2t + e of row half hf.
+  static_assert(!kGeneral || BN / 2 <= 32, "mask bits must fit in 32");
+  auto mask_bits = [&](int tile, int stage) {
+    uint32_t bits = 0;
+    const unsigned char* sm = smem_m0 + stage * Cfg::kMaskBytes;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const unsigned char* row = sm + (wg * 64 + wwarp * 16 + hf * 8 + g) * Cfg::kMaskRow;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+        const int col = n * 8 + 2 * t;
+        const uint16_t two = *reinterpret_cast<const uint16_t*>(row + col);
+        const int j = tile * BN + col;
+        if ((two & 0xff) && j < row_lim[hf]) bits |= 1u << ((hf * (BN / 8) + n) * 2);
+        if ((two >> 8) && j + 1 < row_lim[hf]) bits |= 1u << ((hf * (BN / 8) + n) * 2 + 1);
+      }
+    }
+    return bits;
   };
 
   const bool with_sinks = p.sinks != nullptr && p.num_splits == 1;
@@ -143,10 +199,16 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
     }
     wgmma_commit();
   };
-  // Scale, causal bound and online softmax of S in place (s then holds P in fp32); the factor that rescales O is
-  // returned per row half and applied by the caller once O is no longer being accumulated into.
-  auto softmax = [&](float (&s)[BN / 2], int tile, float (&alpha)[2]) {
-    // Elementwise tests only where some element of the tile can fail them.
+  // O += P V of one tile (P in registers), issued, not committed.
+  auto issue_pv = [&](const uint32_t (&pa)[BN / 16][4], int stage) {
+    const uint64_t vd = v_desc + ((stage * KTile::kBytes) >> 4);
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_tb<D, T>(acc_o, pa[kk], vd + ((kk * 16 * 128) >> 4));
+  };
+  // Scale, mask and online softmax of S in place (s then holds P in fp32, dropout applied); the factor that
+  // rescales O is returned per row half and applied by the caller once O is no longer being accumulated into.
+  auto softmax = [&](float (&s)[BN / 2], int tile, uint32_t bits, float (&alpha)[2]) {
+    // Elementwise causal tests only where some element of the tile can fail them.
     const int j0 = tile * BN;
     const bool need_elem = j0 + BN > n_full;
 #pragma unroll
@@ -157,7 +219,23 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float v = s[n * 4 + hf * 2 + e] * scale_log2;
-          if (need_elem && j0 + n * 8 + 2 * t + e >= row_lim[hf]) v = -INFINITY;
+          const int j = j0 + n * 8 + 2 * t + e;
+          if (has_mask) {
+            bool ok;
+            if (mask_staged) {
+              ok = (bits >> ((hf * (BN / 8) + n) * 2 + e)) & 1;
+            } else {
+              ok = j < row_lim[hf];
+              if (ok) {
+                const float bias = mask_bias(p, row_mask[hf] + j * p.mask_st.c);
+                ok = bias != -INFINITY;
+                if (p.mask_kind == MaskKind::Additive) v += bias * kLog2e;
+              }
+            }
+            if (!ok) v = -INFINITY;
+          } else if (need_elem && j >= row_lim[hf]) {
+            v = -INFINITY;
+          }
           s[n * 4 + hf * 2 + e] = v;
           mx = fmaxf(mx, v);
         }
@@ -171,17 +249,25 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       float rs = 0.f;
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pe = exp2f(s[n * 4 + hf * 2 + e] - m_use);
-          s[n * 4 + hf * 2 + e] = pe;
-          rs += pe;
+        const float p0 = exp2f(s[n * 4 + hf * 2] - m_use);
+        const float p1 = exp2f(s[n * 4 + hf * 2 + 1] - m_use);
+        rs += p0 + p1;  // the denominator counts every key; dropout scales only what reaches P V
+        if (has_dropout) {
+          const float2 k2 = drop.pair(static_cast<uint32_t>(b * p.hq + row_h[hf]), static_cast<uint32_t>(row_i[hf]),
+                                      static_cast<uint32_t>(j0 + n * 8 + 2 * t));
+          s[n * 4 + hf * 2] = p0 * k2.x;
+          s[n * 4 + hf * 2 + 1] = p1 * k2.y;
+        } else {
+          s[n * 4 + hf * 2] = p0;
+          s[n * 4 + hf * 2 + 1] = p1;
         }
       }
       l_run[hf] = l_run[hf] * alpha[hf] + rs;
     }
   };
   auto rescale_o = [&](const float (&alpha)[2]) {
+    // Once the running max settles, alpha is 1 for the whole warp: skip the O rescale.
+    if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
       acc_o[dn * 4] *= alpha[0];
@@ -199,65 +285,76 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       pa[n >> 1][(n & 1) * 2 + 1] = pack2<T>(s[n * 4 + 2], s[n * 4 + 3]);
     }
   };
-  auto wait_tile = [&]() {
-    fence_proxy_async();  // make this thread's cp.async writes visible to wgmma's async proxy
-    __syncthreads();
+
+  // Pipeline. Three K/V stages: `cur` (its P is in registers; P V pending), `nxt` (loaded one iteration ago; its
+  // Q K^T is issued next) and a free one that receives the tile after `nxt`. One block barrier per tile publishes
+  // `nxt` (cp.async.wait + fence.proxy.async, as wgmma reads through the async proxy) and, as every warpgroup has
+  // waited for its previous P V, frees the stage that held the previous `cur`. Per warpgroup and tile:
+  //   issue S(nxt) = Q K(nxt)^T; issue O += P(cur) V(cur); load the tile after nxt; wait S(nxt);
+  //   softmax(nxt) while P(cur) V(cur) runs on the tensor cores; wait O; rescale O.
+  // acquire() waits for `nxt` and, with a staged mask, skips (reloading the same stage) candidate tiles that no row
+  // of the block may see. The steady-state loop has no data-dependent branch between a wgmma's issue and its wait:
+  // ptxas tracks the in-flight groups through straight-line code only, and serializes every wgmma of the kernel
+  // (C7514) when it cannot prove that the accumulators read after wait_group<1> belong to the completed group.
+  int nxt_tile = t_begin, nxt_stage = 0;
+  uint32_t bits = 0;
+  if (nxt_tile < t_end) load_tile(nxt_tile, 0);
+  cp_async_commit();
+  auto acquire = [&]() {
+    while (true) {
+      cp_async_wait<0>();
+      fence_proxy_async();  // make this thread's cp.async writes visible to wgmma's async proxy
+      __syncthreads();
+      if (nxt_tile >= t_end) return false;
+      if (!mask_staged) return true;
+      bits = mask_bits(nxt_tile, nxt_stage);
+      if (__syncthreads_or(bits != 0)) return true;
+      if (++nxt_tile < t_end) load_tile(nxt_tile, nxt_stage);  // nobody reads this stage: reuse it at once
+      cp_async_commit();
+    }
   };
 
-  // Pipeline (per warpgroup; the block barrier once per tile publishes tile j + 1 and frees tile j's stage):
-  //   issue S(j+1) = Q K(j+1)^T; issue O += P(j) V(j); wait S(j+1); softmax(j+1) while P(j) V(j) runs on the
-  //   tensor cores; wait O; rescale O; refill the stage of tile j with tile j + kStages.
-  // kStages = 3 gives each load a whole iteration to land.
-  int tile = t_begin;
-#pragma unroll
-  for (int st = 0; st < kStages; ++st) {
-    if (tile + st < t_end) load_tile(tile + st, st);
-    cp_async_commit();
-  }
-  // The steady-state loop has no data-dependent branch between a wgmma's issue and its wait: ptxas tracks the
-  // in-flight groups through straight-line code only, and serializes every wgmma of the kernel (C7514) when it
-  // cannot prove that the accumulators read after wait_group<1> belong to the completed group.
-  if (tile < t_end) {
+  if (acquire()) {
     float s[BN / 2];
     uint32_t pa[BN / 16][4];
     float alpha[2];
-    cp_async_wait<kStages - 1>();
-    wait_tile();
+    int cur_stage = nxt_stage, free_stage = 2;
     wgmma_fence();
-    issue_s(s, 0);
+    issue_s(s, cur_stage);
+    const int cur_tile = nxt_tile;
+    nxt_tile = cur_tile + 1;
+    nxt_stage = 1;
+    if (nxt_tile < t_end) load_tile(nxt_tile, nxt_stage);
+    cp_async_commit();
     wgmma_wait<0>();
     reg_fence(s);
-    softmax(s, tile, alpha);
+    softmax(s, cur_tile, bits, alpha);
     to_a(s, pa);
-    int stage = 0;
-    for (; tile + 1 < t_end; ++tile) {
-      const int next_stage = stage + 1 == kStages ? 0 : stage + 1;
-      cp_async_wait<kStages - 2>();  // tile + 1's group is complete; tile + 2's may still be in flight
-      wait_tile();
+    while (acquire()) {
       wgmma_fence();
-      issue_s(s, next_stage);
-      const uint64_t vd = v_desc + ((stage * KTile::kBytes) >> 4);
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_tb<D, T>(acc_o, pa[kk], vd + ((kk * 16 * 128) >> 4));
+      issue_s(s, nxt_stage);
+      issue_pv(pa, cur_stage);
       wgmma_commit();
-      wgmma_wait<1>();  // S(j+1) done; P(j) V(j) may still run
+      const int after = nxt_tile + 1;
+      if (after < t_end) load_tile(after, free_stage);
+      cp_async_commit();
+      wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
       reg_fence(s);
-      softmax(s, tile + 1, alpha);
+      softmax(s, nxt_tile, bits, alpha);
       wgmma_wait<0>();
       reg_fence(acc_o);
       reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
-      __syncthreads();    // every warpgroup is done with this stage: refill it with the tile kStages ahead
-      if (tile + kStages < t_end) load_tile(tile + kStages, stage);
-      cp_async_commit();
       rescale_o(alpha);
       to_a(s, pa);
-      stage = next_stage;
+      const int old = cur_stage;
+      cur_stage = nxt_stage;
+      nxt_stage = free_stage;
+      free_stage = old;
+      nxt_tile = after;
     }
     // Last tile: P V only.
-    const uint64_t vd = v_desc + ((stage * KTile::kBytes) >> 4);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_tb<D, T>(acc_o, pa[kk], vd + ((kk * 16 * 128) >> 4));
+    issue_pv(pa, cur_stage);
     wgmma_commit();
     wgmma_wait<0>();
     reg_fence(acc_o);

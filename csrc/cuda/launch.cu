@@ -103,8 +103,9 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
   int64_t bm = 0, bn = 0;
   plan.sm90 = use_sm90(p, d, plan.kind);
   if (plan.sm90) {
-    bm = d == 64 ? FwdSm90Cfg<64, 0>::kBM : FwdSm90Cfg<128, 0>::kBM;
-    bn = d == 64 ? FwdSm90Cfg<64, 0>::kBN : FwdSm90Cfg<128, 0>::kBN;
+    // The sm90 variants tile the same way at every head dim; only the kind matters.
+    bm = plan.kind == 0 ? FwdSm90Cfg<128, 0>::kBM : FwdSm90Cfg<128, 1>::kBM;
+    bn = plan.kind == 0 ? FwdSm90Cfg<128, 0>::kBN : FwdSm90Cfg<128, 1>::kBN;
   } else if (plan.kind == 0) {
     dims_of<0>(d, bm, bn);
   } else if (plan.kind == 1) {

@@ -18,7 +18,7 @@ BWD_KINDS = {"plain": "false", "general": "true"}
 # instead of the fwd variant of the same (dtype, head dim, kind) when the device has compute capability 9 and the
 # build contains sm_90a code; every other case runs the fwd variants above.
 SM90_FWD_HEAD_DIMS = (64, 128)
-SM90_FWD_KINDS = {"plain": "0"}
+SM90_FWD_KINDS = {"plain": "0", "general": "1"}
 # Header that defines each pass's run_<pass> template.
 LAUNCH_HEADERS = {"fwd": "cuda/launch_impl.h", "bwd": "cuda/launch_impl.h", "fwd_sm90": "cuda/launch_sm90.h"}
 
