@@ -18,8 +18,16 @@
 #include "cuda/mma.h"
 #include "cuda/wgmma.h"
 
+#include <cuda.h>  // CUtensorMap (a plain 128-byte struct; no driver call is made from here)
+
 namespace sdpax {
 namespace cuda {
+
+// Tensor maps of K and V (4-D: head-dim column, key, kv head, batch; boxes of 64 columns x BN keys, 128-byte
+// swizzle), encoded by the host (launch_sm90.h) for the plain kind's TMA producer.
+struct FwdTmaMaps {
+  CUtensorMap k, v;
+};
 
 template <int D, int kKind>
 struct FwdSm90Cfg {
@@ -29,7 +37,13 @@ struct FwdSm90Cfg {
   // Keys per tile: the n of S's wgmma and the k extent of P V. The general kind takes 64: a staged mask tile per
   // stage fits beside three K/V stages at d128, and half the S registers leave room for the mask and dropout work.
   static constexpr int kBN = kGeneral ? 64 : 128;
-  static constexpr int kThreads = 128 * kWG;
+  // Plain kind: the consumer warpgroups plus a producer warpgroup, one thread of which streams K/V through the
+  // bulk tensor copy engine (TMA). General kind: the consumers load K/V and the staged mask themselves with cp.async.
+  static constexpr int kConsumers = 128 * kWG;
+  static constexpr int kThreads = kConsumers + (kGeneral ? 0 : 128);
+  // Plain kind: registers move from the producer warpgroup (which needs few) to the consumers (setmaxnreg):
+  // 2 x 128 x 240 + 128 x 24 <= 64K.
+  static constexpr int kConsumerRegs = 240, kProducerRegs = 24;
   static constexpr int kStages = 3;  // K/V tiles resident: j (P V), j + 1 (Q K^T), j + 2 (landing)
   static_assert(kStages == 3, "the main loop rotates exactly three stages");
   // Staged bool-mask tile: BM rows of BN bytes, rows padded by 16 bytes so that the 8 rows a warp reads at once
@@ -39,18 +53,19 @@ struct FwdSm90Cfg {
   using QTile = Sw128Tile<kBM, D>;
   using KTile = Sw128Tile<kBN, D>;  // K and V stages share the layout
   // + 1024: the dynamic shared-memory base is rounded up to the 1024-byte alignment the swizzle atoms need.
-  static constexpr int kSmem = QTile::kBytes + kStages * (2 * KTile::kBytes + kMaskBytes) + 1024;
+  static constexpr int kBarBytes = 2 * kStages * 8;  // full / empty mbarriers of the plain kind's stages
+  static constexpr int kSmem = QTile::kBytes + kStages * (2 * KTile::kBytes + kMaskBytes) + kBarBytes + 1024;
 };
 
 template <class T, int D, int kKind>
 __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
-    fwd_sm90_kernel(const __grid_constant__ AttnParams p) {
+    fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ FwdTmaMaps maps) {
 #ifdef SDPAX_SM90A_DEVICE
   using Cfg = FwdSm90Cfg<D, kKind>;
   using QTile = typename Cfg::QTile;
   using KTile = typename Cfg::KTile;
   constexpr bool kGeneral = Cfg::kGeneral;
-  constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kThreads, kStages = Cfg::kStages;
+  constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kConsumers, kStages = Cfg::kStages;
   static_assert(kKind == 0 || kKind == 1, "the sm90 main loop implements the plain and general kinds");
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u;
@@ -58,6 +73,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   const uint32_t sV0 = sK0 + kStages * KTile::kBytes;    // V stage s at sV0 + s * KTile::kBytes
   const uint32_t sM0 = sV0 + kStages * KTile::kBytes;    // mask stage s at sM0 + s * kMaskBytes
   const unsigned char* smem_m0 = smem + (sM0 - smem_u32(smem));
+  const uint32_t bar_full0 = sM0 + kStages * Cfg::kMaskBytes;  // full barrier of stage s at bar_full0 + 8 s
+  const uint32_t bar_empty0 = bar_full0 + kStages * 8;
 
   const int tid = threadIdx.x, wg = tid >> 7, wwarp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int G = static_cast<int>(p.hq / p.hkv);
@@ -107,6 +124,37 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   Dropout drop{};
   const bool has_dropout = kGeneral && p.dropout_p > 0.0;
   if (has_dropout) drop.init(p);
+
+  const bool producer = tid >= NT;  // plain kind: the TMA warpgroup after the consumer warpgroups
+  if (!kGeneral && tid == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(bar_full0 + 8 * st, 1);       // the producer's arrive.expect_tx; the copies complete the bytes
+      mbar_init(bar_empty0 + 8 * st, 2 * 4);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  if (!kGeneral) __syncthreads();  // barriers initialised before anyone waits on them
+  if (!kGeneral && producer) {
+    // The producer warpgroup: one thread streams the block's K/V tiles into the stage ring.
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (tid == NT) {
+      for (int k = 0; t_begin + k < t_end; ++k) {
+        const int st = k % kStages;
+        if (k >= kStages) mbar_wait(bar_empty0 + 8 * st, (k / kStages - 1) & 1);  // its previous tile released
+        mbar_expect_tx(bar_full0 + 8 * st, 2 * KTile::kBytes);
+        const int j = (t_begin + k) * BN;
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c) {
+          tma_load_4d(sK0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.k, bar_full0 + 8 * st, c * 64, j, hk,
+                      static_cast<int>(b));
+          tma_load_4d(sV0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.v, bar_full0 + 8 * st, c * 64, j, hk,
+                      static_cast<int>(b));
+        }
+      }
+    }
+  } else {
+  // Consumers (the rest of the kernel; one if/else by role, as setmaxnreg asks).
+  if (!kGeneral) setmaxnreg_inc<Cfg::kConsumerRegs>();
 
   // Q tile (zero rows past the end, zero columns past E), in the same cp.async group as the first K/V tile.
   {
@@ -296,69 +344,119 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   // of the block may see. The steady-state loop has no data-dependent branch between a wgmma's issue and its wait:
   // ptxas tracks the in-flight groups through straight-line code only, and serializes every wgmma of the kernel
   // (C7514) when it cannot prove that the accumulators read after wait_group<1> belong to the completed group.
-  int nxt_tile = t_begin, nxt_stage = 0;
-  uint32_t bits = 0;
-  if (nxt_tile < t_end) load_tile(nxt_tile, 0);
-  cp_async_commit();
-  auto acquire = [&]() {
-    while (true) {
-      cp_async_wait<0>();
-      fence_proxy_async();  // make this thread's cp.async writes visible to wgmma's async proxy
-      __syncthreads();
-      if (nxt_tile >= t_end) return false;
-      if (!mask_staged) return true;
-      bits = mask_bits(nxt_tile, nxt_stage);
-      if (__syncthreads_or(bits != 0)) return true;
-      if (++nxt_tile < t_end) load_tile(nxt_tile, nxt_stage);  // nobody reads this stage: reuse it at once
-      cp_async_commit();
-    }
-  };
-
-  if (acquire()) {
-    float s[BN / 2];
-    uint32_t pa[BN / 16][4];
-    float alpha[2];
-    int cur_stage = nxt_stage, free_stage = 2;
-    wgmma_fence();
-    issue_s(s, cur_stage);
-    const int cur_tile = nxt_tile;
-    nxt_tile = cur_tile + 1;
-    nxt_stage = 1;
-    if (nxt_tile < t_end) load_tile(nxt_tile, nxt_stage);
+  if constexpr (!kGeneral) {
+    // Plain kind: K/V arrive through the TMA producer. Tile k of the block sits in stage k % 3, published by the
+    // completion of its full barrier (phase k / 3) and handed back through its empty barrier once both consumer
+    // warpgroups' P V of it is done. No block barrier in the loop: the two warpgroups drift apart, and one's
+    // softmax overlaps the other's matrix products.
     cp_async_commit();
-    wgmma_wait<0>();
-    reg_fence(s);
-    softmax(s, cur_tile, bits, alpha);
-    to_a(s, pa);
-    while (acquire()) {
+    cp_async_wait<0>();
+    fence_proxy_async();   // Q written by cp.async, read by wgmma
+    named_barrier(1, NT);  // every consumer's Q rows are in
+    const int n = t_end - t_begin;
+    if (n > 0) {
+      float s[BN / 2];
+      uint32_t pa[BN / 16][4];
+      float alpha[2];
+      mbar_wait(bar_full0, 0);
       wgmma_fence();
-      issue_s(s, nxt_stage);
-      issue_pv(pa, cur_stage);
-      wgmma_commit();
-      const int after = nxt_tile + 1;
-      if (after < t_end) load_tile(after, free_stage);
-      cp_async_commit();
-      wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
+      issue_s(s, 0);
+      wgmma_wait<0>();
       reg_fence(s);
-      softmax(s, nxt_tile, bits, alpha);
+      softmax(s, t_begin, 0u, alpha);
+      to_a(s, pa);
+      int cur = 0;  // stage of tile k - 1
+      for (int k = 1; k < n; ++k) {
+        const int st = cur + 1 == kStages ? 0 : cur + 1;
+        mbar_wait(bar_full0 + 8 * st, (k / kStages) & 1);
+        wgmma_fence();
+        issue_s(s, st);
+        issue_pv(pa, cur);
+        wgmma_commit();
+        wgmma_wait<1>();  // S(k) done; P(k-1) V(k-1) may still run
+        reg_fence(s);
+        softmax(s, t_begin + k, 0u, alpha);
+        wgmma_wait<0>();
+        reg_fence(acc_o);
+        reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar_empty0 + 8 * cur);  // this warp is done with tile k - 1's stage
+        rescale_o(alpha);
+        to_a(s, pa);
+        cur = st;
+      }
+      wgmma_fence();
+      issue_pv(pa, cur);
+      wgmma_commit();
       wgmma_wait<0>();
       reg_fence(acc_o);
-      reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
-      rescale_o(alpha);
-      to_a(s, pa);
-      const int old = cur_stage;
-      cur_stage = nxt_stage;
-      nxt_stage = free_stage;
-      free_stage = old;
-      nxt_tile = after;
+      reg_fence_u32(pa);
     }
-    // Last tile: P V only.
-    wgmma_fence();
-    issue_pv(pa, cur_stage);
-    wgmma_commit();
-    wgmma_wait<0>();
-    reg_fence(acc_o);
-    reg_fence_u32(pa);
+  } else {
+    int nxt_tile = t_begin, nxt_stage = 0;
+    uint32_t bits = 0;
+    if (nxt_tile < t_end) load_tile(nxt_tile, 0);
+    cp_async_commit();
+    auto acquire = [&]() {
+      while (true) {
+        cp_async_wait<0>();
+        fence_proxy_async();  // make this thread's cp.async writes visible to wgmma's async proxy
+        __syncthreads();
+        if (nxt_tile >= t_end) return false;
+        if (!mask_staged) return true;
+        bits = mask_bits(nxt_tile, nxt_stage);
+        if (__syncthreads_or(bits != 0)) return true;
+        if (++nxt_tile < t_end) load_tile(nxt_tile, nxt_stage);  // nobody reads this stage: reuse it at once
+        cp_async_commit();
+      }
+    };
+
+    if (acquire()) {
+      float s[BN / 2];
+      uint32_t pa[BN / 16][4];
+      float alpha[2];
+      int cur_stage = nxt_stage, free_stage = 2;
+      wgmma_fence();
+      issue_s(s, cur_stage);
+      const int cur_tile = nxt_tile;
+      nxt_tile = cur_tile + 1;
+      nxt_stage = 1;
+      if (nxt_tile < t_end) load_tile(nxt_tile, nxt_stage);
+      cp_async_commit();
+      wgmma_wait<0>();
+      reg_fence(s);
+      softmax(s, cur_tile, bits, alpha);
+      to_a(s, pa);
+      while (acquire()) {
+        wgmma_fence();
+        issue_s(s, nxt_stage);
+        issue_pv(pa, cur_stage);
+        wgmma_commit();
+        const int after = nxt_tile + 1;
+        if (after < t_end) load_tile(after, free_stage);
+        cp_async_commit();
+        wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
+        reg_fence(s);
+        softmax(s, nxt_tile, bits, alpha);
+        wgmma_wait<0>();
+        reg_fence(acc_o);
+        reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
+        rescale_o(alpha);
+        to_a(s, pa);
+        const int old = cur_stage;
+        cur_stage = nxt_stage;
+        nxt_stage = free_stage;
+        free_stage = old;
+        nxt_tile = after;
+      }
+      // Last tile: P V only.
+      wgmma_fence();
+      issue_pv(pa, cur_stage);
+      wgmma_commit();
+      wgmma_wait<0>();
+      reg_fence(acc_o);
+      reg_fence_u32(pa);
+    }
   }
   cp_async_wait<0>();
 
@@ -394,6 +492,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       if (t == 0) p.lse_partial[prow] = lse;
     }
   }
+  }  // consumers
 #endif
 }
 
