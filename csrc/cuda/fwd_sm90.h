@@ -1,15 +1,16 @@
 // Hopper (sm90a) forward main loop: the same attention as fwd_kernel.h (row packing for GQA, causal tile skipping,
-// sinks, split keys, the fully-masked-row guard, the epilogue), with both matrix products on wgmma.
+// masks, dropout, sinks, split keys, the fully-masked-row guard, the epilogue), with both matrix products on wgmma.
 //
-// One block computes BM = 64 * kWG rows of one (batch, kv head); warpgroup w owns rows 64w..64w+63. Per key tile:
-//   S = Q K^T     wgmma m64 n(BN) k16, Q and K from 128-byte-swizzled shared memory (K-major descriptors)
-//   online softmax on S in registers (scale, causal bound, running max / sum, rescale of O)
-//   O += P V      wgmma m64 n(D) k16, P from registers (the S accumulators rounded to 16 bits are P's A fragments),
-//                 V from shared memory as the N-major (transposed) B operand: V is stored [key][head dim] exactly
-//                 like K, no transpose is ever written.
-// K/V tiles stream through a kStages-deep cp.async pipeline loaded by all threads; each tile is published with
-// cp.async.wait + fence.proxy.async (wgmma reads through the async proxy) + a block barrier. Within a warpgroup,
-// the softmax of tile j + 1 runs while the tensor cores compute P(j) V(j) (see the loop).
+// One block computes BM = 128 rows of one (batch, kv head) with three warpgroups:
+//   consumers (warpgroups 0, 1: rows 64w..64w+63), per key tile:
+//     S = Q K^T     wgmma m64 n(BN) k16, Q and K from 128-byte-swizzled shared memory (K-major descriptors)
+//     online softmax on S in registers (scale, causal bound, mask, running max / sum, dropout)
+//     O += P V      wgmma m64 n(D) k16, P from registers (the S accumulators rounded to 16 bits are P's A
+//                   fragments), V from shared memory as the N-major (transposed) B operand: V is stored
+//                   [key][head dim] exactly like K, no transpose is ever written.
+//   producer (warpgroup 2): streams K/V tiles through TMA into a three-stage ring guarded by full/empty mbarriers;
+//     with a staged bool mask it also loads the mask tile (cp.async) and drops tiles that no row may see.
+// Within a consumer, the softmax of tile j + 1 runs while the tensor cores compute P(j) V(j).
 //
 // The kernel body exists only in the sm_90a compilation (SDPAX_SM90A_DEVICE); the host launches it only on
 // compute capability 9.x when the build contains sm_90a (launch.cu).
@@ -37,13 +38,13 @@ struct FwdSm90Cfg {
   // Keys per tile: the n of S's wgmma and the k extent of P V. The general kind takes 64: a staged mask tile per
   // stage fits beside three K/V stages at d128, and half the S registers leave room for the mask and dropout work.
   static constexpr int kBN = kGeneral ? 64 : 128;
-  // Plain kind: the consumer warpgroups plus a producer warpgroup, one thread of which streams K/V through the
-  // bulk tensor copy engine (TMA). General kind: the consumers load K/V and the staged mask themselves with cp.async.
+  // The consumer warpgroups plus a producer warpgroup: one thread of it streams K/V through the bulk tensor copy
+  // engine (TMA); with a staged mask, all of it loads the mask tile first and drops tiles no row may see.
   static constexpr int kConsumers = 128 * kWG;
-  static constexpr int kThreads = kConsumers + (kGeneral ? 0 : 128);
-  // Plain kind: registers move from the producer warpgroup (which needs few) to the consumers (setmaxnreg):
-  // 2 x 128 x 240 + 128 x 24 <= 64K.
-  static constexpr int kConsumerRegs = 240, kProducerRegs = 24;
+  static constexpr int kThreads = kConsumers + 128;
+  // Registers move from the producer warpgroup to the consumers (setmaxnreg): 2 x 128 x 240 + 128 x 24 <= 64K;
+  // the general kind's producer keeps 40 for the mask scan (2 x 128 x 232 + 128 x 40).
+  static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 40 : 24;
   static constexpr int kStages = 3;  // K/V tiles resident: j (P V), j + 1 (Q K^T), j + 2 (landing)
   static_assert(kStages == 3, "the main loop rotates exactly three stages");
   // Staged bool-mask tile: BM rows of BN bytes, rows padded by 16 bytes so that the 8 rows a warp reads at once
@@ -53,7 +54,8 @@ struct FwdSm90Cfg {
   using QTile = Sw128Tile<kBM, D>;
   using KTile = Sw128Tile<kBN, D>;  // K and V stages share the layout
   // + 1024: the dynamic shared-memory base is rounded up to the 1024-byte alignment the swizzle atoms need.
-  static constexpr int kBarBytes = 2 * kStages * 8;  // full / empty mbarriers of the plain kind's stages
+  // full / empty mbarriers per stage, and the key-tile index each stage holds (-1: no more tiles).
+  static constexpr int kBarBytes = 2 * kStages * 8 + 16;
   static constexpr int kSmem = QTile::kBytes + kStages * (2 * KTile::kBytes + kMaskBytes) + kBarBytes + 1024;
 };
 
@@ -75,6 +77,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   const unsigned char* smem_m0 = smem + (sM0 - smem_u32(smem));
   const uint32_t bar_full0 = sM0 + kStages * Cfg::kMaskBytes;  // full barrier of stage s at bar_full0 + 8 s
   const uint32_t bar_empty0 = bar_full0 + kStages * 8;
+  int* tile_of_stage = reinterpret_cast<int*>(smem + (bar_empty0 + kStages * 8 - smem_u32(smem)));
 
   const int tid = threadIdx.x, wg = tid >> 7, wwarp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int G = static_cast<int>(p.hq / p.hkv);
@@ -125,24 +128,61 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   const bool has_dropout = kGeneral && p.dropout_p > 0.0;
   if (has_dropout) drop.init(p);
 
-  const bool producer = tid >= NT;  // plain kind: the TMA warpgroup after the consumer warpgroups
-  if (!kGeneral && tid == 0) {
+  const bool producer = tid >= NT;  // the producer warpgroup follows the consumer warpgroups
+  if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
-      mbar_init(bar_full0 + 8 * st, 1);       // the producer's arrive.expect_tx; the copies complete the bytes
+      mbar_init(bar_full0 + 8 * st, 1);       // the producer's arrive(.expect_tx); the copies complete the bytes
       mbar_init(bar_empty0 + 8 * st, 2 * 4);  // one arrival per consumer warp
     }
     mbar_init_fence();
   }
-  if (!kGeneral) __syncthreads();  // barriers initialised before anyone waits on them
-  if (!kGeneral && producer) {
-    // The producer warpgroup: one thread streams the block's K/V tiles into the stage ring.
+  __syncthreads();  // barriers initialised before anyone waits on them
+  if (producer) {
+    // The producer warpgroup publishes the block's key tiles in order: tile index in tile_of_stage, K/V through
+    // TMA (one thread), the staged mask through cp.async (all 128; a tile no row of the block may see is dropped
+    // here and never reaches the consumers). The n-th published tile goes to stage n % 3 once the consumers have
+    // released that stage's previous tile; a final -1 tells them the stream has ended.
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    if (tid == NT) {
-      for (int k = 0; t_begin + k < t_end; ++k) {
-        const int st = k % kStages;
-        if (k >= kStages) mbar_wait(bar_empty0 + 8 * st, (k / kStages - 1) & 1);  // its previous tile released
+    const int ptid = tid - NT;
+    int n = 0;
+    for (int tile = t_begin; tile < t_end; ++tile) {
+      const int st = n % kStages;
+      if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);
+      if (kGeneral && mask_staged) {
+        const unsigned char* m = static_cast<const unsigned char*>(p.mask);
+        unsigned char* dst = const_cast<unsigned char*>(smem_m0) + st * Cfg::kMaskBytes;
+        constexpr int kChunks = BM * (BN / 16) / 128;  // 16-byte chunks per producer thread
+#pragma unroll
+        for (int u = 0; u < kChunks; ++u) {
+          const int idx = ptid + 128 * u, r = idx / (BN / 16), c = idx % (BN / 16);
+          const int pr = m0 + r, j = tile * BN + c * 16;
+          const int bytes = pr < rows ? max(0, min(16, S - j)) : 0;  // zero-filled past S and past the last row
+          const unsigned char* src = m;
+          if (bytes > 0)
+            src = m + b * p.mask_st.b + static_cast<int64_t>(hk * G + pr / L) * p.mask_st.h +
+                  static_cast<int64_t>(pr % L) * p.mask_st.r + j;
+          cp_async16_partial(smem_u32(dst + r * Cfg::kMaskRow + c * 16), src, bytes);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        bool any = false;
+#pragma unroll
+        for (int u = 0; u < kChunks; ++u) {
+          const int idx = ptid + 128 * u, r = idx / (BN / 16), c = idx % (BN / 16);
+          const int pr = m0 + r, j = tile * BN + c * 16;
+          const int lim = pr < rows ? row_limit(p, pr % L) - j : 0;  // bytes [0, lim) pass causal and bounds
+          const uint4 w = *reinterpret_cast<const uint4*>(dst + r * Cfg::kMaskRow + c * 16);
+          const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+          for (int x = 0; x < 16; ++x)
+            any = any || (x < lim && ((words[x >> 2] >> (8 * (x & 3))) & 0xff));
+        }
+        if (!named_barrier_or(1, 128, any)) continue;  // no row of the block may see this tile
+      }
+      if (ptid == 0) {
+        tile_of_stage[st] = tile;
         mbar_expect_tx(bar_full0 + 8 * st, 2 * KTile::kBytes);
-        const int j = (t_begin + k) * BN;
+        const int j = tile * BN;
 #pragma unroll
         for (int c = 0; c < D / 64; ++c) {
           tma_load_4d(sK0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.k, bar_full0 + 8 * st, c * 64, j, hk,
@@ -151,10 +191,17 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
                       static_cast<int>(b));
         }
       }
+      ++n;
+    }
+    const int st = n % kStages;
+    if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);
+    if (ptid == 0) {
+      tile_of_stage[st] = -1;
+      mbar_arrive(bar_full0 + 8 * st);
     }
   } else {
   // Consumers (the rest of the kernel; one if/else by role, as setmaxnreg asks).
-  if (!kGeneral) setmaxnreg_inc<Cfg::kConsumerRegs>();
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
 
   // Q tile (zero rows past the end, zero columns past E), in the same cp.async group as the first K/V tile.
   {
@@ -169,32 +216,6 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       cp_async16(sQ + QTile::offset(r, c), src, ok);
     }
   }
-  auto load_kv = [&](uint32_t dst, const void* base, const Strides4& st, int cols, int tile) {
-    const T* src0 = static_cast<const T*>(base) + b * st.b + static_cast<int64_t>(hk) * st.h;
-    for (int idx = tid; idx < BN * (D / 8); idx += NT) {
-      const int r = idx / (D / 8), c = idx % (D / 8);
-      const int j = tile * BN + r;
-      const bool ok = j < S && c * 8 < cols;
-      cp_async16(dst + KTile::offset(r, c), ok ? src0 + static_cast<int64_t>(j) * st.r + c * 8 : src0, ok);
-    }
-  };
-  auto load_tile = [&](int tile, int stage) {
-    load_kv(sK0 + stage * KTile::kBytes, p.k, p.k_st, E, tile);
-    load_kv(sV0 + stage * KTile::kBytes, p.v, p.v_st, Ev, tile);
-    if (kGeneral && mask_staged) {
-      const unsigned char* m = static_cast<const unsigned char*>(p.mask);
-      for (int idx = tid; idx < BM * (BN / 16); idx += NT) {
-        const int r = idx / (BN / 16), c = idx % (BN / 16);
-        const int pr = m0 + r, j = tile * BN + c * 16;
-        const int bytes = pr < rows ? max(0, min(16, S - j)) : 0;  // zero-filled past S and past the last row
-        const unsigned char* src = m;
-        if (bytes > 0)
-          src = m + b * p.mask_st.b + static_cast<int64_t>(hk * G + pr / L) * p.mask_st.h +
-                static_cast<int64_t>(pr % L) * p.mask_st.r + j;
-        cp_async16_partial(sM0 + stage * Cfg::kMaskBytes + r * Cfg::kMaskRow + c * 16, src, bytes);
-      }
-    }
-  };
   // Staged mask: one bit per element this thread holds (allowed: causal/bounds pass and the mask is true), bit
   // index (hf * BN / 8 + n) * 2 + e for key tile * BN + 8n + 2t + e of row half hf.
   static_assert(!kGeneral || BN / 2 <= 32, "mask bits must fit in 32");
@@ -334,131 +355,62 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
     }
   };
 
-  // Pipeline. Three K/V stages: `cur` (its P is in registers; P V pending), `nxt` (loaded one iteration ago; its
-  // Q K^T is issued next) and a free one that receives the tile after `nxt`. One block barrier per tile publishes
-  // `nxt` (cp.async.wait + fence.proxy.async, as wgmma reads through the async proxy) and, as every warpgroup has
-  // waited for its previous P V, frees the stage that held the previous `cur`. Per warpgroup and tile:
-  //   issue S(nxt) = Q K(nxt)^T; issue O += P(cur) V(cur); load the tile after nxt; wait S(nxt);
-  //   softmax(nxt) while P(cur) V(cur) runs on the tensor cores; wait O; rescale O.
-  // acquire() waits for `nxt` and, with a staged mask, skips (reloading the same stage) candidate tiles that no row
-  // of the block may see. The steady-state loop has no data-dependent branch between a wgmma's issue and its wait:
-  // ptxas tracks the in-flight groups through straight-line code only, and serializes every wgmma of the kernel
-  // (C7514) when it cannot prove that the accumulators read after wait_group<1> belong to the completed group.
-  if constexpr (!kGeneral) {
-    // Plain kind: K/V arrive through the TMA producer. Tile k of the block sits in stage k % 3, published by the
-    // completion of its full barrier (phase k / 3) and handed back through its empty barrier once both consumer
-    // warpgroups' P V of it is done. No block barrier in the loop: the two warpgroups drift apart, and one's
-    // softmax overlaps the other's matrix products.
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_proxy_async();   // Q written by cp.async, read by wgmma
-    named_barrier(1, NT);  // every consumer's Q rows are in
-    const int n = t_end - t_begin;
-    if (n > 0) {
-      float s[BN / 2];
-      uint32_t pa[BN / 16][4];
-      float alpha[2];
-      mbar_wait(bar_full0, 0);
+  // Pipeline. Published tile n sits in stage n % 3 behind its full barrier (phase n / 3); `cur` is the tile whose
+  // P is in registers (P V pending), `nxt` the one whose Q K^T is issued next. Per warpgroup and tile:
+  //   wait full(nxt); issue S(nxt) = Q K(nxt)^T; issue O += P(cur) V(cur); wait S(nxt);
+  //   softmax(nxt) while P(cur) V(cur) runs on the tensor cores; wait O; release cur's stage; rescale O.
+  // No block barrier in the loop: the two warpgroups drift apart, and one's softmax overlaps the other's matrix
+  // products. The steady-state loop has no data-dependent branch between a wgmma's issue and its wait: ptxas
+  // tracks the in-flight groups through straight-line code only, and serializes every wgmma of the kernel (C7514)
+  // when it cannot prove that the accumulators read after wait_group<1> belong to the completed group.
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();   // Q written by cp.async, read by wgmma
+  named_barrier(2, NT);  // every consumer's Q rows are in (id 1 is the producer's)
+  mbar_wait(bar_full0, 0);
+  int tile = tile_of_stage[0];
+  if (tile >= 0) {
+    float s[BN / 2];
+    uint32_t pa[BN / 16][4];
+    float alpha[2];
+    uint32_t bits = mask_staged ? mask_bits(tile, 0) : 0u;
+    wgmma_fence();
+    issue_s(s, 0);
+    wgmma_wait<0>();
+    reg_fence(s);
+    softmax(s, tile, bits, alpha);
+    to_a(s, pa);
+    int cur = 0;  // stage of the pending P V
+    for (int n = 1;; ++n) {
+      const int st = cur + 1 == kStages ? 0 : cur + 1;
+      mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+      tile = tile_of_stage[st];
+      if (tile < 0) break;
+      bits = mask_staged ? mask_bits(tile, st) : 0u;
       wgmma_fence();
-      issue_s(s, 0);
-      wgmma_wait<0>();
-      reg_fence(s);
-      softmax(s, t_begin, 0u, alpha);
-      to_a(s, pa);
-      int cur = 0;  // stage of tile k - 1
-      for (int k = 1; k < n; ++k) {
-        const int st = cur + 1 == kStages ? 0 : cur + 1;
-        mbar_wait(bar_full0 + 8 * st, (k / kStages) & 1);
-        wgmma_fence();
-        issue_s(s, st);
-        issue_pv(pa, cur);
-        wgmma_commit();
-        wgmma_wait<1>();  // S(k) done; P(k-1) V(k-1) may still run
-        reg_fence(s);
-        softmax(s, t_begin + k, 0u, alpha);
-        wgmma_wait<0>();
-        reg_fence(acc_o);
-        reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar_empty0 + 8 * cur);  // this warp is done with tile k - 1's stage
-        rescale_o(alpha);
-        to_a(s, pa);
-        cur = st;
-      }
-      wgmma_fence();
+      issue_s(s, st);
       issue_pv(pa, cur);
       wgmma_commit();
-      wgmma_wait<0>();
-      reg_fence(acc_o);
-      reg_fence_u32(pa);
-    }
-  } else {
-    int nxt_tile = t_begin, nxt_stage = 0;
-    uint32_t bits = 0;
-    if (nxt_tile < t_end) load_tile(nxt_tile, 0);
-    cp_async_commit();
-    auto acquire = [&]() {
-      while (true) {
-        cp_async_wait<0>();
-        fence_proxy_async();  // make this thread's cp.async writes visible to wgmma's async proxy
-        __syncthreads();
-        if (nxt_tile >= t_end) return false;
-        if (!mask_staged) return true;
-        bits = mask_bits(nxt_tile, nxt_stage);
-        if (__syncthreads_or(bits != 0)) return true;
-        if (++nxt_tile < t_end) load_tile(nxt_tile, nxt_stage);  // nobody reads this stage: reuse it at once
-        cp_async_commit();
-      }
-    };
-
-    if (acquire()) {
-      float s[BN / 2];
-      uint32_t pa[BN / 16][4];
-      float alpha[2];
-      int cur_stage = nxt_stage, free_stage = 2;
-      wgmma_fence();
-      issue_s(s, cur_stage);
-      const int cur_tile = nxt_tile;
-      nxt_tile = cur_tile + 1;
-      nxt_stage = 1;
-      if (nxt_tile < t_end) load_tile(nxt_tile, nxt_stage);
-      cp_async_commit();
-      wgmma_wait<0>();
+      wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
       reg_fence(s);
-      softmax(s, cur_tile, bits, alpha);
-      to_a(s, pa);
-      while (acquire()) {
-        wgmma_fence();
-        issue_s(s, nxt_stage);
-        issue_pv(pa, cur_stage);
-        wgmma_commit();
-        const int after = nxt_tile + 1;
-        if (after < t_end) load_tile(after, free_stage);
-        cp_async_commit();
-        wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
-        reg_fence(s);
-        softmax(s, nxt_tile, bits, alpha);
-        wgmma_wait<0>();
-        reg_fence(acc_o);
-        reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
-        rescale_o(alpha);
-        to_a(s, pa);
-        const int old = cur_stage;
-        cur_stage = nxt_stage;
-        nxt_stage = free_stage;
-        free_stage = old;
-        nxt_tile = after;
-      }
-      // Last tile: P V only.
-      wgmma_fence();
-      issue_pv(pa, cur_stage);
-      wgmma_commit();
+      softmax(s, tile, bits, alpha);
       wgmma_wait<0>();
       reg_fence(acc_o);
-      reg_fence_u32(pa);
+      reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty0 + 8 * cur);  // this warp is done with cur's stage
+      rescale_o(alpha);
+      to_a(s, pa);
+      cur = st;
     }
+    // Last tile: P V only.
+    wgmma_fence();
+    issue_pv(pa, cur);
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(acc_o);
+    reg_fence_u32(pa);
   }
-  cp_async_wait<0>();
 
   // Epilogue: normalise, write the output (or this split's partial) and the log-sum-exp.
 #pragma unroll

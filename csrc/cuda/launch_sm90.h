@@ -55,7 +55,7 @@ cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
   if (err != cudaSuccess) return err;
   FwdTmaMaps maps{};
-  if (kKind == 0 && !(encode_map<T>(&maps.k, p.k, p.k_st, p.batch, p.hkv, p.S, p.E, Cfg::kBN) &&
+  if (!(encode_map<T>(&maps.k, p.k, p.k_st, p.batch, p.hkv, p.S, p.E, Cfg::kBN) &&
                       encode_map<T>(&maps.v, p.v, p.v_st, p.batch, p.hkv, p.S, p.Ev, Cfg::kBN)))
     return cudaErrorInvalidValue;
   const int64_t rows = (p.hq / p.hkv) * p.L;

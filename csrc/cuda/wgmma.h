@@ -92,6 +92,16 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* map, uint3
 __device__ __forceinline__ void named_barrier(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
+// Barrier as above that also returns whether `pred` was true in any participating thread.
+__device__ __forceinline__ bool named_barrier_or(int id, int count, bool pred) {
+  uint32_t r;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbarrier.red.or.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r)
+      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(count)
+      : "memory");
+  return r != 0;
+}
 // Register budget per thread of the executing warpgroup (takes effect only under a launch-bound register cap).
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
@@ -113,6 +123,7 @@ __device__ __forceinline__ void mbar_arrive(uint32_t) {}
 __device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) {}
 __device__ __forceinline__ void tma_load_4d(uint32_t, const void*, uint32_t, int, int, int, int) {}
 __device__ __forceinline__ void named_barrier(int, int) {}
+__device__ __forceinline__ bool named_barrier_or(int, int, bool pred) { return pred; }
 #endif
 
 #ifdef SDPAX_SM90A_DEVICE
