@@ -56,7 +56,9 @@ struct FwdSm90Cfg {
   // + 1024: the dynamic shared-memory base is rounded up to the 1024-byte alignment the swizzle atoms need.
   // full / empty mbarriers per stage, and the key-tile index each stage holds (-1: no more tiles).
   static constexpr int kBarBytes = 2 * kStages * 8 + 16;
-  static constexpr int kSmem = QTile::kBytes + kStages * (2 * KTile::kBytes + kMaskBytes) + kBarBytes + 1024;
+  // General kind: three more mask tiles, the producer's scan ring (see the producer).
+  static constexpr int kSmem = QTile::kBytes + kStages * (2 * KTile::kBytes + kMaskBytes) + 3 * kMaskBytes +
+                               kBarBytes + 1024;
 };
 
 template <class T, int D, int kKind>
@@ -75,7 +77,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   const uint32_t sV0 = sK0 + kStages * KTile::kBytes;    // V stage s at sV0 + s * KTile::kBytes
   const uint32_t sM0 = sV0 + kStages * KTile::kBytes;    // mask stage s at sM0 + s * kMaskBytes
   const unsigned char* smem_m0 = smem + (sM0 - smem_u32(smem));
-  const uint32_t bar_full0 = sM0 + kStages * Cfg::kMaskBytes;  // full barrier of stage s at bar_full0 + 8 s
+  // Mask stages, then the producer's three mask scan slots, then the barriers.
+  const uint32_t bar_full0 = sM0 + (kStages + 3) * Cfg::kMaskBytes;  // full barrier of stage s at bar_full0 + 8 s
   const uint32_t bar_empty0 = bar_full0 + kStages * 8;
   int* tile_of_stage = reinterpret_cast<int*>(smem + (bar_empty0 + kStages * 8 - smem_u32(smem)));
 
@@ -144,58 +147,89 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
     // released that stage's previous tile; a final -1 tells them the stream has ended.
     setmaxnreg_dec<Cfg::kProducerRegs>();
     const int ptid = tid - NT;
-    int n = 0;
-    for (int tile = t_begin; tile < t_end; ++tile) {
-      const int st = n % kStages;
-      if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);
-      if (kGeneral && mask_staged) {
-        const unsigned char* m = static_cast<const unsigned char*>(p.mask);
-        unsigned char* dst = const_cast<unsigned char*>(smem_m0) + st * Cfg::kMaskBytes;
-        constexpr int kChunks = BM * (BN / 16) / 128;  // 16-byte chunks per producer thread
+    int n = 0;  // tiles published
+    auto publish = [&](int tile, int st) {  // one thread: K/V of `tile` into stage st, completing its full barrier
+      tile_of_stage[st] = tile;
+      mbar_expect_tx(bar_full0 + 8 * st, 2 * KTile::kBytes);
+      const int j = tile * BN;
 #pragma unroll
-        for (int u = 0; u < kChunks; ++u) {
-          const int idx = ptid + 128 * u, r = idx / (BN / 16), c = idx % (BN / 16);
-          const int pr = m0 + r, j = tile * BN + c * 16;
-          const int bytes = pr < rows ? max(0, min(16, S - j)) : 0;  // zero-filled past S and past the last row
-          const unsigned char* src = m;
-          if (bytes > 0)
-            src = m + b * p.mask_st.b + static_cast<int64_t>(hk * G + pr / L) * p.mask_st.h +
-                  static_cast<int64_t>(pr % L) * p.mask_st.r + j;
-          cp_async16_partial(smem_u32(dst + r * Cfg::kMaskRow + c * 16), src, bytes);
+      for (int c = 0; c < D / 64; ++c) {
+        tma_load_4d(sK0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.k, bar_full0 + 8 * st, c * 64, j, hk,
+                    static_cast<int>(b));
+        tma_load_4d(sV0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.v, bar_full0 + 8 * st, c * 64, j, hk,
+                    static_cast<int>(b));
+      }
+    };
+    if (kGeneral && mask_staged) {
+      // Mask tiles stream through a ring of three scan slots, two tiles ahead of the one being decided, so their
+      // latency hides behind the scan and the wait for a free stage. Each thread loads, scans and copies the same
+      // 16-byte chunks of every tile: no barrier is needed between those steps, only before a publication.
+      constexpr int kChunks = BM * (BN / 16) / 128;
+      unsigned char* scan0 = const_cast<unsigned char*>(smem_m0) + kStages * Cfg::kMaskBytes;
+      const unsigned char* m = static_cast<const unsigned char*>(p.mask);
+      auto prefetch = [&](int tile, int slot) {
+        if (tile < t_end) {
+#pragma unroll
+          for (int u = 0; u < kChunks; ++u) {
+            const int idx = ptid + 128 * u, r = idx / (BN / 16), c = idx % (BN / 16);
+            const int pr = m0 + r, j = tile * BN + c * 16;
+            const int bytes = pr < rows ? max(0, min(16, S - j)) : 0;  // zero-filled past S and the last row
+            const unsigned char* src = m;
+            if (bytes > 0)
+              src = m + b * p.mask_st.b + static_cast<int64_t>(hk * G + pr / L) * p.mask_st.h +
+                    static_cast<int64_t>(pr % L) * p.mask_st.r + j;
+            cp_async16_partial(smem_u32(scan0 + slot * Cfg::kMaskBytes + r * Cfg::kMaskRow + c * 16), src, bytes);
+          }
         }
         cp_async_commit();
-        cp_async_wait<0>();
+      };
+      prefetch(t_begin, 0);
+      prefetch(t_begin + 1, 1);
+      int slot = 0;
+      for (int tile = t_begin; tile < t_end; ++tile, slot = slot == 2 ? 0 : slot + 1) {
+        prefetch(tile + 2, slot == 0 ? 2 : slot - 1);
+        cp_async_wait<2>();  // this tile's chunks are in; the next two may be in flight
+        const unsigned char* src = scan0 + slot * Cfg::kMaskBytes;
         bool any = false;
 #pragma unroll
         for (int u = 0; u < kChunks; ++u) {
           const int idx = ptid + 128 * u, r = idx / (BN / 16), c = idx % (BN / 16);
           const int pr = m0 + r, j = tile * BN + c * 16;
           const int lim = pr < rows ? row_limit(p, pr % L) - j : 0;  // bytes [0, lim) pass causal and bounds
-          const uint4 w = *reinterpret_cast<const uint4*>(dst + r * Cfg::kMaskRow + c * 16);
-          const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+          const uint4 w = *reinterpret_cast<const uint4*>(src + r * Cfg::kMaskRow + c * 16);
+          if (lim >= 16) {
+            any = any || (w.x | w.y | w.z | w.w) != 0;  // the whole chunk passes causal and bounds
+          } else if (lim > 0) {
+            const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-          for (int x = 0; x < 16; ++x)
-            any = any || (x < lim && ((words[x >> 2] >> (8 * (x & 3))) & 0xff));
+            for (int x = 0; x < 16; ++x) any = any || (x < lim && ((words[x >> 2] >> (8 * (x & 3))) & 0xff));
+          }
         }
-        if (!named_barrier_or(1, 128, any)) continue;  // no row of the block may see this tile
-      }
-      if (ptid == 0) {
-        tile_of_stage[st] = tile;
-        mbar_expect_tx(bar_full0 + 8 * st, 2 * KTile::kBytes);
-        const int j = tile * BN;
+        if (!named_barrier_or(1, 128, any)) continue;  // no row of the block may see this tile: drop it
+        const int st = n % kStages;
+        if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
+        unsigned char* dst = const_cast<unsigned char*>(smem_m0) + st * Cfg::kMaskBytes;
 #pragma unroll
-        for (int c = 0; c < D / 64; ++c) {
-          tma_load_4d(sK0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.k, bar_full0 + 8 * st, c * 64, j, hk,
-                      static_cast<int>(b));
-          tma_load_4d(sV0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.v, bar_full0 + 8 * st, c * 64, j, hk,
-                      static_cast<int>(b));
+        for (int u = 0; u < kChunks; ++u) {
+          const int idx = ptid + 128 * u, r = idx / (BN / 16), c = idx % (BN / 16);
+          *reinterpret_cast<uint4*>(dst + r * Cfg::kMaskRow + c * 16) =
+              *reinterpret_cast<const uint4*>(src + r * Cfg::kMaskRow + c * 16);
         }
+        named_barrier(1, 128);  // every chunk of the stage's mask is in before the publication releases it
+        if (ptid == 0) publish(tile, st);
+        ++n;
       }
-      ++n;
+      cp_async_wait<0>();
+    } else if (ptid == 0) {
+      for (int tile = t_begin; tile < t_end; ++tile, ++n) {
+        const int st = n % kStages;
+        if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
+        publish(tile, st);
+      }
     }
-    const int st = n % kStages;
-    if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);
-    if (ptid == 0) {
+    if (ptid == 0) {  // end of the stream
+      const int st = n % kStages;
+      if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);
       tile_of_stage[st] = -1;
       mbar_arrive(bar_full0 + 8 * st);
     }
