@@ -37,17 +37,43 @@ def rows():
     return out
 
 
+def extra_rows():
+    """The general kind's other paths: additive masks (read element by element), dropout, d64, fp16."""
+    bf16, fp16 = torch.bfloat16, torch.float16
+    return [("additive mask (B,1,L,S) d128 L4k", 4, 16, 16, 4096, 4096, 128, bf16, "add_mask"),
+            ("dropout 0.1 d128 L4k", 4, 16, 16, 4096, 4096, 128, bf16, "dropout"),
+            ("pad mask (B,1,1,S) d64 L4k", 4, 32, 32, 4096, 4096, 64, bf16, "pad_mask"),
+            ("bool mask (B,1,L,S) d64 L4k fp16", 4, 32, 32, 4096, 4096, 64, fp16, "dense_mask"),
+            ("d64 L4k fp16", 4, 32, 32, 4096, 4096, 64, fp16, "plain")]
+
+
+def build_any(row):
+    kind = row[-1]
+    if kind not in ("add_mask", "dropout"):
+        return build(row)
+    q, k, v, kw, tkw = build(row[:-1] + ("plain",))
+    if kind == "add_mask":
+        g = torch.Generator(device="cuda").manual_seed(1)
+        B, L, S = row[1], row[4], row[5]
+        m = torch.randn(B, 1, L, S, generator=g, device="cuda").to(row[7])
+        kw["attn_mask"] = tkw["attn_mask"] = m
+    else:
+        kw["dropout_p"] = tkw["dropout_p"] = 0.1
+    return q, k, v, kw, tkw
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--extra", action="store_true", help="only the general kind's other paths (extra_rows)")
     args = ap.parse_args(argv)
     from triton.testing import do_bench
     bench = lambda fn: do_bench(fn, warmup=25, rep=args.rep, return_mode="median")  # noqa: E731
     lines = ["| shape | sm90 | mma.sync | torch default | torch FA2 | sm90 / mma.sync | sm90 vs FA2 | "
              "sm90 vs default | rel diff |", "|" + "---|" * 9]
-    for row in rows():
+    for row in extra_rows() if args.extra else rows():
         torch.cuda.empty_cache()
-        q, k, v, kw, tkw = build(row)
+        q, k, v, kw, tkw = build_any(row)
         with torch.no_grad():
             ours = lambda: sdpax.scaled_dot_product_attention(q, k, v, **kw)  # noqa: E731
             res = {}
@@ -58,6 +84,7 @@ def main(argv=None):
             o0 = ours()
             res["mma"] = bench(ours)
             os.environ["SDPAX_CUDA_FWD_SM90"] = "1"
+            # Dropout: both loops drop the same elements (common/philox.h), so they agree to rounding as well.
             diff = ((o1.float() - o0.float()).norm() / o0.float().norm()).item()
             call = lambda: F.scaled_dot_product_attention(q, k, v, **tkw)  # noqa: E731
             res["torch"] = bench(call)
