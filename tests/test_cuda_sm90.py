@@ -1,6 +1,7 @@
 """Shapes that give the Hopper forward main loop (csrc/cuda/fwd_sm90.h) many key tiles and query blocks: several
 128-row blocks per head, GQA groups packed across block edges, both causal alignments with L != S, partial last
-tiles, masks (the general kind). On a non-Hopper GPU the same cases check the mma.sync loop. Skips cleanly without a GPU or a CUDA build.
+tiles, masks (the general kind). On a non-Hopper GPU the same cases check the mma.sync loop. Skips cleanly without
+a GPU or a CUDA build.
 """
 import pytest
 import torch

@@ -35,6 +35,7 @@ int bucket(int64_t head_dim) {
 
 bool general(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dropout_p > 0.0; }
 
+#ifdef SDPAX_BUILD_SM90A
 // Compute capability major of the current device, looked up once per device.
 bool device_is_sm90() {
   static int major[64] = {};
@@ -72,13 +73,11 @@ bool sm90_enabled() {
 }
 
 bool use_sm90(const AttnParams& p, int d, int fwd_kind) {
-#ifdef SDPAX_BUILD_SM90A
   return has_sm90_fwd(p, d, fwd_kind) && device_is_sm90() && sm90_enabled();
-#else
-  (void)p, (void)d, (void)fwd_kind;
-  return false;
-#endif
 }
+#else
+bool use_sm90(const AttnParams&, int, int) { return false; }  // no sm_90a code in this build
+#endif
 
 }  // namespace
 

@@ -47,8 +47,8 @@ def generate(out_dir: Path) -> list:
         files.append(name)
         xlines.append(f"  X({pass_}, {ctype}, {kind}, {d}, {flag})")
     header = out_dir / "variants.h"
-    text = (HEADER + "// X(pass, element type, ScalarKind, head-dim bucket, kind: fwd / fwd_sm90 0 plain / 1 general / 2 decode, "
-            "bwd general)\n"
+    text = (HEADER + "// X(pass, element type, ScalarKind, head-dim bucket, kind: fwd / fwd_sm90 0 plain / 1 general / "
+            "2 decode, bwd general)\n"
             "#define SDPAX_CUDA_VARIANTS(X) \\\n" + " \\\n".join(xlines) + "\n"
             f"#define SDPAX_CUDA_FWD_HEAD_DIMS {{{', '.join(map(str, FWD_HEAD_DIMS))}}}\n"
             f"#define SDPAX_CUDA_BWD_MAX_HEAD_DIM {max(BWD_HEAD_DIMS)}\n")
