@@ -115,6 +115,9 @@ def main():
         sources += sorted(str(p.relative_to(ROOT)) for p in generated)
         nvcc = ["-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
                 "-DSDPAX_WITH_CUDA"] + _gencode(archs)
+        if "9.0a" in archs or "9.0a+PTX" in archs:
+            # sm_90a code (wgmma) is in the build: the host may pick the Hopper forward main loop (launch.cu).
+            nvcc.append("-DSDPAX_BUILD_SM90A")
         ext = CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx + ["-DSDPAX_WITH_CUDA"], "nvcc": nvcc},
                             **ext_kwargs)
     else:

@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
     p.o_partial = o_partial.data_ptr<float>();
     p.lse_partial = lse_partial.data_ptr<float>();
   }
-  C10_CUDA_CHECK(launch_fwd(p, plan.kind, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(launch_fwd(p, plan, at::cuda::getCurrentCUDAStream()));
   return {uncanonical(out, q, c.Ev), uncanonical(lse, q, -1)};
 }
 

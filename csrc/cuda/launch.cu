@@ -1,12 +1,19 @@
 // Variant dispatch: run-time dtype / head dim / mask kind -> the template instantiation listed in the generated
 // gen/variants.h (from csrc/cuda/variants.py). Kernels are instantiated in their own translation units.
+//
+// Forward main loop: on a compute-capability-9 device, in a build that contains sm_90a code (SDPAX_BUILD_SM90A,
+// set by setup.py), a (dtype, head dim, kind) listed as fwd_sm90 in the table runs the wgmma main loop
+// (fwd_sm90.h); everything else runs fwd_kernel.h (mma.sync), which every architecture has.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/bwd_kernel.h"
 #include "cuda/fwd_kernel.h"
+#include "cuda/fwd_sm90.h"
 #include "cuda/launch.h"
 #include "cuda/gen/variants.h"
 
@@ -28,6 +35,54 @@ int bucket(int64_t head_dim) {
 }
 
 bool general(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dropout_p > 0.0; }
+
+#ifdef SDPAX_BUILD_SM90A
+// Compute capability major of the current device, looked up once per device.
+bool device_is_sm90() {
+  static int major[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (major[dev] == 0) {
+    int m = -1;
+    if (cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) m = -1;
+    major[dev] = m;
+  }
+  return major[dev] == 9;
+}
+
+// Whether the table lists an sm90 forward of this dtype, head-dim bucket and kind.
+bool has_sm90_fwd(const AttnParams& p, int d, int fwd_kind) {
+  bool found = false;
+#define SDPAX_CASE_fwd(ctype, kind, dd, flag)
+#define SDPAX_CASE_bwd(ctype, kind, dd, flag)
+#define SDPAX_CASE_fwd_sm90(ctype, kind, dd, flag) \
+  found = found || (p.dtype == ScalarKind::kind && d == dd && fwd_kind == flag);
+#define SDPAX_CASE(pass, ctype, kind, dd, flag) SDPAX_CASE_##pass(ctype, kind, dd, flag)
+  SDPAX_CUDA_VARIANTS(SDPAX_CASE)
+#undef SDPAX_CASE_fwd
+#undef SDPAX_CASE_bwd
+#undef SDPAX_CASE_fwd_sm90
+#undef SDPAX_CASE
+  return found;
+}
+
+// SDPAX_CUDA_FWD_SM90=0 turns the Hopper main loop off (read on every call, so a benchmark can time both main
+// loops in one process: benchmarks/cuda_sm90.py).
+bool sm90_enabled() {
+  const char* v = std::getenv("SDPAX_CUDA_FWD_SM90");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+bool use_sm90(const AttnParams& p, int d, int fwd_kind) {
+  return has_sm90_fwd(p, d, fwd_kind) && device_is_sm90() && sm90_enabled();
+}
+#else
+bool use_sm90(const AttnParams&, int, int) { return false; }  // no sm_90a code in this build
+#endif
+
+}  // namespace
+
+namespace {
 
 // Block rows and keys per tile of the forward variant that runs this call.
 template <class T>
@@ -52,8 +107,16 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
   plan.kind = general(p) ? 1 : (rows <= FwdCfg<float, 64, 2>::kBM ? 2 : 0);  // 16 rows for every variant
   const int d = bucket(std::max(p.E, p.Ev));
   int64_t bm = 0, bn = 0;
-  if (p.dtype == ScalarKind::Float) tile_of<float>(plan.kind, d, bm, bn);
-  else tile_of<__half>(plan.kind, d, bm, bn);  // bfloat16 and float16 share their tiles
+  plan.sm90 = use_sm90(p, d, plan.kind);
+  if (plan.sm90) {
+    // The sm90 variants tile the same way at every head dim; only the kind matters.
+    bm = plan.kind == 0 ? FwdSm90Cfg<128, 0>::kBM : FwdSm90Cfg<128, 1>::kBM;
+    bn = plan.kind == 0 ? FwdSm90Cfg<128, 0>::kBN : FwdSm90Cfg<128, 1>::kBN;
+  } else if (p.dtype == ScalarKind::Float) {
+    tile_of<float>(plan.kind, d, bm, bn);
+  } else {
+    tile_of<__half>(plan.kind, d, bm, bn);  // bfloat16 and float16 share their tiles
+  }
   const int64_t blocks = (rows + bm - 1) / bm * p.batch * p.hkv;
   const int64_t n_tiles = (p.S + bn - 1) / bn;
   if (blocks >= num_sms || n_tiles < 8) return plan;
@@ -81,14 +144,21 @@ int bwd_tile_rows(int64_t head_dim, ScalarKind dtype) {
   return dtype == ScalarKind::Float ? bwd_tile_rows_of<float>(head_dim) : bwd_tile_rows_of<__half>(head_dim);
 }
 
-cudaError_t launch_fwd(const AttnParams& p, int fwd_kind, cudaStream_t stream) {
+
+cudaError_t launch_fwd(const AttnParams& p, const FwdPlan& plan, cudaStream_t stream) {
   const int d = bucket(std::max(p.E, p.Ev));
-#define SDPAX_CASE_fwd(ctype, kind, dd, flag) \
-  if (p.dtype == ScalarKind::kind && d == dd && fwd_kind == flag) return run_fwd<ctype, dd, flag>(p, stream);
+  const int fwd_kind = plan.kind;
+#define SDPAX_CASE_fwd(ctype, kind, dd, flag)                                       \
+  if (!plan.sm90 && p.dtype == ScalarKind::kind && d == dd && fwd_kind == flag) \
+    return run_fwd<ctype, dd, flag>(p, stream);
+#define SDPAX_CASE_fwd_sm90(ctype, kind, dd, flag)                                 \
+  if (plan.sm90 && p.dtype == ScalarKind::kind && d == dd && fwd_kind == flag) \
+    return run_fwd_sm90<ctype, dd, flag>(p, stream);
 #define SDPAX_CASE_bwd(ctype, kind, dd, flag)
 #define SDPAX_CASE(pass, ctype, kind, dd, flag) SDPAX_CASE_##pass(ctype, kind, dd, flag)
   SDPAX_CUDA_VARIANTS(SDPAX_CASE)
 #undef SDPAX_CASE_fwd
+#undef SDPAX_CASE_fwd_sm90
 #undef SDPAX_CASE_bwd
   return cudaErrorInvalidValue;
 }
@@ -99,10 +169,12 @@ cudaError_t launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream) {
   const int d = bucket(std::max(p.E, p.Ev));
   const bool gen = general(p);
 #define SDPAX_CASE_fwd(ctype, kind, dd, flag)
+#define SDPAX_CASE_fwd_sm90(ctype, kind, dd, flag)
 #define SDPAX_CASE_bwd(ctype, kind, dd, flag) \
   if (p.dtype == ScalarKind::kind && d == dd && gen == flag) return run_bwd<ctype, dd, flag>(q, stream);
   SDPAX_CUDA_VARIANTS(SDPAX_CASE)
 #undef SDPAX_CASE_fwd
+#undef SDPAX_CASE_fwd_sm90
 #undef SDPAX_CASE_bwd
 #undef SDPAX_CASE
   return cudaErrorInvalidValue;

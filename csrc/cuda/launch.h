@@ -14,6 +14,7 @@ namespace cuda {
 struct FwdPlan {
   int kind = 0;
   int num_splits = 1;
+  bool sm90 = false;  // run the Hopper main loop (fwd_sm90.h) of this kind instead of fwd_kernel.h
 };
 FwdPlan plan_fwd(const AttnParams& p, int num_sms);
 // Largest head dim (max of E and Ev) the fused backward handles.
@@ -23,7 +24,7 @@ int bwd_max_head_dim();
 int bwd_tile_rows(int64_t head_dim, ScalarKind dtype);
 
 // Forward: out, lse (and o_partial / lse_partial when num_splits > 1, followed by the merge).
-cudaError_t launch_fwd(const AttnParams& p, int kind, cudaStream_t stream);
+cudaError_t launch_fwd(const AttnParams& p, const FwdPlan& plan, cudaStream_t stream);
 // Backward: Delta into `delta` (batch*hq*L floats), then dK, dV and dq_accum (zeroed by the caller), or with
 // p.deterministic dq directly (no dq_accum); dmask when p.dmask is set (zeroed by the caller).
 cudaError_t launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream);
@@ -31,6 +32,8 @@ cudaError_t launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream);
 // One variant (instantiated once each, in the files generated from csrc/cuda/variants.py).
 template <class T, int D, int kKind>
 cudaError_t run_fwd(const AttnParams& p, cudaStream_t stream);
+template <class T, int D, int kKind>
+cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream);
 template <class T, int D, bool kGeneral>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream);
 

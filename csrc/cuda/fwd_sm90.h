@@ -1,0 +1,486 @@
+// Hopper (sm90a) forward main loop: the same attention as fwd_kernel.h (row packing for GQA, causal tile skipping,
+// masks, dropout, sinks, split keys, the fully-masked-row guard, the epilogue), with both matrix products on wgmma.
+//
+// One block computes BM = 128 rows of one (batch, kv head) with three warpgroups:
+//   consumers (warpgroups 0, 1: rows 64w..64w+63), per key tile:
+//     S = Q K^T     wgmma m64 n(BN) k16, Q and K from 128-byte-swizzled shared memory (K-major descriptors)
+//     online softmax on S in registers (scale, causal bound, mask, running max / sum, dropout)
+//     O += P V      wgmma m64 n(D) k16, P from registers (the S accumulators rounded to 16 bits are P's A
+//                   fragments), V from shared memory as the N-major (transposed) B operand: V is stored
+//                   [key][head dim] exactly like K, no transpose is ever written.
+//   producer (warpgroup 2): streams K/V tiles through TMA into a three-stage ring guarded by full/empty mbarriers;
+//     with a staged bool mask it also loads the mask tile (cp.async) and drops tiles that no row may see.
+// Within a consumer, the softmax of tile j + 1 runs while the tensor cores compute P(j) V(j).
+//
+// The kernel body exists only in the sm_90a compilation (SDPAX_SM90A_DEVICE); the host launches it only on
+// compute capability 9.x when the build contains sm_90a (launch.cu).
+#pragma once
+#include "cuda/mask.h"
+#include "cuda/mma.h"
+#include "cuda/wgmma.h"
+
+#include <cuda.h>  // CUtensorMap (a plain 128-byte struct; no driver call is made from here)
+
+namespace sdpax {
+namespace cuda {
+
+// Tensor maps of K and V (4-D: head-dim column, key, kv head, batch; boxes of 64 columns x BN keys, 128-byte
+// swizzle), encoded by the host (launch_sm90.h) for the plain kind's TMA producer.
+struct FwdTmaMaps {
+  CUtensorMap k, v;
+};
+
+template <int D, int kKind>
+struct FwdSm90Cfg {
+  static constexpr bool kGeneral = kKind == 1;
+  static constexpr int kWG = 2;  // warpgroups of 64 rows
+  static constexpr int kBM = 64 * kWG;
+  // Keys per tile: the n of S's wgmma and the k extent of P V. The general kind takes 64: a staged mask tile per
+  // stage fits beside three K/V stages at d128, and half the S registers leave room for the mask and dropout work.
+  static constexpr int kBN = kGeneral ? 64 : 128;
+  // The consumer warpgroups plus a producer warpgroup: one thread of it streams K/V through the bulk tensor copy
+  // engine (TMA); with a staged mask, all of it loads the mask tile first and drops tiles no row may see.
+  static constexpr int kConsumers = 128 * kWG;
+  static constexpr int kThreads = kConsumers + 128;
+  // Registers move from the producer warpgroup to the consumers (setmaxnreg): 2 x 128 x 240 + 128 x 24 <= 64K;
+  // the general kind's producer keeps 40 for the mask scan (2 x 128 x 232 + 128 x 40).
+  static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 40 : 24;
+  static constexpr int kStages = 3;  // K/V tiles resident: j (P V), j + 1 (Q K^T), j + 2 (landing)
+  static_assert(kStages == 3, "the main loop rotates exactly three stages");
+  // Staged bool-mask tile: BM rows of BN bytes, rows padded by 16 bytes so that the 8 rows a warp reads at once
+  // start in different banks.
+  static constexpr int kMaskRow = kGeneral ? kBN + 16 : 0;
+  static constexpr int kMaskBytes = kBM * kMaskRow;
+  using QTile = Sw128Tile<kBM, D>;
+  using KTile = Sw128Tile<kBN, D>;  // K and V stages share the layout
+  // + 1024: the dynamic shared-memory base is rounded up to the 1024-byte alignment the swizzle atoms need.
+  // full / empty mbarriers per stage, and the key-tile index each stage holds (-1: no more tiles).
+  static constexpr int kBarBytes = 2 * kStages * 8 + 16;
+  // General kind: three more mask tiles, the producer's scan ring (see the producer).
+  static constexpr int kSmem = QTile::kBytes + kStages * (2 * KTile::kBytes + kMaskBytes) + 3 * kMaskBytes +
+                               kBarBytes + 1024;
+};
+
+template <class T, int D, int kKind>
+__global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
+    fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ FwdTmaMaps maps) {
+#ifdef SDPAX_SM90A_DEVICE
+  using Cfg = FwdSm90Cfg<D, kKind>;
+  using QTile = typename Cfg::QTile;
+  using KTile = typename Cfg::KTile;
+  constexpr bool kGeneral = Cfg::kGeneral;
+  constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kConsumers, kStages = Cfg::kStages;
+  static_assert(kKind == 0 || kKind == 1, "the sm90 main loop implements the plain and general kinds");
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u;
+  const uint32_t sK0 = sQ + QTile::kBytes;               // K stage s at sK0 + s * KTile::kBytes
+  const uint32_t sV0 = sK0 + kStages * KTile::kBytes;    // V stage s at sV0 + s * KTile::kBytes
+  const uint32_t sM0 = sV0 + kStages * KTile::kBytes;    // mask stage s at sM0 + s * kMaskBytes
+  const unsigned char* smem_m0 = smem + (sM0 - smem_u32(smem));
+  // Mask stages, then the producer's three mask scan slots, then the barriers.
+  const uint32_t bar_full0 = sM0 + (kStages + 3) * Cfg::kMaskBytes;  // full barrier of stage s at bar_full0 + 8 s
+  const uint32_t bar_empty0 = bar_full0 + kStages * 8;
+  int* tile_of_stage = reinterpret_cast<int*>(smem + (bar_empty0 + kStages * 8 - smem_u32(smem)));
+
+  const int tid = threadIdx.x, wg = tid >> 7, wwarp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int G = static_cast<int>(p.hq / p.hkv);
+  const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
+  const int rows = G * L;
+  const int m_blocks = (rows + BM - 1) / BM;
+  const int m_block = m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks);  // heaviest causal blocks first
+  const int64_t bhk = blockIdx.x / m_blocks;
+  const int64_t b = bhk / p.hkv;
+  const int hk = static_cast<int>(bhk % p.hkv);
+  const int m0 = m_block * BM;
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+
+  // Query positions covered by the block (conservative when it spans two heads of a GQA group).
+  const int r_last = min(m0 + BM, rows) - 1;
+  const bool one_head = m0 / L == r_last / L;
+  const int i_min = one_head ? m0 % L : 0;
+  const int i_max = one_head ? r_last % L : L - 1;
+  const int n_end = row_limit(p, i_max);           // keys >= n_end are invisible to every row of the block
+  const int n_full = min(row_limit(p, i_min), S);  // keys < n_full pass causal/bounds for every row
+  const int n_tiles = (n_end + BN - 1) / BN;
+  const int per_split = (n_tiles + p.num_splits - 1) / p.num_splits;
+  const int t_begin = static_cast<int>(blockIdx.z) * per_split;
+  const int t_end = min(n_tiles, t_begin + per_split);
+
+  // The two rows this thread holds in the accumulators: packed row m0 + 64 wg + 16 wwarp + 8 hf + g.
+  int row_i[2], row_h[2], row_lim[2];
+  bool row_ok[2];
+  int64_t row_mask[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int r = m0 + wg * 64 + wwarp * 16 + hf * 8 + g;
+    row_ok[hf] = r < rows;
+    const int rr = r < rows ? r : 0;
+    row_h[hf] = hk * G + rr / L;
+    row_i[hf] = rr % L;
+    row_lim[hf] = row_limit(p, row_i[hf]);
+    row_mask[hf] = b * p.mask_st.b + row_h[hf] * p.mask_st.h + row_i[hf] * p.mask_st.r;
+  }
+
+  const bool has_mask = kGeneral && p.mask_kind != MaskKind::None;
+  // A bool mask whose rows are 16-byte aligned travels through shared memory with the K/V tiles (cp.async), and a
+  // key tile that no row of the block may see is skipped; other masks are read element by element in the softmax.
+  const bool mask_staged = has_mask && p.mask_kind == MaskKind::Bool && p.mask_st.c == 1 &&
+                           reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 && p.mask_st.r % 16 == 0 &&
+                           p.mask_st.h % 16 == 0 && p.mask_st.b % 16 == 0;
+  Dropout drop{};
+  const bool has_dropout = kGeneral && p.dropout_p > 0.0;
+  if (has_dropout) drop.init(p);
+
+  const bool producer = tid >= NT;  // the producer warpgroup follows the consumer warpgroups
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(bar_full0 + 8 * st, 1);       // the producer's arrive(.expect_tx); the copies complete the bytes
+      mbar_init(bar_empty0 + 8 * st, 2 * 4);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();  // barriers initialised before anyone waits on them
+  if (producer) {
+    // The producer warpgroup publishes the block's key tiles in order: tile index in tile_of_stage, K/V through
+    // TMA (one thread), the staged mask through cp.async (all 128; a tile no row of the block may see is dropped
+    // here and never reaches the consumers). The n-th published tile goes to stage n % 3 once the consumers have
+    // released that stage's previous tile; a final -1 tells them the stream has ended.
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    const int ptid = tid - NT;
+    int n = 0;  // tiles published
+    auto publish = [&](int tile, int st) {  // one thread: K/V of `tile` into stage st, completing its full barrier
+      tile_of_stage[st] = tile;
+      mbar_expect_tx(bar_full0 + 8 * st, 2 * KTile::kBytes);
+      const int j = tile * BN;
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) {
+        tma_load_4d(sK0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.k, bar_full0 + 8 * st, c * 64, j, hk,
+                    static_cast<int>(b));
+        tma_load_4d(sV0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.v, bar_full0 + 8 * st, c * 64, j, hk,
+                    static_cast<int>(b));
+      }
+    };
+    if (kGeneral && mask_staged) {
+      // Mask tiles stream through a ring of three scan slots, two tiles ahead of the one being decided, so their
+      // latency hides behind the scan and the wait for a free stage. Each thread loads, scans and copies the same
+      // 16-byte chunks of every tile: no barrier is needed between those steps, only before a publication.
+      constexpr int kChunks = BM * (BN / 16) / 128;
+      unsigned char* scan0 = const_cast<unsigned char*>(smem_m0) + kStages * Cfg::kMaskBytes;
+      const unsigned char* m = static_cast<const unsigned char*>(p.mask);
+      auto prefetch = [&](int tile, int slot) {
+        if (tile < t_end) {
+#pragma unroll
+          for (int u = 0; u < kChunks; ++u) {
+            const int idx = ptid + 128 * u, r = idx / (BN / 16), c = idx % (BN / 16);
+            const int pr = m0 + r, j = tile * BN + c * 16;
+            const int bytes = pr < rows ? max(0, min(16, S - j)) : 0;  // zero-filled past S and the last row
+            const unsigned char* src = m;
+            if (bytes > 0)
+              src = m + b * p.mask_st.b + static_cast<int64_t>(hk * G + pr / L) * p.mask_st.h +
+                    static_cast<int64_t>(pr % L) * p.mask_st.r + j;
+            cp_async16_partial(smem_u32(scan0 + slot * Cfg::kMaskBytes + r * Cfg::kMaskRow + c * 16), src, bytes);
+          }
+        }
+        cp_async_commit();
+      };
+      prefetch(t_begin, 0);
+      prefetch(t_begin + 1, 1);
+      int slot = 0;
+      for (int tile = t_begin; tile < t_end; ++tile, slot = slot == 2 ? 0 : slot + 1) {
+        prefetch(tile + 2, slot == 0 ? 2 : slot - 1);
+        cp_async_wait<2>();  // this tile's chunks are in; the next two may be in flight
+        const unsigned char* src = scan0 + slot * Cfg::kMaskBytes;
+        bool any = false;
+#pragma unroll
+        for (int u = 0; u < kChunks; ++u) {
+          const int idx = ptid + 128 * u, r = idx / (BN / 16), c = idx % (BN / 16);
+          const int pr = m0 + r, j = tile * BN + c * 16;
+          const int lim = pr < rows ? row_limit(p, pr % L) - j : 0;  // bytes [0, lim) pass causal and bounds
+          const uint4 w = *reinterpret_cast<const uint4*>(src + r * Cfg::kMaskRow + c * 16);
+          if (lim >= 16) {
+            any = any || (w.x | w.y | w.z | w.w) != 0;  // the whole chunk passes causal and bounds
+          } else if (lim > 0) {
+            const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int x = 0; x < 16; ++x) any = any || (x < lim && ((words[x >> 2] >> (8 * (x & 3))) & 0xff));
+          }
+        }
+        if (!named_barrier_or(1, 128, any)) continue;  // no row of the block may see this tile: drop it
+        const int st = n % kStages;
+        if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
+        unsigned char* dst = const_cast<unsigned char*>(smem_m0) + st * Cfg::kMaskBytes;
+#pragma unroll
+        for (int u = 0; u < kChunks; ++u) {
+          const int idx = ptid + 128 * u, r = idx / (BN / 16), c = idx % (BN / 16);
+          *reinterpret_cast<uint4*>(dst + r * Cfg::kMaskRow + c * 16) =
+              *reinterpret_cast<const uint4*>(src + r * Cfg::kMaskRow + c * 16);
+        }
+        named_barrier(1, 128);  // every chunk of the stage's mask is in before the publication releases it
+        if (ptid == 0) publish(tile, st);
+        ++n;
+      }
+      cp_async_wait<0>();
+    } else if (ptid == 0) {
+      for (int tile = t_begin; tile < t_end; ++tile, ++n) {
+        const int st = n % kStages;
+        if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
+        publish(tile, st);
+      }
+    }
+    if (ptid == 0) {  // end of the stream
+      const int st = n % kStages;
+      if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);
+      tile_of_stage[st] = -1;
+      mbar_arrive(bar_full0 + 8 * st);
+    }
+  } else {
+  // Consumers (the rest of the kernel; one if/else by role, as setmaxnreg asks).
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+
+  // Q tile (zero rows past the end, zero columns past E), in the same cp.async group as the first K/V tile.
+  {
+    const T* q = static_cast<const T*>(p.q);
+    for (int idx = tid; idx < BM * (D / 8); idx += NT) {
+      const int r = idx / (D / 8), c = idx % (D / 8);
+      const int pr = m0 + r;
+      const bool ok = pr < rows && c * 8 < E;
+      const T* src = q;
+      if (ok) src = q + b * p.q_st.b + static_cast<int64_t>(hk * G + pr / L) * p.q_st.h +
+                    static_cast<int64_t>(pr % L) * p.q_st.r + c * 8;
+      cp_async16(sQ + QTile::offset(r, c), src, ok);
+    }
+  }
+  // Staged mask: one bit per element this thread holds (allowed: causal/bounds pass and the mask is true), bit
+  // index (hf * BN / 8 + n) * 2 + e for key tile * BN + 8n + 2t + e of row half hf.
+  static_assert(!kGeneral || BN / 2 <= 32, "mask bits must fit in 32");
+  auto mask_bits = [&](int tile, int stage) {
+    uint32_t bits = 0;
+    const unsigned char* sm = smem_m0 + stage * Cfg::kMaskBytes;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const unsigned char* row = sm + (wg * 64 + wwarp * 16 + hf * 8 + g) * Cfg::kMaskRow;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+        const int col = n * 8 + 2 * t;
+        const uint16_t two = *reinterpret_cast<const uint16_t*>(row + col);
+        const int j = tile * BN + col;
+        if ((two & 0xff) && j < row_lim[hf]) bits |= 1u << ((hf * (BN / 8) + n) * 2);
+        if ((two >> 8) && j + 1 < row_lim[hf]) bits |= 1u << ((hf * (BN / 8) + n) * 2 + 1);
+      }
+    }
+    return bits;
+  };
+
+  const bool with_sinks = p.sinks != nullptr && p.num_splits == 1;
+  float m_run[2], l_run[2];
+  float acc_o[D / 2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    // A sink is one more logit in the denominator: start the running max at it with weight 1 (counted once).
+    m_run[hf] = with_sinks ? p.sinks[row_h[hf]] * kLog2e : -INFINITY;
+    l_run[hf] = with_sinks && t == 0 ? 1.f : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
+  const float scale_log2 = p.scale * kLog2e;
+
+  // Descriptor bases: this warpgroup's 64 Q rows; K/V stage 0 (stage s adds s * KTile::kBytes to the address,
+  // which sits in the low descriptor bits: no carry into the other fields for shared-memory addresses < 256 KB).
+  const uint64_t q_desc = sw128_desc(sQ + wg * 64 * 128, 16, 1024);
+  const uint64_t k_desc = sw128_desc(sK0, 16, 1024);
+  const uint64_t v_desc = sw128_desc(sV0, KTile::kBlockBytes, 1024);
+
+  // S = Q K^T of one tile into s (fp32, 64 x BN per warpgroup), issued and committed, not waited for.
+  auto issue_s = [&](float (&s)[BN / 2], int stage) {
+    const uint64_t kd = k_desc + ((stage * KTile::kBytes) >> 4);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      // k16 step kk: 64-column block kk / 4, 32-byte step kk % 4 inside the swizzled 128-byte rows.
+      const uint32_t qoff = ((kk >> 2) * QTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      const uint32_t koff = ((kk >> 2) * KTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      wgmma_ss<BN, T>(s, q_desc + qoff, kd + koff, kk > 0);
+    }
+    wgmma_commit();
+  };
+  // O += P V of one tile (P in registers), issued, not committed.
+  auto issue_pv = [&](const uint32_t (&pa)[BN / 16][4], int stage) {
+    const uint64_t vd = v_desc + ((stage * KTile::kBytes) >> 4);
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_tb<D, T>(acc_o, pa[kk], vd + ((kk * 16 * 128) >> 4));
+  };
+  // Scale, mask and online softmax of S in place (s then holds P in fp32, dropout applied); the factor that
+  // rescales O is returned per row half and applied by the caller once O is no longer being accumulated into.
+  auto softmax = [&](float (&s)[BN / 2], int tile, uint32_t bits, float (&alpha)[2]) {
+    // Elementwise causal tests only where some element of the tile can fail them.
+    const int j0 = tile * BN;
+    const bool need_elem = j0 + BN > n_full;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float v = s[n * 4 + hf * 2 + e] * scale_log2;
+          const int j = j0 + n * 8 + 2 * t + e;
+          if (has_mask) {
+            bool ok;
+            if (mask_staged) {
+              ok = (bits >> ((hf * (BN / 8) + n) * 2 + e)) & 1;
+            } else {
+              ok = j < row_lim[hf];
+              if (ok) {
+                const float bias = mask_bias(p, row_mask[hf] + j * p.mask_st.c);
+                ok = bias != -INFINITY;
+                if (p.mask_kind == MaskKind::Additive) v += bias * kLog2e;
+              }
+            }
+            if (!ok) v = -INFINITY;
+          } else if (need_elem && j >= row_lim[hf]) {
+            v = -INFINITY;
+          }
+          s[n * 4 + hf * 2 + e] = v;
+          mx = fmaxf(mx, v);
+        }
+      }
+      mx = warp_max4(mx);
+      const float m_new = fmaxf(m_run[hf], mx);
+      // Fully-masked-so-far guard: with every logit -inf, shift by 0 so exp2 gives 0 rather than NaN.
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      alpha[hf] = exp2f(m_run[hf] - m_use);
+      m_run[hf] = m_new;
+      float rs = 0.f;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+        const float p0 = exp2f(s[n * 4 + hf * 2] - m_use);
+        const float p1 = exp2f(s[n * 4 + hf * 2 + 1] - m_use);
+        rs += p0 + p1;  // the denominator counts every key; dropout scales only what reaches P V
+        if (has_dropout) {
+          const float2 k2 = drop.pair(static_cast<uint32_t>(b * p.hq + row_h[hf]), static_cast<uint32_t>(row_i[hf]),
+                                      static_cast<uint32_t>(j0 + n * 8 + 2 * t));
+          s[n * 4 + hf * 2] = p0 * k2.x;
+          s[n * 4 + hf * 2 + 1] = p1 * k2.y;
+        } else {
+          s[n * 4 + hf * 2] = p0;
+          s[n * 4 + hf * 2 + 1] = p1;
+        }
+      }
+      l_run[hf] = l_run[hf] * alpha[hf] + rs;
+    }
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
+    // Once the running max settles, alpha is 1 for the whole warp: skip the O rescale.
+    if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      acc_o[dn * 4] *= alpha[0];
+      acc_o[dn * 4 + 1] *= alpha[0];
+      acc_o[dn * 4 + 2] *= alpha[1];
+      acc_o[dn * 4 + 3] *= alpha[1];
+    }
+  };
+  // P (fp32 in s) rounded to 16 bits: the A fragment of k16 step n / 2 is (row g, keys 2t..) in registers 0 / 2
+  // and (row g + 8, ..) in 1 / 3.
+  auto to_a = [&](const float (&s)[BN / 2], uint32_t (&pa)[BN / 16][4]) {
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+      pa[n >> 1][(n & 1) * 2] = pack2<T>(s[n * 4], s[n * 4 + 1]);
+      pa[n >> 1][(n & 1) * 2 + 1] = pack2<T>(s[n * 4 + 2], s[n * 4 + 3]);
+    }
+  };
+
+  // Pipeline. Published tile n sits in stage n % 3 behind its full barrier (phase n / 3); `cur` is the tile whose
+  // P is in registers (P V pending), `nxt` the one whose Q K^T is issued next. Per warpgroup and tile:
+  //   wait full(nxt); issue S(nxt) = Q K(nxt)^T; issue O += P(cur) V(cur); wait S(nxt);
+  //   softmax(nxt) while P(cur) V(cur) runs on the tensor cores; wait O; release cur's stage; rescale O.
+  // No block barrier in the loop: the two warpgroups drift apart, and one's softmax overlaps the other's matrix
+  // products. The steady-state loop has no data-dependent branch between a wgmma's issue and its wait: ptxas
+  // tracks the in-flight groups through straight-line code only, and serializes every wgmma of the kernel (C7514)
+  // when it cannot prove that the accumulators read after wait_group<1> belong to the completed group.
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();   // Q written by cp.async, read by wgmma
+  named_barrier(2, NT);  // every consumer's Q rows are in (id 1 is the producer's)
+  mbar_wait(bar_full0, 0);
+  int tile = tile_of_stage[0];
+  if (tile >= 0) {
+    float s[BN / 2];
+    uint32_t pa[BN / 16][4];
+    float alpha[2];
+    uint32_t bits = mask_staged ? mask_bits(tile, 0) : 0u;
+    wgmma_fence();
+    issue_s(s, 0);
+    wgmma_wait<0>();
+    reg_fence(s);
+    softmax(s, tile, bits, alpha);
+    to_a(s, pa);
+    int cur = 0;  // stage of the pending P V
+    for (int n = 1;; ++n) {
+      const int st = cur + 1 == kStages ? 0 : cur + 1;
+      mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+      tile = tile_of_stage[st];
+      if (tile < 0) break;
+      bits = mask_staged ? mask_bits(tile, st) : 0u;
+      wgmma_fence();
+      issue_s(s, st);
+      issue_pv(pa, cur);
+      wgmma_commit();
+      wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
+      reg_fence(s);
+      softmax(s, tile, bits, alpha);
+      wgmma_wait<0>();
+      reg_fence(acc_o);
+      reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty0 + 8 * cur);  // this warp is done with cur's stage
+      rescale_o(alpha);
+      to_a(s, pa);
+      cur = st;
+    }
+    // Last tile: P V only.
+    wgmma_fence();
+    issue_pv(pa, cur);
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(acc_o);
+    reg_fence_u32(pa);
+  }
+
+  // Epilogue: normalise, write the output (or this split's partial) and the log-sum-exp.
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const float l = warp_sum4(l_run[hf]);
+    if (!row_ok[hf]) continue;
+    // A row with no allowed key (and no sink) has l = 0: output 0 and lse -inf, never NaN.
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
+    const float lse = l > 0.f ? (m_use + log2f(l)) * kLn2 : -INFINITY;
+    const int64_t bh = b * p.hq + row_h[hf];
+    const int i = row_i[hf];
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.out) + b * p.out_st.b + row_h[hf] * p.out_st.h + i * p.out_st.r;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        const int c = dn * 8 + 2 * t;
+        if (c < Ev)
+          *reinterpret_cast<uint32_t*>(out + c) = pack2<T>(acc_o[dn * 4 + hf * 2] * inv, acc_o[dn * 4 + hf * 2 + 1] * inv);
+      }
+      if (t == 0) p.lse[bh * p.L + i] = lse;
+    } else {
+      const int64_t prow = (static_cast<int64_t>(blockIdx.z) * p.batch * p.hq + bh) * p.L + i;
+      float* out = p.o_partial + prow * Ev;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        const int c = dn * 8 + 2 * t;
+        if (c < Ev)
+          *reinterpret_cast<float2*>(out + c) = make_float2(acc_o[dn * 4 + hf * 2] * inv, acc_o[dn * 4 + hf * 2 + 1] * inv);
+      }
+      if (t == 0) p.lse_partial[prow] = lse;
+    }
+  }
+  }  // consumers
+#endif
+}
+
+}  // namespace cuda
+}  // namespace sdpax

@@ -1,0 +1,73 @@
+// Launch code of one sm90 forward variant; included only by the generated per-variant translation units
+// (fwd_sm90_*.cu, from csrc/cuda/variants.py).
+#pragma once
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+#include "cuda/fwd_kernel.h"  // merge_splits_kernel: the split-key merge is the same for both main loops
+#include "cuda/fwd_sm90.h"
+#include "cuda/launch.h"
+
+namespace sdpax {
+namespace cuda {
+
+namespace {
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point, so the extension does not link libcuda.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// 4-D map of a (batch, head, row, column) tensor with element strides `st`: boxes of 64 columns x `rows` rows of one
+// head, 128-byte swizzle (the Sw128Tile layout), zero fill outside (columns past `cols`, rows past `n`).
+template <class T>
+bool encode_map(CUtensorMap* map, const void* base, const Strides4& st, int64_t batch, int64_t heads, int64_t n,
+                int64_t cols, int rows) {
+  auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const CUtensorMapDataType dt =
+      sizeof(T) == 2 && std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  // Strides of size-1 dims are never stepped; give them a legal value (a positive multiple of 16 bytes).
+  auto stride = [](int64_t size, int64_t s) { return static_cast<cuuint64_t>(size > 1 ? s * 2 : 16); };
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(n),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[3] = {stride(n, st.r), stride(heads, st.h), stride(batch, st.b)};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(rows), 1, 1};
+  const cuuint32_t elem[4] = {1, 1, 1, 1};
+  return encode(map, dt, 4, const_cast<void*>(base), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+}  // namespace
+
+template <class T, int D, int kKind>
+cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
+  using Cfg = FwdSm90Cfg<D, kKind>;
+  auto kernel = fwd_sm90_kernel<T, D, kKind>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+  if (err != cudaSuccess) return err;
+  FwdTmaMaps maps{};
+  if (!(encode_map<T>(&maps.k, p.k, p.k_st, p.batch, p.hkv, p.S, p.E, Cfg::kBN) &&
+                      encode_map<T>(&maps.v, p.v, p.v_st, p.batch, p.hkv, p.S, p.Ev, Cfg::kBN)))
+    return cudaErrorInvalidValue;
+  const int64_t rows = (p.hq / p.hkv) * p.L;
+  const int64_t m_blocks = (rows + Cfg::kBM - 1) / Cfg::kBM;
+  const dim3 grid(static_cast<unsigned>(m_blocks * p.batch * p.hkv), 1, static_cast<unsigned>(p.num_splits));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  const int64_t all_rows = p.batch * p.hq * p.L;
+  merge_splits_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace sdpax
