@@ -29,6 +29,7 @@ inline bool has_nan(const float* x, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
 
 #define SDPAX_INLINE inline __attribute__((always_inline))
+#define SDPAX_INLINE_LAMBDA __attribute__((always_inline))
 
 // 2^x for the lanes in `keep` (others 0): x = n + f with |f| <= 1/2, 2^f by a polynomial in f (degree 7 Taylor
 // for float32 results, truncation below 1e-8 relative; degree 3 fitted for least maximum relative error, 7.5e-5,
@@ -104,19 +105,26 @@ SDPAX_INLINE float exp_pass(const float* s, const float* bias, const uint8_t* ke
                             __m512 vs, float m, C* pout, __m512& vmax_shifted) {
   constexpr int kDeg = kExpDegree<C>;
   const __m512 neg_m = _mm512_set1_ps(-m), vl2e = _mm512_set1_ps(kLog2e);
-  __m512 vsum = _mm512_setzero_ps(), vmax = _mm512_set1_ps(kNegInf);
-  for (int64_t j = 0; j < lim; j += 16) {
-    const __mmask16 k = tail_mask(lim - j), kv = visible(keep, j, k);
+  // Two independent (sum, max) chains: one chain's add / max latency would otherwise bound the loop.
+  __m512 vsum0 = _mm512_setzero_ps(), vsum1 = vsum0, vmax0 = _mm512_set1_ps(kNegInf), vmax1 = vmax0;
+  auto step = [&](int64_t j, __mmask16 k, bool full, __m512& vsum, __m512& vmax) SDPAX_INLINE_LAMBDA {
+    const __mmask16 kv = visible(keep, j, k);
     __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, s + j), vs, neg_m);
     if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, bias + j), vl2e, x);
     vmax = _mm512_mask_max_ps(vmax, kv, vmax, x);
     __m512 e = exp2_512<kDeg>(x, kv);
     vsum = _mm512_add_ps(vsum, e);
     if (drop) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(k, drop + j));
-    store_c<C, HwBf16>(pout + j, e, k);
+    store_c<C, HwBf16>(pout + j, e, full ? __mmask16(0xffff) : k);
+  };
+  int64_t j = 0;
+  for (; j + 32 <= lim; j += 32) {  // full chunks: no tail mask, two chains
+    step(j, 0xffff, true, vsum0, vmax0);
+    step(j + 16, 0xffff, true, vsum1, vmax1);
   }
-  vmax_shifted = vmax;
-  return _mm512_reduce_add_ps(vsum);
+  for (; j < lim; j += 16) step(j, tail_mask(lim - j), false, vsum0, vmax0);
+  vmax_shifted = _mm512_max_ps(vmax0, vmax1);
+  return _mm512_reduce_add_ps(_mm512_add_ps(vsum0, vsum1));
 }
 
 template <class C, bool HwBf16>
