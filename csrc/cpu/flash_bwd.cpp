@@ -98,30 +98,35 @@ struct BwdKernel {
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512 vs = _mm512_set1_ps(p.scale * kLog2e), vl2e = _mm512_set1_ps(kLog2e);
     const __m512 vkb = _mm512_set1_ps(key_bias * kLog2e);
-    const bool hw = cpu_has_bf16();
-    for (int64_t r = r0; r < M; r += 16) {
-      const __mmask16 k = tail_mask(M - r);
-      // log2 domain: x = s * scale * log2e + bias * log2e - lse * log2e
-      __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, srow + r), vs,
-                                 _mm512_mul_ps(_mm512_maskz_loadu_ps(k, lse + r), vl2e));
-      if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bias + r), vl2e, x);
-      if (key_bias != 0.f) x = _mm512_add_ps(x, vkb);
-      const __m512 pr = exp2_512<kExpDegree<C>>(x, k);
-      __m512 dp = _mm512_maskz_loadu_ps(k, dprow + r);
-      __m512 pd = pr;
-      if (f) {
-        const __m512 fv = _mm512_maskz_loadu_ps(k, f + r);
-        pd = _mm512_mul_ps(pr, fv);
-        dp = _mm512_mul_ps(dp, fv);
-      }
-      const __m512 ds = _mm512_mul_ps(pr, _mm512_sub_ps(dp, _mm512_maskz_loadu_ps(k, delta + r)));
-      if (hw) {
-        store_c<C, true>(prow + r, pd, k);
-        store_c<C, true>(dsrow + r, ds, k);
-      } else {
-        store_c<C, false>(prow + r, pd, k);
-        store_c<C, false>(dsrow + r, ds, k);
-      }
+    auto run = [&](auto hw_tag) {
+      constexpr bool kHw = decltype(hw_tag)::value;
+      auto step = [&](int64_t r, __mmask16 k, auto full_tag) SDPAX_INLINE_LAMBDA {
+        constexpr bool kFull = decltype(full_tag)::value;
+        // log2 domain: x = s * scale * log2e + bias * log2e - lse * log2e
+        __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, srow + r), vs,
+                                   _mm512_mul_ps(_mm512_maskz_loadu_ps(k, lse + r), vl2e));
+        if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bias + r), vl2e, x);
+        if (key_bias != 0.f) x = _mm512_add_ps(x, vkb);
+        const __m512 pr = exp2_512<kExpDegree<C>>(x, k);
+        __m512 dp = _mm512_maskz_loadu_ps(k, dprow + r);
+        __m512 pd = pr;
+        if (f) {
+          const __m512 fv = _mm512_maskz_loadu_ps(k, f + r);
+          pd = _mm512_mul_ps(pr, fv);
+          dp = _mm512_mul_ps(dp, fv);
+        }
+        const __m512 ds = _mm512_mul_ps(pr, _mm512_sub_ps(dp, _mm512_maskz_loadu_ps(k, delta + r)));
+        store_c<C, kHw>(prow + r, pd, kFull ? __mmask16(0xffff) : k);
+        store_c<C, kHw>(dsrow + r, ds, kFull ? __mmask16(0xffff) : k);
+      };
+      int64_t r = r0;
+      for (; r + 16 <= M; r += 16) step(r, 0xffff, std::true_type{});  // full chunks: no tail mask
+      if (r < M) step(r, tail_mask(M - r), std::false_type{});
+    };
+    if (cpu_has_bf16()) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
     }
 #else
     for (int64_t r = r0; r < M; ++r) {
