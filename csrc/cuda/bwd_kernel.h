@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const __grid_constant__ 
   if (lane == 0) delta[row] = acc;
 }
 
-template <class T, int D>
+template <class T, int D, bool kGeneral>
 struct BwdCfg {
   static constexpr bool kF32 = sizeof(T) == 4;
   // 8 warps x 16 keys: dQ atomics per flop fall as 1 / kBN. float at d128: 4 warps, so that K, V and the Q / dO
@@ -55,15 +55,21 @@ struct BwdCfg {
   static constexpr int kKeyWarps = kWarps / kColSplit;
   static constexpr int kDc = D / kColSplit;                      // dK/dV columns per warp
   static constexpr int kBN = kKeyWarps * 16;                     // keys per block (16 per key warp)
-  static constexpr int kBM = D <= 64 && !kF32 ? 64 : 32;        // queries per inner step
+  // Queries per inner step. Each step re-reads the warp's K and V fragments and Q / dO from shared memory and
+  // crosses two block barriers: 64 rows halve both per flop (plain d128: 177 -> 197 TFLOP/s backward alone, at
+  // the cost of 255 registers and a 76-byte spill). The general kind at d128 keeps 32 (64 would spill 144 bytes
+  // on top of its mask and dropout state; not measured). 128 rows at d64 spilled and gained 2%; float tiles are
+  // twice the bytes and keep 32.
+  static constexpr int kBM = kF32 ? 32 : D <= 64 || (D <= 128 && !kGeneral) ? 64 : 32;
   static constexpr int kThreads = kWarps * 32;
   // K, V, 2 x (Q, dO), dS^T; lse and Delta
   static constexpr int kSmem = (2 * kBN * D + 4 * kBM * D + kBN * kBM) * static_cast<int>(sizeof(T)) + 2 * 2 * kBM * 4;
 };
 
 template <class T, int D, bool kGeneral>
-__global__ void __launch_bounds__(BwdCfg<T, D>::kThreads, 1) bwd_kernel(const __grid_constant__ AttnParams p) {
-  using Cfg = BwdCfg<T, D>;
+__global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
+    bwd_kernel(const __grid_constant__ AttnParams p) {
+  using Cfg = BwdCfg<T, D, kGeneral>;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kThreads, NW = Cfg::kWarps;
   using KTile = SmemTile<BN, D, T>;
   using QTile = SmemTile<BM, D, T>;

@@ -130,12 +130,13 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
 
 int bwd_max_head_dim() { return SDPAX_CUDA_BWD_MAX_HEAD_DIM; }
 
+// The mask gradient (the one user of the tile rows) exists only in the general kind.
 template <class T>
 static int bwd_tile_rows_of(int64_t head_dim) {
   switch (bucket(head_dim)) {
-    case 64: return BwdCfg<T, 64>::kBM;
-    case 128: return BwdCfg<T, 128>::kBM;
-    default: return BwdCfg<T, 256>::kBM;
+    case 64: return BwdCfg<T, 64, true>::kBM;
+    case 128: return BwdCfg<T, 128, true>::kBM;
+    default: return BwdCfg<T, 256, true>::kBM;
   }
 }
 

@@ -26,7 +26,7 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t stream) {
 
 template <class T, int D, bool kGeneral>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
-  using Cfg = BwdCfg<T, D>;
+  using Cfg = BwdCfg<T, D, kGeneral>;
   const int64_t all_rows = p.batch * p.hq * p.L;
   bwd_delta_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(p, const_cast<float*>(p.delta));
   cudaError_t err = cudaGetLastError();
