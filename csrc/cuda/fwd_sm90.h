@@ -128,8 +128,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   }
 
   const bool has_mask = kGeneral && p.mask_kind != MaskKind::None;
-  // A bool mask whose rows are 16-byte aligned travels through shared memory with the K/V tiles (cp.async), and a
-  // key tile that no row of the block may see is skipped; other masks are read element by element in the softmax.
+  // A bool mask whose rows are 16-byte aligned is loaded by the producer (cp.async), a key tile that no row of the
+  // block may see is skipped, and the rest reach the consumers packed to bits; other masks are read element by
+  // element in the softmax.
   const bool mask_staged = has_mask && p.mask_kind == MaskKind::Bool && p.mask_st.c == 1 &&
                            reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 && p.mask_st.r % 16 == 0 &&
                            p.mask_st.h % 16 == 0 && p.mask_st.b % 16 == 0;
@@ -151,7 +152,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   if (producer) {
     // The producer warpgroup publishes the block's key tiles in order: tile index in tile_of_stage, K/V through
     // TMA (one thread), the staged mask through cp.async (all 128; a tile no row of the block may see is dropped
-    // here and never reaches the consumers). The n-th published tile goes to stage n % 3 once the consumers have
+    // here and never reaches the consumers). The n-th published tile goes to stage n % kStages once the consumers have
     // released that stage's previous tile; a final -1 tells them the stream has ended.
     setmaxnreg_dec<Cfg::kProducerRegs>();
     const int ptid = tid - NT;
