@@ -8,8 +8,10 @@
 //     O += P V      wgmma m64 n(D) k16, P from registers (the S accumulators rounded to 16 bits are P's A
 //                   fragments), V from shared memory as the N-major (transposed) B operand: V is stored
 //                   [key][head dim] exactly like K, no transpose is ever written.
-//   producer (warpgroup 2): streams K/V tiles through TMA into a three-stage ring guarded by full/empty mbarriers;
-//     with a staged bool mask it also loads the mask tile (cp.async) and drops tiles that no row may see.
+//   producer (warpgroup 2): streams K/V tiles through TMA into a ring of stages guarded by full/empty mbarriers
+//     (three stages for the plain kind's 128-key tiles, five for the general kind's 64-key tiles, so that a tile's
+//     loads have as much time to land); with a bool mask it also loads the mask tile (cp.async), drops tiles that
+//     no row may see and hands the consumers the rest packed to one bit per element (causal and bounds included).
 // Within a consumer, the softmax of tile j + 1 runs while the tensor cores compute P(j) V(j).
 //
 // The kernel body exists only in the sm_90a compilation (SDPAX_SM90A_DEVICE); the host launches it only on
@@ -45,20 +47,23 @@ struct FwdSm90Cfg {
   // Registers move from the producer warpgroup to the consumers (setmaxnreg): 2 x 128 x 240 + 128 x 24 <= 64K;
   // the general kind's producer keeps 40 for the mask scan (2 x 128 x 232 + 128 x 40).
   static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 40 : 24;
-  static constexpr int kStages = 3;  // K/V tiles resident: j (P V), j + 1 (Q K^T), j + 2 (landing)
-  static_assert(kStages == 3, "the main loop rotates exactly three stages");
-  // Staged bool-mask tile: BM rows of BN bytes, rows padded by 16 bytes so that the 8 rows a warp reads at once
-  // start in different banks.
-  static constexpr int kMaskRow = kGeneral ? kBN + 16 : 0;
-  static constexpr int kMaskBytes = kBM * kMaskRow;
+  // K/V tiles resident: j (P V), j + 1 (Q K^T), the rest landing. A 64-key tile is half the tensor work of a
+  // 128-key one, so the general kind keeps five in the ring: the producer runs three tiles ahead instead of one.
+  static constexpr int kStages = kGeneral ? 5 : 3;
+  // Bool mask, packed by the producer: per stage and row, four 16-bit words, word t holding bit 2n + e = key
+  // 8n + 2t + e of the tile (the keys accumulator thread t of the row holds): one 2-byte load per row and tile.
+  static_assert(!kGeneral || kBN == 64, "the packed mask layout assumes 64-key tiles");
+  static constexpr int kBitsBytes = kGeneral ? kBM * 8 : 0;
+  // The producer's raw mask tiles (BM rows of BN bytes, cp.async), a ring of three scan slots.
+  static constexpr int kScanBytes = kGeneral ? kBM * kBN : 0;
   using QTile = Sw128Tile<kBM, D>;
   using KTile = Sw128Tile<kBN, D>;  // K and V stages share the layout
   // + 1024: the dynamic shared-memory base is rounded up to the 1024-byte alignment the swizzle atoms need.
   // full / empty mbarriers per stage, and the key-tile index each stage holds (-1: no more tiles).
-  static constexpr int kBarBytes = 2 * kStages * 8 + 16;
-  // General kind: three more mask tiles, the producer's scan ring (see the producer).
-  static constexpr int kSmem = QTile::kBytes + kStages * (2 * KTile::kBytes + kMaskBytes) + 3 * kMaskBytes +
+  static constexpr int kBarBytes = 2 * kStages * 8 + ((4 * kStages + 7) & ~7);
+  static constexpr int kSmem = QTile::kBytes + kStages * (2 * KTile::kBytes + kBitsBytes) + 3 * kScanBytes +
                                kBarBytes + 1024;
+  static_assert(kSmem <= 227 * 1024, "shared memory per block");
 };
 
 template <class T, int D, int kKind>
@@ -75,10 +80,11 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u;
   const uint32_t sK0 = sQ + QTile::kBytes;               // K stage s at sK0 + s * KTile::kBytes
   const uint32_t sV0 = sK0 + kStages * KTile::kBytes;    // V stage s at sV0 + s * KTile::kBytes
-  const uint32_t sM0 = sV0 + kStages * KTile::kBytes;    // mask stage s at sM0 + s * kMaskBytes
+  const uint32_t sM0 = sV0 + kStages * KTile::kBytes;    // packed mask of stage s at sM0 + s * kBitsBytes
   const unsigned char* smem_m0 = smem + (sM0 - smem_u32(smem));
-  // Mask stages, then the producer's three mask scan slots, then the barriers.
-  const uint32_t bar_full0 = sM0 + (kStages + 3) * Cfg::kMaskBytes;  // full barrier of stage s at bar_full0 + 8 s
+  const uint32_t sScan0 = sM0 + kStages * Cfg::kBitsBytes;  // producer's scan slot x at sScan0 + x * kScanBytes
+  // Packed mask stages, then the producer's three mask scan slots, then the barriers.
+  const uint32_t bar_full0 = sScan0 + 3 * Cfg::kScanBytes;  // full barrier of stage s at bar_full0 + 8 s
   const uint32_t bar_empty0 = bar_full0 + kStages * 8;
   int* tile_of_stage = reinterpret_cast<int*>(smem + (bar_empty0 + kStages * 8 - smem_u32(smem)));
 
@@ -122,8 +128,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   }
 
   const bool has_mask = kGeneral && p.mask_kind != MaskKind::None;
-  // A bool mask whose rows are 16-byte aligned travels through shared memory with the K/V tiles (cp.async), and a
-  // key tile that no row of the block may see is skipped; other masks are read element by element in the softmax.
+  // A bool mask whose rows are 16-byte aligned is loaded by the producer (cp.async), a key tile that no row of the
+  // block may see is skipped, and the rest reach the consumers packed to bits; other masks are read element by
+  // element in the softmax.
   const bool mask_staged = has_mask && p.mask_kind == MaskKind::Bool && p.mask_st.c == 1 &&
                            reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 && p.mask_st.r % 16 == 0 &&
                            p.mask_st.h % 16 == 0 && p.mask_st.b % 16 == 0;
@@ -134,7 +141,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   const bool producer = tid >= NT;  // the producer warpgroup follows the consumer warpgroups
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
-      mbar_init(bar_full0 + 8 * st, 1);       // the producer's arrive(.expect_tx); the copies complete the bytes
+      // The producer's arrive(.expect_tx) (the copies complete the bytes); with a packed mask, one arrival per
+      // producer thread, each after writing its row's bits.
+      mbar_init(bar_full0 + 8 * st, mask_staged ? 128 : 1);
       mbar_init(bar_empty0 + 8 * st, 2 * 4);  // one arrival per consumer warp
     }
     mbar_init_fence();
@@ -143,7 +152,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   if (producer) {
     // The producer warpgroup publishes the block's key tiles in order: tile index in tile_of_stage, K/V through
     // TMA (one thread), the staged mask through cp.async (all 128; a tile no row of the block may see is dropped
-    // here and never reaches the consumers). The n-th published tile goes to stage n % 3 once the consumers have
+    // here and never reaches the consumers). The n-th published tile goes to stage n % kStages once the consumers have
     // released that stage's previous tile; a final -1 tells them the stream has ended.
     setmaxnreg_dec<Cfg::kProducerRegs>();
     const int ptid = tid - NT;
@@ -161,24 +170,26 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       }
     };
     if (kGeneral && mask_staged) {
-      // Mask tiles stream through a ring of three scan slots, two tiles ahead of the one being decided, so their
-      // latency hides behind the scan and the wait for a free stage. Each thread loads, scans and copies the same
-      // 16-byte chunks of every tile: no barrier is needed between those steps, only before a publication.
-      constexpr int kChunks = BM * (BN / 16) / 128;
-      unsigned char* scan0 = const_cast<unsigned char*>(smem_m0) + kStages * Cfg::kMaskBytes;
+      // Producer thread ptid owns packed row m0 + ptid. Its raw mask tiles stream through a ring of three scan
+      // slots, two tiles ahead of the one being decided, so their latency hides behind the scan and the wait for
+      // a free stage; each thread loads and reads only its own row, so no barrier is needed between those steps.
+      // Bytes past the row's causal/bounds limit are never loaded (zero-filled), so the bits include causal.
+      constexpr int kChunks = BN / 16;
+      const unsigned char* scan0 = smem + (sScan0 - smem_u32(smem));
       const unsigned char* m = static_cast<const unsigned char*>(p.mask);
+      const int pr = m0 + ptid;
+      const int lim = pr < rows ? row_limit(p, pr % L) : 0;  // keys [0, lim) pass causal and bounds
+      const unsigned char* mrow = m;
+      if (pr < rows)
+        mrow = m + b * p.mask_st.b + static_cast<int64_t>(hk * G + pr / L) * p.mask_st.h +
+               static_cast<int64_t>(pr % L) * p.mask_st.r;
       auto prefetch = [&](int tile, int slot) {
         if (tile < t_end) {
 #pragma unroll
-          for (int u = 0; u < kChunks; ++u) {
-            const int idx = ptid + 128 * u, r = idx / (BN / 16), c = idx % (BN / 16);
-            const int pr = m0 + r, j = tile * BN + c * 16;
-            const int bytes = pr < rows ? max(0, min(16, S - j)) : 0;  // zero-filled past S and the last row
-            const unsigned char* src = m;
-            if (bytes > 0)
-              src = m + b * p.mask_st.b + static_cast<int64_t>(hk * G + pr / L) * p.mask_st.h +
-                    static_cast<int64_t>(pr % L) * p.mask_st.r + j;
-            cp_async16_partial(smem_u32(scan0 + slot * Cfg::kMaskBytes + r * Cfg::kMaskRow + c * 16), src, bytes);
+          for (int c = 0; c < kChunks; ++c) {
+            const int j = tile * BN + c * 16;
+            const int bytes = max(0, min(16, lim - j));
+            cp_async16_partial(sScan0 + slot * Cfg::kScanBytes + ptid * BN + c * 16, bytes > 0 ? mrow + j : m, bytes);
           }
         }
         cp_async_commit();
@@ -189,37 +200,39 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       for (int tile = t_begin; tile < t_end; ++tile, slot = slot == 2 ? 0 : slot + 1) {
         prefetch(tile + 2, slot == 0 ? 2 : slot - 1);
         cp_async_wait<2>();  // this tile's chunks are in; the next two may be in flight
-        const unsigned char* src = scan0 + slot * Cfg::kMaskBytes;
+        const unsigned char* src = scan0 + slot * Cfg::kScanBytes + ptid * BN;
         bool any = false;
+        uint32_t word[4] = {0u, 0u, 0u, 0u};  // word[t]: bit 2n + e = key 8n + 2t + e
 #pragma unroll
-        for (int u = 0; u < kChunks; ++u) {
-          const int idx = ptid + 128 * u, r = idx / (BN / 16), c = idx % (BN / 16);
-          const int pr = m0 + r, j = tile * BN + c * 16;
-          const int lim = pr < rows ? row_limit(p, pr % L) - j : 0;  // bytes [0, lim) pass causal and bounds
-          const uint4 w = *reinterpret_cast<const uint4*>(src + r * Cfg::kMaskRow + c * 16);
-          if (lim >= 16) {
-            any = any || (w.x | w.y | w.z | w.w) != 0;  // the whole chunk passes causal and bounds
-          } else if (lim > 0) {
-            const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        for (int c = 0; c < kChunks; ++c) {
+          const uint4 w = *reinterpret_cast<const uint4*>(src + c * 16);
+          any = any || (w.x | w.y | w.z | w.w) != 0;
+          // 0xff per allowed byte; chunk c holds keys 16c.. = n 2c (word 0, 1) and 2c + 1 (words 2, 3).
+          const uint32_t f[4] = {__vcmpne4(w.x, 0u), __vcmpne4(w.y, 0u), __vcmpne4(w.z, 0u), __vcmpne4(w.w, 0u)};
 #pragma unroll
-            for (int x = 0; x < 16; ++x) any = any || (x < lim && ((words[x >> 2] >> (8 * (x & 3))) & 0xff));
+          for (int tt = 0; tt < 4; ++tt) {
+            // bytes (keys 16c + 2tt + e, 16c + 8 + 2tt + e) -> bits 4c + 0..3
+            uint32_t x = __byte_perm(f[tt >> 1], f[2 + (tt >> 1)], (tt & 1) ? 0x7632u : 0x5410u) & 0x08040201u;
+            x |= x >> 16;
+            x |= x >> 8;
+            word[tt] |= (x & 0xfu) << (4 * c);
           }
         }
         if (!named_barrier_or(1, 128, any)) continue;  // no row of the block may see this tile: drop it
         const int st = n % kStages;
         if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
-        unsigned char* dst = const_cast<unsigned char*>(smem_m0) + st * Cfg::kMaskBytes;
-#pragma unroll
-        for (int u = 0; u < kChunks; ++u) {
-          const int idx = ptid + 128 * u, r = idx / (BN / 16), c = idx % (BN / 16);
-          *reinterpret_cast<uint4*>(dst + r * Cfg::kMaskRow + c * 16) =
-              *reinterpret_cast<const uint4*>(src + r * Cfg::kMaskRow + c * 16);
-        }
-        named_barrier(1, 128);  // every chunk of the stage's mask is in before the publication releases it
-        if (ptid == 0) publish(tile, st);
+        *reinterpret_cast<uint2*>(const_cast<unsigned char*>(smem_m0) + st * Cfg::kBitsBytes + ptid * 8) =
+            make_uint2(word[0] | (word[1] << 16), word[2] | (word[3] << 16));
+        if (ptid == 0) publish(tile, st);  // every producer thread arrives once it has written its row
+        else mbar_arrive(bar_full0 + 8 * st);
         ++n;
       }
       cp_async_wait<0>();
+      // End of the stream: every producer thread arrives on the sentinel stage's full barrier.
+      const int st = n % kStages;
+      if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);
+      if (ptid == 0) tile_of_stage[st] = -1;
+      mbar_arrive(bar_full0 + 8 * st);
     } else if (ptid == 0) {
       for (int tile = t_begin; tile < t_end; ++tile, ++n) {
         const int st = n % kStages;
@@ -227,7 +240,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
         publish(tile, st);
       }
     }
-    if (ptid == 0) {  // end of the stream
+    if (ptid == 0 && !(kGeneral && mask_staged)) {  // end of the stream
       const int st = n % kStages;
       if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);
       tile_of_stage[st] = -1;
@@ -250,25 +263,13 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       cp_async16(sQ + QTile::offset(r, c), src, ok);
     }
   }
-  // Staged mask: one bit per element this thread holds (allowed: causal/bounds pass and the mask is true), bit
+  // Packed mask: one bit per element this thread holds (allowed: causal/bounds pass and the mask is true), bit
   // index (hf * BN / 8 + n) * 2 + e for key tile * BN + 8n + 2t + e of row half hf.
   static_assert(!kGeneral || BN / 2 <= 32, "mask bits must fit in 32");
-  auto mask_bits = [&](int tile, int stage) {
-    uint32_t bits = 0;
-    const unsigned char* sm = smem_m0 + stage * Cfg::kMaskBytes;
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const unsigned char* row = sm + (wg * 64 + wwarp * 16 + hf * 8 + g) * Cfg::kMaskRow;
-#pragma unroll
-      for (int n = 0; n < BN / 8; ++n) {
-        const int col = n * 8 + 2 * t;
-        const uint16_t two = *reinterpret_cast<const uint16_t*>(row + col);
-        const int j = tile * BN + col;
-        if ((two & 0xff) && j < row_lim[hf]) bits |= 1u << ((hf * (BN / 8) + n) * 2);
-        if ((two >> 8) && j + 1 < row_lim[hf]) bits |= 1u << ((hf * (BN / 8) + n) * 2 + 1);
-      }
-    }
-    return bits;
+  auto mask_bits = [&](int stage) {
+    const uint16_t* sm = reinterpret_cast<const uint16_t*>(smem_m0 + stage * Cfg::kBitsBytes);
+    const int r = wg * 64 + wwarp * 16 + g;
+    return static_cast<uint32_t>(sm[r * 4 + t]) | (static_cast<uint32_t>(sm[(r + 8) * 4 + t]) << 16);
   };
 
   const bool with_sinks = p.sinks != nullptr && p.num_splits == 1;
@@ -355,14 +356,29 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
         const float p0 = exp2f(s[n * 4 + hf * 2] - m_use);
         const float p1 = exp2f(s[n * 4 + hf * 2 + 1] - m_use);
         rs += p0 + p1;  // the denominator counts every key; dropout scales only what reaches P V
-        if (has_dropout) {
-          const float2 k2 = drop.pair(static_cast<uint32_t>(b * p.hq + row_h[hf]), static_cast<uint32_t>(row_i[hf]),
-                                      static_cast<uint32_t>(j0 + n * 8 + 2 * t));
-          s[n * 4 + hf * 2] = p0 * k2.x;
-          s[n * 4 + hf * 2 + 1] = p1 * k2.y;
-        } else {
-          s[n * 4 + hf * 2] = p0;
-          s[n * 4 + hf * 2 + 1] = p1;
+        s[n * 4 + hf * 2] = p0;
+        s[n * 4 + hf * 2 + 1] = p1;
+      }
+      if (has_dropout) {
+        // Keys 8n + 2t + e use the random words of key group 2n + t / 2 (words 2(t & 1) + e), so lanes t and t ^ 1
+        // need the same Philox block: each computes the one for n = 2m + (t & 1), keeps its half and hands the
+        // other half to its partner (half the Philox work, the same words as Dropout::pair).
+        const uint32_t bh = static_cast<uint32_t>(b * p.hq + row_h[hf]), ri = static_cast<uint32_t>(row_i[hf]);
+#pragma unroll
+        for (int mm = 0; mm < BN / 16; ++mm) {
+          const int n_own = 2 * mm + (t & 1);
+          uint32_t r[4];
+          dropout_words(drop.seed, drop.offset, bh, ri, static_cast<uint32_t>(j0 + n_own * 8 + 2 * t) >> 2, r);
+          const uint32_t own0 = (t & 1) ? r[2] : r[0], own1 = (t & 1) ? r[3] : r[1];
+          const uint32_t give0 = (t & 1) ? r[0] : r[2], give1 = (t & 1) ? r[1] : r[3];
+          const uint32_t got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
+          // n = 2mm holds own words when t is even, the partner's when odd; n = 2mm + 1 the other way round.
+          const uint32_t a0 = (t & 1) ? got0 : own0, a1 = (t & 1) ? got1 : own1;
+          const uint32_t c0 = (t & 1) ? own0 : got0, c1 = (t & 1) ? own1 : got1;
+          s[(2 * mm) * 4 + hf * 2] *= a0 >= drop.threshold ? drop.scale : 0.f;
+          s[(2 * mm) * 4 + hf * 2 + 1] *= a1 >= drop.threshold ? drop.scale : 0.f;
+          s[(2 * mm + 1) * 4 + hf * 2] *= c0 >= drop.threshold ? drop.scale : 0.f;
+          s[(2 * mm + 1) * 4 + hf * 2 + 1] *= c1 >= drop.threshold ? drop.scale : 0.f;
         }
       }
       l_run[hf] = l_run[hf] * alpha[hf] + rs;
@@ -407,7 +423,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
     float s[BN / 2];
     uint32_t pa[BN / 16][4];
     float alpha[2];
-    uint32_t bits = mask_staged ? mask_bits(tile, 0) : 0u;
+    uint32_t bits = mask_staged ? mask_bits(0) : 0u;
     wgmma_fence();
     issue_s(s, 0);
     wgmma_wait<0>();
@@ -420,7 +436,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
       tile = tile_of_stage[st];
       if (tile < 0) break;
-      bits = mask_staged ? mask_bits(tile, st) : 0u;
+      bits = mask_staged ? mask_bits(st) : 0u;
       wgmma_fence();
       issue_s(s, st);
       issue_pv(pa, cur);
