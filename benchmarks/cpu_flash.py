@@ -296,7 +296,7 @@ def summary(rows) -> dict:
     return out
 
 
-def markdown(rows, peaks, mem, command, load=None) -> str:
+def markdown(rows, peaks, mem, command, load=None, budget_s=2.0) -> str:
     lines = [f"# sdpax FLASH_ATTENTION on CPU vs torch", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- CPU: {_cpu_name()} ({torch.get_num_threads()} threads used, machine shared with other jobs)",
@@ -305,7 +305,7 @@ def markdown(rows, peaks, mem, command, load=None) -> str:
              f"- 1-minute load average before / after the run (2 cores; this run alone adds ~2): "
              f"{_fmt(load[0], '.2f') if load else 'n/a'} / {_fmt(load[1], '.2f') if load else 'n/a'}",
              "- times are medians of interleaved rounds (sdpax, torch default, torch forced FLASH_ATTENTION), at least 3 "
-             "rounds and about 2 s per row; "
+             f"rounds and about {budget_s:g} s per row; "
              "ratio = torch / sdpax (> 1: sdpax faster)", ""]
     if peaks:
         lines += ["## Machine peaks (2 threads)", "",
@@ -368,7 +368,7 @@ def main(argv=None) -> int:
     for k, v in summary(rows).items():
         print(f"{k}: {_fmt(v)}")
     if args.results:
-        Path(args.results).write_text(markdown(rows, peaks, mem, command.strip(), (load_before, os.getloadavg()[0])))
+        Path(args.results).write_text(markdown(rows, peaks, mem, command.strip(), (load_before, os.getloadavg()[0]), args.budget))
     return 0
 
 
