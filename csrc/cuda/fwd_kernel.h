@@ -61,25 +61,10 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
   const int G = static_cast<int>(p.hq / p.hkv);
   const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
   const int rows = G * L;
-  const int m_blocks = (rows + BM - 1) / BM;
-  const int m_block = m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks);
-  const int64_t bhk = blockIdx.x / m_blocks;
-  const int64_t b = bhk / p.hkv;
-  const int hk = static_cast<int>(bhk % p.hkv);
-  const int m0 = m_block * BM;
+  const FwdBlock blk = fwd_block(p, rows, BM, BN);
+  const int64_t b = blk.b;
+  const int hk = blk.hk, m0 = blk.m0, n_full = blk.n_full, t_begin = blk.t_begin, t_end = blk.t_end;
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
-
-  // Query positions covered by the block (conservative when it spans two heads of a GQA group).
-  const int r_last = min(m0 + BM, rows) - 1;
-  const bool one_head = m0 / L == r_last / L;
-  const int i_min = one_head ? m0 % L : 0;
-  const int i_max = one_head ? r_last % L : L - 1;
-  const int n_end = row_limit(p, i_max);  // keys >= n_end are invisible to every row of the block
-  const int n_full = min(row_limit(p, i_min), S);  // keys < n_full pass causal/bounds for every row
-  const int n_tiles = (n_end + BN - 1) / BN;
-  const int per_split = (n_tiles + p.num_splits - 1) / p.num_splits;
-  const int t_begin = static_cast<int>(blockIdx.z) * per_split;
-  const int t_end = min(n_tiles, t_begin + per_split);
 
   // The rows this thread holds in the C fragments: [mt][half] -> packed row m0 + warp*16*MT + mt*16 + half*8 + g.
   int row_i[MT][2], row_h[MT][2], row_lim[MT][2];

@@ -65,5 +65,37 @@ __device__ __forceinline__ int row_limit(const AttnParams& p, int i) {
   return static_cast<int>(lim < 0 ? 0 : (lim > p.S ? p.S : lim));
 }
 
+// The packed rows (G * L per KV head) and key tiles a forward block covers, for both forward main loops: one
+// (batch, KV head, row block) per blockIdx.x, heaviest causal blocks first; one split of the key tiles per
+// blockIdx.z.
+struct FwdBlock {
+  int64_t b;
+  int hk, m0;          // KV head, first packed row
+  int n_full;          // keys < n_full pass causal/bounds for every row of the block
+  int t_begin, t_end;  // the key tiles of this block's split
+};
+__device__ __forceinline__ FwdBlock fwd_block(const AttnParams& p, int rows, int BM, int BN) {
+  const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
+  const int m_blocks = (rows + BM - 1) / BM;
+  const int m_block = m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks);
+  const int64_t bhk = blockIdx.x / m_blocks;
+  FwdBlock blk;
+  blk.b = bhk / p.hkv;
+  blk.hk = static_cast<int>(bhk % p.hkv);
+  blk.m0 = m_block * BM;
+  // Query positions covered by the block (conservative when it spans two heads of a GQA group).
+  const int r_last = min(blk.m0 + BM, rows) - 1;
+  const bool one_head = blk.m0 / L == r_last / L;
+  const int i_min = one_head ? blk.m0 % L : 0;
+  const int i_max = one_head ? r_last % L : L - 1;
+  const int n_end = row_limit(p, i_max);  // keys >= n_end are invisible to every row of the block
+  blk.n_full = min(row_limit(p, i_min), S);
+  const int n_tiles = (n_end + BN - 1) / BN;
+  const int per_split = (n_tiles + p.num_splits - 1) / p.num_splits;
+  blk.t_begin = static_cast<int>(blockIdx.z) * per_split;
+  blk.t_end = min(n_tiles, blk.t_begin + per_split);
+  return blk;
+}
+
 }  // namespace cuda
 }  // namespace sdpax
