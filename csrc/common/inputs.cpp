@@ -157,6 +157,26 @@ AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tenso
   return p;
 }
 
+std::optional<at::Tensor> sinks_f32(const std::optional<at::Tensor>& sinks) {
+  if (!sinks) return std::nullopt;
+  return sinks->to(at::kFloat).contiguous();
+}
+
+void bind_forward(AttnParams& p, const at::Tensor& out4, const at::Tensor& lse) {
+  p.out = const_cast<void*>(out4.data_ptr());
+  p.out_st = strides4(out4);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+}
+
+void bind_backward(AttnParams& p, const at::Tensor& dout4, const at::Tensor& dk, const at::Tensor& dv) {
+  p.dout = dout4.data_ptr();
+  p.dout_st = strides4(dout4);
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dk_st = strides4(dk);
+  p.dv_st = strides4(dv);
+}
+
 at::Tensor uncanonical(const at::Tensor& t4, const at::Tensor& like_query, int64_t last_dim) {
   std::vector<int64_t> shape(like_query.sizes().begin(), like_query.sizes().end() - 1);
   if (last_dim >= 0) shape.push_back(last_dim);

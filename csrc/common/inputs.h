@@ -34,6 +34,15 @@ AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tenso
                        const std::optional<at::Tensor>& sinks_f32, double dropout_p, int64_t causal, double scale,
                        const std::optional<at::Tensor>& rng);
 
+// The sinks as the contiguous float32 tensor make_params points at (kept alive by the caller), if any.
+std::optional<at::Tensor> sinks_f32(const std::optional<at::Tensor>& sinks);
+
+// Output / saved-forward fields of the params: out (B, Hq, L, Ev) and its float32 log-sum-exp (B * Hq * L,
+// contiguous); for the backward also dout (like out) and the dK, dV outputs (B, Hkv, S, E / Ev). dQ and the
+// device-specific scratch are left to the caller.
+void bind_forward(AttnParams& p, const at::Tensor& out4, const at::Tensor& lse);
+void bind_backward(AttnParams& p, const at::Tensor& dout4, const at::Tensor& dk, const at::Tensor& dv);
+
 // The view of a tensor of shape (B', Hq, L, X) with B' the flattened batch, as the original rank.
 at::Tensor uncanonical(const at::Tensor& t4, const at::Tensor& like_query, int64_t last_dim);
 

@@ -17,11 +17,6 @@ void check_flash(const at::Tensor& q, const Canonical& c) {
               num(c.E), " / ", num(c.Ev));
 }
 
-std::optional<at::Tensor> sinks_as_float(const std::optional<at::Tensor>& sinks) {
-  if (!sinks) return std::nullopt;
-  return sinks->to(at::kFloat).contiguous();
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -31,13 +26,11 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
   check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
   const Canonical c = canonicalize(q, k, v, mask);
   check_flash(q, c);
-  const auto sinks_f = sinks_as_float(sinks);
+  const auto sinks_f = sinks_f32(sinks);
   AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, dropout_p, causal, scale, rng);
   at::Tensor out = at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
   at::Tensor lse = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
-  p.out = out.data_ptr();
-  p.out_st = strides4(out);
-  p.lse = lse.data_ptr<float>();
+  bind_forward(p, out, lse);
   if (out.numel() > 0) {
     if (c.S == 0) {
       // No keys at all: every row is fully masked (or sees only its sink).
@@ -70,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == c.B * c.Hq * c.L,
               "sdpax: lse must be the float32 log-sum-exp of the forward, shape ",
               shape(q.sizes().slice(0, q.dim() - 1)));
-  const auto sinks_f = sinks_as_float(sinks);
+  const auto sinks_f = sinks_f32(sinks);
   AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, dropout_p, causal, scale, rng);
   // Kernel inputs from the forward: viewed 4-D, copied only if the caller passed non-viewable layouts.
   const at::Tensor out4 = out.reshape({c.B, c.Hq, c.L, c.Ev});
@@ -80,17 +73,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   at::Tensor dk = at::empty({c.B, c.Hkv, c.S, c.E}, q.options());
   at::Tensor dv = at::empty({c.B, c.Hkv, c.S, c.Ev}, q.options());
   at::Tensor dsinks_bh = at::zeros({c.B, c.Hq}, q.options().dtype(at::kFloat));
-  p.out = const_cast<void*>(out4.data_ptr());
-  p.out_st = strides4(out4);
-  p.lse = const_cast<float*>(lse3.data_ptr<float>());
-  p.dout = dout4.data_ptr();
-  p.dout_st = strides4(dout4);
+  bind_forward(p, out4, lse3);
+  bind_backward(p, dout4, dk, dv);
   p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
   p.dq_st = strides4(dq);
-  p.dk_st = strides4(dk);
-  p.dv_st = strides4(dv);
   p.dsinks_bh = sinks ? dsinks_bh.data_ptr<float>() : nullptr;
   if (c.S == 0 || c.L == 0) {
     dq.zero_();

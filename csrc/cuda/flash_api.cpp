@@ -109,15 +109,12 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
   if (c.B * c.Hq * c.L == 0) return math::fwd(q, k, v, mask, dropout_p, causal, scale, enable_gqa, sinks, rng);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor q4 = vector_ready(c.q), k4 = vector_ready(c.k), v4 = vector_ready(c.v);
-  const std::optional<at::Tensor> sinks_f =
-      sinks ? std::optional<at::Tensor>(sinks->to(at::kFloat).contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> sinks_f = sinks_f32(sinks);
   at::Tensor out = at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
   at::Tensor lse = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
 
   AttnParams p = make_params(c, q4, k4, v4, sinks_f, dropout_p, causal, scale, rng);
-  p.out = out.data_ptr();
-  p.out_st = strides4(out);
-  p.lse = lse.data_ptr<float>();
+  bind_forward(p, out, lse);
   const FwdPlan plan = plan_fwd(p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   p.num_splits = plan.num_splits;
   at::Tensor o_partial, lse_partial;
@@ -150,8 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   const at::Tensor do4 = vector_ready(grad_out.reshape({c.B, c.Hq, c.L, c.Ev}));
   const at::Tensor o4 = out.reshape({c.B, c.Hq, c.L, c.Ev});
   const at::Tensor lse_f = lse.reshape({c.B * c.Hq * c.L}).to(at::kFloat).contiguous();
-  const std::optional<at::Tensor> sinks_f =
-      sinks ? std::optional<at::Tensor>(sinks->to(at::kFloat).contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> sinks_f = sinks_f32(sinks);
   at::Tensor dk = at::empty({c.B, c.Hkv, c.S, c.E}, q.options());
   at::Tensor dv = at::empty({c.B, c.Hkv, c.S, c.Ev}, q.options());
   at::Tensor delta = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
@@ -161,15 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   else dq_accum = at::zeros({c.B, c.Hq, c.L, c.E}, q.options().dtype(at::kFloat));
 
   AttnParams p = make_params(c, q4, k4, v4, sinks_f, dropout_p, causal, scale, rng);
-  p.out = const_cast<void*>(o4.data_ptr());
-  p.out_st = strides4(o4);
-  p.lse = const_cast<float*>(lse_f.data_ptr<float>());
-  p.dout = do4.data_ptr();
-  p.dout_st = strides4(do4);
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dk_st = strides4(dk);
-  p.dv_st = strides4(dv);
+  bind_forward(p, o4, lse_f);
+  bind_backward(p, do4, dk, dv);
   p.deterministic = deterministic;
   if (deterministic) {
     p.dq = dq.data_ptr();
