@@ -136,9 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   check_bwd_inputs(grad_out, out, q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
   const Canonical c = canonicalize(q, k, v, mask);
   check_supported(q, c.E, c.Ev);
-  // Empty inputs (and head dims past the fused backward, which the selector never sends here) are computed by
-  // MATH from the same saved tensors.
-  if (std::max(c.E, c.Ev) > bwd_max_head_dim() || c.B * c.Hq * c.L == 0 || c.S == 0)
+  // Empty inputs are computed by MATH from the same saved tensors.
+  if (c.B * c.Hq * c.L == 0 || c.S == 0)
     return math::bwd(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks, rng, mask_grad);
   const c10::cuda::CUDAGuard guard(q.device());
   // torch.use_deterministic_algorithms(True): bitwise-reproducible gradients (no float atomics).

@@ -128,8 +128,6 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
   return plan;
 }
 
-int bwd_max_head_dim() { return SDPAX_CUDA_BWD_MAX_HEAD_DIM; }
-
 // The mask gradient (the one user of the tile rows) exists only in the general kind.
 template <class T>
 static int bwd_tile_rows_of(int64_t head_dim) {

@@ -17,8 +17,6 @@ struct FwdPlan {
   bool sm90 = false;  // run the Hopper main loop (fwd_sm90.h) of this kind instead of fwd_kernel.h
 };
 FwdPlan plan_fwd(const AttnParams& p, int num_sms);
-// Largest head dim (max of E and Ev) the fused backward handles.
-int bwd_max_head_dim();
 // Query rows per inner step of the backward for this head dim: a mask broadcast over rows gets one gradient
 // partial sum per such tile (the host sizes the deterministic scratch from it).
 int bwd_tile_rows(int64_t head_dim, ScalarKind dtype);

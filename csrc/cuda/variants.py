@@ -11,6 +11,7 @@ from pathlib import Path
 DTYPES = {"bf16": ("__nv_bfloat16", "BFloat16"), "fp16": ("__half", "Half"), "fp32": ("float", "Float")}
 FWD_HEAD_DIMS = (64, 128, 256)
 BWD_HEAD_DIMS = (64, 128, 256)
+assert BWD_HEAD_DIMS == FWD_HEAD_DIMS, "the fused backward takes every head dim the forward takes (flash_api.cpp)"
 # Mask kinds per pass -> template argument. general: attention mask and/or dropout present; decode: plain with at
 # most 16 rows per (batch, kv head), one-warp blocks (forward only).
 FWD_KINDS = {"plain": "0", "general": "1", "decode": "2"}
@@ -55,8 +56,7 @@ def generate(out_dir: Path) -> list:
     text = (HEADER + "// X(pass, element type, ScalarKind, head-dim bucket, kind: fwd / fwd_sm90 0 plain / 1 general / "
             "2 decode, bwd general)\n"
             "#define SDPAX_CUDA_VARIANTS(X) \\\n" + " \\\n".join(xlines) + "\n"
-            f"#define SDPAX_CUDA_FWD_HEAD_DIMS {{{', '.join(map(str, FWD_HEAD_DIMS))}}}\n"
-            f"#define SDPAX_CUDA_BWD_MAX_HEAD_DIM {max(BWD_HEAD_DIMS)}\n")
+            f"#define SDPAX_CUDA_FWD_HEAD_DIMS {{{', '.join(map(str, FWD_HEAD_DIMS))}}}\n")
     if not header.exists() or header.read_text() != text:
         header.write_text(text)
     return files

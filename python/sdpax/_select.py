@@ -48,7 +48,6 @@ class DeviceLimits:
     """Extra limits of one device's kernel of a backend."""
 
     head_dim_multiple: int = 1
-    max_head_dim_backward: int | None = None  # larger head dims: forward only (a gradient routes to MATH)
     deterministic_backward: bool = True
     why_nondeterministic: str = ""
     mask_grad: bool | None = None  # overrides the backend's Limits.mask_grad on this device (None: keep it)
@@ -109,10 +108,6 @@ def reasons(backend: SDPBackend, call: Call) -> list[str]:
         if m > 1 and (call.head_dim % m or call.value_head_dim % m):
             out.append(f"head dims ({call.head_dim}, {call.value_head_dim}) must be multiples of {m} on "
                        f"{call.device.type}")
-        hd = max(call.head_dim, call.value_head_dim)
-        if call.needs_grad and dev.max_head_dim_backward is not None and hd > dev.max_head_dim_backward:
-            out.append(f"head dim {hd} needs a gradient and the fused {call.device.type} backward stops at "
-                       f"{dev.max_head_dim_backward}")
         if call.deterministic_grad and not dev.deterministic_backward:
             out.append(f"deterministic algorithms are enabled and {dev.why_nondeterministic}")
     return out
