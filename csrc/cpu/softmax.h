@@ -31,26 +31,27 @@ inline bool has_nan(const float* x, int64_t n) {
 #define SDPAX_INLINE inline __attribute__((always_inline))
 #define SDPAX_INLINE_LAMBDA __attribute__((always_inline))
 
-// 2^x for the lanes in `keep` (others 0): x = n + f with |f| <= 1/2, 2^f by a polynomial in f (degree 7 Taylor
-// for float32 results, truncation below 1e-8 relative; degree 3 fitted for least maximum relative error, 7.5e-5,
-// when the probabilities are rounded to bfloat16, whose own rounding is 2e-3: one FMA fewer per 16 scores in the
-// loop that bounds the bfloat16 forward), 2^n applied by vscalefps. Lanes below 2^-125 are
-// flushed to exactly 0 (so -inf, a masked score, gives 0): denormal results would cost a microcode assist of
-// ~100 cycles in every instruction that touches them. No clamping is needed: -inf and NaN only produce NaN in
-// lanes that are either zeroed or NaN anyway, +inf saturates (the lazy-rescale pass then redoes the row), and
-// NaN stays NaN as in torch (it counts as live).
+// 2^x for the lanes in `keep` (others 0): x = n + f with n = floor(x), f in [0, 1) by one vreduceps, 2^f by a
+// polynomial in f and 2^n applied by vscalefps, which itself scales by 2^floor(x), so n is never formed (two
+// uops fewer per 16 scores than roundscale + subtract, in the loop that bounds the bfloat16 forward). The
+// polynomials are sqrt(2) * p(f - 1/2) of polynomials for |g| <= 1/2, expanded in f: degree 7 Taylor for float32
+// results (8.5e-8 relative), degree 3 fitted for least maximum relative error (7.5e-5) when the probabilities are
+// rounded to bfloat16, whose own rounding is 2e-3. Lanes below 2^-125 are flushed to exactly 0 (so -inf, a masked
+// score, gives 0): denormal results would cost a microcode assist of ~100 cycles in every instruction that
+// touches them. No clamping is needed: -inf and NaN only produce NaN in lanes that are either zeroed or NaN
+// anyway, a large finite x gives +inf (the lazy-rescale pass then redoes the row), and NaN stays NaN as in torch
+// (it counts as live).
 template <int Degree>
 SDPAX_INLINE __m512 exp2_512(__m512 x, __mmask16 keep = 0xffff) {
   const __mmask16 live = keep & _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.f), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  constexpr float taylor[8] = {1.f, 0.6931471806f, 0.2402265070f, 0.0555041087f, 0.0096181291f, 0.0013333558f,
-                               0.0001540353f, 0.0000152527f};
-  constexpr float fit3[4] = {0.99992807f, 0.69326099f, 0.24261117f, 0.05517164f};
-  const float* c = Degree == 3 ? fit3 : taylor;
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // x - floor(x)
+  constexpr float taylor7[8] = {1.f,           0.69314730f,   0.24022573f,   0.055507198f,
+                                0.0096104881f, 0.0013453789f, 0.00014234180f, 2.1570575e-05f};
+  constexpr float fit3[4] = {0.99992526f, 0.69583344f, 0.22606729f, 0.078024484f};
+  const float* c = Degree == 3 ? fit3 : taylor7;
   __m512 p = _mm512_set1_ps(c[Degree]);
   for (int d = Degree - 1; d >= 0; --d) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[d]));
-  return _mm512_maskz_scalef_ps(live, p, n);
+  return _mm512_maskz_scalef_ps(live, p, x);
 }
 
 // Degree of exp2_512 for probabilities stored as C (float32, or bfloat16 for the AMX GEMMs).
