@@ -80,19 +80,20 @@ struct BwdKernel {
         for (int64_t e = 0; e < p.Ev; ++e) dl += orow[e] * grow[e];
         const float l = p.lse[(b * p.hq + h) * p.L + i];
         delta[g * p.L + i] = dl;
-        // A row that saw nothing has lse -inf; +inf makes every recomputed probability exp(s - inf) = 0.
-        lse[g * p.L + i] = l == kNegInf ? std::numeric_limits<float>::infinity() : l;
+        // Kept in log2 units (grad_row works there). A row that saw nothing has lse -inf; +inf makes every
+        // recomputed probability exp2(x - inf) = 0.
+        lse[g * p.L + i] = l == kNegInf ? std::numeric_limits<float>::infinity() : l * kLog2e;
         if (p.sinks && l != kNegInf) sink_term += std::exp(p.sinks[h] - l) * dl;
       }
       if (p.dsinks_bh && write_sinks) p.dsinks_bh[b * p.hq + h] = -sink_term;
     }
   }
 
-  // One key row of the transposed tile: P^T = exp(S^T * scale + bias + key_bias - lse) (zero before column r0, the causal
-  // start), P_drop^T = P^T * keep factors, dS^T = P^T * (dP^T * factors - Delta), written as C with zero padding
-  // up to Mp.
+  // One key row of the transposed tile: P^T = exp(S^T * scale + bias + key_bias - lse) (zero before column r0, the
+  // causal start; lse2 is the log-sum-exp in log2 units), P_drop^T = P^T * keep factors, dS^T = P^T * (dP^T *
+  // factors - Delta), written as C with zero padding up to Mp.
   void grad_row(const float* srow, const float* dprow, const float* bias, float key_bias, const float* f,
-                const float* lse, const float* delta, int64_t r0, int64_t M, int64_t Mp, C* prow, C* dsrow) const {
+                const float* lse2, const float* delta, int64_t r0, int64_t M, int64_t Mp, C* prow, C* dsrow) const {
     std::fill(prow, prow + r0, C(0.f));
     std::fill(dsrow, dsrow + r0, C(0.f));
 #if defined(CPU_CAPABILITY_AVX512)
@@ -100,28 +101,37 @@ struct BwdKernel {
     const __m512 vkb = _mm512_set1_ps(key_bias * kLog2e);
     auto run = [&](auto hw_tag) {
       constexpr bool kHw = decltype(hw_tag)::value;
-      auto step = [&](int64_t r, __mmask16 k, auto full_tag) SDPAX_INLINE_LAMBDA {
-        constexpr bool kFull = decltype(full_tag)::value;
-        // log2 domain: x = s * scale * log2e + bias * log2e - lse * log2e
-        __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, srow + r), vs,
-                                   _mm512_mul_ps(_mm512_maskz_loadu_ps(k, lse + r), vl2e));
+      // (P_drop^T, dS^T) of rows [r, r + 16) in lanes k.
+      auto step = [&](int64_t r, __mmask16 k, __m512& pd, __m512& ds) SDPAX_INLINE_LAMBDA {
+        // log2 domain: x = s * scale * log2e + bias * log2e - lse2
+        __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, srow + r), vs, _mm512_maskz_loadu_ps(k, lse2 + r));
         if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, bias + r), vl2e, x);
         if (key_bias != 0.f) x = _mm512_add_ps(x, vkb);
         const __m512 pr = exp2_512<kExpDegree<C>>(x, k);
         __m512 dp = _mm512_maskz_loadu_ps(k, dprow + r);
-        __m512 pd = pr;
+        pd = pr;
         if (f) {
           const __m512 fv = _mm512_maskz_loadu_ps(k, f + r);
           pd = _mm512_mul_ps(pr, fv);
           dp = _mm512_mul_ps(dp, fv);
         }
-        const __m512 ds = _mm512_mul_ps(pr, _mm512_sub_ps(dp, _mm512_maskz_loadu_ps(k, delta + r)));
-        store_c<C, kHw>(prow + r, pd, kFull ? __mmask16(0xffff) : k);
-        store_c<C, kHw>(dsrow + r, ds, kFull ? __mmask16(0xffff) : k);
+        ds = _mm512_mul_ps(pr, _mm512_sub_ps(dp, _mm512_maskz_loadu_ps(k, delta + r)));
       };
       int64_t r = r0;
-      for (; r + 16 <= M; r += 16) step(r, 0xffff, std::true_type{});  // full chunks: no tail mask
-      if (r < M) step(r, tail_mask(M - r), std::false_type{});
+      for (; r + 32 <= M; r += 32) {  // full chunks: no tail mask, paired conversions
+        __m512 pd0, ds0, pd1, ds1;
+        step(r, 0xffff, pd0, ds0);
+        step(r + 16, 0xffff, pd1, ds1);
+        store2_c<C, kHw>(prow + r, pd0, pd1);
+        store2_c<C, kHw>(dsrow + r, ds0, ds1);
+      }
+      for (; r < M; r += 16) {
+        const __mmask16 k = tail_mask(M - r);
+        __m512 pd, ds;
+        step(r, k, pd, ds);
+        store_c<C, kHw>(prow + r, pd, k);
+        store_c<C, kHw>(dsrow + r, ds, k);
+      }
     };
     if (cpu_has_bf16()) {
       run(std::true_type{});
@@ -130,8 +140,8 @@ struct BwdKernel {
     }
 #else
     for (int64_t r = r0; r < M; ++r) {
-      const float x = srow[r] * p.scale + (bias ? bias[r] : 0.f) + key_bias - lse[r];
-      const float pr = std::exp(x);
+      const float x = (srow[r] * p.scale + (bias ? bias[r] : 0.f) + key_bias) * kLog2e - lse2[r];
+      const float pr = std::exp2(x);
       const float fr = f ? f[r] : 1.f;
       prow[r] = static_cast<C>(pr * fr);
       dsrow[r] = static_cast<C>(pr * (dprow[r] * fr - delta[r]));

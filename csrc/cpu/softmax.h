@@ -88,6 +88,21 @@ SDPAX_INLINE void store_c(C* dst, __m512 x, __mmask16 k) {
   }
 }
 
+// Two vectors to 32 consecutive elements: for bfloat16 with AVX512-BF16 one vcvtne2ps2bf16 converts both (2
+// cycles per 32 values, where vcvtneps2bf16 takes 2 per 16: the conversion was the largest single cost of the
+// bfloat16 softmax row).
+template <class C, bool HwBf16>
+SDPAX_INLINE void store2_c(C* dst, __m512 lo, __m512 hi) {
+  if constexpr (std::is_same_v<C, BF16> && HwBf16) {
+    __m512i h;
+    asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(h) : "v"(hi), "v"(lo));  // AT&T order: low half from %2
+    _mm512_storeu_si512(dst, h);
+  } else {
+    store_c<C, HwBf16>(dst, lo, 0xffff);
+    store_c<C, HwBf16>(dst + 16, hi, 0xffff);
+  }
+}
+
 SDPAX_INLINE __mmask16 tail_mask(int64_t rem) {
   return rem >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << rem) - 1);
 }
@@ -101,14 +116,15 @@ SDPAX_INLINE __mmask16 visible(const uint8_t* keep, int64_t j, __mmask16 k) {
 
 // exp2(x - m) of the visible columns into pout (times the dropout factors), their sum; vmax_shifted receives
 // the lane-wise max of x - m (the caller reduces it only when it needs the row max).
-template <class C, bool HwBf16>
+template <class C, bool HwBf16, bool Plain>
 SDPAX_INLINE float exp_pass(const float* s, const float* bias, const uint8_t* keep, const float* drop, int64_t lim,
                             __m512 vs, float m, C* pout, __m512& vmax_shifted) {
   constexpr int kDeg = kExpDegree<C>;
+  if constexpr (Plain) bias = nullptr, keep = nullptr, drop = nullptr;  // constants: the loop has no tests
   const __m512 neg_m = _mm512_set1_ps(-m), vl2e = _mm512_set1_ps(kLog2e);
   // Two independent (sum, max) chains: one chain's add / max latency would otherwise bound the loop.
   __m512 vsum0 = _mm512_setzero_ps(), vsum1 = vsum0, vmax0 = _mm512_set1_ps(kNegInf), vmax1 = vmax0;
-  auto step = [&](int64_t j, __mmask16 k, bool full, __m512& vsum, __m512& vmax) SDPAX_INLINE_LAMBDA {
+  auto step = [&](int64_t j, __mmask16 k, __m512& vsum, __m512& vmax) SDPAX_INLINE_LAMBDA {
     const __mmask16 kv = visible(keep, j, k);
     __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, s + j), vs, neg_m);
     if (bias) x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(kv, bias + j), vl2e, x);
@@ -116,24 +132,29 @@ SDPAX_INLINE float exp_pass(const float* s, const float* bias, const uint8_t* ke
     __m512 e = exp2_512<kDeg>(x, kv);
     vsum = _mm512_add_ps(vsum, e);
     if (drop) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(k, drop + j));
-    store_c<C, HwBf16>(pout + j, e, full ? __mmask16(0xffff) : k);
+    return e;
   };
   int64_t j = 0;
   for (; j + 32 <= lim; j += 32) {  // full chunks: no tail mask, two chains
-    step(j, 0xffff, true, vsum0, vmax0);
-    step(j + 16, 0xffff, true, vsum1, vmax1);
+    const __m512 e0 = step(j, 0xffff, vsum0, vmax0);
+    const __m512 e1 = step(j + 16, 0xffff, vsum1, vmax1);
+    store2_c<C, HwBf16>(pout + j, e0, e1);
   }
-  for (; j < lim; j += 16) step(j, tail_mask(lim - j), false, vsum0, vmax0);
+  for (; j < lim; j += 16) {
+    const __mmask16 k = tail_mask(lim - j);
+    store_c<C, HwBf16>(pout + j, step(j, k, vsum0, vmax0), k);
+  }
   vmax_shifted = _mm512_max_ps(vmax0, vmax1);
   return _mm512_reduce_add_ps(_mm512_add_ps(vsum0, vsum1));
 }
 
-template <class C, bool HwBf16>
+template <class C, bool HwBf16, bool Plain>
 SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, float scale2, const RowMask& mask,
                                     int64_t lim, const float* drop, float& m, float& l, C* pout) {
   lim = std::clamp<int64_t>(lim, 0, n);
-  const float* bias = mask.bias;
-  const uint8_t* keep = mask.keep;
+  const float* bias = Plain ? nullptr : mask.bias;
+  const uint8_t* keep = Plain ? nullptr : mask.keep;
+  if constexpr (Plain) drop = nullptr;
   const __m512 vs = _mm512_set1_ps(scale2);
   float row_max;
   // A row without a running max yet (its first visible tile) guesses one from its first 16 visible scores, so
@@ -147,7 +168,7 @@ SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, flo
   }
   if (guess != kNegInf && !std::isnan(guess)) {
     __m512 vmax;
-    const float sum = exp_pass<C, HwBf16>(s, bias, keep, drop, lim, vs, guess, pout, vmax);
+    const float sum = exp_pass<C, HwBf16, Plain>(s, bias, keep, drop, lim, vs, guess, pout, vmax);
     // The usual case: no score of this tile exceeds the running max by more than the lazy threshold.
     if (!_mm512_cmp_ps_mask(vmax, _mm512_set1_ps(kLazyRescale), _CMP_GT_OQ)) {
       std::fill(pout + lim, pout + npad, C(0.f));
@@ -176,7 +197,7 @@ SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, flo
     return 1.f;
   }
   __m512 unused;
-  const float sum = exp_pass<C, HwBf16>(s, bias, keep, drop, lim, vs, m_new, pout, unused);
+  const float sum = exp_pass<C, HwBf16, Plain>(s, bias, keep, drop, lim, vs, m_new, pout, unused);
   std::fill(pout + lim, pout + npad, C(0.f));
   const float alpha = m == kNegInf ? 0.f : std::exp2(m - m_new);
   l = l * alpha + sum;
@@ -203,10 +224,16 @@ template <class C>
 inline float softmax_row(const float* s, int64_t n, int64_t npad, float scale2, const RowMask& mask, int64_t lim,
                          const float* drop, float& m, float& l, C* pout) {
 #if defined(CPU_CAPABILITY_AVX512)
+  // No mask and no dropout (the common case) gets its own copy of the row loops, free of pointer tests.
+  const bool plain = !mask.bias && !mask.keep && !drop;
   if constexpr (std::is_same_v<C, BF16>) {
-    if (cpu_has_bf16()) return softmax_row_impl<BF16, true>(s, n, npad, scale2, mask, lim, drop, m, l, pout);
+    if (cpu_has_bf16()) {
+      if (plain) return softmax_row_impl<BF16, true, true>(s, n, npad, scale2, mask, lim, drop, m, l, pout);
+      return softmax_row_impl<BF16, true, false>(s, n, npad, scale2, mask, lim, drop, m, l, pout);
+    }
   }
-  return softmax_row_impl<C, false>(s, n, npad, scale2, mask, lim, drop, m, l, pout);
+  if (plain) return softmax_row_impl<C, false, true>(s, n, npad, scale2, mask, lim, drop, m, l, pout);
+  return softmax_row_impl<C, false, false>(s, n, npad, scale2, mask, lim, drop, m, l, pout);
 #else
   lim = std::clamp<int64_t>(lim, 0, n);
   float row_max = kNegInf;
