@@ -163,14 +163,15 @@ struct FwdMainloop {
     }
   }
 
-  // Normalises the rows and writes out and lse.
-  void finish(FwdLocal& loc, int64_t b, int64_t M, float* acc, const float* m, const float* l) const {
+  // Normalises the rows and writes out and lse (m and l are overwritten).
+  void finish(FwdLocal& loc, int64_t b, int64_t M, float* acc, float* m, float* l) const {
     for (int64_t r = 0; r < M; ++r) {
       const int64_t h = loc.row_h[r], i = loc.row_i[r];
       T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
-      p.lse[(b * p.hq + h) * p.L + i] =
-          finish_row(acc + r * p.Ev, p.Ev, m[r], l[r], p.sinks ? p.sinks + h : nullptr, out, p.out_st.c);
+      finish_row(acc + r * p.Ev, p.Ev, m[r], l[r], p.sinks ? p.sinks + h : nullptr, out, p.out_st.c);
     }
+    lse_rows(m, l, M);
+    for (int64_t r = 0; r < M; ++r) p.lse[(b * p.hq + loc.row_h[r]) * p.L + loc.row_i[r]] = l[r];
   }
 };
 
