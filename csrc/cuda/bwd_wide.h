@@ -83,15 +83,23 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   const int steps = q_tiles > 0 ? G * q_tiles : 0;
   const int last_key = min(j0 + BN, S) - 1;
 
+  // Tile loads: thread tid copies 16-byte chunk tid % kCpr of rows tid / kCpr + k * kRowsPer (fixed per thread,
+  // so the loop unrolls and the swizzled offsets are constants apart).
+  constexpr int kCpr = D / kVec, kRowsPer = NT / kCpr;
+  static_assert(NT % kCpr == 0 && kRowsPer % 8 == 0 && BM % kRowsPer == 0 && BN % kRowsPer == 0, "tile loads");
+  const int ld_r = tid / kCpr, ld_c = tid % kCpr;
   auto load_rows = [&](uint32_t dst, const void* base, int64_t off, const Strides4& st, int r0, int nrows,
                        int valid_rows, int cols, auto tile) {
     using Tile = decltype(tile);
-    const T* src0 = static_cast<const T*>(base) + off;
-    for (int idx = tid; idx < nrows * (D / kVec); idx += NT) {
-      const int r = idx / (D / kVec), c = idx % (D / kVec);
-      const bool ok = r0 + r < valid_rows && c * kVec < cols;
-      cp_async16(dst + Tile::offset(r, c), ok ? src0 + static_cast<int64_t>(r0 + r) * st.r + c * kVec : src0, ok);
+    const T* src0 = static_cast<const T*>(base) + off + static_cast<int64_t>(r0) * st.r;
+    const bool col_ok = ld_c * kVec < cols;
+#pragma unroll
+    for (int k = 0; k < Tile::kBytes / (NT * 16); ++k) {
+      const int r = ld_r + k * kRowsPer;
+      const bool ok = col_ok && r0 + r < valid_rows;
+      cp_async16(dst + Tile::offset(r, ld_c), ok ? src0 + static_cast<int64_t>(r) * st.r + ld_c * kVec : src0, ok);
     }
+    (void)nrows;
   };
   const int64_t k_off = b * p.k_st.b + static_cast<int64_t>(hk) * p.k_st.h;
   const int64_t v_off = b * p.v_st.b + static_cast<int64_t>(hk) * p.v_st.h;
@@ -117,6 +125,16 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   cp_async_commit();
 
   const bool dq_atomic = !p.deterministic;  // else bwd_dq_kernel computes dQ
+
+  // Lane addresses of every shared-memory operand (SmemTile::moved); the Q / dO ones move with the buffer.
+  const int qm = warp % Cfg::kQRows, c_begin = (warp / Cfg::kQRows) * QC;  // dQ: rows qm * 32, columns c_begin
+  const uint32_t lane_k = KTile::a_addr(sK, wk * 32, 0, lane);         // K / V as A of S^T / dP^T
+  const uint32_t lane_q = QTile::b_addr(sQ0, wn * WQ, 0, lane);        // Q / dO as B of S^T / dP^T
+  const uint32_t lane_ps = PTile::a_addr(sP, wk * 32, wn * WQ, lane);  // P^T / dS^T stores
+  const uint32_t lane_pa = PTile::a_addr(sP, wk * 32, 0, lane);        // P^T / dS^T as A of dV / dK
+  const uint32_t lane_qt = QTile::a_addr(sQ0, 0, wn * DC, lane);       // dO / Q as B of dV / dK
+  const uint32_t lane_st = PTile::b_addr(sS, 0, qm * 32, lane);        // dS as A of dQ (dS^T read transposed)
+  const uint32_t lane_kt = KTile::a_addr(sK, 0, c_begin, lane);        // K as B of dQ
   const float scale_log2 = p.scale * kLog2e;
 
   float acc_dk[2][DC / 8][4], acc_dv[2][DC / 8][4];  // [16-key m-tile][8-column n-tile]
@@ -138,8 +156,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     cp_async_commit();
 
     const bool need_elem = last_key >= row_limit(p, i0) || i0 + BM > L || j0 + BN > S;
-    const uint32_t sQ = sQ0 + buf * 2 * QTile::kBytes;
-    const uint32_t sdO = sQ + QTile::kBytes;
+    const uint32_t q_buf = buf * 2 * QTile::kBytes;  // dO is QTile::kBytes after Q
 
     // S^T = K Q^T and dP^T = V dO^T on this warp's 32 keys x WQ queries; one product after the other keeps only
     // one product's fragments live.
@@ -150,16 +167,16 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
       for (int n = 0; n < WQ / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) st[mt][n][e] = dpt[mt][n][e] = 0.f;
-    auto product = [&](float (&c)[2][WQ / 8][4], uint32_t sA, uint32_t sB) {
+    auto product = [&](float (&c)[2][WQ / 8][4], uint32_t a_base, uint32_t b_base) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         FragA<T> a[2];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) KTile::lda(a[mt], sA, wk * 32 + mt * 16, kk * 16, lane);
+        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt].r, KTile::moved(a_base, mt * 16, 2 * kk));
 #pragma unroll
         for (int np = 0; np < WQ / 16; ++np) {
           FragB<T> bb;
-          QTile::ldb(bb, sB, wn * WQ + np * 16, kk * 16, lane);
+          ldmatrix_x4(bb.r, QTile::moved(b_base, np * 16, 2 * kk));
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             mma(c[mt][2 * np], a[mt], bb, 0);
@@ -168,17 +185,19 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
         }
       }
     };
-    product(st, sK, sQ);
-    product(dpt, sV, sdO);
+    product(st, lane_k, lane_q + q_buf);
+    product(dpt, lane_k + KTile::kBytes, lane_q + q_buf + QTile::kBytes);
 
-    // P^T = exp2(S^T * scale - lse), dS^T = P^T o (dP^T - Delta), the same operations as bwd_kernel.
+    // P^T = exp2(S^T * scale - lse), dS^T = P^T o (dP^T - Delta) (one FFMA before the exp2).
 #pragma unroll
     for (int n = 0; n < WQ / 8; ++n) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int r = wn * WQ + n * 8 + 2 * t + c;
         const int i = i0 + r;
+        // A row with no allowed key has lse = -inf: its P must be 0, not exp2(-inf + inf); +inf here gives 0.
         const float lse = sLse[buf * BM + r], delta = sDelta[buf * BM + r];
+        const float lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
         const int lim = i < L ? row_limit(p, i) : 0;  // past L: no key (those rows are zero-padded)
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
@@ -186,10 +205,9 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
           for (int hf = 0; hf < 2; ++hf) {
             const int e = 2 * hf + c;
             const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
-            float s = st[mt][n][e] * scale_log2;
-            if (need_elem && j >= lim) s = -INFINITY;
-            // A row with no allowed key has lse = -inf: its P must be 0, not exp2(-inf + inf).
-            const float pr = lse == -INFINITY ? 0.f : exp2f(s - lse * kLog2e);
+            float x = st[mt][n][e] * scale_log2 - lse2;
+            if (need_elem && j >= lim) x = -INFINITY;
+            const float pr = exp2f(x);
             st[mt][n][e] = pr;
             dpt[mt][n][e] = pr * (dpt[mt][n][e] - delta);
           }
@@ -204,8 +222,13 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
         FragA<T> ap, as;
         a_from_c(ap, st[mt][2 * kk], st[mt][2 * kk + 1]);
         a_from_c(as, dpt[mt][2 * kk], dpt[mt][2 * kk + 1]);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        stmatrix_x4(ap.r, PTile::moved(lane_ps, mt * 16, 2 * kk));
+        stmatrix_x4(as.r, PTile::moved(lane_ps, mt * 16, 2 * kk) + PTile::kBytes);
+#else
         PTile::sta(ap, sP, wk * 32 + mt * 16, wn * WQ + kk * 16, lane);
         PTile::sta(as, sS, wk * 32 + mt * 16, wn * WQ + kk * 16, lane);
+#endif
       }
     __syncthreads();
 
@@ -215,14 +238,14 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
       FragA<T> ap[2], as[2];
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
-        PTile::lda(ap[mt], sP, wk * 32 + mt * 16, kk * 16, lane);
-        PTile::lda(as[mt], sS, wk * 32 + mt * 16, kk * 16, lane);
+        ldmatrix_x4(ap[mt].r, PTile::moved(lane_pa, mt * 16, 2 * kk));
+        ldmatrix_x4(as[mt].r, PTile::moved(lane_pa, mt * 16, 2 * kk) + PTile::kBytes);
       }
 #pragma unroll
       for (int dn = 0; dn < DC / 16; ++dn) {
         FragB<T> bd, bq;
-        QTile::ldb_t(bd, sdO, kk * 16, wn * DC + dn * 16, lane);
-        QTile::ldb_t(bq, sQ, kk * 16, wn * DC + dn * 16, lane);
+        ldmatrix_x4_trans(bd.r, QTile::moved(lane_qt + q_buf, kk * 16, 2 * dn) + QTile::kBytes);
+        ldmatrix_x4_trans(bq.r, QTile::moved(lane_qt + q_buf, kk * 16, 2 * dn));
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           mma(acc_dv[mt][2 * dn], ap[mt], bd, 0);
@@ -235,7 +258,6 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
 
     // dQ (BM x E) += dS (BM x BN) K (BN x E) on 32 rows x QC columns per warp, then float2 atomics.
     if (dq_atomic) {
-      const int qm = warp % Cfg::kQRows, c_begin = (warp / Cfg::kQRows) * QC;
       if (c_begin < E) {
         float acc_dq[2][QC / 8][4];
 #pragma unroll
@@ -248,11 +270,11 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
         for (int kk = 0; kk < BN / 16; ++kk) {
           FragA<T> a[2];
 #pragma unroll
-          for (int mt = 0; mt < 2; ++mt) PTile::lda_t(a[mt], sS, kk * 16, qm * 32 + mt * 16, lane);
+          for (int mt = 0; mt < 2; ++mt) ldmatrix_x4_trans(a[mt].r, PTile::moved(lane_st, kk * 16, 2 * mt));
 #pragma unroll
           for (int dn = 0; dn < QC / 16; ++dn) {
             FragB<T> bk;
-            KTile::ldb_t(bk, sK, kk * 16, c_begin + dn * 16, lane);
+            ldmatrix_x4_trans(bk.r, KTile::moved(lane_kt, kk * 16, 2 * dn));
 #pragma unroll
             for (int mt = 0; mt < 2; ++mt) {
               mma(acc_dq[mt][2 * dn], a[mt], bk, 0);

@@ -328,6 +328,14 @@ struct SmemTile {
       ldmatrix_x4_trans(a.r, b_addr(base, k0, m0, lane));
     }
   }
+  // Loops that keep one lane address per operand: lane_addr = a_addr / b_addr at a row that is a multiple of 8 in
+  // a tile at a 128-byte aligned base with at least 8 chunks per row. The operand dr rows further (a multiple of 8)
+  // and dc chunks further, where dc shares no bit below 8 with the lane's chunk, is then one XOR and one immediate
+  // away: the row's swizzle bits stay, and the chunk's low bits add without carry.
+  __device__ __forceinline__ static uint32_t moved(uint32_t lane_addr, int dr, int dc) {
+    static_assert(kSwz == 7, "moved: at least 8 chunks per row");
+    return (lane_addr ^ static_cast<uint32_t>((dc & 7) << 4)) + static_cast<uint32_t>(((dc & ~7) + dr * kChunks) * 16);
+  }
   // A 16-bit A fragment written back as the 16x16 block at (r0, c0), stored [m][k] (the inverse of lda).
   __device__ __forceinline__ static void sta(const FragA<T>& a, uint32_t base, int r0, int c0, int lane) {
     static_assert(!kF32, "sta: 16-bit tiles only");
