@@ -78,6 +78,9 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     const int64_t first = static_cast<int64_t>(j0) - shift;
     i_begin = static_cast<int>(first < 0 ? 0 : (first > L ? L : first));
   }
+  // row_limit(p, i) = min(i + lim_shift, S) for every kind of alignment.
+  const int64_t lim_shift = p.causal == Causal::None ? p.S
+                            : 1 + (p.causal == Causal::LowerRight ? p.S - p.L : 0);
   const int q_first = i_begin / BM;
   const int q_tiles = (L + BM - 1) / BM - q_first;
   const int steps = q_tiles > 0 ? G * q_tiles : 0;
@@ -135,6 +138,8 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   const uint32_t lane_qt = QTile::a_addr(sQ0, 0, wn * DC, lane);       // dO / Q as B of dV / dK
   const uint32_t lane_st = PTile::b_addr(sS, 0, qm * 32, lane);        // dS as A of dQ (dS^T read transposed)
   const uint32_t lane_kt = KTile::a_addr(sK, 0, c_begin, lane);        // K as B of dQ
+  const int64_t dq_row8 = 8 * p.E;                                      // dq_accum: 8 rows
+  const int dq_cols = max(0, min(QC / 8, (E - c_begin - 2 * t + 7) / 8));  // n-tiles with column < E
   const float scale_log2 = p.scale * kLog2e;
 
   float acc_dk[2][DC / 8][4], acc_dv[2][DC / 8][4];  // [16-key m-tile][8-column n-tile]
@@ -188,26 +193,38 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     product(st, lane_k, lane_q + q_buf);
     product(dpt, lane_k + KTile::kBytes, lane_q + q_buf + QTile::kBytes);
 
+    // Causal / bounds: S^T = -inf where key j is past row i's limit (rows past L see no key; they are zero-padded).
+    // Only tiles that cross a limit pay for the tests.
+    if (need_elem) {
+#pragma unroll
+      for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
+          const int64_t lim = i < L ? min(i + lim_shift, static_cast<int64_t>(S)) : 0;
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf)
+              if (j0 + wk * 32 + mt * 16 + hf * 8 + g >= lim) st[mt][n][2 * hf + c] = -INFINITY;
+        }
+    }
+
     // P^T = exp2(S^T * scale - lse), dS^T = P^T o (dP^T - Delta) (one FFMA before the exp2).
 #pragma unroll
     for (int n = 0; n < WQ / 8; ++n) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int r = wn * WQ + n * 8 + 2 * t + c;
-        const int i = i0 + r;
         // A row with no allowed key has lse = -inf: its P must be 0, not exp2(-inf + inf); +inf here gives 0.
         const float lse = sLse[buf * BM + r], delta = sDelta[buf * BM + r];
         const float lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
-        const int lim = i < L ? row_limit(p, i) : 0;  // past L: no key (those rows are zero-padded)
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             const int e = 2 * hf + c;
-            const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
-            float x = st[mt][n][e] * scale_log2 - lse2;
-            if (need_elem && j >= lim) x = -INFINITY;
-            const float pr = exp2f(x);
+            const float pr = exp2f(st[mt][n][e] * scale_log2 - lse2);
             st[mt][n][e] = pr;
             dpt[mt][n][e] = pr * (dpt[mt][n][e] - delta);
           }
@@ -282,27 +299,32 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
             }
           }
         }
+        // Rows i_q + 8 r (r = 2 mt + hf), columns c_begin + 2t + 8 dn: one pointer, offsets of whole rows. A warp
+        // whose rows and columns are all in bounds adds without tests (no branch around each atomic).
+        const int i_q = i0 + qm * 32 + g;
+        float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c_begin + 2 * t;
+        auto add_dq = [&](auto guarded) {
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+          for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int i = i0 + qm * 32 + mt * 16 + hf * 8 + g;
-            if (i >= L) continue;
-            float* dq = p.dq_accum + (bh * p.L + i) * p.E;
+            for (int hf = 0; hf < 2; ++hf) {
+              if (decltype(guarded)::value && i_q + mt * 16 + hf * 8 >= L) continue;
+              float* dq = dq0 + (2 * mt + hf) * dq_row8;
 #pragma unroll
-            for (int dn = 0; dn < QC / 8; ++dn) {
-              const int c = c_begin + dn * 8 + 2 * t;
-              if (c < E) {
+              for (int dn = 0; dn < QC / 8; ++dn) {
+                if (decltype(guarded)::value && dn >= dq_cols) continue;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-                atomicAdd(reinterpret_cast<float2*>(dq + c),
+                atomicAdd(reinterpret_cast<float2*>(dq + dn * 8),
                           make_float2(acc_dq[mt][dn][hf * 2], acc_dq[mt][dn][hf * 2 + 1]));
 #else
-                atomicAdd(dq + c, acc_dq[mt][dn][hf * 2]);
-                atomicAdd(dq + c + 1, acc_dq[mt][dn][hf * 2 + 1]);
+                atomicAdd(dq + dn * 8, acc_dq[mt][dn][hf * 2]);
+                atomicAdd(dq + dn * 8 + 1, acc_dq[mt][dn][hf * 2 + 1]);
 #endif
               }
             }
-          }
+        };
+        if (i_q + 24 < L && dq_cols == QC / 8) add_dq(std::false_type{});
+        else add_dq(std::true_type{});
       }
     }
   }
