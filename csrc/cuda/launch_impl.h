@@ -1,6 +1,7 @@
 // Launch code of one variant; included only by the generated per-variant translation units.
 #pragma once
 #include "cuda/bwd_kernel.h"
+#include "cuda/bwd_wide.h"
 #include "cuda/fwd_kernel.h"
 #include "cuda/launch.h"
 
@@ -31,12 +32,22 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
   bwd_delta_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(p, const_cast<float*>(p.delta));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  auto kernel = bwd_kernel<T, D, kGeneral>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
-  if (err != cudaSuccess) return err;
-  const int64_t n_blocks = (p.S + Cfg::kBN - 1) / Cfg::kBN;
-  const dim3 grid(static_cast<unsigned>(n_blocks * p.batch * p.hkv));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+  // Main loop: the wide-tile kernel where its table says so (bwd_wide.h), else bwd_kernel. Both take one block
+  // per (key block, batch * kv head).
+  if constexpr (BwdWideCfg<T, D, kGeneral>::kUse) {
+    using WCfg = BwdWideCfg<T, D, kGeneral>;
+    auto kernel = bwd_wide_kernel<T, D, kGeneral>;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WCfg::kSmem);
+    if (err != cudaSuccess) return err;
+    const int64_t n_blocks = (p.S + WCfg::kBN - 1) / WCfg::kBN;
+    kernel<<<static_cast<unsigned>(n_blocks * p.batch * p.hkv), WCfg::kThreads, WCfg::kSmem, stream>>>(p);
+  } else {
+    auto kernel = bwd_kernel<T, D, kGeneral>;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+    if (err != cudaSuccess) return err;
+    const int64_t n_blocks = (p.S + Cfg::kBN - 1) / Cfg::kBN;
+    kernel<<<static_cast<unsigned>(n_blocks * p.batch * p.hkv), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+  }
   err = cudaGetLastError();
   if (err != cudaSuccess || !p.deterministic) return err;
   // Deterministic mode: dQ from its own pass (bwd_kernel skipped the atomics).

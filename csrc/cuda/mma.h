@@ -141,6 +141,18 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
                : "r"(addr));
 }
 
+// The inverse of ldmatrix_x4 (sm90): lane l gives the row address of matrix l / 8, register k holds matrix k's
+// elements (l / 4, 2 (l % 4) ..+1), which is the C / A fragment layout.
+__device__ __forceinline__ void stmatrix_x4(const uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]),
+               "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
+__device__ __forceinline__ void sts_u32(uint32_t addr, uint32_t x) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(x) : "memory");
+}
+
 __device__ __forceinline__ float lds_f32(uint32_t addr) {
   float x;
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(x) : "r"(addr));
@@ -315,6 +327,27 @@ struct SmemTile {
     } else {
       ldmatrix_x4_trans(a.r, b_addr(base, k0, m0, lane));
     }
+  }
+  // Loops that keep one lane address per operand: lane_addr = a_addr / b_addr at a row that is a multiple of 8 in
+  // a tile at a 128-byte aligned base with at least 8 chunks per row. The operand dr rows further (a multiple of 8)
+  // and dc chunks further, where dc shares no bit below 8 with the lane's chunk, is then one XOR and one immediate
+  // away: the row's swizzle bits stay, and the chunk's low bits add without carry.
+  __device__ __forceinline__ static uint32_t moved(uint32_t lane_addr, int dr, int dc) {
+    static_assert(kSwz == 7, "moved: at least 8 chunks per row");
+    return (lane_addr ^ static_cast<uint32_t>((dc & 7) << 4)) + static_cast<uint32_t>(((dc & ~7) + dr * kChunks) * 16);
+  }
+  // A 16-bit A fragment written back as the 16x16 block at (r0, c0), stored [m][k] (the inverse of lda).
+  __device__ __forceinline__ static void sta(const FragA<T>& a, uint32_t base, int r0, int c0, int lane) {
+    static_assert(!kF32, "sta: 16-bit tiles only");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    stmatrix_x4(a.r, a_addr(base, r0, c0, lane));
+#else
+    const int g = lane >> 2, c = c0 + 2 * (lane & 3);
+    sts_u32(base + elem(r0 + g, c), a.r[0]);
+    sts_u32(base + elem(r0 + g + 8, c), a.r[1]);
+    sts_u32(base + elem(r0 + g, c + 8), a.r[2]);
+    sts_u32(base + elem(r0 + g + 8, c + 8), a.r[3]);
+#endif
   }
   // Elements (row, col) and (row, col + 1), col even, rounded to T.
   __device__ __forceinline__ static void st2(unsigned char* base, int row, int col, float x, float y) {

@@ -1,0 +1,352 @@
+// Backward main loop with wide warp tiles: 16-bit operands, head dims <= 128, plain kind (no mask, no dropout).
+//
+// bwd_kernel (bwd_kernel.h) gives each warp 16 keys for the whole block and keeps P^T / dS^T in registers between
+// the products; every 16-key warp then re-reads all of Q and dO from shared memory per step, and the kernel is
+// bound by shared-memory reads and their latency (NOTES-cuda.md, "Backward speed"). Here the products of one step
+// use different warp tiles, each as square as the 8 warps allow, and P^T and dS^T travel through shared memory:
+//   S^T, dP^T (BN x BM):   4 (keys) x 2 (queries) warps of 32 keys x BM/2 queries
+//   dV, dK    (BN x D):    4 (keys) x 2 (columns) warps of 32 keys x D/2 columns (register accumulators)
+//   dQ        (BM x D):    BM/32 (rows) x (8 / (BM/32)) (columns) warps of 32 rows, float atomics
+// The sum over k of an m x n warp tile reads (m + n) / 16 ldmatrix per m n / 128 mma: 32 x 32 reads 0.5 per mma
+// where 16 x 64 reads 0.625, and the dK/dV products read 0.375 (d128) instead of 0.5. P^T and dS^T are written once
+// (stmatrix on sm90), and one block barrier after those stores serves both dK/dV and dQ, so a step still crosses
+// two barriers. Same block (128 keys, one per (key block, batch * kv head)), same query stream (double-buffered
+// Q / dO, lse, Delta through cp.async), same GQA summation order and deterministic-mode split as bwd_kernel.
+#pragma once
+#include "cuda/bwd_kernel.h"
+
+namespace sdpax {
+namespace cuda {
+
+template <class T, int D, bool kGeneral>
+struct BwdWideCfg {
+  // launch_impl.h runs bwd_wide_kernel instead of bwd_kernel where this holds.
+  static constexpr bool kUse = sizeof(T) == 2 && D <= 128 && !kGeneral;
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBN = 128;  // keys per block: 4 key warps x 32
+  // Queries per step. Registers at the S^T / dP^T products: dK + dV accumulators 32 x D / 32 x 2 per thread (128
+  // at d128, 64 at d64) plus S^T and dP^T of 32 x BM / 2 (BM at d128 64 -> 64, d64 128 -> 128): ~192 either way.
+  static constexpr int kBM = D <= 64 ? 128 : 64;
+  static constexpr int kWQ = kBM / 2;                  // S^T / dP^T queries per warp
+  static constexpr int kDc = D / 2;                    // dK / dV columns per warp
+  static constexpr int kQRows = kBM / 32;              // dQ: warps along rows (32 rows each)
+  static constexpr int kQc = D / (kWarps / kQRows);    // dQ: columns per warp
+  static_assert(kQc % 16 == 0, "dQ warp tile needs whole 16-column B fragments");
+  // K, V, 2 x (Q, dO), P^T, dS^T; lse and Delta
+  static constexpr int kSmem =
+      (2 * kBN * D + 4 * kBM * D + 2 * kBN * kBM) * static_cast<int>(sizeof(T)) + 2 * 2 * kBM * 4;
+};
+
+template <class T, int D, bool kGeneral>
+__global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
+    bwd_wide_kernel(const __grid_constant__ AttnParams p) {
+  using Cfg = BwdWideCfg<T, D, kGeneral>;
+  static_assert(Cfg::kUse, "wide backward: 16-bit, head dim <= 128, plain kind");
+  constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kThreads, WQ = Cfg::kWQ, DC = Cfg::kDc;
+  constexpr int QC = Cfg::kQc;
+  using KTile = SmemTile<BN, D, T>;
+  using QTile = SmemTile<BM, D, T>;
+  using PTile = SmemTile<BN, BM, T>;  // P^T and dS^T: rows = keys, columns = queries
+  constexpr int kVec = KTile::kVec;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t sK = smem_u32(smem);
+  const uint32_t sV = sK + KTile::kBytes;
+  const uint32_t sQ0 = sV + KTile::kBytes;      // Q buffers at sQ0 + buf * 2 * QTile::kBytes, dO after each
+  const uint32_t sP = sQ0 + 4 * QTile::kBytes;
+  const uint32_t sS = sP + PTile::kBytes;
+  float* sLse = reinterpret_cast<float*>(smem + 2 * KTile::kBytes + 4 * QTile::kBytes + 2 * PTile::kBytes);
+  float* sDelta = sLse + 2 * BM;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int wk = warp % 4;  // keys [wk * 32, wk * 32 + 32) of the block in S^T / dP^T and in dK / dV
+  const int wn = warp / 4;  // queries [wn * WQ, + WQ) of the step in S^T / dP^T; columns [wn * DC, + DC) of dK / dV
+  const int G = static_cast<int>(p.hq / p.hkv);
+  const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+  const int n_blocks = (S + BN - 1) / BN;
+  const int n_block = static_cast<int>(blockIdx.x % n_blocks);
+  const int64_t bhk = blockIdx.x / n_blocks;
+  const int64_t b = bhk / p.hkv;
+  const int hk = static_cast<int>(bhk % p.hkv);
+  const int j0 = n_block * BN;
+
+  // Query rows that can see key j0 or later: i + 1 + shift > j0 under causal alignment.
+  int i_begin = 0;
+  if (p.causal != Causal::None) {
+    const int64_t shift = p.causal == Causal::LowerRight ? p.S - p.L : 0;
+    const int64_t first = static_cast<int64_t>(j0) - shift;
+    i_begin = static_cast<int>(first < 0 ? 0 : (first > L ? L : first));
+  }
+  // row_limit(p, i) = min(i + lim_shift, S) for every kind of alignment.
+  const int64_t lim_shift = p.causal == Causal::None ? p.S
+                            : 1 + (p.causal == Causal::LowerRight ? p.S - p.L : 0);
+  const int q_first = i_begin / BM;
+  const int q_tiles = (L + BM - 1) / BM - q_first;
+  const int steps = q_tiles > 0 ? G * q_tiles : 0;
+  const int last_key = min(j0 + BN, S) - 1;
+
+  // Tile loads: thread tid copies 16-byte chunk tid % kCpr of rows tid / kCpr + k * kRowsPer (fixed per thread,
+  // so the loop unrolls and the swizzled offsets are constants apart).
+  constexpr int kCpr = D / kVec, kRowsPer = NT / kCpr;
+  static_assert(NT % kCpr == 0 && kRowsPer % 8 == 0 && BM % kRowsPer == 0 && BN % kRowsPer == 0, "tile loads");
+  const int ld_r = tid / kCpr, ld_c = tid % kCpr;
+  auto load_rows = [&](uint32_t dst, const void* base, int64_t off, const Strides4& st, int r0, int nrows,
+                       int valid_rows, int cols, auto tile) {
+    using Tile = decltype(tile);
+    const T* src0 = static_cast<const T*>(base) + off + static_cast<int64_t>(r0) * st.r;
+    const bool col_ok = ld_c * kVec < cols;
+#pragma unroll
+    for (int k = 0; k < Tile::kBytes / (NT * 16); ++k) {
+      const int r = ld_r + k * kRowsPer;
+      const bool ok = col_ok && r0 + r < valid_rows;
+      cp_async16(dst + Tile::offset(r, ld_c), ok ? src0 + static_cast<int64_t>(r) * st.r + ld_c * kVec : src0, ok);
+    }
+    (void)nrows;
+  };
+  const int64_t k_off = b * p.k_st.b + static_cast<int64_t>(hk) * p.k_st.h;
+  const int64_t v_off = b * p.v_st.b + static_cast<int64_t>(hk) * p.v_st.h;
+  load_rows(sK, p.k, k_off, p.k_st, j0, BN, S, E, KTile{});
+  load_rows(sV, p.v, v_off, p.v_st, j0, BN, S, Ev, KTile{});
+
+  auto step_head = [&](int step) { return hk * G + step / q_tiles; };
+  auto step_i0 = [&](int step) { return (q_first + step % q_tiles) * BM; };
+  auto load_q = [&](int step, int buf) {
+    const int h = step_head(step), i0 = step_i0(step);
+    const uint32_t q_dst = sQ0 + buf * 2 * QTile::kBytes;
+    load_rows(q_dst, p.q, b * p.q_st.b + static_cast<int64_t>(h) * p.q_st.h, p.q_st, i0, BM, L, E, QTile{});
+    load_rows(q_dst + QTile::kBytes, p.dout, b * p.dout_st.b + static_cast<int64_t>(h) * p.dout_st.h, p.dout_st,
+              i0, BM, L, Ev, QTile{});
+    const int64_t row0 = (b * p.hq + h) * p.L + i0;
+    for (int r = tid; r < BM; r += NT) {
+      const bool ok = i0 + r < L;
+      cp_async4(smem_u32(sLse + buf * BM + r), ok ? p.lse + row0 + r : p.lse, ok);
+      cp_async4(smem_u32(sDelta + buf * BM + r), ok ? p.delta + row0 + r : p.delta, ok);
+    }
+  };
+  if (steps > 0) load_q(0, 0);
+  cp_async_commit();
+
+  const bool dq_atomic = !p.deterministic;  // else bwd_dq_kernel computes dQ
+
+  // Lane addresses of every shared-memory operand (SmemTile::moved); the Q / dO ones move with the buffer.
+  const int qm = warp % Cfg::kQRows, c_begin = (warp / Cfg::kQRows) * QC;  // dQ: rows qm * 32, columns c_begin
+  const uint32_t lane_k = KTile::a_addr(sK, wk * 32, 0, lane);         // K / V as A of S^T / dP^T
+  const uint32_t lane_q = QTile::b_addr(sQ0, wn * WQ, 0, lane);        // Q / dO as B of S^T / dP^T
+  const uint32_t lane_ps = PTile::a_addr(sP, wk * 32, wn * WQ, lane);  // P^T / dS^T stores
+  const uint32_t lane_pa = PTile::a_addr(sP, wk * 32, 0, lane);        // P^T / dS^T as A of dV / dK
+  const uint32_t lane_qt = QTile::a_addr(sQ0, 0, wn * DC, lane);       // dO / Q as B of dV / dK
+  const uint32_t lane_st = PTile::b_addr(sS, 0, qm * 32, lane);        // dS as A of dQ (dS^T read transposed)
+  const uint32_t lane_kt = KTile::a_addr(sK, 0, c_begin, lane);        // K as B of dQ
+  const int64_t dq_row8 = 8 * p.E;                                      // dq_accum: 8 rows
+  const int dq_cols = max(0, min(QC / 8, (E - c_begin - 2 * t + 7) / 8));  // n-tiles with column < E
+  const float scale_log2 = p.scale * kLog2e;
+
+  float acc_dk[2][DC / 8][4], acc_dv[2][DC / 8][4];  // [16-key m-tile][8-column n-tile]
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int dn = 0; dn < DC / 8; ++dn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[mt][dn][e] = acc_dv[mt][dn][e] = 0.f;
+
+  for (int step = 0; step < steps; ++step) {
+    const int buf = step & 1;
+    const int h = step_head(step), i0 = step_i0(step);
+    const int64_t bh = b * p.hq + h;
+    // Also orders the previous step's reads of P^T / dS^T before this step's stores.
+    cp_async_wait<0>();
+    __syncthreads();
+    if (step + 1 < steps) load_q(step + 1, buf ^ 1);
+    cp_async_commit();
+
+    const bool need_elem = last_key >= row_limit(p, i0) || i0 + BM > L || j0 + BN > S;
+    const uint32_t q_buf = buf * 2 * QTile::kBytes;  // dO is QTile::kBytes after Q
+
+    // S^T = K Q^T and dP^T = V dO^T on this warp's 32 keys x WQ queries; one product after the other keeps only
+    // one product's fragments live.
+    float st[2][WQ / 8][4], dpt[2][WQ / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[mt][n][e] = dpt[mt][n][e] = 0.f;
+    auto product = [&](float (&c)[2][WQ / 8][4], uint32_t a_base, uint32_t b_base) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        FragA<T> a[2];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt].r, KTile::moved(a_base, mt * 16, 2 * kk));
+#pragma unroll
+        for (int np = 0; np < WQ / 16; ++np) {
+          FragB<T> bb;
+          ldmatrix_x4(bb.r, QTile::moved(b_base, np * 16, 2 * kk));
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma(c[mt][2 * np], a[mt], bb, 0);
+            mma(c[mt][2 * np + 1], a[mt], bb, 1);
+          }
+        }
+      }
+    };
+    product(st, lane_k, lane_q + q_buf);
+    product(dpt, lane_k + KTile::kBytes, lane_q + q_buf + QTile::kBytes);
+
+    // Causal / bounds: S^T = -inf where key j is past row i's limit (rows past L see no key; they are zero-padded).
+    // Only tiles that cross a limit pay for the tests.
+    if (need_elem) {
+#pragma unroll
+      for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
+          const int64_t lim = i < L ? min(i + lim_shift, static_cast<int64_t>(S)) : 0;
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf)
+              if (j0 + wk * 32 + mt * 16 + hf * 8 + g >= lim) st[mt][n][2 * hf + c] = -INFINITY;
+        }
+    }
+
+    // P^T = exp2(S^T * scale - lse), dS^T = P^T o (dP^T - Delta) (one FFMA before the exp2).
+#pragma unroll
+    for (int n = 0; n < WQ / 8; ++n) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int r = wn * WQ + n * 8 + 2 * t + c;
+        // A row with no allowed key has lse = -inf: its P must be 0, not exp2(-inf + inf); +inf here gives 0.
+        const float lse = sLse[buf * BM + r], delta = sDelta[buf * BM + r];
+        const float lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int e = 2 * hf + c;
+            const float pr = exp2f(st[mt][n][e] * scale_log2 - lse2);
+            st[mt][n][e] = pr;
+            dpt[mt][n][e] = pr * (dpt[mt][n][e] - delta);
+          }
+      }
+    }
+
+    // P^T and dS^T to shared memory (16-bit, as the A operands of dV / dK and, transposed, of dQ).
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int kk = 0; kk < WQ / 16; ++kk) {
+        FragA<T> ap, as;
+        a_from_c(ap, st[mt][2 * kk], st[mt][2 * kk + 1]);
+        a_from_c(as, dpt[mt][2 * kk], dpt[mt][2 * kk + 1]);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        stmatrix_x4(ap.r, PTile::moved(lane_ps, mt * 16, 2 * kk));
+        stmatrix_x4(as.r, PTile::moved(lane_ps, mt * 16, 2 * kk) + PTile::kBytes);
+#else
+        PTile::sta(ap, sP, wk * 32 + mt * 16, wn * WQ + kk * 16, lane);
+        PTile::sta(as, sS, wk * 32 + mt * 16, wn * WQ + kk * 16, lane);
+#endif
+      }
+    __syncthreads();
+
+    // dV += P^T dO, dK += dS^T Q on this warp's 32 keys x DC columns.
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      FragA<T> ap[2], as[2];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        ldmatrix_x4(ap[mt].r, PTile::moved(lane_pa, mt * 16, 2 * kk));
+        ldmatrix_x4(as[mt].r, PTile::moved(lane_pa, mt * 16, 2 * kk) + PTile::kBytes);
+      }
+#pragma unroll
+      for (int dn = 0; dn < DC / 16; ++dn) {
+        FragB<T> bd, bq;
+        ldmatrix_x4_trans(bd.r, QTile::moved(lane_qt + q_buf, kk * 16, 2 * dn) + QTile::kBytes);
+        ldmatrix_x4_trans(bq.r, QTile::moved(lane_qt + q_buf, kk * 16, 2 * dn));
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma(acc_dv[mt][2 * dn], ap[mt], bd, 0);
+          mma(acc_dv[mt][2 * dn + 1], ap[mt], bd, 1);
+          mma(acc_dk[mt][2 * dn], as[mt], bq, 0);
+          mma(acc_dk[mt][2 * dn + 1], as[mt], bq, 1);
+        }
+      }
+    }
+
+    // dQ (BM x E) += dS (BM x BN) K (BN x E) on 32 rows x QC columns per warp, then float2 atomics.
+    if (dq_atomic) {
+      if (c_begin < E) {
+        float acc_dq[2][QC / 8][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int dn = 0; dn < QC / 8; ++dn)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_dq[mt][dn][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          FragA<T> a[2];
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) ldmatrix_x4_trans(a[mt].r, PTile::moved(lane_st, kk * 16, 2 * mt));
+#pragma unroll
+          for (int dn = 0; dn < QC / 16; ++dn) {
+            FragB<T> bk;
+            ldmatrix_x4_trans(bk.r, KTile::moved(lane_kt, kk * 16, 2 * dn));
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+              mma(acc_dq[mt][2 * dn], a[mt], bk, 0);
+              mma(acc_dq[mt][2 * dn + 1], a[mt], bk, 1);
+            }
+          }
+        }
+        // Rows i_q + 8 r (r = 2 mt + hf), columns c_begin + 2t + 8 dn: one pointer, offsets of whole rows. A warp
+        // whose rows and columns are all in bounds adds without tests (no branch around each atomic).
+        const int i_q = i0 + qm * 32 + g;
+        float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c_begin + 2 * t;
+        auto add_dq = [&](auto guarded) {
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              if (decltype(guarded)::value && i_q + mt * 16 + hf * 8 >= L) continue;
+              float* dq = dq0 + (2 * mt + hf) * dq_row8;
+#pragma unroll
+              for (int dn = 0; dn < QC / 8; ++dn) {
+                if (decltype(guarded)::value && dn >= dq_cols) continue;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+                atomicAdd(reinterpret_cast<float2*>(dq + dn * 8),
+                          make_float2(acc_dq[mt][dn][hf * 2], acc_dq[mt][dn][hf * 2 + 1]));
+#else
+                atomicAdd(dq + dn * 8, acc_dq[mt][dn][hf * 2]);
+                atomicAdd(dq + dn * 8 + 1, acc_dq[mt][dn][hf * 2 + 1]);
+#endif
+              }
+            }
+        };
+        if (i_q + 24 < L && dq_cols == QC / 8) add_dq(std::false_type{});
+        else add_dq(std::true_type{});
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // dK (scaled) and dV of this warp's 32 keys and DC columns.
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
+      if (j >= S) continue;
+      T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + static_cast<int64_t>(hk) * p.dk_st.h + int64_t(j) * p.dk_st.r;
+      T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + static_cast<int64_t>(hk) * p.dv_st.h + int64_t(j) * p.dv_st.r;
+#pragma unroll
+      for (int dn = 0; dn < DC / 8; ++dn) {
+        const int c = wn * DC + dn * 8 + 2 * t;
+        if (c < E) st2<T>(dk + c, acc_dk[mt][dn][hf * 2] * p.scale, acc_dk[mt][dn][hf * 2 + 1] * p.scale);
+        if (c < Ev) st2<T>(dv + c, acc_dv[mt][dn][hf * 2], acc_dv[mt][dn][hf * 2 + 1]);
+      }
+    }
+}
+
+}  // namespace cuda
+}  // namespace sdpax
