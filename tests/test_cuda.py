@@ -73,7 +73,7 @@ def assert_close(ours, golden, base, k=3.0, floor=2e-3, what="out", alt=None):
 
 
 # (k, output floor, gradient floor) of assert_close per dtype. float32: k = 3 over torch's own float32 error (the
-# split-TF32 kernels measure up to 2.9x it on these cases, L = 1 rows), and a floor of 1e-7, below torch's float32 error
+# split-TF32 kernels measure up to 2.9x it here, on L = 1 rows), and a floor of 1e-7, below torch's float32 error
 # everywhere it is not 0, for the cases where that is exactly 0 (one visible key: out = v): the split operands keep
 # 22 of float32's 24 mantissa bits (mma.h), so such an output still differs by ~4e-8. (Until the fresh per-k16
 # accumulator the kernels were at 4-29x torch's error, hidden by a floor of 1e-5.)
