@@ -11,6 +11,13 @@
 //     k8 step adds lo*hi + hi*lo + hi*hi (mma.m16n8k8.tf32) in fp32; the dropped lo*lo term is ~2^-22 relative, so
 //     the products have float32-level error (plain TF32 would be ~2^-11: not float32 attention) while running on
 //     tensor cores at a third of the TF32 rate, still several times what FFMA (SIMT) kernels reach.
+//     The six mma of a k16 step sum into a fresh zeroed accumulator, added into c with ordinary float adds. The
+//     tensor cores' float32 accumulation is not round-to-nearest (published measurements: addends aligned to the
+//     largest exponent, c included, and truncated), so chaining every mma through c costs a same-signed fraction of
+//     an ulp of |c| per mma; over the long chains (O += P V over the keys, dV and dK over the queries, and also S
+//     and dP over the head dim) that reached 4x torch's float32 error at L = 128 and 29x at L = 4096
+//     (benchmarks/NOTES-cuda.md). With a fresh accumulator the truncation is relative to one step's partial sum
+//     and c sees round-to-nearest adds only: measured 0.3-1.2x torch's RMS error, for about 4 FADD per 6 mma.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4), which the rest of the code relies on:
 //   A 16x16 (row-major):  a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 2t+8..)  a3 (g+8, 2t+8..)
@@ -203,12 +210,15 @@ __device__ __forceinline__ void mma(float (&c)[4], const FragA<T>& a, const Frag
   mma16816<T>(c, a.r, b.r[2 * h], b.r[2 * h + 1]);
 }
 __device__ __forceinline__ void mma(float (&c)[4], const FragA<float>& a, const FragB<float>& b, int h) {
+  float t[4] = {0.f, 0.f, 0.f, 0.f};  // this step's sum (see the top of the file: never chain mma through c)
 #pragma unroll
   for (int s = 0; s < 2; ++s) {  // small terms first; lo*lo is below float32 rounding
-    mma1688_tf32(c, a.lo[s], b.hi[h][s][0], b.hi[h][s][1]);
-    mma1688_tf32(c, a.hi[s], b.lo[h][s][0], b.lo[h][s][1]);
-    mma1688_tf32(c, a.hi[s], b.hi[h][s][0], b.hi[h][s][1]);
+    mma1688_tf32(t, a.lo[s], b.hi[h][s][0], b.hi[h][s][1]);
+    mma1688_tf32(t, a.hi[s], b.lo[h][s][0], b.lo[h][s][1]);
+    mma1688_tf32(t, a.hi[s], b.hi[h][s][0], b.hi[h][s][1]);
   }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) c[e] += t[e];
 }
 
 // The A fragment of a k16 step from the float C fragments of two neighbouring 16x8 n-tiles (P or dS kept in
