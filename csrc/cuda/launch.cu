@@ -124,7 +124,7 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
   // least 4 key tiles per split so the merge stays cheap.
   const int64_t target = (plan.kind == 2 ? 16 : 8) * static_cast<int64_t>(num_sms);
   const int64_t want = (target + blocks - 1) / blocks;
-  plan.num_splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, n_tiles / 4, 128})));
+  plan.num_splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, n_tiles / 4, int64_t(kMaxSplits)})));
   return plan;
 }
 

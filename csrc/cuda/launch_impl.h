@@ -20,9 +20,7 @@ cudaError_t run_fwd(const AttnParams& p, cudaStream_t stream) {
   kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
-  const int64_t all_rows = p.batch * p.hq * p.L;
-  merge_splits_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_merge<T>(p, stream);
 }
 
 template <class T, int D, bool kGeneral>
