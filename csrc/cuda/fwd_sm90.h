@@ -297,38 +297,60 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   // Scale, mask and online softmax of S in place (s then holds P in fp32, dropout applied); the factor that
   // rescales O is returned per row half and applied by the caller once O is no longer being accumulated into.
   auto softmax = [&](float (&s)[BN / 2], int tile, uint32_t bits, float (&alpha)[2]) {
-    // Elementwise causal tests only where some element of the tile can fail them.
     const int j0 = tile * BN;
-    const bool need_elem = j0 + BN > n_full;
+    // Scale to log2 units and apply this tile's per-element test. The kind of test is chosen once per tile and
+    // warp (uniform branches around straight-line code): a test chosen inside the element loop put branches and
+    // reconvergence points between the elements, and ptxas then ran them one after another (SASS of s7: ~10
+    // instructions and a BSSY/BSYNC per element, ~2400 static instructions per 64-key tile; the plain kind's
+    // tile is ~450 for 128 keys).
+    if (has_mask && !mask_staged) {
+      // Masks read from global memory element by element (additive, or bool rows not 16-byte aligned).
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int hf = i >> 1;
+          const int j = j0 + n * 8 + 2 * t + (i & 1);
+          float v = s[n * 4 + i] * scale_log2;
+          bool ok = j < row_lim[hf];
+          if (ok) {
+            const float bias = mask_bias(p, row_mask[hf] + j * p.mask_st.c);
+            ok = bias != -INFINITY;
+            if (p.mask_kind == MaskKind::Additive) v += bias * kLog2e;
+          }
+          s[n * 4 + i] = ok ? v : -INFINITY;
+        }
+      }
+    } else if (mask_staged && !__all_sync(0xffffffffu, bits == 0xffffffffu)) {
+      // Packed bits (causal and bounds included). A warp whose bits are all set takes the unmasked branch below:
+      // the common case for padding masks and for the inner tiles of block-structured masks.
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int bit = ((i >> 1) * (BN / 8) + n) * 2 + (i & 1);
+          s[n * 4 + i] = (bits >> bit) & 1u ? s[n * 4 + i] * scale_log2 : -INFINITY;
+        }
+      }
+    } else if (!mask_staged && j0 + BN > n_full) {
+      // Causal / bounds: only tiles that reach past the keys every row of the block may see.
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int j = j0 + n * 8 + 2 * t + (i & 1);
+          s[n * 4 + i] = j < row_lim[i >> 1] ? s[n * 4 + i] * scale_log2 : -INFINITY;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) s[i] *= scale_log2;
+    }
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int n = 0; n < BN / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = s[n * 4 + hf * 2 + e] * scale_log2;
-          const int j = j0 + n * 8 + 2 * t + e;
-          if (has_mask) {
-            bool ok;
-            if (mask_staged) {
-              ok = (bits >> ((hf * (BN / 8) + n) * 2 + e)) & 1;
-            } else {
-              ok = j < row_lim[hf];
-              if (ok) {
-                const float bias = mask_bias(p, row_mask[hf] + j * p.mask_st.c);
-                ok = bias != -INFINITY;
-                if (p.mask_kind == MaskKind::Additive) v += bias * kLog2e;
-              }
-            }
-            if (!ok) v = -INFINITY;
-          } else if (need_elem && j >= row_lim[hf]) {
-            v = -INFINITY;
-          }
-          s[n * 4 + hf * 2 + e] = v;
-          mx = fmaxf(mx, v);
-        }
-      }
+      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n * 4 + hf * 2], s[n * 4 + hf * 2 + 1]));
       mx = warp_max4(mx);
       const float m_new = fmaxf(m_run[hf], mx);
       // Fully-masked-so-far guard: with every logit -inf, shift by 0 so exp2 gives 0 rather than NaN.
