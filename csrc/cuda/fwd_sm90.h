@@ -25,6 +25,8 @@
 
 #include <cuda.h>  // CUtensorMap (a plain 128-byte struct; no driver call is made from here)
 
+#include <type_traits>
+
 namespace sdpax {
 namespace cuda {
 
@@ -79,6 +81,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   constexpr bool kGeneral = Cfg::kGeneral;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kConsumers, kStages = Cfg::kStages;
   static_assert(kKind == 0 || kKind == 1, "the sm90 main loop implements the plain and general kinds");
+  constexpr int kPathDefault = 0, kPathDropout = 1, kPathElementwise = 2;  // softmax paths (main_loop below)
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u;
   const uint32_t sK0 = sQ + QTile::kBytes;               // K stage s at sK0 + s * KTile::kBytes
@@ -340,14 +343,15 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   };
   // Scale, mask and online softmax of S in place (s then holds P in fp32, dropout applied); the factor that
   // rescales O is returned per row half and applied by the caller once O is no longer being accumulated into.
-  auto softmax = [&](float (&s)[BN / 2], int tile, const uint32_t (&bits)[2], float (&alpha)[2]) {
+  // kPath: a constant at every call (main_loop's template argument), folded once the call is inlined.
+  auto softmax = [&](const int kPath, float (&s)[BN / 2], int tile, const uint32_t (&bits)[2], float (&alpha)[2]) {
     const int j0 = tile * BN;
     // Scale to log2 units and apply this tile's per-element test. The kind of test is chosen once per tile and
     // warp (uniform branches around straight-line code): a test chosen inside the element loop put branches and
     // reconvergence points between the elements, and ptxas then ran them one after another (SASS of s7: ~10
     // instructions and a BSSY/BSYNC per element, ~2400 static instructions per 64-key tile; the plain kind's
     // tile is ~450 for 128 keys).
-    if (has_mask && !mask_staged) {
+    if (kPath == kPathElementwise) {
       // Masks read from global memory element by element (additive, or bool rows not 16-byte aligned). The row
       // offsets are recomputed here rather than kept live through the loop (registers).
       int64_t row_mask[2];
@@ -414,7 +418,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
         s[n * 4 + hf * 2] = p0;
         s[n * 4 + hf * 2 + 1] = p1;
       }
-      if (has_dropout) {
+      if (kPath == kPathDropout || (kPath == kPathElementwise && has_dropout)) {
         // Keys 8n + 2t + e use the random words of key group 2n + t / 2 (words 2(t & 1) + e), so lanes t and t ^ 1
         // need the same Philox block: each computes the one for n = 2m + (t & 1), keeps its half and hands the
         // other half to its partner (half the Philox work, the same words as Dropout::pair).
@@ -469,62 +473,80 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   // products. The steady-state loop has no data-dependent branch between a wgmma's issue and its wait: ptxas
   // tracks the in-flight groups through straight-line code only, and serializes every wgmma of the kernel (C7514)
   // when it cannot prove that the accumulators read after wait_group<1> belong to the completed group.
-  cp_async_commit();
-  cp_async_wait<0>();
-  fence_proxy_async();   // Q written by cp.async, read by wgmma
-  named_barrier(2, NT);  // every consumer's Q rows are in (id 1 is the producer's)
-  mbar_wait(bar_full0, 0);
-  int tile = tile_of_stage[0];
-  if (tile >= 0) {
-    float s[BN / 2];
-    uint32_t pa[BN / 16][4];
-    float alpha[2];
-    uint32_t bits[2] = {0u, 0u};
-    if (mask_staged) mask_bits(0, bits);
-    wgmma_fence();
-    issue_s(s, 0);
-    wgmma_wait<0>();
-    reg_fence(s);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(bar_empty0);  // this warp is done with K stage 0 (and its mask bits)
-    softmax(s, tile, bits, alpha);
-    to_a(s, pa);
-    int cur = 0;  // stage of the pending P V
-    int n = 1;    // published index of the tile whose Q K^T is next
-    for (;; ++n) {
-      const int st = cur + 1 == kStages ? 0 : cur + 1;
-      mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
-      tile = tile_of_stage[st];
-      if (tile < 0) break;
-      if (mask_staged) mask_bits(st, bits);
-      mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);  // published before K(nxt): almost always in
+  // The main loop is compiled once per softmax path, so that each loop holds only the code it runs (one loop with
+  // every path inline spanned ~75 KB of instructions, the cold paths' invariants hoisted into registers and
+  // spilled): kPathDefault (no mask, or a staged bool mask: the plain kind's only path), kPathDropout, and
+  // kPathElementwise (masks read from global memory element by element, with or without dropout).
+  auto main_loop = [&](auto path) {
+    constexpr int kPath = decltype(path)::value;
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();   // Q written by cp.async, read by wgmma
+    named_barrier(2, NT);  // every consumer's Q rows are in (id 1 is the producer's)
+    mbar_wait(bar_full0, 0);
+    int tile = tile_of_stage[0];
+    if (tile >= 0) {
+      float s[BN / 2];
+      uint32_t pa[BN / 16][4];
+      float alpha[2];
+      uint32_t bits[2] = {0u, 0u};
+      if (mask_staged) mask_bits(0, bits);
       wgmma_fence();
-      issue_s(s, st);
+      issue_s(s, 0);
+      wgmma_wait<0>();
+      reg_fence(s);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty0);  // this warp is done with K stage 0 (and its mask bits)
+      softmax(kPath, s, tile, bits, alpha);
+      to_a(s, pa);
+      int cur = 0;  // stage of the pending P V
+      int n = 1;    // published index of the tile whose Q K^T is next
+      for (;; ++n) {
+        const int st = cur + 1 == kStages ? 0 : cur + 1;
+        mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+        tile = tile_of_stage[st];
+        if (tile < 0) break;
+        if (mask_staged) mask_bits(st, bits);
+        mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);  // published before K(nxt): almost always in
+        wgmma_fence();
+        issue_s(s, st);
+        issue_pv(pa, cur);
+        wgmma_commit();
+        wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
+        reg_fence(s);
+        softmax(kPath, s, tile, bits, alpha);
+        wgmma_wait<0>();
+        reg_fence(acc_o);
+        reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
+        __syncwarp();
+        if (lane == 0) {  // this warp is done with K(nxt) (and its mask bits) and V(cur)
+          mbar_arrive(bar_empty0 + 8 * st);
+          mbar_arrive(bar_vempty0 + 8 * cur);
+        }
+        rescale_o(alpha);
+        to_a(s, pa);
+        cur = st;
+      }
+      // Last tile: P V only.
+      mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);
+      wgmma_fence();
       issue_pv(pa, cur);
       wgmma_commit();
-      wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
-      reg_fence(s);
-      softmax(s, tile, bits, alpha);
       wgmma_wait<0>();
       reg_fence(acc_o);
-      reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
-      __syncwarp();
-      if (lane == 0) {  // this warp is done with K(nxt) (and its mask bits) and V(cur)
-        mbar_arrive(bar_empty0 + 8 * st);
-        mbar_arrive(bar_vempty0 + 8 * cur);
-      }
-      rescale_o(alpha);
-      to_a(s, pa);
-      cur = st;
+      reg_fence_u32(pa);
     }
-    // Last tile: P V only.
-    mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);
-    wgmma_fence();
-    issue_pv(pa, cur);
-    wgmma_commit();
-    wgmma_wait<0>();
-    reg_fence(acc_o);
-    reg_fence_u32(pa);
+
+  };
+  if constexpr (kGeneral) {
+    if (has_mask && !mask_staged)
+      main_loop(std::integral_constant<int, kPathElementwise>{});
+    else if (has_dropout)
+      main_loop(std::integral_constant<int, kPathDropout>{});
+    else
+      main_loop(std::integral_constant<int, kPathDefault>{});
+  } else {
+    main_loop(std::integral_constant<int, kPathDefault>{});
   }
 
   // Epilogue: normalise, write the output (or this split's partial) and the log-sum-exp.
