@@ -55,8 +55,8 @@ struct FwdSm90Cfg {
   // Stages per ring (K and V alike): K(j + 1) and V(j) are in use during step j, the rest landing. Two stages of
   // each give every load one step to land; the general kind at d128 has room for no more beside its mask buffers.
   static constexpr int kStages = kGeneral && D == 128 ? 2 : 3;
-  // Bool mask, packed by the producer: per K stage and row, four 32-bit words, word t holding bit 2n + e = key
-  // 8n + 2t + e of the tile (the keys accumulator thread t of the row holds): one 4-byte load per row and tile.
+  // Bool mask, packed by the producer: per K stage and row, four 32-bit words in key order (bit k of word w = key
+  // 32w + k of the tile): one 16-byte load per row and tile; each consumer thread shifts its keys into place.
   static_assert(!kGeneral || kBN == 128, "the packed mask layout assumes 128-key tiles");
   static constexpr int kBitsBytes = kGeneral ? kBM * kBN / 8 : 0;
   // The producer's raw mask tiles (BM rows of BN bytes, cp.async), a ring of three scan slots.
@@ -200,6 +200,11 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
               const int bytes = max(0, min(16, lim - j));
               cp_async16_partial(sScan0 + slot * Cfg::kScanBytes + (ptid << 4), bytes > 0 ? mrow + j : m, bytes);
             }
+          } else if (tile * BN + BN <= lim) {  // the whole tile inside the row's bounds: no clamping
+#pragma unroll
+            for (int c = 0; c < kChunks; ++c)
+              cp_async16_partial(sScan0 + slot * Cfg::kScanBytes + row_off + ((c ^ sw) << 4),
+                                 mrow + tile * BN + c * 16, 16);
           } else {
 #pragma unroll
             for (int c = 0; c < kChunks; ++c) {
@@ -222,28 +227,25 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
         // end-of-tile barrier below, which every thread passes after reading it.)
         if (one_row) named_barrier(3, 128);
         const unsigned char* src = scan0 + slot * Cfg::kScanBytes + row_off;
-        bool any = false;
-        uint32_t word[4] = {0u, 0u, 0u, 0u};  // word[t]: bit 2n + e = key 8n + 2t + e (BN / 4 = 32 bits)
+        uint32_t word[4] = {0u, 0u, 0u, 0u};  // bit k of word w: key 32w + k of the tile
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
           const uint4 w = *reinterpret_cast<const uint4*>(src + ((c ^ sw) << 4));
-          any = any || (w.x | w.y | w.z | w.w) != 0;
-          // 0xff per allowed byte; chunk c holds keys 16c.. = n 2c (word 0, 1) and 2c + 1 (words 2, 3).
-          const uint32_t f[4] = {__vcmpne4(w.x, 0u), __vcmpne4(w.y, 0u), __vcmpne4(w.z, 0u), __vcmpne4(w.w, 0u)};
+          const uint32_t q[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-          for (int tt = 0; tt < 4; ++tt) {
-            // bytes (keys 16c + 2tt + e, 16c + 8 + 2tt + e) -> bits 4c + 0..3
-            uint32_t x = __byte_perm(f[tt >> 1], f[2 + (tt >> 1)], (tt & 1) ? 0x7632u : 0x5410u) & 0x08040201u;
-            x |= x >> 16;
-            x |= x >> 8;
-            word[tt] |= (x & 0xfu) << (4 * c);
+          for (int qq = 0; qq < 4; ++qq) {
+            // Bit 7 of each byte set iff the byte is nonzero (no carry crosses a byte: 0x7f + 0x7f < 0x100), then
+            // bits 7, 15, 23, 31 gathered into bits 28..31 by one multiply (the other partial products stay below
+            // bit 24): 6 instructions per 4 keys (the byte compare + permute it replaces took 11).
+            const uint32_t nz = (((q[qq] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[qq]) & 0x80808080u;
+            word[c >> 1] |= ((nz * 0x00204081u) >> 28) << (16 * (c & 1) + 4 * qq);
           }
         }
         if (one_row && pr >= rows) {  // rows past the end see no key (the per-row loads never load theirs)
-          any = false;
 #pragma unroll
-          for (int tt = 0; tt < 4; ++tt) word[tt] = 0u;
+          for (int ww = 0; ww < 4; ++ww) word[ww] = 0u;
         }
+        const bool any = (word[0] | word[1] | word[2] | word[3]) != 0u;
         if (!named_barrier_or(1, 128, any)) continue;  // no row of the block may see this tile: drop it
         const int st = n % kStages;
         if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
@@ -294,14 +296,20 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       cp_async16(sQ + QTile::offset(r, c), src, ok);
     }
   }
-  // Packed mask: one bit per element this thread holds (allowed: causal/bounds pass and the mask is true), bit
-  // 2n + e of word hf for key tile * BN + 8n + 2t + e of row half hf.
-  static_assert(!kGeneral || BN / 4 == 32, "a row half's mask bits fill one 32-bit word");
-  auto mask_bits = [&](int stage, uint32_t (&bits)[2]) {
-    const uint32_t* sm = reinterpret_cast<const uint32_t*>(smem_m0 + stage * Cfg::kBitsBytes);
+  // Packed mask of this thread's rows (allowed: causal/bounds pass and the mask is true), shifted right by 2t so
+  // that bit 8m + e of bits[hf][w] is key tile * BN + 32w + 8m + 2t + e of row half hf (accumulator n = 4w + m).
+  static_assert(!kGeneral || BN == 128, "four 32-bit mask words per row");
+  auto mask_bits = [&](int stage, uint32_t (&bits)[2][4]) {
+    const uint4* sm = reinterpret_cast<const uint4*>(smem_m0 + stage * Cfg::kBitsBytes);
     const int r = wg * 64 + wwarp * 16 + g;
-    bits[0] = sm[r * 4 + t];
-    bits[1] = sm[(r + 8) * 4 + t];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const uint4 w = sm[r + 8 * hf];
+      bits[hf][0] = w.x >> (2 * t);
+      bits[hf][1] = w.y >> (2 * t);
+      bits[hf][2] = w.z >> (2 * t);
+      bits[hf][3] = w.w >> (2 * t);
+    }
   };
 
   const bool with_sinks = p.sinks != nullptr && p.num_splits == 1;
@@ -344,7 +352,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   // Scale, mask and online softmax of S in place (s then holds P in fp32, dropout applied); the factor that
   // rescales O is returned per row half and applied by the caller once O is no longer being accumulated into.
   // kPath: a constant at every call (main_loop's template argument), folded once the call is inlined.
-  auto softmax = [&](const int kPath, float (&s)[BN / 2], int tile, const uint32_t (&bits)[2], float (&alpha)[2]) {
+  auto softmax = [&](const int kPath, float (&s)[BN / 2], int tile, const uint32_t (&bits)[2][4],
+                     float (&alpha)[2]) {
     const int j0 = tile * BN;
     // Scale to log2 units and apply this tile's per-element test. The kind of test is chosen once per tile and
     // warp (uniform branches around straight-line code): a test chosen inside the element loop put branches and
@@ -374,14 +383,16 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
           s[n * 4 + i] = ok ? v : -INFINITY;
         }
       }
-    } else if (mask_staged && !__all_sync(0xffffffffu, (bits[0] & bits[1]) == 0xffffffffu)) {
+    } else if (mask_staged && !__all_sync(0xffffffffu, (bits[0][0] & bits[0][1] & bits[0][2] & bits[0][3] & bits[1][0] &
+                                                         bits[1][1] & bits[1][2] & bits[1][3] & 0x03030303u) ==
+                                                            0x03030303u)) {
       // Packed bits (causal and bounds included). A warp whose bits are all set takes the unmasked branch below:
       // the common case for padding masks and for the inner tiles of block-structured masks.
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          s[n * 4 + i] = (bits[i >> 1] >> (2 * n + (i & 1))) & 1u ? s[n * 4 + i] * scale_log2 : -INFINITY;
+          s[n * 4 + i] = (bits[i >> 1][n >> 2] >> (8 * (n & 3) + (i & 1))) & 1u ? s[n * 4 + i] * scale_log2 : -INFINITY;
         }
       }
     } else if (!mask_staged && j0 + BN > n_full) {
@@ -489,7 +500,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       float s[BN / 2];
       uint32_t pa[BN / 16][4];
       float alpha[2];
-      uint32_t bits[2] = {0u, 0u};
+      uint32_t bits[2][4] = {};
       if (mask_staged) mask_bits(0, bits);
       wgmma_fence();
       issue_s(s, 0);
