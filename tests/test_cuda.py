@@ -160,6 +160,9 @@ def check_case(B, Hq, Hkv, L, S, E, Ev, dtype, mask_kind=None, causal=0, sinks=F
         mask[:, 0] = True
     elif mask_kind == "pad":
         mask = torch.rand((*lead_q[:-1], 1, 1, S), generator=gen, device=DEV) > 0.2
+    elif mask_kind == "pad_len":  # padding by length: whole key tiles visible, one partial, the rest skipped
+        lengths = torch.randint(1, S + 1, (B,), generator=gen, device=DEV)
+        mask = (torch.arange(S, device=DEV)[None, :] < lengths[:, None]).view(B, *([1] * (len(lead_q) - 1)), 1, S)
     elif mask_kind == "add_f32":
         mask = torch.randn((Hq, L, S), generator=gen, device=DEV)
     elif mask_kind == "add_same":

@@ -29,11 +29,12 @@ def test_head_dims_padded_to_the_bucket(E, Ev):
     check_case(1, 2, 2, 513, 777, E, Ev, torch.bfloat16, causal=1, backward=False)
 
 
-@pytest.mark.parametrize("mask_kind", ["bool", "bool_blocks", "pad", "add_f32", "add_same", "bool_rows"])
+@pytest.mark.parametrize("mask_kind", ["bool", "bool_blocks", "pad", "pad_len", "add_f32", "add_same", "bool_rows"])
 @pytest.mark.parametrize("E", [64, 128])
 @pytest.mark.parametrize("L,S", [(1000, 1000), (300, 1700)], ids=str)
 def test_long_masked_forward(mask_kind, E, L, S):
     # The general kind: staged bool masks with tile skipping (bool_blocks masks whole 64x64 tiles), masks read
-    # element by element (additive), rows with no allowed key; GQA and sinks ride along.
+    # element by element (additive), rows with no allowed key; GQA and sinks ride along. pad_len: whole tiles
+    # visible (the unmasked branch of a staged mask), one partial tile, the rest dropped.
     check_case(1, 4, 2, L, S, E, E, torch.bfloat16, mask_kind=mask_kind, sinks=mask_kind == "pad", backward=False,
                seed=L + E)

@@ -8,10 +8,12 @@
 //     O += P V      wgmma m64 n(D) k16, P from registers (the S accumulators rounded to 16 bits are P's A
 //                   fragments), V from shared memory as the N-major (transposed) B operand: V is stored
 //                   [key][head dim] exactly like K, no transpose is ever written.
-//   producer (warpgroup 2): streams K/V tiles through TMA into a ring of stages guarded by full/empty mbarriers
-//     (three stages for the plain kind's 128-key tiles, five for the general kind's 64-key tiles, so that a tile's
-//     loads have as much time to land); with a bool mask it also loads the mask tile (cp.async), drops tiles that
-//     no row may see and hands the consumers the rest packed to one bit per element (causal and bounds included).
+//   producer (warpgroup 2): streams K and V tiles through TMA into two rings of stages (K, V), each stage guarded
+//     by full/empty mbarriers: K(j) is released once S(j) is done, V(j) once P(j) V(j) is, so a K stage frees one
+//     step earlier than a joint K/V stage would (two stages of each give a tile a whole step to land, which is what
+//     lets the general kind keep 128-key tiles at d128 beside its mask buffers); with a bool mask it also loads the
+//     mask tile (cp.async), drops tiles that no row may see and hands the consumers the rest packed to one bit per
+//     element (causal and bounds included), with the K stage.
 // Within a consumer, the softmax of tile j + 1 runs while the tensor cores compute P(j) V(j).
 //
 // The kernel body exists only in the sm_90a compilation (SDPAX_SM90A_DEVICE); the host launches it only on
@@ -22,6 +24,8 @@
 #include "cuda/wgmma.h"
 
 #include <cuda.h>  // CUtensorMap (a plain 128-byte struct; no driver call is made from here)
+
+#include <type_traits>
 
 namespace sdpax {
 namespace cuda {
@@ -37,9 +41,10 @@ struct FwdSm90Cfg {
   static constexpr bool kGeneral = kKind == 1;
   static constexpr int kWG = 2;  // warpgroups of 64 rows
   static constexpr int kBM = 64 * kWG;
-  // Keys per tile: the n of S's wgmma and the k extent of P V. The general kind takes 64: a staged mask tile per
-  // stage fits beside three K/V stages at d128, and half the S registers leave room for the mask and dropout work.
-  static constexpr int kBN = kGeneral ? 64 : 128;
+  // Keys per tile: the n of S's wgmma and the k extent of P V. 64-key tiles (the general kind until 2026-11-22)
+  // halve the tensor work per tile while the per-tile costs stay, and S's wgmma n64 reads Q from shared memory as
+  // fast as it computes.
+  static constexpr int kBN = 128;
   // The consumer warpgroups plus a producer warpgroup: one thread of it streams K/V through the bulk tensor copy
   // engine (TMA); with a staged mask, all of it loads the mask tile first and drops tiles no row may see.
   static constexpr int kConsumers = 128 * kWG;
@@ -47,20 +52,20 @@ struct FwdSm90Cfg {
   // Registers move from the producer warpgroup to the consumers (setmaxnreg): 2 x 128 x 240 + 128 x 24 <= 64K;
   // the general kind's producer keeps 40 for the mask scan (2 x 128 x 232 + 128 x 40).
   static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 40 : 24;
-  // K/V tiles resident: j (P V), j + 1 (Q K^T), the rest landing. A 64-key tile is half the tensor work of a
-  // 128-key one, so the general kind keeps five in the ring: the producer runs three tiles ahead instead of one.
-  static constexpr int kStages = kGeneral ? 5 : 3;
-  // Bool mask, packed by the producer: per stage and row, four 16-bit words, word t holding bit 2n + e = key
-  // 8n + 2t + e of the tile (the keys accumulator thread t of the row holds): one 2-byte load per row and tile.
-  static_assert(!kGeneral || kBN == 64, "the packed mask layout assumes 64-key tiles");
-  static constexpr int kBitsBytes = kGeneral ? kBM * 8 : 0;
+  // Stages per ring (K and V alike): K(j + 1) and V(j) are in use during step j, the rest landing. Two stages of
+  // each give every load one step to land; the general kind at d128 has room for no more beside its mask buffers.
+  static constexpr int kStages = kGeneral && D == 128 ? 2 : 3;
+  // Bool mask, packed by the producer: per K stage and row, four 32-bit words in key order (bit k of word w = key
+  // 32w + k of the tile): one 16-byte load per row and tile; each consumer thread shifts its keys into place.
+  static_assert(!kGeneral || kBN == 128, "the packed mask layout assumes 128-key tiles");
+  static constexpr int kBitsBytes = kGeneral ? kBM * kBN / 8 : 0;
   // The producer's raw mask tiles (BM rows of BN bytes, cp.async), a ring of three scan slots.
   static constexpr int kScanBytes = kGeneral ? kBM * kBN : 0;
   using QTile = Sw128Tile<kBM, D>;
   using KTile = Sw128Tile<kBN, D>;  // K and V stages share the layout
   // + 1024: the dynamic shared-memory base is rounded up to the 1024-byte alignment the swizzle atoms need.
-  // full / empty mbarriers per stage, and the key-tile index each stage holds (-1: no more tiles).
-  static constexpr int kBarBytes = 2 * kStages * 8 + ((4 * kStages + 7) & ~7);
+  // full / empty mbarriers per stage of each ring, and the key-tile index each K stage holds (-1: no more tiles).
+  static constexpr int kBarBytes = 4 * kStages * 8 + ((4 * kStages + 7) & ~7);
   static constexpr int kSmem = QTile::kBytes + kStages * (2 * KTile::kBytes + kBitsBytes) + 3 * kScanBytes +
                                kBarBytes + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
@@ -76,17 +81,20 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   constexpr bool kGeneral = Cfg::kGeneral;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kConsumers, kStages = Cfg::kStages;
   static_assert(kKind == 0 || kKind == 1, "the sm90 main loop implements the plain and general kinds");
+  constexpr int kPathDefault = 0, kPathDropout = 1, kPathElementwise = 2;  // softmax paths (main_loop below)
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u;
   const uint32_t sK0 = sQ + QTile::kBytes;               // K stage s at sK0 + s * KTile::kBytes
   const uint32_t sV0 = sK0 + kStages * KTile::kBytes;    // V stage s at sV0 + s * KTile::kBytes
-  const uint32_t sM0 = sV0 + kStages * KTile::kBytes;    // packed mask of stage s at sM0 + s * kBitsBytes
+  const uint32_t sM0 = sV0 + kStages * KTile::kBytes;    // packed mask of K stage s at sM0 + s * kBitsBytes
   const unsigned char* smem_m0 = smem + (sM0 - smem_u32(smem));
   const uint32_t sScan0 = sM0 + kStages * Cfg::kBitsBytes;  // producer's scan slot x at sScan0 + x * kScanBytes
   // Packed mask stages, then the producer's three mask scan slots, then the barriers.
-  const uint32_t bar_full0 = sScan0 + 3 * Cfg::kScanBytes;  // full barrier of stage s at bar_full0 + 8 s
-  const uint32_t bar_empty0 = bar_full0 + kStages * 8;
-  int* tile_of_stage = reinterpret_cast<int*>(smem + (bar_empty0 + kStages * 8 - smem_u32(smem)));
+  const uint32_t bar_full0 = sScan0 + 3 * Cfg::kScanBytes;  // full barrier of K stage s at bar_full0 + 8 s
+  const uint32_t bar_empty0 = bar_full0 + kStages * 8;       // empty barrier of K stage s
+  const uint32_t bar_vfull0 = bar_empty0 + kStages * 8;      // full / empty barriers of V stage s
+  const uint32_t bar_vempty0 = bar_vfull0 + kStages * 8;
+  int* tile_of_stage = reinterpret_cast<int*>(smem + (bar_vempty0 + kStages * 8 - smem_u32(smem)));
 
   const int tid = threadIdx.x, wg = tid >> 7, wwarp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int G = static_cast<int>(p.hq / p.hkv);
@@ -100,7 +108,6 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   // The two rows this thread holds in the accumulators: packed row m0 + 64 wg + 16 wwarp + 8 hf + g.
   int row_i[2], row_h[2], row_lim[2];
   bool row_ok[2];
-  int64_t row_mask[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int r = m0 + wg * 64 + wwarp * 16 + hf * 8 + g;
@@ -109,7 +116,6 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
     row_h[hf] = hk * G + rr / L;
     row_i[hf] = rr % L;
     row_lim[hf] = row_limit(p, row_i[hf]);
-    row_mask[hf] = b * p.mask_st.b + row_h[hf] * p.mask_st.h + row_i[hf] * p.mask_st.r;
   }
 
   const bool has_mask = kGeneral && p.mask_kind != MaskKind::None;
@@ -130,29 +136,35 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       // producer thread, each after writing its row's bits.
       mbar_init(bar_full0 + 8 * st, mask_staged ? 128 : 1);
       mbar_init(bar_empty0 + 8 * st, 2 * 4);  // one arrival per consumer warp
+      mbar_init(bar_vfull0 + 8 * st, 1);
+      mbar_init(bar_vempty0 + 8 * st, 2 * 4);
     }
     mbar_init_fence();
   }
   __syncthreads();  // barriers initialised before anyone waits on them
   if (producer) {
-    // The producer warpgroup publishes the block's key tiles in order: tile index in tile_of_stage, K/V through
+    // The producer warpgroup publishes the block's key tiles in order: tile index in tile_of_stage, K and V through
     // TMA (one thread), the staged mask through cp.async (all 128; a tile no row of the block may see is dropped
-    // here and never reaches the consumers). The n-th published tile goes to stage n % kStages once the consumers have
-    // released that stage's previous tile; a final -1 tells them the stream has ended.
+    // here and never reaches the consumers). The n-th published tile goes to stage n % kStages of each ring once the
+    // consumers have released that stage's previous tile; a final -1 (K ring only) tells them the stream has ended.
     setmaxnreg_dec<Cfg::kProducerRegs>();
     const int ptid = tid - NT;
     int n = 0;  // tiles published
-    auto publish = [&](int tile, int st) {  // one thread: K/V of `tile` into stage st, completing its full barrier
+    auto publish_k = [&](int tile, int st) {  // one thread: K of `tile` into K stage st, completing its full barrier
       tile_of_stage[st] = tile;
-      mbar_expect_tx(bar_full0 + 8 * st, 2 * KTile::kBytes);
-      const int j = tile * BN;
+      mbar_expect_tx(bar_full0 + 8 * st, KTile::kBytes);
 #pragma unroll
-      for (int c = 0; c < D / 64; ++c) {
-        tma_load_4d(sK0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.k, bar_full0 + 8 * st, c * 64, j, hk,
-                    static_cast<int>(b));
-        tma_load_4d(sV0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.v, bar_full0 + 8 * st, c * 64, j, hk,
-                    static_cast<int>(b));
-      }
+      for (int c = 0; c < D / 64; ++c)
+        tma_load_4d(sK0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.k, bar_full0 + 8 * st, c * 64,
+                    tile * BN, hk, static_cast<int>(b));
+    };
+    auto publish_v = [&](int tile, int st, int n) {  // one thread: V of the n-th published tile into V stage st
+      if (n >= kStages) mbar_wait(bar_vempty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
+      mbar_expect_tx(bar_vfull0 + 8 * st, KTile::kBytes);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c)
+        tma_load_4d(sV0 + st * KTile::kBytes + c * KTile::kBlockBytes, &maps.v, bar_vfull0 + 8 * st, c * 64,
+                    tile * BN, hk, static_cast<int>(b));
     };
     if (kGeneral && mask_staged) {
       // Producer thread ptid owns packed row m0 + ptid. Its raw mask tiles stream through a ring of three scan
@@ -160,21 +172,47 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       // a free stage; each thread loads and reads only its own row, so no barrier is needed between those steps.
       // Bytes past the row's causal/bounds limit are never loaded (zero-filled), so the bits include causal.
       constexpr int kChunks = BN / 16;
+      // A row's 16-byte chunk c sits at chunk c ^ (row % 8) of its slot row: the 8 threads of a quarter warp then
+      // read (and cp.async writes) 8 different bank groups instead of one (rows are 128 bytes apart).
+      static_assert(kChunks == 8, "the scan-slot swizzle assumes 8 chunks per row");
       const unsigned char* scan0 = smem + (sScan0 - smem_u32(smem));
       const unsigned char* m = static_cast<const unsigned char*>(p.mask);
       const int pr = m0 + ptid;
-      const int lim = pr < rows ? row_limit(p, pr % L) : 0;  // keys [0, lim) pass causal and bounds
+      // A mask broadcast over rows and heads (padding masks, (B, 1, 1, S)) has one row per block: eight threads
+      // load it, once, into row 0 of the slot and every thread reads it there. (Every thread loading the same
+      // 128 bytes for itself sent 128 requests per tile and block to the same few L2 lines: the padding-mask row
+      // stayed at ~145 TFLOP/s whatever the consumers did.) Causal bounds are per row, so only without causal.
+      const bool one_row = p.mask_st.r == 0 && p.mask_st.h == 0 && p.causal == Causal::None;
+      const int sw = one_row ? 0 : ptid & 7;
+      const int lim = one_row ? static_cast<int>(p.S) : pr < rows ? row_limit(p, pr % L) : 0;  // keys [0, lim) pass
       const unsigned char* mrow = m;
-      if (pr < rows)
+      if (one_row)
+        mrow = m + b * p.mask_st.b;
+      else if (pr < rows)
         mrow = m + b * p.mask_st.b + static_cast<int64_t>(hk * G + pr / L) * p.mask_st.h +
                static_cast<int64_t>(pr % L) * p.mask_st.r;
+      const int row_off = one_row ? 0 : ptid * BN;  // this thread's row in a scan slot
       auto prefetch = [&](int tile, int slot) {
         if (tile < t_end) {
+          if (one_row) {
+            if (ptid < kChunks) {
+              const int j = tile * BN + ptid * 16;
+              const int bytes = max(0, min(16, lim - j));
+              cp_async16_partial(sScan0 + slot * Cfg::kScanBytes + (ptid << 4), bytes > 0 ? mrow + j : m, bytes);
+            }
+          } else if (tile * BN + BN <= lim) {  // the whole tile inside the row's bounds: no clamping
 #pragma unroll
-          for (int c = 0; c < kChunks; ++c) {
-            const int j = tile * BN + c * 16;
-            const int bytes = max(0, min(16, lim - j));
-            cp_async16_partial(sScan0 + slot * Cfg::kScanBytes + ptid * BN + c * 16, bytes > 0 ? mrow + j : m, bytes);
+            for (int c = 0; c < kChunks; ++c)
+              cp_async16_partial(sScan0 + slot * Cfg::kScanBytes + row_off + ((c ^ sw) << 4),
+                                 mrow + tile * BN + c * 16, 16);
+          } else {
+#pragma unroll
+            for (int c = 0; c < kChunks; ++c) {
+              const int j = tile * BN + c * 16;
+              const int bytes = max(0, min(16, lim - j));
+              cp_async16_partial(sScan0 + slot * Cfg::kScanBytes + row_off + ((c ^ sw) << 4),
+                                 bytes > 0 ? mrow + j : m, bytes);
+            }
           }
         }
         cp_async_commit();
@@ -185,31 +223,40 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       for (int tile = t_begin; tile < t_end; ++tile, slot = slot == 2 ? 0 : slot + 1) {
         prefetch(tile + 2, slot == 0 ? 2 : slot - 1);
         cp_async_wait<2>();  // this tile's chunks are in; the next two may be in flight
-        const unsigned char* src = scan0 + slot * Cfg::kScanBytes + ptid * BN;
-        bool any = false;
-        uint32_t word[4] = {0u, 0u, 0u, 0u};  // word[t]: bit 2n + e = key 8n + 2t + e
+        // The one shared row was loaded by eight threads: wait for theirs. (The slot is refilled only after the
+        // end-of-tile barrier below, which every thread passes after reading it.)
+        if (one_row) named_barrier(3, 128);
+        const unsigned char* src = scan0 + slot * Cfg::kScanBytes + row_off;
+        uint32_t word[4] = {0u, 0u, 0u, 0u};  // bit k of word w: key 32w + k of the tile
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
-          const uint4 w = *reinterpret_cast<const uint4*>(src + c * 16);
-          any = any || (w.x | w.y | w.z | w.w) != 0;
-          // 0xff per allowed byte; chunk c holds keys 16c.. = n 2c (word 0, 1) and 2c + 1 (words 2, 3).
-          const uint32_t f[4] = {__vcmpne4(w.x, 0u), __vcmpne4(w.y, 0u), __vcmpne4(w.z, 0u), __vcmpne4(w.w, 0u)};
+          const uint4 w = *reinterpret_cast<const uint4*>(src + ((c ^ sw) << 4));
+          const uint32_t q[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-          for (int tt = 0; tt < 4; ++tt) {
-            // bytes (keys 16c + 2tt + e, 16c + 8 + 2tt + e) -> bits 4c + 0..3
-            uint32_t x = __byte_perm(f[tt >> 1], f[2 + (tt >> 1)], (tt & 1) ? 0x7632u : 0x5410u) & 0x08040201u;
-            x |= x >> 16;
-            x |= x >> 8;
-            word[tt] |= (x & 0xfu) << (4 * c);
+          for (int qq = 0; qq < 4; ++qq) {
+            // Bit 7 of each byte set iff the byte is nonzero (no carry crosses a byte: 0x7f + 0x7f < 0x100), then
+            // bits 7, 15, 23, 31 gathered into bits 28..31 by one multiply (the other partial products stay below
+            // bit 24): 6 instructions per 4 keys (the byte compare + permute it replaces took 11).
+            const uint32_t nz = (((q[qq] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[qq]) & 0x80808080u;
+            word[c >> 1] |= ((nz * 0x00204081u) >> 28) << (16 * (c & 1) + 4 * qq);
           }
         }
+        if (one_row && pr >= rows) {  // rows past the end see no key (the per-row loads never load theirs)
+#pragma unroll
+          for (int ww = 0; ww < 4; ++ww) word[ww] = 0u;
+        }
+        const bool any = (word[0] | word[1] | word[2] | word[3]) != 0u;
         if (!named_barrier_or(1, 128, any)) continue;  // no row of the block may see this tile: drop it
         const int st = n % kStages;
         if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
-        *reinterpret_cast<uint2*>(const_cast<unsigned char*>(smem_m0) + st * Cfg::kBitsBytes + ptid * 8) =
-            make_uint2(word[0] | (word[1] << 16), word[2] | (word[3] << 16));
-        if (ptid == 0) publish(tile, st);  // every producer thread arrives once it has written its row
-        else mbar_arrive(bar_full0 + 8 * st);
+        *reinterpret_cast<uint4*>(const_cast<unsigned char*>(smem_m0) + st * Cfg::kBitsBytes + ptid * 16) =
+            make_uint4(word[0], word[1], word[2], word[3]);
+        if (ptid == 0) {  // every producer thread arrives once it has written its row
+          publish_k(tile, st);
+          publish_v(tile, st, n);
+        } else {
+          mbar_arrive(bar_full0 + 8 * st);
+        }
         ++n;
       }
       cp_async_wait<0>();
@@ -222,7 +269,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       for (int tile = t_begin; tile < t_end; ++tile, ++n) {
         const int st = n % kStages;
         if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
-        publish(tile, st);
+        publish_k(tile, st);
+        publish_v(tile, st, n);
       }
     }
     if (ptid == 0 && !(kGeneral && mask_staged)) {  // end of the stream
@@ -248,13 +296,20 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       cp_async16(sQ + QTile::offset(r, c), src, ok);
     }
   }
-  // Packed mask: one bit per element this thread holds (allowed: causal/bounds pass and the mask is true), bit
-  // index (hf * BN / 8 + n) * 2 + e for key tile * BN + 8n + 2t + e of row half hf.
-  static_assert(!kGeneral || BN / 2 <= 32, "mask bits must fit in 32");
-  auto mask_bits = [&](int stage) {
-    const uint16_t* sm = reinterpret_cast<const uint16_t*>(smem_m0 + stage * Cfg::kBitsBytes);
+  // Packed mask of this thread's rows (allowed: causal/bounds pass and the mask is true), shifted right by 2t so
+  // that bit 8m + e of bits[hf][w] is key tile * BN + 32w + 8m + 2t + e of row half hf (accumulator n = 4w + m).
+  static_assert(!kGeneral || BN == 128, "four 32-bit mask words per row");
+  auto mask_bits = [&](int stage, uint32_t (&bits)[2][4]) {
+    const uint4* sm = reinterpret_cast<const uint4*>(smem_m0 + stage * Cfg::kBitsBytes);
     const int r = wg * 64 + wwarp * 16 + g;
-    return static_cast<uint32_t>(sm[r * 4 + t]) | (static_cast<uint32_t>(sm[(r + 8) * 4 + t]) << 16);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const uint4 w = sm[r + 8 * hf];
+      bits[hf][0] = w.x >> (2 * t);
+      bits[hf][1] = w.y >> (2 * t);
+      bits[hf][2] = w.z >> (2 * t);
+      bits[hf][3] = w.w >> (2 * t);
+    }
   };
 
   const bool with_sinks = p.sinks != nullptr && p.num_splits == 1;
@@ -296,39 +351,69 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   };
   // Scale, mask and online softmax of S in place (s then holds P in fp32, dropout applied); the factor that
   // rescales O is returned per row half and applied by the caller once O is no longer being accumulated into.
-  auto softmax = [&](float (&s)[BN / 2], int tile, uint32_t bits, float (&alpha)[2]) {
-    // Elementwise causal tests only where some element of the tile can fail them.
+  // kPath: a constant at every call (main_loop's template argument), folded once the call is inlined.
+  auto softmax = [&](const int kPath, float (&s)[BN / 2], int tile, const uint32_t (&bits)[2][4],
+                     float (&alpha)[2]) {
     const int j0 = tile * BN;
-    const bool need_elem = j0 + BN > n_full;
+    // Scale to log2 units and apply this tile's per-element test. The kind of test is chosen once per tile and
+    // warp (uniform branches around straight-line code): a test chosen inside the element loop put branches and
+    // reconvergence points between the elements, and ptxas then ran them one after another (SASS of s7: ~10
+    // instructions and a BSSY/BSYNC per element, ~2400 static instructions per 64-key tile; the plain kind's
+    // tile is ~450 for 128 keys).
+    if (kPath == kPathElementwise) {
+      // Masks read from global memory element by element (additive, or bool rows not 16-byte aligned). The row
+      // offsets are recomputed here rather than kept live through the loop (registers).
+      int64_t row_mask[2];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+        row_mask[hf] = b * p.mask_st.b + row_h[hf] * p.mask_st.h + row_i[hf] * p.mask_st.r;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int hf = i >> 1;
+          const int j = j0 + n * 8 + 2 * t + (i & 1);
+          float v = s[n * 4 + i] * scale_log2;
+          bool ok = j < row_lim[hf];
+          if (ok) {
+            const float bias = mask_bias(p, row_mask[hf] + j * p.mask_st.c);
+            ok = bias != -INFINITY;
+            if (p.mask_kind == MaskKind::Additive) v += bias * kLog2e;
+          }
+          s[n * 4 + i] = ok ? v : -INFINITY;
+        }
+      }
+    } else if (mask_staged && !__all_sync(0xffffffffu, (bits[0][0] & bits[0][1] & bits[0][2] & bits[0][3] & bits[1][0] &
+                                                         bits[1][1] & bits[1][2] & bits[1][3] & 0x03030303u) ==
+                                                            0x03030303u)) {
+      // Packed bits (causal and bounds included). A warp whose bits are all set takes the unmasked branch below:
+      // the common case for padding masks and for the inner tiles of block-structured masks.
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          s[n * 4 + i] = (bits[i >> 1][n >> 2] >> (8 * (n & 3) + (i & 1))) & 1u ? s[n * 4 + i] * scale_log2 : -INFINITY;
+        }
+      }
+    } else if (!mask_staged && j0 + BN > n_full) {
+      // Causal / bounds: only tiles that reach past the keys every row of the block may see.
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int j = j0 + n * 8 + 2 * t + (i & 1);
+          s[n * 4 + i] = j < row_lim[i >> 1] ? s[n * 4 + i] * scale_log2 : -INFINITY;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) s[i] *= scale_log2;
+    }
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       float mx = -INFINITY;
 #pragma unroll
-      for (int n = 0; n < BN / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = s[n * 4 + hf * 2 + e] * scale_log2;
-          const int j = j0 + n * 8 + 2 * t + e;
-          if (has_mask) {
-            bool ok;
-            if (mask_staged) {
-              ok = (bits >> ((hf * (BN / 8) + n) * 2 + e)) & 1;
-            } else {
-              ok = j < row_lim[hf];
-              if (ok) {
-                const float bias = mask_bias(p, row_mask[hf] + j * p.mask_st.c);
-                ok = bias != -INFINITY;
-                if (p.mask_kind == MaskKind::Additive) v += bias * kLog2e;
-              }
-            }
-            if (!ok) v = -INFINITY;
-          } else if (need_elem && j >= row_lim[hf]) {
-            v = -INFINITY;
-          }
-          s[n * 4 + hf * 2 + e] = v;
-          mx = fmaxf(mx, v);
-        }
-      }
+      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n * 4 + hf * 2], s[n * 4 + hf * 2 + 1]));
       mx = warp_max4(mx);
       const float m_new = fmaxf(m_run[hf], mx);
       // Fully-masked-so-far guard: with every logit -inf, shift by 0 so exp2 gives 0 rather than NaN.
@@ -344,7 +429,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
         s[n * 4 + hf * 2] = p0;
         s[n * 4 + hf * 2 + 1] = p1;
       }
-      if (has_dropout) {
+      if (kPath == kPathDropout || (kPath == kPathElementwise && has_dropout)) {
         // Keys 8n + 2t + e use the random words of key group 2n + t / 2 (words 2(t & 1) + e), so lanes t and t ^ 1
         // need the same Philox block: each computes the one for n = 2m + (t & 1), keeps its half and hands the
         // other half to its partner (half the Philox work, the same words as Dropout::pair).
@@ -390,61 +475,89 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
     }
   };
 
-  // Pipeline. Published tile n sits in stage n % 3 behind its full barrier (phase n / 3); `cur` is the tile whose
-  // P is in registers (P V pending), `nxt` the one whose Q K^T is issued next. Per warpgroup and tile:
-  //   wait full(nxt); issue S(nxt) = Q K(nxt)^T; issue O += P(cur) V(cur); wait S(nxt);
-  //   softmax(nxt) while P(cur) V(cur) runs on the tensor cores; wait O; release cur's stage; rescale O.
+  // Pipeline. Published tile n sits in K stage n % kStages behind its full barrier (phase n / kStages), its V in
+  // V stage n % kStages; `cur` is the tile whose P is in registers (P V pending), `nxt` the one whose Q K^T is
+  // issued next. Per warpgroup and tile:
+  //   wait K full(nxt), V full(cur); issue S(nxt) = Q K(nxt)^T; issue O += P(cur) V(cur); wait S(nxt);
+  //   softmax(nxt) while P(cur) V(cur) runs on the tensor cores; wait O; release K(nxt), V(cur); rescale O.
   // No block barrier in the loop: the two warpgroups drift apart, and one's softmax overlaps the other's matrix
   // products. The steady-state loop has no data-dependent branch between a wgmma's issue and its wait: ptxas
   // tracks the in-flight groups through straight-line code only, and serializes every wgmma of the kernel (C7514)
   // when it cannot prove that the accumulators read after wait_group<1> belong to the completed group.
-  cp_async_commit();
-  cp_async_wait<0>();
-  fence_proxy_async();   // Q written by cp.async, read by wgmma
-  named_barrier(2, NT);  // every consumer's Q rows are in (id 1 is the producer's)
-  mbar_wait(bar_full0, 0);
-  int tile = tile_of_stage[0];
-  if (tile >= 0) {
-    float s[BN / 2];
-    uint32_t pa[BN / 16][4];
-    float alpha[2];
-    uint32_t bits = mask_staged ? mask_bits(0) : 0u;
-    wgmma_fence();
-    issue_s(s, 0);
-    wgmma_wait<0>();
-    reg_fence(s);
-    softmax(s, tile, bits, alpha);
-    to_a(s, pa);
-    int cur = 0;  // stage of the pending P V
-    for (int n = 1;; ++n) {
-      const int st = cur + 1 == kStages ? 0 : cur + 1;
-      mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
-      tile = tile_of_stage[st];
-      if (tile < 0) break;
-      bits = mask_staged ? mask_bits(st) : 0u;
+  // The main loop is compiled once per softmax path, so that each loop holds only the code it runs (one loop with
+  // every path inline spanned ~75 KB of instructions, the cold paths' invariants hoisted into registers and
+  // spilled): kPathDefault (no mask, or a staged bool mask: the plain kind's only path), kPathDropout, and
+  // kPathElementwise (masks read from global memory element by element, with or without dropout).
+  auto main_loop = [&](auto path) {
+    constexpr int kPath = decltype(path)::value;
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();   // Q written by cp.async, read by wgmma
+    named_barrier(2, NT);  // every consumer's Q rows are in (id 1 is the producer's)
+    mbar_wait(bar_full0, 0);
+    int tile = tile_of_stage[0];
+    if (tile >= 0) {
+      float s[BN / 2];
+      uint32_t pa[BN / 16][4];
+      float alpha[2];
+      uint32_t bits[2][4] = {};
+      if (mask_staged) mask_bits(0, bits);
       wgmma_fence();
-      issue_s(s, st);
+      issue_s(s, 0);
+      wgmma_wait<0>();
+      reg_fence(s);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty0);  // this warp is done with K stage 0 (and its mask bits)
+      softmax(kPath, s, tile, bits, alpha);
+      to_a(s, pa);
+      int cur = 0;  // stage of the pending P V
+      int n = 1;    // published index of the tile whose Q K^T is next
+      for (;; ++n) {
+        const int st = cur + 1 == kStages ? 0 : cur + 1;
+        mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+        tile = tile_of_stage[st];
+        if (tile < 0) break;
+        if (mask_staged) mask_bits(st, bits);
+        mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);  // published before K(nxt): almost always in
+        wgmma_fence();
+        issue_s(s, st);
+        issue_pv(pa, cur);
+        wgmma_commit();
+        wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
+        reg_fence(s);
+        softmax(kPath, s, tile, bits, alpha);
+        wgmma_wait<0>();
+        reg_fence(acc_o);
+        reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
+        __syncwarp();
+        if (lane == 0) {  // this warp is done with K(nxt) (and its mask bits) and V(cur)
+          mbar_arrive(bar_empty0 + 8 * st);
+          mbar_arrive(bar_vempty0 + 8 * cur);
+        }
+        rescale_o(alpha);
+        to_a(s, pa);
+        cur = st;
+      }
+      // Last tile: P V only.
+      mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);
+      wgmma_fence();
       issue_pv(pa, cur);
       wgmma_commit();
-      wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
-      reg_fence(s);
-      softmax(s, tile, bits, alpha);
       wgmma_wait<0>();
       reg_fence(acc_o);
-      reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
-      __syncwarp();
-      if (lane == 0) mbar_arrive(bar_empty0 + 8 * cur);  // this warp is done with cur's stage
-      rescale_o(alpha);
-      to_a(s, pa);
-      cur = st;
+      reg_fence_u32(pa);
     }
-    // Last tile: P V only.
-    wgmma_fence();
-    issue_pv(pa, cur);
-    wgmma_commit();
-    wgmma_wait<0>();
-    reg_fence(acc_o);
-    reg_fence_u32(pa);
+
+  };
+  if constexpr (kGeneral) {
+    if (has_mask && !mask_staged)
+      main_loop(std::integral_constant<int, kPathElementwise>{});
+    else if (has_dropout)
+      main_loop(std::integral_constant<int, kPathDropout>{});
+    else
+      main_loop(std::integral_constant<int, kPathDefault>{});
+  } else {
+    main_loop(std::integral_constant<int, kPathDefault>{});
   }
 
   // Epilogue: normalise, write the output (or this split's partial) and the log-sum-exp.
