@@ -326,8 +326,9 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     // Mask gradient: dS itself (rows past L and keys past S hold 0 and are not written).
     if (has_dmask) {
       const int64_t base = b * p.dmask_st.b + h * p.dmask_st.h;
-      if (p.dmask_tile_rows) {
-        // Broadcast over rows: this warp's WQ rows of each key (4 lanes x WQ / 4 values), one write per slot.
+      // Broadcast over rows: this warp's WQ rows of each key (4 lanes x WQ / 4 values), one write per slot; a
+      // half-step wholly past L has no slot (deterministic mode sizes the scratch to ceil(L / WQ) slots).
+      if (p.dmask_tile_rows && i0 + wn * WQ < L) {
         const int slot = (i0 + wn * WQ) / WQ;
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
@@ -346,7 +347,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
               else *dst = part;
             }
           }
-      } else {
+      } else if (!p.dmask_tile_rows) {
 #pragma unroll
         for (int n = 0; n < WQ / 8; ++n)
 #pragma unroll
