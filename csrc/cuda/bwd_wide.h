@@ -14,10 +14,14 @@
 // Q / dO, lse, Delta through cp.async), same GQA summation order and deterministic-mode split as bwd_kernel.
 //
 // General kind (mask, dropout, float-mask gradient), same semantics as bwd_kernel:
-//   mask     read in place through its broadcast strides, one element per S^T element a thread holds; the pass
-//            that decides whether the tile is fully masked (then skipped, as in bwd_kernel) keeps the allowed
-//            bits (one per element, causal / bounds folded in), so a bool mask is read once per tile and an
-//            additive one twice (its values are re-read for the bias; they are in L1 by then).
+//   mask     the pass that decides whether the tile is fully masked (then skipped, as in bwd_kernel) keeps the
+//            allowed bits (one per element a thread holds, causal / bounds folded in), so a bool mask is read
+//            once per tile and an additive one twice (its values are re-read for the bias; in L1 by then). A
+//            bool mask with contiguous keys and 16-byte aligned rows (any broadcast) travels with Q / dO: its
+//            BM x BN tile of the next step is copied by cp.async into a second buffer, so the test reads shared
+//            memory instead of waiting on 32 scattered global byte loads per thread before the block barrier
+//            (that wait made bwd_kernel's general kind 3-4x slower than its plain kind). Other masks are read
+//            in place through their broadcast strides.
 //   dropout  the keep function of common/philox.h: one Philox call gives the words of 4 consecutive keys of one
 //            row, and the 4 lanes g = 4k..4k+3 (same t) hold exactly those 4 keys of the same rows. So each of the
 //            4 lanes computes one Philox for one of 4 (row, key group) pairs it shares with the others, turns the
@@ -51,9 +55,10 @@ struct BwdWideCfg {
   static constexpr int kQRows = kBM / 32;              // dQ: warps along rows (32 rows each)
   static constexpr int kQc = D / (kWarps / kQRows);    // dQ: columns per warp
   static_assert(kQc % 16 == 0, "dQ warp tile needs whole 16-column B fragments");
-  // K, V, 2 x (Q, dO), P^T, dS^T; lse and Delta
-  static constexpr int kSmem =
-      (2 * kBN * D + 4 * kBM * D + 2 * kBN * kBM) * static_cast<int>(sizeof(T)) + 2 * 2 * kBM * 4;
+  // K, V, 2 x (Q, dO), P^T, dS^T; lse and Delta; general kind: 2 bool mask tiles (BM x BN bytes)
+  static constexpr int kSmemMask = (2 * kBN * D + 4 * kBM * D + 2 * kBN * kBM) * static_cast<int>(sizeof(T)) +
+                                   2 * 2 * kBM * 4;
+  static constexpr int kSmem = kSmemMask + (kGeneral ? 2 * kBM * kBN : 0);
 };
 
 template <class T, int D, bool kGeneral>
@@ -75,6 +80,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   const uint32_t sS = sP + PTile::kBytes;
   float* sLse = reinterpret_cast<float*>(smem + 2 * KTile::kBytes + 4 * QTile::kBytes + 2 * PTile::kBytes);
   float* sDelta = sLse + 2 * BM;
+  const unsigned char* sMaskTile = smem + Cfg::kSmemMask;  // buffer buf at + buf * BM * BN (general kind)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int wk = warp % 4;  // keys [wk * 32, wk * 32 + 32) of the block in S^T / dP^T and in dK / dV
@@ -142,7 +148,27 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
       cp_async4(smem_u32(sDelta + buf * BM + r), ok ? p.delta + row0 + r : p.delta, ok);
     }
   };
-  if (steps > 0) load_q(0, 0);
+  // Bool mask through shared memory (see the top): contiguous keys, 16-byte aligned rows, heads and batches.
+  const bool mask_smem = kGeneral && p.mask_kind == MaskKind::Bool && p.mask_st.c == 1 &&
+                         (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0 &&
+                         ((p.mask_st.r | p.mask_st.h | p.mask_st.b) & 15) == 0;
+  auto load_mask = [&](int step, int buf) {
+    const int h = step_head(step), i0 = step_i0(step);
+    const unsigned char* m0 = static_cast<const unsigned char*>(p.mask) + b * p.mask_st.b + h * p.mask_st.h;
+    const uint32_t dst0 = smem_u32(sMaskTile) + buf * BM * BN;
+#pragma unroll
+    for (int k = 0; k < BM * BN / 16 / NT; ++k) {
+      const int idx = tid + k * NT, r = idx / (BN / 16), cc = idx % (BN / 16);
+      const int i = i0 + r, j = j0 + cc * 16;
+      const int bytes = i < L ? max(0, min(16, S - j)) : 0;
+      cp_async16_partial(dst0 + idx * 16, bytes > 0 ? m0 + int64_t(i) * p.mask_st.r + j : p.mask, bytes);
+    }
+  };
+  static_assert(!kGeneral || (BM * BN / 16) % NT == 0, "mask tile copy");
+  if (steps > 0) {
+    load_q(0, 0);
+    if (mask_smem) load_mask(0, 0);
+  }
   cp_async_commit();
 
   const bool dq_atomic = !p.deterministic;  // else bwd_dq_kernel computes dQ
@@ -182,7 +208,10 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     // Also orders the previous step's reads of P^T / dS^T before this step's stores.
     cp_async_wait<0>();
     __syncthreads();
-    if (step + 1 < steps) load_q(step + 1, buf ^ 1);
+    if (step + 1 < steps) {
+      load_q(step + 1, buf ^ 1);
+      if (mask_smem) load_mask(step + 1, buf ^ 1);
+    }
     cp_async_commit();
 
     const bool need_elem = has_mask || last_key >= row_limit(p, i0) || i0 + BM > L || j0 + BN > S;
@@ -191,11 +220,12 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     uint64_t allowed = 0;
     if (has_mask) {
       const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
+      const unsigned char* m_tile = sMaskTile + buf * BM * BN + wk * 32 + g;
 #pragma unroll
       for (int n = 0; n < WQ / 8; ++n)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
+          const int r = wn * WQ + n * 8 + 2 * t + c, i = i0 + r;
           const int lim = i < L ? row_limit(p, i) : 0;
           const int64_t r_off = m_off + int64_t(i) * p.mask_st.r;
 #pragma unroll
@@ -203,8 +233,9 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
               const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
-              if (j < lim && mask_bias(p, r_off + int64_t(j) * p.mask_st.c) != -INFINITY)
-                allowed |= uint64_t(1) << ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c);
+              const bool ok = mask_smem ? m_tile[r * BN + mt * 16 + hf * 8] != 0
+                                        : mask_bias(p, r_off + int64_t(j) * p.mask_st.c) != -INFINITY;
+              if (j < lim && ok) allowed |= uint64_t(1) << ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c);
             }
         }
       if (!__syncthreads_or(allowed != 0)) continue;
