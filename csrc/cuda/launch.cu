@@ -129,7 +129,8 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
   return plan;
 }
 
-// The mask gradient (the one user of the tile rows) exists only in the general kind.
+// The mask gradient (the one user of the tile rows) exists only in the general kind. The wide kernel sums a
+// row-broadcast mask's gradient per query warp (kMaskRows = half its tile), bwd_kernel per tile.
 template <class T>
 static int bwd_tile_rows_of(int64_t head_dim) {
   switch (bucket(head_dim)) {
