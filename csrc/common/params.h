@@ -74,7 +74,8 @@ struct AttnParams {
   bool deterministic = false;
   // Float mask gradient dS (unscaled), float32, indexed (b, h, row slot, j) through dmask_st (nullptr: not wanted).
   // dmask_tile_rows: the mask is broadcast over L, so a key's gradient is first summed over the query rows of one
-  // tile (row slot = tile index). dmask_atomic: several writers share an element (stride 0 on broadcast dims).
+  // slot of bwd_tile_rows rows (row slot = i / those rows). dmask_atomic: several writers share an element
+  // (stride 0 on broadcast dims).
   float* dmask = nullptr;
   Strides4 dmask_st{};
   bool dmask_tile_rows = false;

@@ -1,4 +1,4 @@
-// Backward main loop with wide warp tiles: 16-bit operands, head dims <= 128, plain kind (no mask, no dropout).
+// Backward main loop with wide warp tiles: 16-bit operands, head dims <= 128, plain and general kind.
 //
 // bwd_kernel (bwd_kernel.h) gives each warp 16 keys for the whole block and keeps P^T / dS^T in registers between
 // the products; every 16-key warp then re-reads all of Q and dO from shared memory per step, and the kernel is
@@ -12,6 +12,26 @@
 // (stmatrix on sm90), and one block barrier after those stores serves both dK/dV and dQ, so a step still crosses
 // two barriers. Same block (128 keys, one per (key block, batch * kv head)), same query stream (double-buffered
 // Q / dO, lse, Delta through cp.async), same GQA summation order and deterministic-mode split as bwd_kernel.
+//
+// General kind (mask, dropout, float-mask gradient), same semantics as bwd_kernel:
+//   mask     the pass that decides whether the tile is fully masked (then skipped, as in bwd_kernel) keeps the
+//            allowed bits (one per element a thread holds, causal / bounds folded in), so a bool mask is read
+//            once per tile and an additive one twice (its values are re-read for the bias; in L1 by then). A
+//            bool mask with contiguous keys and 16-byte aligned rows (any broadcast) travels with Q / dO: its
+//            BM x BN tile of the next step is copied by cp.async into a second buffer, so the test reads shared
+//            memory instead of waiting on 32 scattered global byte loads per thread before the block barrier
+//            (that wait made bwd_kernel's general kind 3-4x slower than its plain kind). Other masks are read
+//            in place through their broadcast strides.
+//   dropout  the keep function of common/philox.h: one Philox call gives the words of 4 consecutive keys of one
+//            row, and the 4 lanes g = 4k..4k+3 (same t) hold exactly those 4 keys of the same rows. So each of the
+//            4 lanes computes one Philox for one of 4 (row, key group) pairs it shares with the others, turns the
+//            4 words into 4 keep bits, and two shuffles hand every lane the 16 bits: 1 Philox per 4 elements where
+//            bwd_kernel spends one per element.
+//   dmask    dS (float, before rounding) per element, or (mask broadcast over rows) summed over the WQ rows of
+//            this warp's half of the step: the S^T tile of a key is split over the 2 query warps, so the row slot
+//            of the sum is a WQ-row slot (BwdWideCfg::kMaskRows, which bwd_tile_rows reports for the scratch of
+//            deterministic mode): one writer per slot and key, summed in a fixed order (own rows, then the 4 t
+//            lanes), so deterministic mode stays bitwise repeatable without a cross-warp pass.
 #pragma once
 #include "cuda/bwd_kernel.h"
 
@@ -20,29 +40,32 @@ namespace cuda {
 
 template <class T, int D, bool kGeneral>
 struct BwdWideCfg {
-  // launch_impl.h runs bwd_wide_kernel instead of bwd_kernel where this holds.
-  static constexpr bool kUse = sizeof(T) == 2 && D <= 128 && !kGeneral;
+  // launch_impl.h runs bwd_wide_kernel instead of bwd_kernel where this holds (both kinds).
+  static constexpr bool kUse = sizeof(T) == 2 && D <= 128;
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBN = 128;  // keys per block: 4 key warps x 32
   // Queries per step. Registers at the S^T / dP^T products: dK + dV accumulators 32 x D / 32 x 2 per thread (128
   // at d128, 64 at d64) plus S^T and dP^T of 32 x BM / 2 (BM at d128 64 -> 64, d64 128 -> 128): ~192 either way.
-  static constexpr int kBM = D <= 64 ? 128 : 64;
+  // The general kind at d64 keeps 64 (128 spilled 332 bytes with its mask bits and dropout state).
+  static constexpr int kBM = D <= 64 && !kGeneral ? 128 : 64;
   static constexpr int kWQ = kBM / 2;                  // S^T / dP^T queries per warp
+  static constexpr int kMaskRows = kWQ;                // rows per slot of a row-broadcast mask's gradient
   static constexpr int kDc = D / 2;                    // dK / dV columns per warp
   static constexpr int kQRows = kBM / 32;              // dQ: warps along rows (32 rows each)
   static constexpr int kQc = D / (kWarps / kQRows);    // dQ: columns per warp
   static_assert(kQc % 16 == 0, "dQ warp tile needs whole 16-column B fragments");
-  // K, V, 2 x (Q, dO), P^T, dS^T; lse and Delta
-  static constexpr int kSmem =
-      (2 * kBN * D + 4 * kBM * D + 2 * kBN * kBM) * static_cast<int>(sizeof(T)) + 2 * 2 * kBM * 4;
+  // K, V, 2 x (Q, dO), P^T, dS^T; lse and Delta; general kind: 2 bool mask tiles (BM x BN bytes)
+  static constexpr int kSmemMask = (2 * kBN * D + 4 * kBM * D + 2 * kBN * kBM) * static_cast<int>(sizeof(T)) +
+                                   2 * 2 * kBM * 4;
+  static constexpr int kSmem = kSmemMask + (kGeneral ? 2 * kBM * kBN : 0);
 };
 
 template <class T, int D, bool kGeneral>
 __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     bwd_wide_kernel(const __grid_constant__ AttnParams p) {
   using Cfg = BwdWideCfg<T, D, kGeneral>;
-  static_assert(Cfg::kUse, "wide backward: 16-bit, head dim <= 128, plain kind");
+  static_assert(Cfg::kUse, "wide backward: 16-bit, head dim <= 128");
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kThreads, WQ = Cfg::kWQ, DC = Cfg::kDc;
   constexpr int QC = Cfg::kQc;
   using KTile = SmemTile<BN, D, T>;
@@ -57,6 +80,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   const uint32_t sS = sP + PTile::kBytes;
   float* sLse = reinterpret_cast<float*>(smem + 2 * KTile::kBytes + 4 * QTile::kBytes + 2 * PTile::kBytes);
   float* sDelta = sLse + 2 * BM;
+  const unsigned char* sMaskTile = smem + Cfg::kSmemMask;  // buffer buf at + buf * BM * BN (general kind)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int wk = warp % 4;  // keys [wk * 32, wk * 32 + 32) of the block in S^T / dP^T and in dK / dV
@@ -124,10 +148,37 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
       cp_async4(smem_u32(sDelta + buf * BM + r), ok ? p.delta + row0 + r : p.delta, ok);
     }
   };
-  if (steps > 0) load_q(0, 0);
+  // Bool mask through shared memory (see the top): contiguous keys, 16-byte aligned rows, heads and batches.
+  const bool mask_smem = kGeneral && p.mask_kind == MaskKind::Bool && p.mask_st.c == 1 &&
+                         (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0 &&
+                         ((p.mask_st.r | p.mask_st.h | p.mask_st.b) & 15) == 0;
+  auto load_mask = [&](int step, int buf) {
+    const int h = step_head(step), i0 = step_i0(step);
+    const unsigned char* m0 = static_cast<const unsigned char*>(p.mask) + b * p.mask_st.b + h * p.mask_st.h;
+    const uint32_t dst0 = smem_u32(sMaskTile) + buf * BM * BN;
+#pragma unroll
+    for (int k = 0; k < BM * BN / 16 / NT; ++k) {
+      const int idx = tid + k * NT, r = idx / (BN / 16), cc = idx % (BN / 16);
+      const int i = i0 + r, j = j0 + cc * 16;
+      const int bytes = i < L ? max(0, min(16, S - j)) : 0;
+      cp_async16_partial(dst0 + idx * 16, bytes > 0 ? m0 + int64_t(i) * p.mask_st.r + j : p.mask, bytes);
+    }
+  };
+  static_assert(!kGeneral || (BM * BN / 16) % NT == 0, "mask tile copy");
+  if (steps > 0) {
+    load_q(0, 0);
+    if (mask_smem) load_mask(0, 0);
+  }
   cp_async_commit();
 
   const bool dq_atomic = !p.deterministic;  // else bwd_dq_kernel computes dQ
+  Dropout drop{};
+  const bool has_dropout = kGeneral && p.dropout_p > 0.0;
+  if (has_dropout) drop.init(p);
+  const bool has_mask = kGeneral && p.mask_kind != MaskKind::None;
+  const bool bool_mask = has_mask && p.mask_kind == MaskKind::Bool;
+  const bool has_dmask = kGeneral && p.dmask != nullptr;
+  const int m4 = g & 3;  // this lane's key within its group of 4 (dropout)
 
   // Lane addresses of every shared-memory operand (SmemTile::moved); the Q / dO ones move with the buffer.
   const int qm = warp % Cfg::kQRows, c_begin = (warp / Cfg::kQRows) * QC;  // dQ: rows qm * 32, columns c_begin
@@ -157,10 +208,38 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     // Also orders the previous step's reads of P^T / dS^T before this step's stores.
     cp_async_wait<0>();
     __syncthreads();
-    if (step + 1 < steps) load_q(step + 1, buf ^ 1);
+    if (step + 1 < steps) {
+      load_q(step + 1, buf ^ 1);
+      if (mask_smem) load_mask(step + 1, buf ^ 1);
+    }
     cp_async_commit();
 
-    const bool need_elem = last_key >= row_limit(p, i0) || i0 + BM > L || j0 + BN > S;
+    const bool need_elem = has_mask || last_key >= row_limit(p, i0) || i0 + BM > L || j0 + BN > S;
+    // Mask: bit ((mt * 2 + hf) * WQ / 8 + n) * 2 + c set where element (mt, n, hf, c) is allowed (mask, causal and
+    // bounds); a tile no element of which is allowed contributes nothing and is skipped.
+    uint64_t allowed = 0;
+    if (has_mask) {
+      const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
+      const unsigned char* m_tile = sMaskTile + buf * BM * BN + wk * 32 + g;
+#pragma unroll
+      for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int r = wn * WQ + n * 8 + 2 * t + c, i = i0 + r;
+          const int lim = i < L ? row_limit(p, i) : 0;
+          const int64_t r_off = m_off + int64_t(i) * p.mask_st.r;
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
+              const bool ok = mask_smem ? m_tile[r * BN + mt * 16 + hf * 8] != 0
+                                        : mask_bias(p, r_off + int64_t(j) * p.mask_st.c) != -INFINITY;
+              if (j < lim && ok) allowed |= uint64_t(1) << ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c);
+            }
+        }
+      if (!__syncthreads_or(allowed != 0)) continue;
+    }
     const uint32_t q_buf = buf * 2 * QTile::kBytes;  // dO is QTile::kBytes after Q
 
     // S^T = K Q^T and dP^T = V dO^T on this warp's 32 keys x WQ queries; one product after the other keeps only
@@ -194,8 +273,28 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     product(dpt, lane_k + KTile::kBytes, lane_q + q_buf + QTile::kBytes);
 
     // Causal / bounds: S^T = -inf where key j is past row i's limit (rows past L see no key; they are zero-padded).
-    // Only tiles that cross a limit pay for the tests.
-    if (need_elem) {
+    // Only tiles that cross a limit pay for the tests. With a mask, S^T becomes S^T * scale * log2(e) + bias *
+    // log2(e) here (-inf where not allowed), and the exp2 below skips its own scaling.
+    if (has_mask) {
+      const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
+#pragma unroll
+      for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
+          const int64_t r_off = m_off + int64_t(i) * p.mask_st.r;
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
+              float& x = st[mt][n][2 * hf + c];
+              if (!((allowed >> ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c)) & 1)) x = -INFINITY;
+              else if (bool_mask) x *= scale_log2;
+              else x = x * scale_log2 + mask_bias(p, r_off + int64_t(j) * p.mask_st.c) * kLog2e;
+            }
+        }
+    } else if (need_elem) {
 #pragma unroll
       for (int n = 0; n < WQ / 8; ++n)
 #pragma unroll
@@ -210,23 +309,93 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
         }
     }
 
-    // P^T = exp2(S^T * scale - lse), dS^T = P^T o (dP^T - Delta) (one FFMA before the exp2).
+    // P^T = exp2(S^T * scale - lse), dS^T = P^T o (dP^T - Delta) (one FFMA before the exp2). Dropout: st becomes
+    // P_drop^T = P^T * keep (for dV) and dS^T = P^T o (dP^T * keep - Delta).
+    const float pscale = has_mask ? 1.f : scale_log2;
 #pragma unroll
     for (int n = 0; n < WQ / 8; ++n) {
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int r = wn * WQ + n * 8 + 2 * t + c;
-        // A row with no allowed key has lse = -inf: its P must be 0, not exp2(-inf + inf); +inf here gives 0.
-        const float lse = sLse[buf * BM + r], delta = sDelta[buf * BM + r];
-        const float lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
+      for (int mt = 0; mt < 2; ++mt) {
+        // Keep bits of this (n, mt): bit 4 q + w is word w of pair q = 2 hf + c, computed by lane m4 = q.
+        uint32_t keep_bits = 0;
+        if (has_dropout) {
+          const int i = i0 + wn * WQ + n * 8 + 2 * t + (m4 & 1);
+          const int j4 = (j0 + wk * 32 + mt * 16 + (m4 >> 1) * 8 + (g & ~3)) >> 2;
+          uint32_t r[4];
+          dropout_words(drop.seed, drop.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
+                        static_cast<uint32_t>(j4), r);
+          uint32_t nib = 0;
+#pragma unroll
+          for (int w = 0; w < 4; ++w) nib |= (r[w] >= drop.threshold ? 1u : 0u) << w;
+          keep_bits = nib << (4 * m4);
+          keep_bits |= __shfl_xor_sync(0xffffffffu, keep_bits, 4);
+          keep_bits |= __shfl_xor_sync(0xffffffffu, keep_bits, 8);
+        }
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int r = wn * WQ + n * 8 + 2 * t + c;
+          // A row with no allowed key has lse = -inf: its P must be 0, not exp2(-inf + inf); +inf here gives 0.
+          const float lse = sLse[buf * BM + r], delta = sDelta[buf * BM + r];
+          const float lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int e = 2 * hf + c;
+            const float pr = exp2f(st[mt][n][e] * pscale - lse2);
+            if (has_dropout) {
+              const float keep = (keep_bits >> (4 * (2 * hf + c) + m4)) & 1 ? drop.scale : 0.f;
+              st[mt][n][e] = pr * keep;
+              dpt[mt][n][e] = pr * (dpt[mt][n][e] * keep - delta);
+            } else {
+              st[mt][n][e] = pr;
+              dpt[mt][n][e] = pr * (dpt[mt][n][e] - delta);
+            }
+          }
+        }
+      }
+    }
+
+    // Mask gradient: dS itself (rows past L and keys past S hold 0 and are not written).
+    if (has_dmask) {
+      const int64_t base = b * p.dmask_st.b + h * p.dmask_st.h;
+      // Broadcast over rows: this warp's WQ rows of each key (4 lanes x WQ / 4 values), one write per slot; a
+      // half-step wholly past L has no slot (deterministic mode sizes the scratch to ceil(L / WQ) slots).
+      if (p.dmask_tile_rows && i0 + wn * WQ < L) {
+        const int slot = (i0 + wn * WQ) / WQ;
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
-            const int e = 2 * hf + c;
-            const float pr = exp2f(st[mt][n][e] * scale_log2 - lse2);
-            st[mt][n][e] = pr;
-            dpt[mt][n][e] = pr * (dpt[mt][n][e] - delta);
+            float part = 0.f;
+#pragma unroll
+            for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+              for (int c = 0; c < 2; ++c) part += dpt[mt][n][2 * hf + c];
+            part = warp_sum4(part);
+            const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
+            if (t == 0 && j < S) {
+              float* dst = p.dmask + base + int64_t(slot) * p.dmask_st.r + int64_t(j) * p.dmask_st.c;
+              if (p.dmask_atomic) atomicAdd(dst, part);
+              else *dst = part;
+            }
+          }
+      } else if (!p.dmask_tile_rows) {
+#pragma unroll
+        for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
+            if (i >= L) continue;
+            float* row = p.dmask + base + int64_t(i) * p.dmask_st.r;
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+              for (int hf = 0; hf < 2; ++hf) {
+                const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
+                if (j >= S) continue;
+                float* dst = row + int64_t(j) * p.dmask_st.c;
+                if (p.dmask_atomic) atomicAdd(dst, dpt[mt][n][2 * hf + c]);
+                else *dst = dpt[mt][n][2 * hf + c];
+              }
           }
       }
     }

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "cuda/bwd_kernel.h"
+#include "cuda/bwd_wide.h"
 #include "cuda/fwd_kernel.h"
 #include "cuda/fwd_sm90.h"
 #include "cuda/launch.h"
@@ -128,12 +129,13 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
   return plan;
 }
 
-// The mask gradient (the one user of the tile rows) exists only in the general kind.
+// The mask gradient (the one user of the tile rows) exists only in the general kind. The wide kernel sums a
+// row-broadcast mask's gradient per query warp (kMaskRows = half its tile), bwd_kernel per tile.
 template <class T>
 static int bwd_tile_rows_of(int64_t head_dim) {
   switch (bucket(head_dim)) {
-    case 64: return BwdCfg<T, 64, true>::kBM;
-    case 128: return BwdCfg<T, 128, true>::kBM;
+    case 64: return BwdWideCfg<T, 64, true>::kUse ? BwdWideCfg<T, 64, true>::kMaskRows : BwdCfg<T, 64, true>::kBM;
+    case 128: return BwdWideCfg<T, 128, true>::kUse ? BwdWideCfg<T, 128, true>::kMaskRows : BwdCfg<T, 128, true>::kBM;
     default: return BwdCfg<T, 256, true>::kBM;
   }
 }
