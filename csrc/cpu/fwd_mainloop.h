@@ -25,7 +25,10 @@ struct Blocks {
 
 inline Blocks fwd_blocks(const AttnParams& p) {
   if (p.L <= kDecodeMaxL) return {256, 512};  // decode: a few rows, so wide key tiles cost little L2
-  const int64_t n = p.dtype == ScalarKind::BFloat16 && p.E <= 64 ? 256 : 128;
+  // float32 D = 128 without causal: 256-key tiles halve the GEMM calls per row (L = 1024 / 2048: 2-5% faster
+  // in side-by-side runs, within 3% of the noise, never slower); causal keeps 128 so diagonal tiles waste less.
+  const bool wide_f32 = p.dtype == ScalarKind::Float && p.E > 96 && p.causal == Causal::None;
+  const int64_t n = (p.dtype == ScalarKind::BFloat16 && p.E <= 64) || wide_f32 ? 256 : 128;
   // Causal: the diagonal tiles are computed whole and half masked, so shorter query tiles waste less.
   return {p.causal == Causal::None ? 256 : 128, n};
 }
