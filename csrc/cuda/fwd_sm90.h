@@ -44,7 +44,10 @@ struct FwdSm90Cfg {
   // Keys per tile: the n of S's wgmma and the k extent of P V. 64-key tiles (the general kind until 2026-11-22)
   // halve the tensor work per tile while the per-tile costs stay, and S's wgmma n64 reads Q from shared memory as
   // fast as it computes.
-  static constexpr int kBN = 128;
+  // At d256 (plain kind only: variants.py) 64-key tiles: Q is 64 KB and a 128-key K or V stage 64 KB, so 128-key
+  // tiles leave room for one stage of each; with 64 keys, two stages of each fit (64 + 4 x 32 KB), and the
+  // registers of a consumer thread hold O (128) + S (32) + P (16) instead of 128 + 64 + 32.
+  static constexpr int kBN = D == 256 ? 64 : 128;
   // The consumer warpgroups plus a producer warpgroup: one thread of it streams K/V through the bulk tensor copy
   // engine (TMA); with a staged mask, all of it loads the mask tile first and drops tiles no row may see.
   static constexpr int kConsumers = 128 * kWG;
@@ -54,7 +57,7 @@ struct FwdSm90Cfg {
   static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 40 : 24;
   // Stages per ring (K and V alike): K(j + 1) and V(j) are in use during step j, the rest landing. Two stages of
   // each give every load one step to land; the general kind at d128 has room for no more beside its mask buffers.
-  static constexpr int kStages = kGeneral && D == 128 ? 2 : 3;
+  static constexpr int kStages = (kGeneral && D == 128) || D == 256 ? 2 : 3;
   // Bool mask, packed by the producer: per K stage and row, four 32-bit words in key order (bit k of word w = key
   // 32w + k of the tile): one 16-byte load per row and tile; each consumer thread shifts its keys into place.
   static_assert(!kGeneral || kBN == 128, "the packed mask layout assumes 128-key tiles");
@@ -174,7 +177,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       constexpr int kChunks = BN / 16;
       // A row's 16-byte chunk c sits at chunk c ^ (row % 8) of its slot row: the 8 threads of a quarter warp then
       // read (and cp.async writes) 8 different bank groups instead of one (rows are 128 bytes apart).
-      static_assert(kChunks == 8, "the scan-slot swizzle assumes 8 chunks per row");
+      static_assert(!kGeneral || kChunks == 8, "the scan-slot swizzle assumes 8 chunks per row");
       const unsigned char* scan0 = smem + (sScan0 - smem_u32(smem));
       const unsigned char* m = static_cast<const unsigned char*>(p.mask);
       const int pr = m0 + ptid;
