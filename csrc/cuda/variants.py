@@ -19,11 +19,10 @@ BWD_KINDS = {"plain": "false", "general": "true"}
 # Hopper forward main loop (fwd_sm90.h, wgmma): the head dims and kinds it implements. launch.cu runs one of these
 # instead of the fwd variant of the same (dtype, head dim, kind) when the device has compute capability 9 and the
 # build contains sm_90a code; every other case runs the fwd variants above.
-# 16-bit inputs only: float32 keeps the split-TF32 mma.sync loop. Per head dim, the kinds it implements: at d256
-# only the plain kind (64-key tiles, FwdSm90Cfg); the general kind's packed mask assumes 128-key tiles, which do not
-# fit beside a 64 KB Q tile at d256, so d256 general stays on the mma.sync loop.
+# 16-bit inputs only: float32 keeps the split-TF32 mma.sync loop. Per head dim, the kinds it implements (d256: 64-key
+# tiles, FwdSm90Cfg).
 SM90_FWD_KINDS = {"plain": "0", "general": "1"}
-SM90_FWD = {64: ("plain", "general"), 128: ("plain", "general"), 256: ("plain",)}
+SM90_FWD = {64: ("plain", "general"), 128: ("plain", "general"), 256: ("plain", "general")}
 SM90_DTYPES = ("bf16", "fp16")
 # Header that defines each pass's run_<pass> template.
 LAUNCH_HEADERS = {"fwd": "cuda/launch_impl.h", "bwd": "cuda/launch_impl.h", "fwd_sm90": "cuda/launch_sm90.h"}
