@@ -32,6 +32,13 @@ def rows():
                 out.append((f"d{d} L{L // 1024}k" + (" causal" if causal else ""), 16384 // L, 2048 // d,
                             2048 // d, L, L, d, bf16, "causal" if causal else "plain"))
     out.append(("d128 L4k fp16", 4, 16, 16, 4096, 4096, 128, torch.float16, "plain"))
+    # d256 (64-key tiles on the sm90 loop); cuda_flash.py's d256 row is the first
+    out.append(("d256 L4k", 4, 8, 8, 4096, 4096, 256, bf16, "plain"))
+    out.append(("d256 L4k causal", 4, 8, 8, 4096, 4096, 256, bf16, "causal"))
+    out.append(("d256 L16k causal", 1, 8, 8, 16384, 16384, 256, bf16, "causal"))
+    out.append(("d256 L4k fp16", 4, 8, 8, 4096, 4096, 256, torch.float16, "plain"))
+    out.append(("bool mask (B,1,L,S) d256 L4k", 4, 8, 8, 4096, 4096, 256, bf16, "dense_mask"))
+    out.append(("pad mask (B,1,1,S) d256 L4k", 4, 8, 8, 4096, 4096, 256, bf16, "pad_mask"))
     out.append(("bool mask (B,1,L,S) d128 L4k", 4, 16, 16, 4096, 4096, 128, bf16, "dense_mask"))
     out.append(("pad mask (B,1,1,S) d128 L4k", 4, 16, 16, 4096, 4096, 128, bf16, "pad_mask"))
     return out
@@ -44,7 +51,9 @@ def extra_rows():
             ("dropout 0.1 d128 L4k", 4, 16, 16, 4096, 4096, 128, bf16, "dropout"),
             ("pad mask (B,1,1,S) d64 L4k", 4, 32, 32, 4096, 4096, 64, bf16, "pad_mask"),
             ("bool mask (B,1,L,S) d64 L4k fp16", 4, 32, 32, 4096, 4096, 64, fp16, "dense_mask"),
-            ("d64 L4k fp16", 4, 32, 32, 4096, 4096, 64, fp16, "plain")]
+            ("d64 L4k fp16", 4, 32, 32, 4096, 4096, 64, fp16, "plain"),
+            ("dropout 0.1 d256 L4k", 4, 8, 8, 4096, 4096, 256, bf16, "dropout"),
+            ("additive mask (B,1,L,S) d256 L4k", 4, 8, 8, 4096, 4096, 256, bf16, "add_mask")]
 
 
 def build_any(row):
@@ -66,12 +75,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rep", type=int, default=100)
     ap.add_argument("--extra", action="store_true", help="only the general kind's other paths (extra_rows)")
+    ap.add_argument("--only", default=None, help="only rows whose name contains this")
     args = ap.parse_args(argv)
     from triton.testing import do_bench
     bench = lambda fn: do_bench(fn, warmup=25, rep=args.rep, return_mode="median")  # noqa: E731
     lines = ["| shape | sm90 | mma.sync | torch default | torch FA2 | sm90 / mma.sync | sm90 vs FA2 | "
              "sm90 vs default | rel diff |", "|" + "---|" * 9]
-    for row in extra_rows() if args.extra else rows():
+    for row in [r for r in (extra_rows() if args.extra else rows()) if args.only is None or args.only in r[0]]:
         torch.cuda.empty_cache()
         q, k, v, kw, tkw = build_any(row)
         with torch.no_grad():

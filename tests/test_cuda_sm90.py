@@ -17,20 +17,20 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("E", [64, 128, 256])
 @pytest.mark.parametrize("causal", [0, 1, 2], ids=["none", "upper_left", "lower_right"])
 @pytest.mark.parametrize("L,S", [(1000, 1000), (300, 1700), (1700, 300)], ids=str)
 def test_long_forward(dtype, E, causal, L, S):
     check_case(2, 4, 2, L, S, E, E, dtype, causal=causal, sinks=causal == 2, backward=False, seed=L + S + E)
 
 
-@pytest.mark.parametrize("E,Ev", [(64, 40), (128, 96), (72, 72)])
+@pytest.mark.parametrize("E,Ev", [(64, 40), (128, 96), (72, 72), (256, 200), (160, 256), (136, 136)])
 def test_head_dims_padded_to_the_bucket(E, Ev):
     check_case(1, 2, 2, 513, 777, E, Ev, torch.bfloat16, causal=1, backward=False)
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "bool_blocks", "pad", "pad_len", "add_f32", "add_same", "bool_rows"])
-@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("E", [64, 128, 256])
 @pytest.mark.parametrize("L,S", [(1000, 1000), (300, 1700)], ids=str)
 def test_long_masked_forward(mask_kind, E, L, S):
     # The general kind: staged bool masks with tile skipping (bool_blocks masks whole 64x64 tiles), masks read

@@ -44,7 +44,11 @@ struct FwdSm90Cfg {
   // Keys per tile: the n of S's wgmma and the k extent of P V. 64-key tiles (the general kind until 2026-11-22)
   // halve the tensor work per tile while the per-tile costs stay, and S's wgmma n64 reads Q from shared memory as
   // fast as it computes.
-  static constexpr int kBN = 128;
+  // At d256 64-key tiles: Q is 64 KB and a 128-key K or V stage 64 KB, so 128-key
+  // tiles leave room for one stage of each; with 64 keys, two stages of each fit (64 + 4 x 32 KB; the general kind
+  // adds 2 x 2 KB of packed mask and 3 x 8 KB of scan slots: 220 KB), and the registers of a consumer thread hold
+  // O (128) + S (32) + P (16) instead of 128 + 64 + 32.
+  static constexpr int kBN = D == 256 ? 64 : 128;
   // The consumer warpgroups plus a producer warpgroup: one thread of it streams K/V through the bulk tensor copy
   // engine (TMA); with a staged mask, all of it loads the mask tile first and drops tiles no row may see.
   static constexpr int kConsumers = 128 * kWG;
@@ -54,11 +58,12 @@ struct FwdSm90Cfg {
   static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 40 : 24;
   // Stages per ring (K and V alike): K(j + 1) and V(j) are in use during step j, the rest landing. Two stages of
   // each give every load one step to land; the general kind at d128 has room for no more beside its mask buffers.
-  static constexpr int kStages = kGeneral && D == 128 ? 2 : 3;
+  static constexpr int kStages = (kGeneral && D == 128) || D == 256 ? 2 : 3;
   // Bool mask, packed by the producer: per K stage and row, four 32-bit words in key order (bit k of word w = key
   // 32w + k of the tile): one 16-byte load per row and tile; each consumer thread shifts its keys into place.
-  static_assert(!kGeneral || kBN == 128, "the packed mask layout assumes 128-key tiles");
-  static constexpr int kBitsBytes = kGeneral ? kBM * kBN / 8 : 0;
+  // 64-key tiles (d256) use words 0 and 1 and leave 2 and 3 zero (the same layout, one code path).
+  static_assert(!kGeneral || kBN == 128 || kBN == 64, "the packed mask layout holds at most 128 keys per row");
+  static constexpr int kBitsBytes = kGeneral ? kBM * 16 : 0;
   // The producer's raw mask tiles (BM rows of BN bytes, cp.async), a ring of three scan slots.
   static constexpr int kScanBytes = kGeneral ? kBM * kBN : 0;
   using QTile = Sw128Tile<kBM, D>;
@@ -173,8 +178,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       // Bytes past the row's causal/bounds limit are never loaded (zero-filled), so the bits include causal.
       constexpr int kChunks = BN / 16;
       // A row's 16-byte chunk c sits at chunk c ^ (row % 8) of its slot row: the 8 threads of a quarter warp then
-      // read (and cp.async writes) 8 different bank groups instead of one (rows are 128 bytes apart).
-      static_assert(kChunks == 8, "the scan-slot swizzle assumes 8 chunks per row");
+      // read (and cp.async writes) 8 different bank groups instead of one (rows are 128 bytes apart). 64-key
+      // tiles (d256): chunk c ^ (row % 4), rows 64 bytes apart, two rows per bank sweep.
+      static_assert(!kGeneral || kChunks == 8 || kChunks == 4, "the scan-slot swizzle takes 4 or 8 chunks per row");
       const unsigned char* scan0 = smem + (sScan0 - smem_u32(smem));
       const unsigned char* m = static_cast<const unsigned char*>(p.mask);
       const int pr = m0 + ptid;
@@ -183,7 +189,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       // 128 bytes for itself sent 128 requests per tile and block to the same few L2 lines: the padding-mask row
       // stayed at ~145 TFLOP/s whatever the consumers did.) Causal bounds are per row, so only without causal.
       const bool one_row = p.mask_st.r == 0 && p.mask_st.h == 0 && p.causal == Causal::None;
-      const int sw = one_row ? 0 : ptid & 7;
+      const int sw = one_row ? 0 : ptid & (kChunks - 1);
       const int lim = one_row ? static_cast<int>(p.S) : pr < rows ? row_limit(p, pr % L) : 0;  // keys [0, lim) pass
       const unsigned char* mrow = m;
       if (one_row)
@@ -298,7 +304,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   }
   // Packed mask of this thread's rows (allowed: causal/bounds pass and the mask is true), shifted right by 2t so
   // that bit 8m + e of bits[hf][w] is key tile * BN + 32w + 8m + 2t + e of row half hf (accumulator n = 4w + m).
-  static_assert(!kGeneral || BN == 128, "four 32-bit mask words per row");
+  static_assert(!kGeneral || BN == 128 || BN == 64, "at most four 32-bit mask words per row");
   auto mask_bits = [&](int stage, uint32_t (&bits)[2][4]) {
     const uint4* sm = reinterpret_cast<const uint4*>(smem_m0 + stage * Cfg::kBitsBytes);
     const int r = wg * 64 + wwarp * 16 + g;
@@ -310,6 +316,13 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       bits[hf][2] = w.z >> (2 * t);
       bits[hf][3] = w.w >> (2 * t);
     }
+  };
+  // Whether this thread's bits of the tile are all set (the words past BN / 32 are zero and not looked at).
+  auto all_set = [&](const uint32_t (&bits)[2][4]) {
+    uint32_t a = 0x03030303u;
+#pragma unroll
+    for (int w = 0; w < BN / 32; ++w) a &= bits[0][w] & bits[1][w];
+    return a == 0x03030303u;
   };
 
   const bool with_sinks = p.sinks != nullptr && p.num_splits == 1;
@@ -383,9 +396,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
           s[n * 4 + i] = ok ? v : -INFINITY;
         }
       }
-    } else if (mask_staged && !__all_sync(0xffffffffu, (bits[0][0] & bits[0][1] & bits[0][2] & bits[0][3] & bits[1][0] &
-                                                         bits[1][1] & bits[1][2] & bits[1][3] & 0x03030303u) ==
-                                                            0x03030303u)) {
+    } else if (mask_staged && !__all_sync(0xffffffffu, all_set(bits))) {
       // Packed bits (causal and bounds included). A warp whose bits are all set takes the unmasked branch below:
       // the common case for padding masks and for the inner tiles of block-structured masks.
 #pragma unroll

@@ -110,9 +110,14 @@ FwdPlan plan_fwd(const AttnParams& p, int num_sms) {
   int64_t bm = 0, bn = 0;
   plan.sm90 = use_sm90(p, d, plan.kind);
   if (plan.sm90) {
-    // The sm90 variants tile the same way at every head dim; only the kind matters.
-    bm = plan.kind == 0 ? FwdSm90Cfg<128, 0>::kBM : FwdSm90Cfg<128, 1>::kBM;
-    bn = plan.kind == 0 ? FwdSm90Cfg<128, 0>::kBN : FwdSm90Cfg<128, 1>::kBN;
+    // The sm90 variants at d64 and d128 tile alike (only the kind matters); d256 on its own tiles.
+    if (d == 256) {
+      bm = plan.kind == 0 ? FwdSm90Cfg<256, 0>::kBM : FwdSm90Cfg<256, 1>::kBM;
+      bn = plan.kind == 0 ? FwdSm90Cfg<256, 0>::kBN : FwdSm90Cfg<256, 1>::kBN;
+    } else {
+      bm = plan.kind == 0 ? FwdSm90Cfg<128, 0>::kBM : FwdSm90Cfg<128, 1>::kBM;
+      bn = plan.kind == 0 ? FwdSm90Cfg<128, 0>::kBN : FwdSm90Cfg<128, 1>::kBN;
+    }
   } else if (p.dtype == ScalarKind::Float) {
     tile_of<float>(plan.kind, d, bm, bn);
   } else {
