@@ -192,6 +192,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   const int m4 = g & 3;  // this lane's key within its group of 4 (dropout)
   // Allowed bits of the mask pass (one per element a thread holds: WQ of them).
   using MaskBits = std::conditional_t<(WQ <= 32), uint32_t, uint64_t>;
+  constexpr MaskBits kAllBits = ~MaskBits(0) >> (8 * sizeof(MaskBits) - WQ);      // every element
   constexpr MaskBits kRowBits = (MaskBits(1) << ((WQ / 8) * 2 - 1) << 1) - 1;  // the 2 WQ / 8 bits of one key
   MaskBits row_allowed = 0;  // row-broadcast mask: this head's bits (kRowBits per allowed key)
   bool head_any = false;     // row-broadcast mask: some key of the block is allowed for this head
@@ -351,8 +352,13 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
                       : -INFINITY;
             }
     };
+    // exp2 below: S^T * pscale - lse2 (the mask pass has applied the scale where it ran).
+    float pscale = has_mask ? 1.f : scale_log2;
     if (bool_mask) {
-      mask_pass([&](int, int, int, int) { return 0.f; });
+      // A thread whose elements are all allowed (padding masks inside the valid length, mostly-true masks) skips
+      // the pass: the exp2 scales as in the plain kind.
+      if (allowed == kAllBits) pscale = scale_log2;
+      else mask_pass([&](int, int, int, int) { return 0.f; });
     } else if (row_bcast) {  // additive, broadcast over rows: one bias per key of this thread (in L1 after the test)
       const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
       float key_bias[4] = {0.f, 0.f, 0.f, 0.f};
@@ -385,7 +391,6 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     // P^T = exp2(S^T * scale - lse), dS^T = P^T o (dP^T - Delta) (one FFMA before the exp2). Dropout: st becomes
     // P_drop^T = P^T * keep (for dV) and dS^T = P^T o (dP^T * keep - Delta).
     // The dropout and no-dropout versions are separate loops (a block-uniform branch; see mask_pass).
-    const float pscale = has_mask ? 1.f : scale_log2;
     auto exp_pass = [&](auto with_dropout) {
       constexpr bool kDrop = decltype(with_dropout)::value;
 #pragma unroll
