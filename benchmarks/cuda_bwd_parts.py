@@ -4,7 +4,7 @@
 
 bf16, B=4, H=16, L=S=4096 (d64 / d128, causal and not), side by side in one process. --general: the general kind
 instead (d64 / d128 with a bool mask (B,1,L,S) of random halves, a padding mask (B,1,1,S) keeping S/2..S keys,
-dropout 0.1); torch's column is then its default backend for the masks (FA2 takes no mask) and FA2 for dropout,
+an all-true padding mask ("pad1": the general kind's cost without skipped tiles), dropout 0.1); torch's column is then its default backend for the masks (FA2 takes no mask) and FA2 for dropout,
 and the rel diff is left out where dropout makes the two differ. The backward is timed on
 its own: one forward, then torch.autograd.grad(..., retain_graph=True) repeated (medians of do_bench, CUDA events);
 it includes the Delta pre-pass, the zeroed dq_accum and its conversion to dq. TFLOP/s counts 2.5 x 4*B*H*L*S*D
@@ -37,7 +37,7 @@ def main():
     g = torch.Generator(device="cuda").manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; backward only, bf16, B={B} H={H} L=S={L}")
     table = []
-    kinds = ("bool", "pad", "dropout") if args.general else ("plain", "causal")
+    kinds = ("bool", "pad", "pad1", "dropout") if args.general else ("plain", "causal")
     for D in (64, 128):
         for kind in kinds:
             causal = kind == "causal"
@@ -55,6 +55,8 @@ def main():
             elif kind == "pad":
                 lengths = torch.randint(L // 2, L + 1, (B,), generator=g, device="cuda")
                 kw["attn_mask"] = (torch.arange(L, device="cuda")[None, :] < lengths[:, None]).view(B, 1, 1, L)
+            elif kind == "pad1":
+                kw["attn_mask"] = torch.ones(B, 1, 1, L, dtype=torch.bool, device="cuda")
             elif kind == "dropout":
                 kw["dropout_p"] = 0.1
             flops = 2.5 * 4 * B * H * L * L * D * (0.5 if causal else 1.0)

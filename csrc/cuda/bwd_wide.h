@@ -33,6 +33,8 @@
 //            deterministic mode): one writer per slot and key, summed in a fixed order (own rows, then the 4 t
 //            lanes), so deterministic mode stays bitwise repeatable without a cross-warp pass.
 #pragma once
+#include <type_traits>
+
 #include "cuda/bwd_kernel.h"
 
 namespace sdpax {
@@ -148,8 +150,16 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
       cp_async4(smem_u32(sDelta + buf * BM + r), ok ? p.delta + row0 + r : p.delta, ok);
     }
   };
-  // Bool mask through shared memory (see the top): contiguous keys, 16-byte aligned rows, heads and batches.
-  const bool mask_smem = kGeneral && p.mask_kind == MaskKind::Bool && p.mask_st.c == 1 &&
+  // A mask broadcast over query rows (a padding mask, (B, 1|H, 1, S)) is tested on one row: its allowed keys depend
+  // only on the head, so each thread keeps its 4 key bits spread over its rows (`row_allowed`), refreshed once per
+  // head, and the block-wide skip vote runs once per head (per step only on tiles that cross a causal / bounds
+  // limit). No shared copy, no per-step mask reads for the test.
+  const bool row_bcast = kGeneral && p.mask_kind != MaskKind::None && p.mask_st.r == 0;
+  // Bool mask through shared memory (see the top): contiguous keys, 16-byte aligned rows, heads and batches. The
+  // 16-byte chunk c of tile row r is stored at chunk c ^ ((r >> 1) & 3): the 4 rows 2t + c' a warp's lanes read in
+  // one byte load (t = 0..3) then fall in 4 different 16-byte bank groups (unswizzled, rows 256 bytes apart hit the
+  // same banks: a 4-way conflict on each of the 32 loads per thread and step).
+  const bool mask_smem = kGeneral && !row_bcast && p.mask_kind == MaskKind::Bool && p.mask_st.c == 1 &&
                          (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0 &&
                          ((p.mask_st.r | p.mask_st.h | p.mask_st.b) & 15) == 0;
   auto load_mask = [&](int step, int buf) {
@@ -161,10 +171,11 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
       const int idx = tid + k * NT, r = idx / (BN / 16), cc = idx % (BN / 16);
       const int i = i0 + r, j = j0 + cc * 16;
       const int bytes = i < L ? max(0, min(16, S - j)) : 0;
-      cp_async16_partial(dst0 + idx * 16, bytes > 0 ? m0 + int64_t(i) * p.mask_st.r + j : p.mask, bytes);
+      cp_async16_partial(dst0 + r * BN + ((cc ^ ((r >> 1) & 3)) << 4),
+                         bytes > 0 ? m0 + int64_t(i) * p.mask_st.r + j : p.mask, bytes);
     }
   };
-  static_assert(!kGeneral || (BM * BN / 16) % NT == 0, "mask tile copy");
+  static_assert(!kGeneral || ((BM * BN / 16) % NT == 0 && BN / 16 == 8 && WQ % 8 == 0), "mask tile copy");
   if (steps > 0) {
     load_q(0, 0);
     if (mask_smem) load_mask(0, 0);
@@ -179,6 +190,16 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   const bool bool_mask = has_mask && p.mask_kind == MaskKind::Bool;
   const bool has_dmask = kGeneral && p.dmask != nullptr;
   const int m4 = g & 3;  // this lane's key within its group of 4 (dropout)
+  // Allowed bits of the mask pass (one per element a thread holds: WQ of them).
+  using MaskBits = std::conditional_t<(WQ <= 32), uint32_t, uint64_t>;
+  constexpr MaskBits kAllBits = ~MaskBits(0) >> (8 * sizeof(MaskBits) - WQ);      // every element
+  constexpr MaskBits kRowBits = (MaskBits(1) << ((WQ / 8) * 2 - 1) << 1) - 1;  // the 2 WQ / 8 bits of one key
+  MaskBits row_allowed = 0;  // row-broadcast mask: this head's bits (kRowBits per allowed key)
+  bool head_any = false;     // row-broadcast mask: some key of the block is allowed for this head
+  // Swizzled bool mask tile: this lane's byte of row wn * WQ + 2t, chunk 2 wk + mt (see load_mask).
+  const unsigned char* m_tile_lane[2] = {
+      sMaskTile + (wn * WQ + 2 * t) * BN + (((2 * wk) ^ t) << 4) + g,
+      sMaskTile + (wn * WQ + 2 * t) * BN + (((2 * wk + 1) ^ t) << 4) + g};
 
   // Lane addresses of every shared-memory operand (SmemTile::moved); the Q / dO ones move with the buffer.
   const int qm = warp % Cfg::kQRows, c_begin = (warp / Cfg::kQRows) * QC;  // dQ: rows qm * 32, columns c_begin
@@ -214,31 +235,70 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     }
     cp_async_commit();
 
-    const bool need_elem = has_mask || last_key >= row_limit(p, i0) || i0 + BM > L || j0 + BN > S;
+    // Tiles that cross a causal / bounds limit (block-uniform); only those test each element against it.
+    const bool cross = last_key >= row_limit(p, i0) || i0 + BM > L || j0 + BN > S;
     // Mask: bit ((mt * 2 + hf) * WQ / 8 + n) * 2 + c set where element (mt, n, hf, c) is allowed (mask, causal and
     // bounds); a tile no element of which is allowed contributes nothing and is skipped.
-    uint64_t allowed = 0;
+    MaskBits allowed = 0;
     if (has_mask) {
-      const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
-      const unsigned char* m_tile = sMaskTile + buf * BM * BN + wk * 32 + g;
+      if (row_bcast) {
+        if (step % q_tiles == 0) {  // a new head: this thread's 4 keys, spread over its rows; one vote per head
+          const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
+          row_allowed = 0;
 #pragma unroll
-      for (int n = 0; n < WQ / 8; ++n)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int r = wn * WQ + n * 8 + 2 * t + c, i = i0 + r;
-          const int lim = i < L ? row_limit(p, i) : 0;
-          const int64_t r_off = m_off + int64_t(i) * p.mask_st.r;
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
-              const bool ok = mask_smem ? m_tile[r * BN + mt * 16 + hf * 8] != 0
-                                        : mask_bias(p, r_off + int64_t(j) * p.mask_st.c) != -INFINITY;
-              if (j < lim && ok) allowed |= uint64_t(1) << ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c);
-            }
+          for (int q = 0; q < 4; ++q) {
+            const int j = j0 + wk * 32 + q * 8 + g;
+            if (j < S && mask_bias(p, m_off + int64_t(j) * p.mask_st.c) != -INFINITY)
+              row_allowed |= kRowBits << (q * (WQ / 8) * 2);
+          }
+          head_any = __syncthreads_or(row_allowed != 0);
         }
-      if (!__syncthreads_or(allowed != 0)) continue;
+        allowed = row_allowed;
+        if (!cross && !head_any) continue;
+      } else if (mask_smem) {
+        // Row r = wn * WQ + n * 8 + 2t + c of the swizzled tile has ((r >> 1) & 3) == t (WQ a multiple of 8).
+        const unsigned char* m0 = m_tile_lane[0] + buf * BM * BN, *m1 = m_tile_lane[1] + buf * BM * BN;
+#pragma unroll
+        for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+              for (int hf = 0; hf < 2; ++hf)
+                if ((mt ? m1 : m0)[(n * 8 + c) * BN + hf * 8] != 0)
+                  allowed |= MaskBits(1) << ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c);
+      } else {  // in place through the broadcast strides
+        const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
+#pragma unroll
+        for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
+            const int64_t r_off = m_off + int64_t(i) * p.mask_st.r;
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+              for (int hf = 0; hf < 2; ++hf) {
+                const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
+                if ((!cross || (i < L && j < S)) && mask_bias(p, r_off + int64_t(j) * p.mask_st.c) != -INFINITY)
+                  allowed |= MaskBits(1) << ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c);
+              }
+          }
+      }
+      if (cross) {  // fold causal / bounds in: keys j < row_limit(i), rows i < L
+#pragma unroll
+        for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
+            const int lim = i < L ? row_limit(p, i) : 0;
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+              if (j0 + wk * 32 + q * 8 + g >= lim) allowed &= ~(MaskBits(1) << (((q * (WQ / 8) + n) * 2) + c));
+          }
+      }
+      if ((!row_bcast || cross) && !__syncthreads_or(allowed != 0)) continue;
     }
     const uint32_t q_buf = buf * 2 * QTile::kBytes;  // dO is QTile::kBytes after Q
 
@@ -275,26 +335,45 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     // Causal / bounds: S^T = -inf where key j is past row i's limit (rows past L see no key; they are zero-padded).
     // Only tiles that cross a limit pay for the tests. With a mask, S^T becomes S^T * scale * log2(e) + bias *
     // log2(e) here (-inf where not allowed), and the exp2 below skips its own scaling.
-    if (has_mask) {
-      const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
+    // Each kind of mask has its own loop (a block-uniform branch around it): one loop with a per-element choice
+    // is if-converted and every element would issue the additive path's address arithmetic and loads too.
+    auto mask_pass = [&](auto bias_of) {
 #pragma unroll
       for (int n = 0; n < WQ / 8; ++n)
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
-          const int64_t r_off = m_off + int64_t(i) * p.mask_st.r;
+        for (int c = 0; c < 2; ++c)
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
-              const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
               float& x = st[mt][n][2 * hf + c];
-              if (!((allowed >> ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c)) & 1)) x = -INFINITY;
-              else if (bool_mask) x *= scale_log2;
-              else x = x * scale_log2 + mask_bias(p, r_off + int64_t(j) * p.mask_st.c) * kLog2e;
+              x = (allowed >> ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c)) & 1
+                      ? x * scale_log2 + bias_of(n, c, mt, hf)
+                      : -INFINITY;
             }
-        }
-    } else if (need_elem) {
+    };
+    // exp2 below: S^T * pscale - lse2 (the mask pass has applied the scale where it ran).
+    float pscale = has_mask ? 1.f : scale_log2;
+    if (bool_mask) {
+      // A thread whose elements are all allowed (padding masks inside the valid length, mostly-true masks) skips
+      // the pass: the exp2 scales as in the plain kind.
+      if (allowed == kAllBits) pscale = scale_log2;
+      else mask_pass([&](int, int, int, int) { return 0.f; });
+    } else if (row_bcast) {  // additive, broadcast over rows: one bias per key of this thread (in L1 after the test)
+      const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
+      float key_bias[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        if ((row_allowed >> (q * (WQ / 8) * 2)) & 1)
+          key_bias[q] = mask_bias(p, m_off + int64_t(j0 + wk * 32 + q * 8 + g) * p.mask_st.c) * kLog2e;
+      mask_pass([&](int, int, int mt, int hf) { return key_bias[mt * 2 + hf]; });
+    } else if (has_mask) {  // additive: read where allowed
+      const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
+      mask_pass([&](int n, int c, int mt, int hf) {
+        const int i = i0 + wn * WQ + n * 8 + 2 * t + c, j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
+        return mask_bias(p, m_off + int64_t(i) * p.mask_st.r + int64_t(j) * p.mask_st.c) * kLog2e;
+      });
+    } else if (cross) {
 #pragma unroll
       for (int n = 0; n < WQ / 8; ++n)
 #pragma unroll
@@ -311,14 +390,16 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
 
     // P^T = exp2(S^T * scale - lse), dS^T = P^T o (dP^T - Delta) (one FFMA before the exp2). Dropout: st becomes
     // P_drop^T = P^T * keep (for dV) and dS^T = P^T o (dP^T * keep - Delta).
-    const float pscale = has_mask ? 1.f : scale_log2;
+    // The dropout and no-dropout versions are separate loops (a block-uniform branch; see mask_pass).
+    auto exp_pass = [&](auto with_dropout) {
+      constexpr bool kDrop = decltype(with_dropout)::value;
 #pragma unroll
     for (int n = 0; n < WQ / 8; ++n) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
         // Keep bits of this (n, mt): bit 4 q + w is word w of pair q = 2 hf + c, computed by lane m4 = q.
         uint32_t keep_bits = 0;
-        if (has_dropout) {
+        if (kDrop) {
           const int i = i0 + wn * WQ + n * 8 + 2 * t + (m4 & 1);
           const int j4 = (j0 + wk * 32 + mt * 16 + (m4 >> 1) * 8 + (g & ~3)) >> 2;
           uint32_t r[4];
@@ -341,7 +422,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
           for (int hf = 0; hf < 2; ++hf) {
             const int e = 2 * hf + c;
             const float pr = exp2f(st[mt][n][e] * pscale - lse2);
-            if (has_dropout) {
+            if (kDrop) {
               const float keep = (keep_bits >> (4 * (2 * hf + c) + m4)) & 1 ? drop.scale : 0.f;
               st[mt][n][e] = pr * keep;
               dpt[mt][n][e] = pr * (dpt[mt][n][e] * keep - delta);
@@ -353,6 +434,9 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
         }
       }
     }
+    };
+    if (has_dropout) exp_pass(std::true_type{});
+    else exp_pass(std::false_type{});
 
     // Mask gradient: dS itself (rows past L and keys past S hold 0 and are not written).
     if (has_dmask) {
