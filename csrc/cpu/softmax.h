@@ -116,11 +116,10 @@ SDPAX_INLINE __mmask16 visible(const uint8_t* keep, int64_t j, __mmask16 k) {
 
 // exp2(x - m) of the visible columns into pout (times the dropout factors), their sum; vmax_shifted receives
 // the lane-wise max of x - m (the caller reduces it only when it needs the row max).
-template <class C, bool HwBf16, bool Plain>
+template <class C, bool HwBf16>
 SDPAX_INLINE float exp_pass(const float* s, const float* bias, const uint8_t* keep, const float* drop, int64_t lim,
                             __m512 vs, float m, C* pout, __m512& vmax_shifted) {
   constexpr int kDeg = kExpDegree<C>;
-  if constexpr (Plain) bias = nullptr, keep = nullptr, drop = nullptr;  // constants: the loop has no tests
   const __m512 neg_m = _mm512_set1_ps(-m), vl2e = _mm512_set1_ps(kLog2e);
   // Two independent (sum, max) chains: one chain's add / max latency would otherwise bound the loop.
   __m512 vsum0 = _mm512_setzero_ps(), vsum1 = vsum0, vmax0 = _mm512_set1_ps(kNegInf), vmax1 = vmax0;
@@ -152,6 +151,7 @@ template <class C, bool HwBf16, bool Plain>
 SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, float scale2, const RowMask& mask,
                                     int64_t lim, const float* drop, float& m, float& l, C* pout) {
   lim = std::clamp<int64_t>(lim, 0, n);
+  // Plain: the pointers are constant nulls, so the inlined exp_pass loops carry no mask or dropout tests.
   const float* bias = Plain ? nullptr : mask.bias;
   const uint8_t* keep = Plain ? nullptr : mask.keep;
   if constexpr (Plain) drop = nullptr;
@@ -168,7 +168,7 @@ SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, flo
   }
   if (guess != kNegInf && !std::isnan(guess)) {
     __m512 vmax;
-    const float sum = exp_pass<C, HwBf16, Plain>(s, bias, keep, drop, lim, vs, guess, pout, vmax);
+    const float sum = exp_pass<C, HwBf16>(s, bias, keep, drop, lim, vs, guess, pout, vmax);
     // The usual case: no score of this tile exceeds the running max by more than the lazy threshold.
     if (!_mm512_cmp_ps_mask(vmax, _mm512_set1_ps(kLazyRescale), _CMP_GT_OQ)) {
       std::fill(pout + lim, pout + npad, C(0.f));
@@ -197,7 +197,7 @@ SDPAX_INLINE float softmax_row_impl(const float* s, int64_t n, int64_t npad, flo
     return 1.f;
   }
   __m512 unused;
-  const float sum = exp_pass<C, HwBf16, Plain>(s, bias, keep, drop, lim, vs, m_new, pout, unused);
+  const float sum = exp_pass<C, HwBf16>(s, bias, keep, drop, lim, vs, m_new, pout, unused);
   std::fill(pout + lim, pout + npad, C(0.f));
   const float alpha = m == kNegInf ? 0.f : std::exp2(m - m_new);
   l = l * alpha + sum;
