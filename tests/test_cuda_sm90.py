@@ -38,3 +38,14 @@ def test_long_masked_forward(mask_kind, E, L, S):
     # visible (the unmasked branch of a staged mask), one partial tile, the rest dropped.
     check_case(1, 4, 2, L, S, E, E, torch.bfloat16, mask_kind=mask_kind, sinks=mask_kind == "pad", backward=False,
                seed=L + E)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [0, 1, 2], ids=["none", "upper_left", "lower_right"])
+@pytest.mark.parametrize("B,Hq,Hkv,L,S,E", [(4, 12, 12, 600, 600, 64), (5, 24, 8, 300, 700, 64),
+                                            (3, 32, 32, 1000, 1000, 64), (4, 12, 6, 700, 500, 40)], ids=str)
+def test_persistent_forward(dtype, causal, B, Hq, Hkv, L, S, E):
+    # The plain kind at d64 on Hopper runs a persistent grid once there are at least as many pairs of row blocks
+    # as SMs (FwdSm90Work): blocks walk several (batch, head) pairs, an odd number of row blocks leaves one
+    # unpaired, GQA rows packed across block edges, L != S under both causal alignments, sinks.
+    check_case(B, Hq, Hkv, L, S, E, E, dtype, causal=causal, sinks=causal == 2, backward=False, seed=L + S + B)
