@@ -593,9 +593,189 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       wgmma_wait<0>();
       reg_fence(acc_o);
       reg_fence_u32(pa);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_vempty0 + 8 * cur);  // a later row block's tiles reuse the stage
       n_done = n;  // (the general kind's end marker is never released: it has one row block)
     }
   };
+  // Epilogue of the row block with batch eb and rows (eh, ei, eok) (this thread's two), running max em and sum el:
+  // normalise, write the output (or this split's partial) and the log-sum-exp.
+  auto epilogue = [&](int64_t eb, const int (&eh)[2], const int (&ei)[2], const bool (&eok)[2], const float (&em)[2],
+                      const float (&el)[2]) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const float l = warp_sum4(el[hf]);
+    if (!eok[hf]) continue;
+    // A row with no allowed key (and no sink) has l = 0: output 0 and lse -inf, never NaN.
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float m_use = em[hf] == -INFINITY ? 0.f : em[hf];
+    const float lse = l > 0.f ? (m_use + log2f(l)) * kLn2 : -INFINITY;
+    const int64_t bh = eb * p.hq + eh[hf];
+    const int i = ei[hf];
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.out) + eb * p.out_st.b + eh[hf] * p.out_st.h + i * p.out_st.r;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        const int c = dn * 8 + 2 * t;
+        if (c < Ev)
+          *reinterpret_cast<uint32_t*>(out + c) = pack2<T>(acc_o[dn * 4 + hf * 2] * inv, acc_o[dn * 4 + hf * 2 + 1] * inv);
+      }
+      if (t == 0) p.lse[bh * p.L + i] = lse;
+    } else {
+      const int64_t prow = (static_cast<int64_t>(blockIdx.z) * p.batch * p.hq + bh) * p.L + i;
+      float* out = p.o_partial + prow * Ev;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        const int c = dn * 8 + 2 * t;
+        if (c < Ev)
+          *reinterpret_cast<float2*>(out + c) = make_float2(acc_o[dn * 4 + hf * 2] * inv, acc_o[dn * 4 + hf * 2 + 1] * inv);
+      }
+      if (t == 0) p.lse_partial[prow] = lse;
+    }
+  }
+  };
+  // The row blocks of this thread block as one pipeline (kMulti: the plain kind, one softmax path): the Q K^T of a
+  // row block's first key tile is issued with the P V of the previous block's last tile, its softmax runs while that
+  // P V does, and the previous block's epilogue follows (after the wait that completes its O). Per block, only the
+  // epilogue's stores and one warpgroup barrier (the next Q) stay outside the overlap; the pipeline fills and drains
+  // once per thread block. Q of the it-th block sits in buffer it % 2; the one after it is loaded once the block
+  // before it has stopped reading its buffer. Every row block of a thread block with several has at least one
+  // key tile (launch_sm90.h); a lone block may have none.
+  auto set_block = [&](int u, int k) {
+    blk = block_of(u, k);
+    b = blk.b;
+    hk = blk.hk;
+    m0 = blk.m0;
+    n_full = blk.n_full;
+    t_begin = blk.t_begin;
+    t_end = blk.t_end;
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = m0 + wg * 64 + wwarp * 16 + hf * 8 + g;
+      row_ok[hf] = r < rows;
+      const int rr = r < rows ? r : 0;
+      row_h[hf] = hk * G + rr / L;
+      row_i[hf] = rr % L;
+      row_lim[hf] = row_limit(p, row_i[hf]);
+      // A sink is one more logit in the denominator: start the running max at it with weight 1 (counted once).
+      m_run[hf] = with_sinks ? p.sinks[row_h[hf]] * kLog2e : -INFINITY;
+      l_run[hf] = with_sinks && t == 0 ? 1.f : 0.f;
+    }
+  };
+  auto advance = [&](int& u, int& k) {
+    if (++k == items_of(u)) {
+      k = 0;
+      u += gridDim.x;
+    }
+  };
+  if constexpr (Cfg::kMulti) {
+    int u = blockIdx.x, k = 0, it = 0;
+    set_block(u, k);
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
+    load_q(blk, 0);
+    {
+      int u2 = u, k2 = k;
+      advance(u2, k2);
+      if (u2 < work.units)
+        load_q(block_of(u2, k2), 1);
+      else
+        cp_async_commit();  // (an empty group: the wait below leaves exactly one in flight)
+    }
+    cp_async_wait<1>();
+    fence_proxy_async();  // Q written by cp.async, read by wgmma
+    named_barrier(wg_bar, 128);
+    q_desc = sw128_desc(sQ + wg * 64 * 128, 16, 1024);
+    if (t_end == t_begin) {  // a lone row block that sees no key
+      epilogue(b, row_h, row_i, row_ok, m_run, l_run);
+    } else {
+      float s[BN / 2];
+      uint32_t pa[BN / 16][4];
+      float alpha[2];
+      const uint32_t no_bits[2][4] = {};
+      // The finished block's epilogue data while the next one's first tile runs.
+      int64_t e_b = 0;
+      int e_h[2] = {0, 0}, e_i[2] = {0, 0};
+      bool e_ok[2] = {false, false};
+      float e_m[2] = {0.f, 0.f}, e_l[2] = {0.f, 0.f};
+      mbar_wait(bar_full0, 0);
+      wgmma_fence();
+      issue_s(s, 0);
+      wgmma_wait<0>();
+      reg_fence(s);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty0);
+      softmax(kPathDefault, s, t_begin, no_bits, alpha);
+      to_a(s, pa);
+      int cur = 0, i = 1;  // stage of the pending P V; index of the next tile in its row block
+      int n = 1;           // published index of the next tile
+      for (;; ++n, ++i) {
+        const int st = cur + 1 == kStages ? 0 : cur + 1;
+        const bool fresh = i == t_end - t_begin;  // the next tile opens the next row block
+        if (fresh) {
+          advance(u, k);
+          if (u >= work.units) break;
+          ++it;
+          e_b = b;
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            e_h[hf] = row_h[hf];
+            e_i[hf] = row_i[hf];
+            e_ok[hf] = row_ok[hf];
+            e_m[hf] = m_run[hf];
+            e_l[hf] = l_run[hf];
+          }
+          set_block(u, k);
+          i = 0;
+          cp_async_wait<0>();
+          fence_proxy_async();
+          // This block's Q rows are in; every warp of the warpgroup is past the previous block's last Q K^T.
+          named_barrier(wg_bar, 128);
+          q_desc = sw128_desc(sQ + (it & 1) * QTile::kBytes + wg * 64 * 128, 16, 1024);
+        }
+        const int tile = t_begin + i;
+        mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+        mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);
+        wgmma_fence();
+        issue_s(s, st);
+        issue_pv(pa, cur);
+        wgmma_commit();
+        wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
+        reg_fence(s);
+        softmax(kPathDefault, s, tile, no_bits, alpha);
+        wgmma_wait<0>();
+        reg_fence(acc_o);
+        reg_fence_u32(pa);
+        __syncwarp();
+        if (lane == 0) {
+          mbar_arrive(bar_empty0 + 8 * st);
+          mbar_arrive(bar_vempty0 + 8 * cur);
+        }
+        if (fresh) {
+          epilogue(e_b, e_h, e_i, e_ok, e_m, e_l);
+#pragma unroll
+          for (int x = 0; x < D / 2; ++x) acc_o[x] = 0.f;
+          // The finished block's Q buffer takes the block after this one.
+          int u2 = u, k2 = k;
+          advance(u2, k2);
+          if (u2 < work.units) load_q(block_of(u2, k2), (it + 1) & 1);
+        } else {
+          rescale_o(alpha);
+        }
+        to_a(s, pa);
+        cur = st;
+      }
+      // Last tile of the last row block: P V only.
+      mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);
+      wgmma_fence();
+      issue_pv(pa, cur);
+      wgmma_commit();
+      wgmma_wait<0>();
+      reg_fence(acc_o);
+      reg_fence_u32(pa);
+      epilogue(b, row_h, row_i, row_ok, m_run, l_run);
+    }
+  } else {
   // Row blocks of this thread block, in order. Q of block `it` is in buffer it % kQBufs; with two buffers the next
   // block's Q is loaded as soon as this one starts (its buffer was last read by the previous block's Q K^T).
   for (int u = blockIdx.x, k = 0, it = 0; u < work.units; ++it) {
@@ -647,41 +827,11 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
     main_loop(std::integral_constant<int, kPathDefault>{});
   }
 
-  // Epilogue: normalise, write the output (or this split's partial) and the log-sum-exp.
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const float l = warp_sum4(l_run[hf]);
-    if (!row_ok[hf]) continue;
-    // A row with no allowed key (and no sink) has l = 0: output 0 and lse -inf, never NaN.
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
-    const float lse = l > 0.f ? (m_use + log2f(l)) * kLn2 : -INFINITY;
-    const int64_t bh = b * p.hq + row_h[hf];
-    const int i = row_i[hf];
-    if (p.num_splits == 1) {
-      T* out = static_cast<T*>(p.out) + b * p.out_st.b + row_h[hf] * p.out_st.h + i * p.out_st.r;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        const int c = dn * 8 + 2 * t;
-        if (c < Ev)
-          *reinterpret_cast<uint32_t*>(out + c) = pack2<T>(acc_o[dn * 4 + hf * 2] * inv, acc_o[dn * 4 + hf * 2 + 1] * inv);
-      }
-      if (t == 0) p.lse[bh * p.L + i] = lse;
-    } else {
-      const int64_t prow = (static_cast<int64_t>(blockIdx.z) * p.batch * p.hq + bh) * p.L + i;
-      float* out = p.o_partial + prow * Ev;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        const int c = dn * 8 + 2 * t;
-        if (c < Ev)
-          *reinterpret_cast<float2*>(out + c) = make_float2(acc_o[dn * 4 + hf * 2] * inv, acc_o[dn * 4 + hf * 2 + 1] * inv);
-      }
-      if (t == 0) p.lse_partial[prow] = lse;
-    }
-  }
+  epilogue(b, row_h, row_i, row_ok, m_run, l_run);
   u = u_next;
   k = k_next;
   }  // row blocks
+  }
   }  // consumers
 #endif
 }

@@ -64,7 +64,10 @@ cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   // row blocks (FwdSm90Work): equal causal work per pair, so the round robin stays balanced.
   FwdSm90Work work{static_cast<int>(m_blocks * p.batch * p.hkv), 0};
   int64_t blocks = work.units;
-  if (Cfg::kMulti && p.num_splits == 1 && m_blocks >= 2) {
+  // Every row block of a persistent block must see a key (fwd_sm90.h): not so for lower-right causal rows
+  // i < L - S.
+  const bool all_see_keys = p.S > 0 && !(p.causal == Causal::LowerRight && p.L > p.S);
+  if (Cfg::kMulti && p.num_splits == 1 && m_blocks >= 2 && all_see_keys) {
     int dev = 0, sms = 0;
     err = cudaGetDevice(&dev);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
