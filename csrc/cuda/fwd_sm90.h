@@ -290,15 +290,18 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       // Every row block of this thread block in turn, through the same rings: the next block's first tiles land
       // while the consumers finish the current one.
       for (int u = blockIdx.x, k = 0; u < work.units;) {
-        blk = block_of(u, k);
-        b = blk.b;
-        hk = blk.hk;
+        if (Cfg::kMulti) {
+          blk = block_of(u, k);
+          b = blk.b;
+          hk = blk.hk;
+        }
         for (int tile = blk.t_begin; tile < blk.t_end; ++tile, ++n) {
           const int st = n % kStages;
           if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
           publish_k(tile, st);
           publish_v(tile, st, n);
         }
+        if (!Cfg::kMulti) break;  // one row block per thread block
         if (++k == items_of(u)) {
           k = 0;
           u += gridDim.x;
@@ -526,9 +529,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   // every path inline spanned ~75 KB of instructions, the cold paths' invariants hoisted into registers and
   // spilled): kPathDefault (no mask, or a staged bool mask: the plain kind's only path), kPathDropout, and
   // kPathElementwise (masks read from global memory element by element, with or without dropout).
-  // Published tiles consumed by earlier row blocks of this thread block (the rings run on across them).
-  int n_done = 0;
-  // The key tile of published index n (the i-th of this row block) in K stage st, or -1 at the end of the row
+  // The key tile of published index n (the i-th of the row block) in K stage st, or -1 at the end of the row
   // block: the general kind reads what the producer published (it drops tiles, then publishes -1); the plain kind
   // knows its tiles and waits only for one that exists.
   auto next_tile = [&](int n, int st, int i) -> int {
@@ -543,8 +544,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   };
   auto main_loop = [&](auto path) {
     constexpr int kPath = decltype(path)::value;
-    int n = n_done;             // published index of the tile whose Q K^T is next
-    int cur = n % kStages;      // its stage; then the stage of the pending P V
+    int n = 0;    // published index of the tile whose Q K^T is next
+    int cur = 0;  // its stage; then the stage of the pending P V
     int tile = next_tile(n, cur, 0);
     if (tile >= 0) {
       float s[BN / 2];
@@ -562,7 +563,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       to_a(s, pa);
       for (++n;; ++n) {
         const int st = cur + 1 == kStages ? 0 : cur + 1;
-        tile = next_tile(n, st, n - n_done);
+        tile = next_tile(n, st, n);
         if (tile < 0) break;
         if (mask_staged) mask_bits(st, bits);
         mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);  // published before K(nxt): almost always in
@@ -593,9 +594,6 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       wgmma_wait<0>();
       reg_fence(acc_o);
       reg_fence_u32(pa);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(bar_vempty0 + 8 * cur);  // a later row block's tiles reuse the stage
-      n_done = n;  // (the general kind's end marker is never released: it has one row block)
     }
   };
   // Epilogue of the row block with batch eb and rows (eh, ei, eok) (this thread's two), running max em and sum el:
@@ -776,46 +774,26 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       epilogue(b, row_h, row_i, row_ok, m_run, l_run);
     }
   } else {
-  // Row blocks of this thread block, in order. Q of block `it` is in buffer it % kQBufs; with two buffers the next
-  // block's Q is loaded as soon as this one starts (its buffer was last read by the previous block's Q K^T).
-  for (int u = blockIdx.x, k = 0, it = 0; u < work.units; ++it) {
-  int u_next = u, k_next = k + 1;
-  if (k_next == items_of(u)) {
-    k_next = 0;
-    u_next += gridDim.x;
-  }
-  blk = block_of(u, k);
-  b = blk.b;
-  hk = blk.hk;
-  m0 = blk.m0;
-  n_full = blk.n_full;
-  t_begin = blk.t_begin;
-  t_end = blk.t_end;
-  const int qbuf = Cfg::kQBufs == 2 ? it & 1 : 0;
-  if (Cfg::kQBufs == 1 || it == 0) {
-    if (it > 0) named_barrier(wg_bar, 128);  // every warp of this warpgroup is done reading the previous Q
-    load_q(blk, qbuf);
-  }
-  cp_async_wait<0>();
-  fence_proxy_async();           // Q written by cp.async, read by wgmma
-  named_barrier(wg_bar, 128);    // this warpgroup's Q rows are in; its warps are done with the other buffer
-  if (Cfg::kQBufs == 2 && u_next < work.units) load_q(block_of(u_next, k_next), qbuf ^ 1);
-  q_desc = sw128_desc(sQ + qbuf * QTile::kBytes + wg * 64 * 128, 16, 1024);
+    // One row block per thread block (the launch gives the other kinds one unit each).
+    set_block(blockIdx.x, 0);
+    {  // Q tile by all consumer threads (zero rows past the end, zero columns past E)
+      const T* q = static_cast<const T*>(p.q);
+      for (int idx = tid; idx < BM * (D / 8); idx += NT) {
+        const int r = idx / (D / 8), c = idx % (D / 8);
+        const int pr = m0 + r;
+        const bool ok = pr < rows && c * 8 < E;
+        const T* src = q;
+        if (ok) src = q + b * p.q_st.b + static_cast<int64_t>(hk * G + pr / L) * p.q_st.h +
+                      static_cast<int64_t>(pr % L) * p.q_st.r + c * 8;
+        cp_async16(sQ + QTile::offset(r, c), src, ok);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      fence_proxy_async();   // Q written by cp.async, read by wgmma
+      named_barrier(2, NT);  // every consumer's Q rows are in (ids 1 and 3 are the producer's)
+    }
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int r = m0 + wg * 64 + wwarp * 16 + hf * 8 + g;
-    row_ok[hf] = r < rows;
-    const int rr = r < rows ? r : 0;
-    row_h[hf] = hk * G + rr / L;
-    row_i[hf] = rr % L;
-    row_lim[hf] = row_limit(p, row_i[hf]);
-    // A sink is one more logit in the denominator: start the running max at it with weight 1 (counted once).
-    m_run[hf] = with_sinks ? p.sinks[row_h[hf]] * kLog2e : -INFINITY;
-    l_run[hf] = with_sinks && t == 0 ? 1.f : 0.f;
-  }
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
-
+    for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
   if constexpr (kGeneral) {
     if (has_mask && !mask_staged)
       main_loop(std::integral_constant<int, kPathElementwise>{});
@@ -828,9 +806,6 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   }
 
   epilogue(b, row_h, row_i, row_ok, m_run, l_run);
-  u = u_next;
-  k = k_next;
-  }  // row blocks
   }
   }  // consumers
 #endif
