@@ -15,6 +15,8 @@
 //     mask tile (cp.async), drops tiles that no row may see and hands the consumers the rest packed to one bit per
 //     element (causal and bounds included), with the K stage.
 // Within a consumer, the softmax of tile j + 1 runs while the tensor cores compute P(j) V(j).
+// The plain kind at d64 (kMulti) runs a persistent grid: each block walks pairs of row blocks (FwdSm90Work) as one
+// pipeline, so short sequences no longer pay a block's launch, set-up, Q / first K/V latency and drain per 128 rows.
 //
 // The kernel body exists only in the sm_90a compilation (SDPAX_SM90A_DEVICE); the host launches it only on
 // compute capability 9.x when the build contains sm_90a (launch.cu).
