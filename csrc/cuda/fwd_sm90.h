@@ -129,11 +129,11 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   const int m_blocks = (rows + BM - 1) / BM, n_pairs = (m_blocks + 1) / 2;
   // Row block k (0, or 1 for the light half of a pair) of work unit u, and the row blocks of unit u.
   auto block_of = [&](int u, int k) -> FwdBlock {
-    if (!work.pair) return fwd_block_at(p, rows, BM, BN, m_blocks - 1 - u % m_blocks, u / m_blocks);
+    if (!Cfg::kMulti || !work.pair) return fwd_block_at(p, rows, BM, BN, m_blocks - 1 - u % m_blocks, u / m_blocks);
     const int j = u % n_pairs;
     return fwd_block_at(p, rows, BM, BN, k == 0 ? m_blocks - 1 - j : j, u / n_pairs);
   };
-  auto items_of = [&](int u) { return work.pair && 2 * (u % n_pairs) + 1 != m_blocks ? 2 : 1; };
+  auto items_of = [&](int u) { return Cfg::kMulti && work.pair && 2 * (u % n_pairs) + 1 != m_blocks ? 2 : 1; };
   // The row block in progress (the first one until a role's loop moves on; the general kind has only one).
   FwdBlock blk = block_of(blockIdx.x, 0);
   int64_t b = blk.b;
@@ -641,14 +641,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   // once per thread block. Q of the it-th block sits in buffer it % 2; the one after it is loaded once the block
   // before it has stopped reading its buffer. Every row block of a thread block with several has at least one
   // key tile (launch_sm90.h); a lone block may have none.
-  auto set_block = [&](int u, int k) {
-    blk = block_of(u, k);
-    b = blk.b;
-    hk = blk.hk;
-    m0 = blk.m0;
-    n_full = blk.n_full;
-    t_begin = blk.t_begin;
-    t_end = blk.t_end;
+  // This thread's rows of the row block in blk (and their running max / sum at the start).
+  auto set_rows = [&]() {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int r = m0 + wg * 64 + wwarp * 16 + hf * 8 + g;
@@ -661,6 +655,16 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       m_run[hf] = with_sinks ? p.sinks[row_h[hf]] * kLog2e : -INFINITY;
       l_run[hf] = with_sinks && t == 0 ? 1.f : 0.f;
     }
+  };
+  auto set_block = [&](int u, int k) {
+    blk = block_of(u, k);
+    b = blk.b;
+    hk = blk.hk;
+    m0 = blk.m0;
+    n_full = blk.n_full;
+    t_begin = blk.t_begin;
+    t_end = blk.t_end;
+    set_rows();
   };
   auto advance = [&](int& u, int& k) {
     if (++k == items_of(u)) {
@@ -776,8 +780,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       epilogue(b, row_h, row_i, row_ok, m_run, l_run);
     }
   } else {
-    // One row block per thread block (the launch gives the other kinds one unit each).
-    set_block(blockIdx.x, 0);
+    // One row block per thread block (the launch gives the other kinds one unit each): blk is block_of(blockIdx.x, 0).
+    set_rows();
     {  // Q tile by all consumer threads (zero rows past the end, zero columns past E)
       const T* q = static_cast<const T*>(p.q);
       for (int idx = tid; idx < BM * (D / 8); idx += NT) {
