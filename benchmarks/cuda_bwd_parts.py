@@ -8,8 +8,8 @@ bf16, B=4, H=16 (d256: H=8), L=S=4096 (d64 / d128 by default, causal and not), s
 dropout 0.1); torch's column is then its default backend for the masks (FA2 takes no mask) and FA2 for dropout, and
 the rel diff is left out where dropout makes the two differ. The backward is timed on its own: one forward, then
 torch.autograd.grad(..., retain_graph=True) repeated (medians of do_bench, CUDA events); it includes the Delta pre-
-pass, the zeroed dq_accum and its conversion to dq. TFLOP/s counts 2.5 x 4*B*H*L*S*D
-(half when causal). Then one profiled backward of sdpax per row lists each kernel's time.
+pass, the zeroed dq_accum and its conversion to dq. TFLOP/s counts 2.5 x 4*B*H*L*S*D (half when causal). Then one
+profiled backward of sdpax per row lists each kernel's time.
 """
 import argparse
 import contextlib
