@@ -67,6 +67,9 @@ struct BwdWideCfg {
   // S^T and dP^T in one k loop where one product alone has few independent accumulators (d256: 4 per warp, each a
   // chain of 16 dependent mma over the head dim); two chains of 8 keep the tensor pipe busier for 12 more registers.
   static constexpr bool kFuseSdP = kWQ <= 16;
+  // dQ through float4 atomics (sm90; half the atomic operations of float2, for one shuffle pair per n-tile): d256,
+  // whose 64-key blocks issue twice the atomics per flop of the 128-key ones.
+  static constexpr bool kDqV4 = D > 128;
   static_assert(kQc % 16 == 0, "dQ warp tile needs whole 16-column B fragments");
   static_assert(!kUse || (kWQ % 16 == 0 && kDc % 16 == 0), "S^T / dK warp tiles need whole 16-wide fragments");
   // K, V, 2 x (Q, dO), P^T, dS^T; lse and Delta; general kind: 2 bool mask tiles (BM x BN bytes)
@@ -620,8 +623,37 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
               }
             }
         };
-        if (i_q + 24 < L && dq_cols == QC / 8) add_dq(std::false_type{});
-        else add_dq(std::true_type{});
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        // float4 atomics (Cfg::kDqV4): lane pairs (t, t ^ 1) trade a half of each n-tile, so even t adds row g,
+        // columns 2t .. 2t + 3 and odd t row g + 8, columns 2t - 2 .. 2t + 1: half the atomic operations. Every
+        // lane shuffles (the guards only skip the atomics).
+        const bool odd = t & 1;
+        float* dq0v = p.dq_accum + (bh * p.L + i_q + (odd ? 8 : 0)) * p.E + c_begin + 4 * (t >> 1);
+        auto add_dq4 = [&](auto guarded) {
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            const bool row_ok = !decltype(guarded)::value || i_q + mt * 16 + (odd ? 8 : 0) < L;
+            float* dq = dq0v + 2 * mt * dq_row8;
+#pragma unroll
+            for (int dn = 0; dn < QC / 8; ++dn) {
+              const float* a = acc_dq[mt][dn];
+              const float r0 = __shfl_xor_sync(0xffffffffu, odd ? a[0] : a[2], 1);
+              const float r1 = __shfl_xor_sync(0xffffffffu, odd ? a[1] : a[3], 1);
+              if (!row_ok || (decltype(guarded)::value && dn >= dq_cols)) continue;
+              atomicAdd(reinterpret_cast<float4*>(dq + dn * 8),
+                        odd ? make_float4(r0, r1, a[2], a[3]) : make_float4(a[0], a[1], r0, r1));
+            }
+          }
+        };
+        if constexpr (Cfg::kDqV4) {
+          if (i_q + 24 < L && dq_cols == QC / 8) add_dq4(std::false_type{});
+          else add_dq4(std::true_type{});
+        } else
+#endif
+        {
+          if (i_q + 24 < L && dq_cols == QC / 8) add_dq(std::false_type{});
+          else add_dq(std::true_type{});
+        }
       }
     }
   }
