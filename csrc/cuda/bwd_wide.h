@@ -67,8 +67,6 @@ struct BwdWideCfg {
   // S^T and dP^T in one k loop where one product alone has few independent accumulators (d256: 4 per warp, each a
   // chain of 16 dependent mma over the head dim); two chains of 8 keep the tensor pipe busier for 12 more registers.
   static constexpr bool kFuseSdP = kWQ <= 16;
-  // Order of the step's last two products (see the loop): d256 runs dQ (and its atomics) before dK / dV.
-  static constexpr bool kDqFirst = D > 128;
   static_assert(kQc % 16 == 0, "dQ warp tile needs whole 16-column B fragments");
   static_assert(!kUse || (kWQ % 16 == 0 && kDc % 16 == 0), "S^T / dK warp tiles need whole 16-wide fragments");
   // K, V, 2 x (Q, dO), P^T, dS^T; lse and Delta; general kind: 2 bool mask tiles (BM x BN bytes)
@@ -548,95 +546,83 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
       }
     __syncthreads();
 
-    auto dkdv_phase = [&]() {
-      // dV += P^T dO, dK += dS^T Q on this warp's 32 keys x DC columns.
+    // dV += P^T dO, dK += dS^T Q on this warp's 32 keys x DC columns.
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        FragA<T> ap[2], as[2];
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      FragA<T> ap[2], as[2];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        ldmatrix_x4(ap[mt].r, PTile::moved(lane_pa, mt * 16, 2 * kk));
+        ldmatrix_x4(as[mt].r, PTile::moved(lane_pa, mt * 16, 2 * kk) + PTile::kBytes);
+      }
+#pragma unroll
+      for (int dn = 0; dn < DC / 16; ++dn) {
+        FragB<T> bd, bq;
+        ldmatrix_x4_trans(bd.r, QTile::moved(lane_qt + q_buf, kk * 16, 2 * dn) + QTile::kBytes);
+        ldmatrix_x4_trans(bq.r, QTile::moved(lane_qt + q_buf, kk * 16, 2 * dn));
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
-          ldmatrix_x4(ap[mt].r, PTile::moved(lane_pa, mt * 16, 2 * kk));
-          ldmatrix_x4(as[mt].r, PTile::moved(lane_pa, mt * 16, 2 * kk) + PTile::kBytes);
-        }
-#pragma unroll
-        for (int dn = 0; dn < DC / 16; ++dn) {
-          FragB<T> bd, bq;
-          ldmatrix_x4_trans(bd.r, QTile::moved(lane_qt + q_buf, kk * 16, 2 * dn) + QTile::kBytes);
-          ldmatrix_x4_trans(bq.r, QTile::moved(lane_qt + q_buf, kk * 16, 2 * dn));
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            mma(acc_dv[mt][2 * dn], ap[mt], bd, 0);
-            mma(acc_dv[mt][2 * dn + 1], ap[mt], bd, 1);
-            mma(acc_dk[mt][2 * dn], as[mt], bq, 0);
-            mma(acc_dk[mt][2 * dn + 1], as[mt], bq, 1);
-          }
+          mma(acc_dv[mt][2 * dn], ap[mt], bd, 0);
+          mma(acc_dv[mt][2 * dn + 1], ap[mt], bd, 1);
+          mma(acc_dk[mt][2 * dn], as[mt], bq, 0);
+          mma(acc_dk[mt][2 * dn + 1], as[mt], bq, 1);
         }
       }
-    };
-    auto dq_phase = [&]() {
-      // dQ (BM x E) += dS (BM x BN) K (BN x E) on 32 rows x QC columns per warp, then float2 atomics.
-      if (dq_atomic) {
-        if (c_begin < E) {
-          float acc_dq[2][QC / 8][4];
+    }
+
+    // dQ (BM x E) += dS (BM x BN) K (BN x E) on 32 rows x QC columns per warp, then float2 atomics.
+    if (dq_atomic) {
+      if (c_begin < E) {
+        float acc_dq[2][QC / 8][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int dn = 0; dn < QC / 8; ++dn)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_dq[mt][dn][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          FragA<T> a[2];
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) ldmatrix_x4_trans(a[mt].r, PTile::moved(lane_st, kk * 16, 2 * mt));
+#pragma unroll
+          for (int dn = 0; dn < QC / 16; ++dn) {
+            FragB<T> bk;
+            ldmatrix_x4_trans(bk.r, KTile::moved(lane_kt, kk * 16, 2 * dn));
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+              mma(acc_dq[mt][2 * dn], a[mt], bk, 0);
+              mma(acc_dq[mt][2 * dn + 1], a[mt], bk, 1);
+            }
+          }
+        }
+        // Rows i_q + 8 r (r = 2 mt + hf), columns c_begin + 2t + 8 dn: one pointer, offsets of whole rows. A warp
+        // whose rows and columns are all in bounds adds without tests (no branch around each atomic).
+        const int i_q = i0 + qm * 32 + g;
+        float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c_begin + 2 * t;
+        auto add_dq = [&](auto guarded) {
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-            for (int dn = 0; dn < QC / 8; ++dn)
+            for (int hf = 0; hf < 2; ++hf) {
+              if (decltype(guarded)::value && i_q + mt * 16 + hf * 8 >= L) continue;
+              float* dq = dq0 + (2 * mt + hf) * dq_row8;
 #pragma unroll
-              for (int e = 0; e < 4; ++e) acc_dq[mt][dn][e] = 0.f;
-#pragma unroll
-          for (int kk = 0; kk < BN / 16; ++kk) {
-            FragA<T> a[2];
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt) ldmatrix_x4_trans(a[mt].r, PTile::moved(lane_st, kk * 16, 2 * mt));
-#pragma unroll
-            for (int dn = 0; dn < QC / 16; ++dn) {
-              FragB<T> bk;
-              ldmatrix_x4_trans(bk.r, KTile::moved(lane_kt, kk * 16, 2 * dn));
-#pragma unroll
-              for (int mt = 0; mt < 2; ++mt) {
-                mma(acc_dq[mt][2 * dn], a[mt], bk, 0);
-                mma(acc_dq[mt][2 * dn + 1], a[mt], bk, 1);
+              for (int dn = 0; dn < QC / 8; ++dn) {
+                if (decltype(guarded)::value && dn >= dq_cols) continue;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+                atomicAdd(reinterpret_cast<float2*>(dq + dn * 8),
+                          make_float2(acc_dq[mt][dn][hf * 2], acc_dq[mt][dn][hf * 2 + 1]));
+#else
+                atomicAdd(dq + dn * 8, acc_dq[mt][dn][hf * 2]);
+                atomicAdd(dq + dn * 8 + 1, acc_dq[mt][dn][hf * 2 + 1]);
+#endif
               }
             }
-          }
-          // Rows i_q + 8 r (r = 2 mt + hf), columns c_begin + 2t + 8 dn: one pointer, offsets of whole rows. A warp
-          // whose rows and columns are all in bounds adds without tests (no branch around each atomic).
-          const int i_q = i0 + qm * 32 + g;
-          float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c_begin + 2 * t;
-          auto add_dq = [&](auto guarded) {
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-              for (int hf = 0; hf < 2; ++hf) {
-                if (decltype(guarded)::value && i_q + mt * 16 + hf * 8 >= L) continue;
-                float* dq = dq0 + (2 * mt + hf) * dq_row8;
-#pragma unroll
-                for (int dn = 0; dn < QC / 8; ++dn) {
-                  if (decltype(guarded)::value && dn >= dq_cols) continue;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-                  atomicAdd(reinterpret_cast<float2*>(dq + dn * 8),
-                            make_float2(acc_dq[mt][dn][hf * 2], acc_dq[mt][dn][hf * 2 + 1]));
-#else
-                  atomicAdd(dq + dn * 8, acc_dq[mt][dn][hf * 2]);
-                  atomicAdd(dq + dn * 8 + 1, acc_dq[mt][dn][hf * 2 + 1]);
-#endif
-                }
-              }
-          };
-          if (i_q + 24 < L && dq_cols == QC / 8) add_dq(std::false_type{});
-          else add_dq(std::true_type{});
-        }
+        };
+        if (i_q + 24 < L && dq_cols == QC / 8) add_dq(std::false_type{});
+        else add_dq(std::true_type{});
       }
-    };
-    // d256 (Cfg::kDqFirst): dQ and its atomics first, so that the atomics (64 KB per step and block, twice the
-    // bytes per flop of the 128-key blocks) drain to L2 under the dK / dV products instead of at the step's end.
-    if constexpr (Cfg::kDqFirst) {
-      dq_phase();
-      dkdv_phase();
-    } else {
-      dkdv_phase();
-      dq_phase();
     }
   }
   cp_async_wait<0>();
