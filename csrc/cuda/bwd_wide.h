@@ -67,8 +67,6 @@ struct BwdWideCfg {
   // S^T and dP^T in one k loop where one product alone has few independent accumulators (d256: 4 per warp, each a
   // chain of 16 dependent mma over the head dim); two chains of 8 keep the tensor pipe busier for 12 more registers.
   static constexpr bool kFuseSdP = kWQ <= 16;
-  // Staggered query-tile order per key block (see step_i0): d256, whose 64-key blocks add the most dQ per flop.
-  static constexpr bool kStagger = D > 128;
   static_assert(kQc % 16 == 0, "dQ warp tile needs whole 16-column B fragments");
   static_assert(!kUse || (kWQ % 16 == 0 && kDc % 16 == 0), "S^T / dK warp tiles need whole 16-wide fragments");
   // K, V, 2 x (Q, dO), P^T, dS^T; lse and Delta; general kind: 2 bool mask tiles (BM x BN bytes)
@@ -152,10 +150,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   load_rows(sV, p.v, v_off, p.v_st, j0, BN, S, Ev, KTile{});
 
   auto step_head = [&](int step) { return hk * G + step / q_tiles; };
-  // d256 (Cfg::kStagger): key block n starts its walk over the query tiles at tile n (mod q_tiles) and wraps, so
-  // the blocks of one head add their dQ atomics into different rows at a time instead of all into the same tile.
-  const int q_rot = Cfg::kStagger && q_tiles > 0 ? n_block % q_tiles : 0;
-  auto step_i0 = [&](int step) { return (q_first + (step % q_tiles + q_rot) % q_tiles) * BM; };
+  auto step_i0 = [&](int step) { return (q_first + step % q_tiles) * BM; };
   auto load_q = [&](int step, int buf) {
     const int h = step_head(step), i0 = step_i0(step);
     const uint32_t q_dst = sQ0 + buf * 2 * QTile::kBytes;
