@@ -1,14 +1,15 @@
 """Backward alone of the CUDA FLASH backend, and where its time goes (per-kernel times), vs torch's FA2.
 
-    python benchmarks/cuda_bwd_parts.py [--rep MS] [--only NAME] [--general]
+    python benchmarks/cuda_bwd_parts.py [--rep MS] [--only NAME] [--general] [--dims 64,128,256]
 
-bf16, B=4, H=16, L=S=4096 (d64 / d128, causal and not), side by side in one process. --general: the general kind
-instead (d64 / d128 with a bool mask (B,1,L,S) of random halves, a padding mask (B,1,1,S) keeping S/2..S keys,
-an all-true padding mask ("pad1": the general kind's cost without skipped tiles), dropout 0.1); torch's column is then its default backend for the masks (FA2 takes no mask) and FA2 for dropout,
-and the rel diff is left out where dropout makes the two differ. The backward is timed on
-its own: one forward, then torch.autograd.grad(..., retain_graph=True) repeated (medians of do_bench, CUDA events);
-it includes the Delta pre-pass, the zeroed dq_accum and its conversion to dq. TFLOP/s counts 2.5 x 4*B*H*L*S*D
-(half when causal). Then one profiled backward of sdpax per row lists each kernel's time.
+bf16, B=4, H=16 (d256: H=8), L=S=4096 (d64 / d128 by default, causal and not), side by side in one process.
+--general: the general kind instead (each head dim with a bool mask (B,1,L,S) of random halves, a padding mask
+(B,1,1,S) keeping S/2..S keys, an all-true padding mask ("pad1": the general kind's cost without skipped tiles),
+dropout 0.1); torch's column is then its default backend for the masks (FA2 takes no mask) and FA2 for dropout, and
+the rel diff is left out where dropout makes the two differ. The backward is timed on its own: one forward, then
+torch.autograd.grad(..., retain_graph=True) repeated (medians of do_bench, CUDA events); it includes the Delta pre-
+pass, the zeroed dq_accum and its conversion to dq. TFLOP/s counts 2.5 x 4*B*H*L*S*D (half when causal). Then one
+profiled backward of sdpax per row lists each kernel's time.
 """
 import argparse
 import contextlib
@@ -32,13 +33,16 @@ def main():
     ap.add_argument("--only", default=None)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--general", action="store_true")
+    ap.add_argument("--dims", default="64,128", help="head dims, comma-separated (d256 rows take H=8)")
     args = ap.parse_args()
-    B, H, L = 4, 16, 4096
+    B, L = 4, 4096
     g = torch.Generator(device="cuda").manual_seed(0)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; backward only, bf16, B={B} H={H} L=S={L}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; backward only, bf16, B={B} H=16 (d256: 8) "
+          f"L=S={L}")
     table = []
     kinds = ("bool", "pad", "pad1", "dropout") if args.general else ("plain", "causal")
-    for D in (64, 128):
+    for D in (int(d) for d in args.dims.split(",")):
+        H = 16 if D <= 128 else 8
         for kind in kinds:
             causal = kind == "causal"
             name = f"d{D}" + ("" if kind == "plain" else " " + kind)

@@ -141,7 +141,7 @@ static int bwd_tile_rows_of(int64_t head_dim) {
   switch (bucket(head_dim)) {
     case 64: return BwdWideCfg<T, 64, true>::kUse ? BwdWideCfg<T, 64, true>::kMaskRows : BwdCfg<T, 64, true>::kBM;
     case 128: return BwdWideCfg<T, 128, true>::kUse ? BwdWideCfg<T, 128, true>::kMaskRows : BwdCfg<T, 128, true>::kBM;
-    default: return BwdCfg<T, 256, true>::kBM;
+    default: return BwdWideCfg<T, 256, true>::kUse ? BwdWideCfg<T, 256, true>::kMaskRows : BwdCfg<T, 256, true>::kBM;
   }
 }
 

@@ -3,7 +3,8 @@
 setup.py calls generate(): one translation unit per variant (so nvcc compiles them in parallel) plus
 gen/variants.h, an X-macro list that launch.cu uses for `extern template` declarations and for dispatch.
 Head dims are rounded up to the next bucket (zero-padded in shared memory). The backward keeps the per-key
-gradients in registers; at head dim 256 two warps share each group of keys (bwd_kernel.h, BwdCfg).
+gradients in registers; 16-bit head dim 256 takes 64-key blocks (bwd_wide.h, BwdWideCfg), float32 d256 two warps
+per group of keys (bwd_kernel.h, BwdCfg).
 """
 from pathlib import Path
 
