@@ -1,8 +1,12 @@
 """Shapes that give the Hopper forward main loop (csrc/cuda/fwd_sm90.h) many key tiles and query blocks: several
 128-row blocks per head, GQA groups packed across block edges, both causal alignments with L != S, partial last
-tiles, masks (the general kind). On a non-Hopper GPU the same cases check the mma.sync loop. Skips cleanly without
-a GPU or a CUDA build.
+tiles, masks (the general kind). The Hopper backward main loop (csrc/cuda/bwd_sm90.h) against float64 and against
+the mma.sync backward of the same build (SDPAX_CUDA_BWD_SM90=0). On a non-Hopper GPU the same cases check the
+mma.sync loops. Skips cleanly without a GPU or a CUDA build.
 """
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -38,3 +42,64 @@ def test_long_masked_forward(mask_kind, E, L, S):
     # visible (the unmasked branch of a staged mask), one partial tile, the rest dropped.
     check_case(1, 4, 2, L, S, E, E, torch.bfloat16, mask_kind=mask_kind, sinks=mask_kind == "pad", backward=False,
                seed=L + E)
+
+
+@contextlib.contextmanager
+def _bwd_sm90(on):
+    """SDPAX_CUDA_BWD_SM90 (read by the extension on every backward call) set for the duration."""
+    prev = os.environ.get("SDPAX_CUDA_BWD_SM90")
+    os.environ["SDPAX_CUDA_BWD_SM90"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if prev is None:
+            del os.environ["SDPAX_CUDA_BWD_SM90"]
+        else:
+            os.environ["SDPAX_CUDA_BWD_SM90"] = prev
+
+
+BWD_LENGTHS = [(1, 1), (7, 7), (97, 97), (1025, 1025), (97, 1025), (1025, 97), (7, 300)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("causal", [0, 1, 2], ids=["none", "upper_left", "lower_right"])
+@pytest.mark.parametrize("L,S", BWD_LENGTHS, ids=str)
+def test_sm90_backward(dtype, E, causal, L, S):
+    # Odd lengths (partial query tiles and key blocks, rows that see no key under lower-right alignment with L > S),
+    # GQA groups of 2 (dK / dV summed over the group in one block), sinks (through lse) on one alignment.
+    with _bwd_sm90(True):
+        check_case(2, 4, 2, L, S, E, E, dtype, causal=causal, sinks=causal == 2, seed=L + S + E + causal)
+
+
+@pytest.mark.parametrize("E,Ev", [(64, 40), (40, 64), (128, 96), (72, 72), (96, 128)])
+def test_sm90_backward_padded_head_dims(E, Ev):
+    with _bwd_sm90(True):
+        check_case(1, 3, 1, 300, 517, E, Ev, torch.bfloat16, causal=1, seed=E + Ev)
+
+
+@pytest.mark.parametrize("layout", ["bhle", "blhe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("causal", [0, 1, 2], ids=["none", "upper_left", "lower_right"])
+def test_sm90_backward_matches_mma_sync(layout, dtype, E, causal):
+    # The same call through both backward main loops: each within the float64 check of check_case, and the two
+    # close to each other (same products and roundings in a different order: dQ atomics, fp32 accumulation order).
+    args = (2, 8, 2, 700, 900, E, E, dtype)
+    kw = dict(causal=causal, layout=layout, seed=E + causal)
+    with _bwd_sm90(True):
+        new = check_case(*args, **kw)
+    with _bwd_sm90(False):
+        old = check_case(*args, **kw)
+    for name, a, b in zip("qkv", new, old):
+        err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+        assert err < (2e-2 if dtype == torch.bfloat16 else 4e-3), f"d{name}: sm90 vs mma.sync rel err {err:.2e}"
+
+
+def test_sm90_backward_deterministic_falls_back():
+    # Deterministic mode keeps the mma.sync backward (the sm90 loop adds dQ by atomics): bitwise repeatable.
+    with _bwd_sm90(True):
+        a = check_case(1, 4, 2, 300, 300, 128, 128, torch.bfloat16, causal=1, deterministic=True, seed=3)
+        b = check_case(1, 4, 2, 300, 300, 128, 128, torch.bfloat16, causal=1, deterministic=True, seed=3)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)

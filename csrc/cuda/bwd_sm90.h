@@ -1,0 +1,343 @@
+// Hopper (sm90a) backward main loop: the plain kind (no mask, no dropout; causal of either alignment, GQA, sinks
+// through lse) at head dims 64 and 128, 16-bit inputs, non-deterministic dQ (float atomics). Everything else runs
+// bwd_wide.h / bwd_kernel.h (launch.cu decides per call).
+//
+// One block per (128-key block, batch, kv head), as bwd_wide: it walks the G query heads of the GQA group and their
+// query tiles of BM = 64 rows (tiles wholly above the causal diagonal are never visited), and keeps dK / dV of its
+// 128 keys in registers for the whole walk, so dK / dV are written once, without atomics. Three warpgroups:
+//   consumers (warpgroups 0, 1: keys 64w..64w+63 of the block), per query tile:
+//     S^T  = K_w Q^T     wgmma m64n64, K_w and Q K-major from shared memory (rows = keys, columns = queries)
+//     dP^T = V_w dO^T    the same with V and dO
+//     P^T  = exp2(S^T scale log2(e) - lse log2(e))  (lse per column: one FFMA before the exp2)
+//     dS^T = P^T o (dP^T - Delta)
+//     dV_w += P^T dO,  dK_w += dS^T Q     wgmma m64nD, A = P^T / dS^T from registers (the accumulators rounded to
+//                   16 bits are the A fragments, as P in the forward), B = dO / Q read N-major ("tb", as V there)
+//     dQ (64 x D) += dS K                 dS^T goes to shared memory ([key][query], 128-byte swizzle) and is read
+//                   back transposed as A, K transposed as B (wgmma_ss_tt); float2 atomics into dq_accum.
+//       d128: consumer w computes dQ columns 64w..64w+63 over all 128 keys (both consumers' dS^T, one barrier of
+//             the two warpgroups per step);
+//       d64:  consumer w computes all 64 columns over its own 64 keys (no cross-warpgroup barrier; each dQ element
+//             gets two atomic adds per tile instead of one), since an n32 split of the 64 K columns would start
+//             inside a 128-byte swizzle atom.
+//   producer (warpgroup 2, one warp): K and V once (TMA), then per query tile Q and dO (TMA) and lse / Delta
+//     (plain loads: lse rows are not 16-byte aligned for a bulk copy when L is odd) into a ring of kStages stages
+//     with full / empty mbarriers. The producer stores lse already in log2 units, +inf for rows past L and rows with
+//     no allowed key (lse = -inf), so that P is exactly 0 there without a test.
+//
+// Registers per consumer thread at d128: dV 64 + dK 64 + S^T 32 + dP^T 32 at the first products; dV + dK + the
+// 16-bit P^T / dS^T fragments 32 + dQ 32 later. The kernel body exists only in the sm_90a compilation.
+#pragma once
+#include "cuda/mask.h"
+#include "cuda/mma.h"
+#include "cuda/wgmma.h"
+
+#include <cuda.h>  // CUtensorMap (a plain 128-byte struct; no driver call is made from here)
+
+namespace sdpax {
+namespace cuda {
+
+// Tensor maps of Q, dO (boxes of 64 columns x 64 rows) and K, V (64 columns x 128 keys), 4-D (column, row, head,
+// batch), 128-byte swizzle, zero fill past the ends; encoded by the host (launch_bwd_sm90.h).
+struct BwdTmaMaps {
+  CUtensorMap q, dout, k, v;
+};
+
+template <int D>
+struct BwdSm90Cfg {
+  static_assert(D == 64 || D == 128, "the sm90 backward covers head dims 64 and 128");
+  static constexpr int kBN = 128;  // keys per block: two consumer warpgroups of 64
+  static constexpr int kBM = 64;   // queries per step: the n of S^T / dP^T and the k extent of dK / dV
+  static constexpr int kConsumers = 256;
+  static constexpr int kThreads = kConsumers + 128;
+  // setmaxnreg: 2 x 128 x 240 + 128 x 24 <= 64K registers.
+  static constexpr int kConsumerRegs = 240, kProducerRegs = 24;
+  // dQ split between the consumers (see the top): by columns at d128, by keys at d64.
+  static constexpr bool kDqByKeys = D == 64;
+  // Q / dO stages: the producer runs this many tiles ahead.
+  static constexpr int kStages = 2;
+  using KTile = Sw128Tile<kBN, D>;   // K and V
+  using QTile = Sw128Tile<kBM, D>;   // Q and dO of one stage
+  using DsTile = Sw128Tile<kBN, kBM>;  // dS^T: rows = keys, 64 query columns = one 128-byte row
+  static constexpr int kStageBytes = 2 * QTile::kBytes;  // Q then dO
+  // K, V, the Q / dO stages, two dS^T buffers (a consumer writes step n + 1's while the other may still read step
+  // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), mbarriers, and 1024 bytes of
+  // slack for the alignment of the swizzle atoms.
+  static constexpr int kBarBytes = (2 * kStages + 1) * 8;
+  static constexpr int kSmem = 2 * KTile::kBytes + kStages * kStageBytes + 2 * DsTile::kBytes +
+                               kStages * 2 * kBM * 4 + kBarBytes + 1024;
+  static_assert(kSmem <= 227 * 1024, "shared memory per block");
+};
+
+template <class T, int D>
+__global__ void __launch_bounds__(BwdSm90Cfg<D>::kThreads, 1)
+    bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ BwdTmaMaps maps) {
+#ifdef SDPAX_SM90A_DEVICE
+  using Cfg = BwdSm90Cfg<D>;
+  using KTile = typename Cfg::KTile;
+  using QTile = typename Cfg::QTile;
+  using DsTile = typename Cfg::DsTile;
+  constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kConsumers, kStages = Cfg::kStages;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const uint32_t sK = (smem_u32(smem) + 1023u) & ~1023u;
+  const uint32_t sV = sK + KTile::kBytes;
+  const uint32_t sQ0 = sV + KTile::kBytes;  // stage s: Q at sQ0 + s * kStageBytes, dO QTile::kBytes after it
+  const uint32_t sDs0 = sQ0 + kStages * Cfg::kStageBytes;  // dS^T buffer x at sDs0 + x * DsTile::kBytes
+  const uint32_t sRow0 = sDs0 + 2 * DsTile::kBytes;        // stage s: lse2 at + s * 2 BM floats, Delta BM after
+  const uint32_t bar_full0 = sRow0 + kStages * 2 * BM * 4;
+  const uint32_t bar_empty0 = bar_full0 + kStages * 8;
+  const uint32_t bar_kv = bar_empty0 + kStages * 8;
+  float* row_vals = reinterpret_cast<float*>(smem + (sRow0 - smem_u32(smem)));
+
+  const int tid = threadIdx.x;
+  const int G = static_cast<int>(p.hq / p.hkv);
+  const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+  const int n_blocks = (S + BN - 1) / BN;
+  const int n_block = static_cast<int>(blockIdx.x % n_blocks);
+  const int64_t bhk = blockIdx.x / n_blocks;
+  const int b = static_cast<int>(bhk / p.hkv);
+  const int hk = static_cast<int>(bhk % p.hkv);
+  const int j0 = n_block * BN;
+  // Query rows that can see key j0 or later (i + 1 + shift > j0 under causal alignment); keys [0, row limit) of
+  // row i pass: row_limit(i) = min(i + lim_shift, S).
+  int i_begin = 0;
+  const int shift = p.causal == Causal::LowerRight ? S - L : 0;
+  if (p.causal != Causal::None) i_begin = min(max(j0 - shift, 0), L);
+  const int lim_shift = p.causal == Causal::None ? S : 1 + shift;
+  const int q_first = i_begin / BM;
+  const int q_tiles = (L + BM - 1) / BM - q_first;
+  const int steps = q_tiles > 0 ? G * q_tiles : 0;
+  auto step_head = [&](int step) { return hk * G + step / q_tiles; };
+  auto step_i0 = [&](int step) { return (q_first + step % q_tiles) * BM; };
+
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(bar_full0 + 8 * st, 32);    // the producer warp's 32 lanes, after their lse / Delta stores
+      mbar_init(bar_empty0 + 8 * st, 8);    // one arrival per consumer warp
+    }
+    mbar_init(bar_kv, 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (tid >= NT) {
+    // Producer warpgroup: setmaxnreg is per warpgroup, then only its first warp works.
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    if (tid >= NT + 32 || steps == 0) return;
+    const int lane = tid & 31;
+    if (lane == 0) {
+      mbar_expect_tx(bar_kv, 2 * KTile::kBytes);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) {
+        tma_load_4d(sK + c * KTile::kBlockBytes, &maps.k, bar_kv, c * 64, j0, hk, b);
+        tma_load_4d(sV + c * KTile::kBlockBytes, &maps.v, bar_kv, c * 64, j0, hk, b);
+      }
+    }
+    for (int n = 0; n < steps; ++n) {
+      const int st = n % kStages;
+      if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
+      const int h = step_head(n), i0 = step_i0(n);
+      const int64_t row0 = (static_cast<int64_t>(b) * p.hq + h) * p.L;
+      float* lse2 = row_vals + st * 2 * BM;
+#pragma unroll
+      for (int r = lane; r < BM; r += 32) {
+        const int i = i0 + r;
+        const float lse = i < L ? p.lse[row0 + i] : -INFINITY;
+        // A row with no allowed key (or past L) has P = 0: exp2(x - inf) = 0, never exp2(-inf + inf).
+        lse2[r] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+        lse2[BM + r] = i < L ? p.delta[row0 + i] : 0.f;
+      }
+      __syncwarp();
+      // Every lane arrives after its own stores (arrive releases them); lane 0's arrival also announces the bytes
+      // the copies will deliver, so the phase completes once both are in.
+      if (lane == 0) {
+        const uint32_t bar = bar_full0 + 8 * st;
+        mbar_expect_tx(bar, Cfg::kStageBytes);
+        const uint32_t dst = sQ0 + st * Cfg::kStageBytes;
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c) {
+          tma_load_4d(dst + c * QTile::kBlockBytes, &maps.q, bar, c * 64, i0, h, b);
+          tma_load_4d(dst + QTile::kBytes + c * QTile::kBlockBytes, &maps.dout, bar, c * 64, i0, h, b);
+        }
+      } else {
+        mbar_arrive(bar_full0 + 8 * st);
+      }
+    }
+    return;
+  }
+
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const int wg = tid >> 7, wwarp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const float scale_log2 = p.scale * kLog2e;
+  // This thread's accumulator rows (keys) in S^T / dP^T / dK / dV: key_r + 8 hf of the block.
+  const int key_r = wg * 64 + wwarp * 16 + g;
+
+  float acc_dk[D / 2], acc_dv[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+
+  // Descriptors (K-major: leading offset unused, 8-row groups 1024 B apart; N/M-major: 64-column blocks
+  // kBlockBytes apart, 8 k-rows 1024 B apart). Stage / buffer offsets are added to the address bits.
+  const uint64_t k_desc = sw128_desc(sK + wg * 64 * 128, 16, 1024);  // this warpgroup's 64 keys, A of S^T
+  const uint64_t v_desc = sw128_desc(sV + wg * 64 * 128, 16, 1024);
+  const uint64_t q_desc = sw128_desc(sQ0, 16, 1024);                   // Q / dO as B of S^T / dP^T
+  const uint64_t qt_desc = sw128_desc(sQ0, QTile::kBlockBytes, 1024);  // Q / dO as N-major B of dK / dV
+  // dQ: A = dS^T (M-major), B = K (N-major). By columns (d128): all 128 keys, K columns 64 wg..; by keys (d64):
+  // this warpgroup's 64 keys, all 64 columns.
+  constexpr bool kByKeys = Cfg::kDqByKeys;
+  constexpr int kDqSteps = kByKeys ? 4 : BN / 16;
+  const uint32_t dq_key0 = kByKeys ? wg * 64 : 0;
+  const uint64_t ds_desc = sw128_desc(sDs0 + dq_key0 * 128, DsTile::kBlockBytes, 1024);
+  const uint64_t kt_desc = sw128_desc(sK + dq_key0 * 128 + (kByKeys ? 0 : wg * KTile::kBlockBytes),
+                                      KTile::kBlockBytes, 1024);
+  const int dq_c0 = kByKeys ? 0 : wg * 64;  // first dQ column of this warpgroup
+  const int dq_cols = max(0, min(8, (E - dq_c0 - 2 * t + 7) / 8));  // 8-column groups with column < E
+
+  if (steps > 0) mbar_wait(bar_kv, 0);
+  for (int n = 0; n < steps; ++n) {
+    const int st = n % kStages;
+    const int h = step_head(n), i0 = step_i0(n);
+    const uint32_t stage_off = (st * Cfg::kStageBytes) >> 4;
+    mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+
+    float s[32], dp[32];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t koff = ((kk >> 2) * KTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      const uint32_t qoff = ((kk >> 2) * QTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      wgmma_ss<64, T>(s, k_desc + koff, q_desc + stage_off + qoff, kk > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t koff = ((kk >> 2) * KTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      const uint32_t qoff = ((kk >> 2) * QTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      wgmma_ss<64, T>(dp, v_desc + koff, q_desc + stage_off + ((QTile::kBytes) >> 4) + qoff, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(s);
+    reg_fence(dp);
+
+    // Causal / bounds: only tiles where some key of the block reaches past the first row's limit (or past S: K is
+    // zero-filled there, S^T = 0, and P would not be).
+    const bool cross = j0 + BN > S || (p.causal != Causal::None && j0 + BN - 1 >= i0 + lim_shift);
+    if (cross) {
+#pragma unroll
+      for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int lim = min(i0 + nn * 8 + 2 * t + e + lim_shift, S);
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+            if (j0 + key_r + 8 * hf >= lim) s[nn * 4 + hf * 2 + e] = -INFINITY;
+        }
+    }
+    const float* lse2 = row_vals + st * 2 * BM;
+    uint32_t pa[4][4], da[4][4];
+#pragma unroll
+    for (int nn = 0; nn < 8; ++nn) {
+      const float2 l2 = *reinterpret_cast<const float2*>(lse2 + nn * 8 + 2 * t);
+      const float2 dl = *reinterpret_cast<const float2*>(lse2 + BM + nn * 8 + 2 * t);
+      float pr[4], ds[4];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        pr[hf * 2] = exp2f(s[nn * 4 + hf * 2] * scale_log2 - l2.x);
+        pr[hf * 2 + 1] = exp2f(s[nn * 4 + hf * 2 + 1] * scale_log2 - l2.y);
+        ds[hf * 2] = pr[hf * 2] * (dp[nn * 4 + hf * 2] - dl.x);
+        ds[hf * 2 + 1] = pr[hf * 2 + 1] * (dp[nn * 4 + hf * 2 + 1] - dl.y);
+      }
+      // A fragment of k16 step nn / 2: (row g, queries 2t..) in registers 0 / 2, (row g + 8, ..) in 1 / 3.
+      pa[nn >> 1][(nn & 1) * 2] = pack2<T>(pr[0], pr[1]);
+      pa[nn >> 1][(nn & 1) * 2 + 1] = pack2<T>(pr[2], pr[3]);
+      da[nn >> 1][(nn & 1) * 2] = pack2<T>(ds[0], ds[1]);
+      da[nn >> 1][(nn & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
+    }
+    // dS^T to shared memory (buffer n % 2): row key_r + 8 hf, 16-byte chunk nn (queries 8nn..) swizzled by the
+    // row % 8 = g; the 8 rows x 4 words of a warp's store hit 32 different banks.
+    const uint32_t ds_buf = sDs0 + (n & 1) * DsTile::kBytes;
+#pragma unroll
+    for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const uint32_t addr = ds_buf + (key_r + 8 * hf) * 128 + ((nn ^ g) << 4) + 4 * t;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(da[nn >> 1][(nn & 1) * 2 + hf]) : "memory");
+      }
+    fence_proxy_async();  // the generic-proxy stores above, read by wgmma (async proxy) below
+
+    // dV += P^T dO, dK += dS^T Q (A from registers).
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      const uint32_t off = stage_off + ((kk * 16 * 128) >> 4);
+      wgmma_rs_tb<D, T>(acc_dv, pa[kk], qt_desc + off + (QTile::kBytes >> 4));
+      wgmma_rs_tb<D, T>(acc_dk, da[kk], qt_desc + off);
+    }
+    wgmma_commit();
+    // dS^T of the keys this warpgroup's dQ reads is in: by columns, both warpgroups' (ids 1, 2: this block's
+    // named barriers; 0 is __syncthreads').
+    if (kByKeys)
+      named_barrier(1 + wg, 128);
+    else
+      named_barrier(1, NT);
+    float dq[32];
+    wgmma_fence();
+    const uint32_t ds_off = ((n & 1) * DsTile::kBytes) >> 4;
+#pragma unroll
+    for (int kk = 0; kk < kDqSteps; ++kk) {
+      const uint32_t off = (kk * 16 * 128) >> 4;
+      wgmma_ss_tt<64, T>(dq, ds_desc + ds_off + off, kt_desc + off, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(acc_dv);
+    reg_fence(acc_dk);
+    reg_fence(dq);
+    reg_fence_u32(pa);
+    reg_fence_u32(da);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar_empty0 + 8 * st);  // this warp is done with the stage's Q / dO / lse / Delta
+
+    // dQ rows i0 + 16 wwarp + g + 8 hf, columns dq_c0 + 8 nn + 2t: float2 atomics. A warp whose rows and columns
+    // are all in bounds adds without tests.
+    const int i_q = i0 + wwarp * 16 + g;
+    const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
+    float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + dq_c0 + 2 * t;
+    auto add_dq = [&](auto guarded) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        if (decltype(guarded)::value && i_q + 8 * hf >= L) continue;
+        float* d = dq0 + hf * 8 * p.E;
+#pragma unroll
+        for (int nn = 0; nn < 8; ++nn) {
+          if (decltype(guarded)::value && nn >= dq_cols) continue;
+          atomicAdd(reinterpret_cast<float2*>(d + nn * 8), make_float2(dq[nn * 4 + hf * 2], dq[nn * 4 + hf * 2 + 1]));
+        }
+      }
+    };
+    if (i0 + wwarp * 16 + 16 <= L && dq_cols == 8)
+      add_dq(std::false_type{});
+    else
+      add_dq(std::true_type{});
+  }
+
+  // dK (scaled) and dV of this thread's keys.
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int j = j0 + key_r + 8 * hf;
+    if (j >= S) continue;
+    T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + static_cast<int64_t>(hk) * p.dk_st.h + int64_t(j) * p.dk_st.r;
+    T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + static_cast<int64_t>(hk) * p.dv_st.h + int64_t(j) * p.dv_st.r;
+#pragma unroll
+    for (int nn = 0; nn < D / 8; ++nn) {
+      const int c = nn * 8 + 2 * t;
+      if (c < E) st2<T>(dk + c, acc_dk[nn * 4 + hf * 2] * p.scale, acc_dk[nn * 4 + hf * 2 + 1] * p.scale);
+      if (c < Ev) st2<T>(dv + c, acc_dv[nn * 4 + hf * 2], acc_dv[nn * 4 + hf * 2 + 1]);
+    }
+  }
+#endif
+}
+
+}  // namespace cuda
+}  // namespace sdpax
