@@ -46,9 +46,11 @@ def test_long_masked_forward(mask_kind, E, L, S):
 
 @contextlib.contextmanager
 def _bwd_sm90(on):
-    """SDPAX_CUDA_BWD_SM90 (read by the extension on every backward call) set for the duration."""
+    """SDPAX_CUDA_BWD_SM90 (read by the extension on every backward call) set for the duration. On a Hopper device,
+    "force": a call the sm90 backward should take fails instead of silently running the mma.sync loop."""
     prev = os.environ.get("SDPAX_CUDA_BWD_SM90")
-    os.environ["SDPAX_CUDA_BWD_SM90"] = "1" if on else "0"
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    os.environ["SDPAX_CUDA_BWD_SM90"] = ("force" if hopper else "1") if on else "0"
     try:
         yield
     finally:

@@ -39,6 +39,19 @@ int bucket(int64_t head_dim) {
 
 bool general(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dropout_p > 0.0; }
 
+// SDPAX_CUDA_FWD_SM90=0 turns the Hopper main loop off (read on every call, so a benchmark can time both main
+// loops in one process: benchmarks/cuda_sm90.py).
+// SDPAX_CUDA_BWD_SM90=0 does the same for the backward main loop; =force makes a call that the table gives to the
+// sm90 backward fail instead of falling back to the mma.sync loop when its tensor maps cannot be encoded (tests).
+bool env_enabled(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
 #ifdef SDPAX_BUILD_SM90A
 // Compute capability major of the current device, looked up once per device.
 bool device_is_sm90() {
@@ -87,14 +100,6 @@ bool has_sm90_bwd(const AttnParams& p, int d, bool gen) {
 #undef SDPAX_CASE_bwd_sm90
 #undef SDPAX_CASE
   return found;
-}
-
-// SDPAX_CUDA_FWD_SM90=0 turns the Hopper main loop off (read on every call, so a benchmark can time both main
-// loops in one process: benchmarks/cuda_sm90.py).
-// SDPAX_CUDA_BWD_SM90=0 does the same for the backward main loop.
-bool env_enabled(const char* name) {
-  const char* v = std::getenv(name);
-  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 bool use_sm90(const AttnParams& p, int d, int fwd_kind) {
@@ -216,7 +221,7 @@ cudaError_t launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream) {
 #undef SDPAX_CASE_bwd_sm90
 #undef SDPAX_CASE_bwd
     // cudaErrorNotSupported: a tensor map could not be encoded and nothing was launched; the mma.sync loop runs.
-    if (err != cudaErrorNotSupported) return err;
+    if (err != cudaErrorNotSupported || env_is("SDPAX_CUDA_BWD_SM90", "force")) return err;
   }
 #define SDPAX_CASE_bwd(ctype, kind, dd, flag) \
   if (p.dtype == ScalarKind::kind && d == dd && gen == flag) return run_bwd<ctype, dd, flag>(q, stream);
