@@ -1,6 +1,7 @@
-// Hopper (sm90a) backward main loop: the plain kind (no mask, no dropout; causal of either alignment, GQA, sinks
-// through lse) at head dims 64 and 128, 16-bit inputs, non-deterministic dQ (float atomics). Everything else runs
-// bwd_wide.h / bwd_kernel.h (launch.cu decides per call).
+// Hopper (sm90a) backward main loop at head dims 64 and 128, 16-bit inputs, non-deterministic dQ (float atomics):
+// the plain kind (no mask; causal of either alignment, GQA, sinks through lse) and, of the general kind, bool masks
+// without dropout (bwd_sm90_general_ok). Everything else runs bwd_wide.h / bwd_kernel.h (launch.cu decides per
+// call).
 //
 // One block per (128-key block, batch, kv head), as bwd_wide: it walks the G query heads of the GQA group and their
 // query tiles of BM = 64 rows (tiles wholly above the causal diagonal are never visited), and keeps dK / dV of its
@@ -16,13 +17,17 @@
 //                   back transposed as A, K transposed as B (wgmma_ss_tt); float2 atomics into dq_accum.
 //       d128: consumer w computes dQ columns 64w..64w+63 over all 128 keys (both consumers' dS^T, one barrier of
 //             the two warpgroups per step);
-//       d64:  consumer w computes all 64 columns over its own 64 keys (no cross-warpgroup barrier; each dQ element
-//             gets two atomic adds per tile instead of one), since an n32 split of the 64 K columns would start
-//             inside a 128-byte swizzle atom.
-//   producer (warpgroup 2, one warp): K and V once (TMA), then per query tile Q and dO (TMA) and lse / Delta
-//     (plain loads: lse rows are not 16-byte aligned for a bulk copy when L is odd) into a ring of kStages stages
-//     with full / empty mbarriers. The producer stores lse already in log2 units, +inf for rows past L and rows with
-//     no allowed key (lse = -inf), so that P is exactly 0 there without a test.
+//       d64:  the consumers take turns: consumer n % 2 computes all 64 columns of step n over all 128 keys (an n32
+//             split of the 64 K columns would start inside a 128-byte swizzle atom; a split by keys gave every dQ
+//             element two atomic adds per tile, 240 vs 252 TFLOP/s of the mma.sync loop at d64 L4k).
+//   producer (warpgroup 2): K and V once (TMA), then per query tile Q and dO (TMA) and lse / Delta (plain loads:
+//     lse rows are not 16-byte aligned for a bulk copy when L is odd) into a ring of kStages stages with full /
+//     empty mbarriers, and the tile's (head, first row), so that the producer alone decides which tiles the
+//     consumers see. It stores lse already in log2 units, +inf for rows past L and rows with no allowed key
+//     (lse = -inf), so that P is exactly 0 there without a test. Bool mask (general kind): the producer reads the
+//     64 x 128-byte tile with 16-byte loads (4 per thread; one row of 8 loads for a row-broadcast mask), drops
+//     tiles with no allowed element, and hands the consumers one bit per element; each consumer thread reads the
+//     16 words of its rows (2 keys x 16 queries) and sets S^T to -inf where a bit is clear.
 //
 // Registers per consumer thread at d128: dV 64 + dK 64 + S^T 32 + dP^T 32 at the first products; dV + dK + the
 // 16-bit P^T / dS^T fragments 32 + dQ 32 later. The kernel body exists only in the sm_90a compilation.
@@ -42,37 +47,49 @@ struct BwdTmaMaps {
   CUtensorMap q, dout, k, v;
 };
 
-template <int D>
+// Whether the general kind of the sm90 backward takes this call: a bool mask with contiguous keys and 16-byte
+// aligned rows, heads and batches (any broadcast), no dropout, no mask gradient (a bool mask has none). Other
+// general calls run bwd_wide.h (launch.cu).
+__host__ __device__ inline bool bwd_sm90_general_ok(const AttnParams& p) {
+  return p.mask_kind == MaskKind::Bool && p.dropout_p == 0.0 && p.dmask == nullptr && p.mask_st.c == 1 &&
+         reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 && (p.mask_st.r | p.mask_st.h | p.mask_st.b) % 16 == 0;
+}
+
+template <int D, bool kGeneral>
 struct BwdSm90Cfg {
   static_assert(D == 64 || D == 128, "the sm90 backward covers head dims 64 and 128");
   static constexpr int kBN = 128;  // keys per block: two consumer warpgroups of 64
   static constexpr int kBM = 64;   // queries per step: the n of S^T / dP^T and the k extent of dK / dV
   static constexpr int kConsumers = 256;
   static constexpr int kThreads = kConsumers + 128;
-  // setmaxnreg: 2 x 128 x 240 + 128 x 24 <= 64K registers.
-  static constexpr int kConsumerRegs = 240, kProducerRegs = 24;
-  // dQ split between the consumers (see the top): by columns at d128, by keys at d64.
-  static constexpr bool kDqByKeys = D == 64;
+  // setmaxnreg: 2 x 128 x 240 + 128 x 24 <= 64K registers; the general kind's producer keeps 56 for its mask loads
+  // (2 x 128 x 224 + 128 x 56; with 40 it spilled 24 bytes).
+  static constexpr int kConsumerRegs = kGeneral ? 224 : 240, kProducerRegs = kGeneral ? 56 : 24;
+  // dQ split between the consumers (see the top): by columns at d128, by turns at d64.
+  static constexpr bool kDqByTurns = D == 64;
   // Q / dO stages: the producer runs this many tiles ahead.
   static constexpr int kStages = 2;
   using KTile = Sw128Tile<kBN, D>;   // K and V
   using QTile = Sw128Tile<kBM, D>;   // Q and dO of one stage
   using DsTile = Sw128Tile<kBN, kBM>;  // dS^T: rows = keys, 64 query columns = one 128-byte row
   static constexpr int kStageBytes = 2 * QTile::kBytes;  // Q then dO
+  // Bool mask of a stage, one bit per element: per query row four 32-bit words in key order (bit k of word w =
+  // key 32w + k of the block).
+  static constexpr int kBitsBytes = kGeneral ? kBM * 16 : 0;
   // K, V, the Q / dO stages, two dS^T buffers (a consumer writes step n + 1's while the other may still read step
-  // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), mbarriers, and 1024 bytes of
-  // slack for the alignment of the swizzle atoms.
-  static constexpr int kBarBytes = (2 * kStages + 1) * 8;
+  // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), mask bits per stage, mbarriers
+  // and the (head, first row) of each stage, and 1024 bytes of slack for the alignment of the swizzle atoms.
+  static constexpr int kBarBytes = (2 * kStages + 1) * 8 + kStages * 8;
   static constexpr int kSmem = 2 * KTile::kBytes + kStages * kStageBytes + 2 * DsTile::kBytes +
-                               kStages * 2 * kBM * 4 + kBarBytes + 1024;
+                               kStages * (2 * kBM * 4 + kBitsBytes) + kBarBytes + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
 };
 
-template <class T, int D>
-__global__ void __launch_bounds__(BwdSm90Cfg<D>::kThreads, 1)
+template <class T, int D, bool kGeneral>
+__global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ BwdTmaMaps maps) {
 #ifdef SDPAX_SM90A_DEVICE
-  using Cfg = BwdSm90Cfg<D>;
+  using Cfg = BwdSm90Cfg<D, kGeneral>;
   using KTile = typename Cfg::KTile;
   using QTile = typename Cfg::QTile;
   using DsTile = typename Cfg::DsTile;
@@ -83,10 +100,14 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D>::kThreads, 1)
   const uint32_t sQ0 = sV + KTile::kBytes;  // stage s: Q at sQ0 + s * kStageBytes, dO QTile::kBytes after it
   const uint32_t sDs0 = sQ0 + kStages * Cfg::kStageBytes;  // dS^T buffer x at sDs0 + x * DsTile::kBytes
   const uint32_t sRow0 = sDs0 + 2 * DsTile::kBytes;        // stage s: lse2 at + s * 2 BM floats, Delta BM after
-  const uint32_t bar_full0 = sRow0 + kStages * 2 * BM * 4;
+  const uint32_t sBits0 = sRow0 + kStages * 2 * BM * 4;    // stage s: mask bits at + s * kBitsBytes
+  const uint32_t bar_full0 = sBits0 + kStages * Cfg::kBitsBytes;
   const uint32_t bar_empty0 = bar_full0 + kStages * 8;
   const uint32_t bar_kv = bar_empty0 + kStages * 8;
-  float* row_vals = reinterpret_cast<float*>(smem + (sRow0 - smem_u32(smem)));
+  auto smem_ptr = [&](uint32_t addr) { return smem + (addr - smem_u32(smem)); };
+  float* row_vals = reinterpret_cast<float*>(smem_ptr(sRow0));
+  uint32_t* bits0 = reinterpret_cast<uint32_t*>(smem_ptr(sBits0));
+  int2* tile_of_stage = reinterpret_cast<int2*>(smem_ptr(bar_kv + 8));  // (head, first row); head -1: the end
 
   const int tid = threadIdx.x;
   const int G = static_cast<int>(p.hq / p.hkv);
@@ -107,13 +128,14 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D>::kThreads, 1)
   const int q_first = i_begin / BM;
   const int q_tiles = (L + BM - 1) / BM - q_first;
   const int steps = q_tiles > 0 ? G * q_tiles : 0;
-  auto step_head = [&](int step) { return hk * G + step / q_tiles; };
-  auto step_i0 = [&](int step) { return (q_first + step % q_tiles) * BM; };
+  const bool has_mask = kGeneral && p.mask_kind == MaskKind::Bool;
+  // A mask broadcast over rows (padding masks, (B, 1, 1, S)): one row of bits per tile, loaded by 8 threads.
+  const bool one_row = has_mask && p.mask_st.r == 0;
 
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
-      mbar_init(bar_full0 + 8 * st, 32);    // the producer warp's 32 lanes, after their lse / Delta stores
-      mbar_init(bar_empty0 + 8 * st, 8);    // one arrival per consumer warp
+      mbar_init(bar_full0 + 8 * st, 128);  // every producer thread, after its lse / Delta / mask-bit stores
+      mbar_init(bar_empty0 + 8 * st, 8);   // one arrival per consumer warp
     }
     mbar_init(bar_kv, 1);
     mbar_init_fence();
@@ -121,11 +143,12 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D>::kThreads, 1)
   __syncthreads();
 
   if (tid >= NT) {
-    // Producer warpgroup: setmaxnreg is per warpgroup, then only its first warp works.
+    // Producer warpgroup. It publishes the query tiles in order: (head, first row) in tile_of_stage, Q and dO by
+    // TMA (thread 0), lse2 / Delta (threads 0..63, one row each) and the packed mask bits (general kind); a tile
+    // that no element of the block may see is dropped here. A final head of -1 ends the stream.
     setmaxnreg_dec<Cfg::kProducerRegs>();
-    if (tid >= NT + 32 || steps == 0) return;
-    const int lane = tid & 31;
-    if (lane == 0) {
+    const int ptid = tid - NT;
+    if (ptid == 0) {
       mbar_expect_tx(bar_kv, 2 * KTile::kBytes);
 #pragma unroll
       for (int c = 0; c < D / 64; ++c) {
@@ -133,25 +156,68 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D>::kThreads, 1)
         tma_load_4d(sV + c * KTile::kBlockBytes, &maps.v, bar_kv, c * 64, j0, hk, b);
       }
     }
-    for (int n = 0; n < steps; ++n) {
+    // Mask tile: thread ptid reads 16-byte chunk c = ptid % 8 (keys 16c..) of rows ptid / 8 + 16u (u < 4); with a
+    // row-broadcast mask only threads 0..7 read (row 0).
+    const int mc = ptid & 7, mr = ptid >> 3;
+    const unsigned char* mbase = static_cast<const unsigned char*>(p.mask);
+    int n = 0;  // tiles published
+    for (int step = 0; step < steps; ++step) {
+      const int h = hk * G + step / q_tiles, i0 = (q_first + step % q_tiles) * BM;
+      uint32_t chunk_bits[4] = {0u, 0u, 0u, 0u};  // 16 key bits of rows mr + 16u
+      if (has_mask) {
+        const int j = j0 + mc * 16;
+        const unsigned char* m0 = mbase + static_cast<int64_t>(b) * p.mask_st.b + static_cast<int64_t>(h) * p.mask_st.h + j;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int i = i0 + mr + 16 * u;
+          if ((one_row && (u > 0 || mr > 0)) || i >= L || j >= S) continue;
+          const unsigned char* src = m0 + static_cast<int64_t>(i) * p.mask_st.r;
+          uint32_t q[4];
+          if (j + 16 <= S) {
+            const uint4 w = __ldg(reinterpret_cast<const uint4*>(src));
+            q[0] = w.x, q[1] = w.y, q[2] = w.z, q[3] = w.w;
+          } else {  // the block's last chunk, partly past S: the bytes inside only
+#pragma unroll
+            for (int qq = 0; qq < 4; ++qq) {
+              q[qq] = 0u;
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                if (j + 4 * qq + e < S) q[qq] |= static_cast<uint32_t>(src[4 * qq + e] != 0) << (8 * e);
+            }
+          }
+#pragma unroll
+          for (int qq = 0; qq < 4; ++qq) {
+            // Bit 7 of each byte set iff the byte is nonzero, then bits 7, 15, 23, 31 gathered into 28..31 by one
+            // multiply (the other partial products stay below bit 28), as in fwd_sm90.h.
+            const uint32_t nz = (((q[qq] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[qq]) & 0x80808080u;
+            chunk_bits[u] |= ((nz * 0x00204081u) >> 28) << (4 * qq);
+          }
+        }
+        const bool any = (chunk_bits[0] | chunk_bits[1] | chunk_bits[2] | chunk_bits[3]) != 0u;
+        if (!named_barrier_or(2, 128, any)) continue;  // no element of this tile may be seen: drop it
+      }
       const int st = n % kStages;
       if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
-      const int h = step_head(n), i0 = step_i0(n);
-      const int64_t row0 = (static_cast<int64_t>(b) * p.hq + h) * p.L;
-      float* lse2 = row_vals + st * 2 * BM;
+      if (has_mask) {
+        unsigned short* dst = reinterpret_cast<unsigned short*>(bits0 + st * (Cfg::kBitsBytes / 4));
 #pragma unroll
-      for (int r = lane; r < BM; r += 32) {
-        const int i = i0 + r;
+        for (int u = 0; u < 4; ++u)
+          if (!one_row || (u == 0 && mr == 0)) dst[(mr + 16 * u) * 8 + mc] = static_cast<unsigned short>(chunk_bits[u]);
+      }
+      if (ptid < BM) {
+        const int64_t row0 = (static_cast<int64_t>(b) * p.hq + h) * p.L;
+        const int i = i0 + ptid;
+        float* lse2 = row_vals + st * 2 * BM;
         const float lse = i < L ? p.lse[row0 + i] : -INFINITY;
         // A row with no allowed key (or past L) has P = 0: exp2(x - inf) = 0, never exp2(-inf + inf).
-        lse2[r] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-        lse2[BM + r] = i < L ? p.delta[row0 + i] : 0.f;
+        lse2[ptid] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+        lse2[BM + ptid] = i < L ? p.delta[row0 + i] : 0.f;
       }
-      __syncwarp();
-      // Every lane arrives after its own stores (arrive releases them); lane 0's arrival also announces the bytes
-      // the copies will deliver, so the phase completes once both are in.
-      if (lane == 0) {
-        const uint32_t bar = bar_full0 + 8 * st;
+      // Every thread arrives after its own stores (arrive releases them); thread 0's arrival also announces the
+      // bytes the copies will deliver, so the phase completes once both are in.
+      const uint32_t bar = bar_full0 + 8 * st;
+      if (ptid == 0) {
+        tile_of_stage[st] = make_int2(h, i0);
         mbar_expect_tx(bar, Cfg::kStageBytes);
         const uint32_t dst = sQ0 + st * Cfg::kStageBytes;
 #pragma unroll
@@ -160,9 +226,14 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D>::kThreads, 1)
           tma_load_4d(dst + QTile::kBytes + c * QTile::kBlockBytes, &maps.dout, bar, c * 64, i0, h, b);
         }
       } else {
-        mbar_arrive(bar_full0 + 8 * st);
+        mbar_arrive(bar);
       }
+      ++n;
     }
+    const int st = n % kStages;
+    if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);
+    if (ptid == 0) tile_of_stage[st] = make_int2(-1, 0);
+    mbar_arrive(bar_full0 + 8 * st);
     return;
   }
 
@@ -182,23 +253,25 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D>::kThreads, 1)
   const uint64_t v_desc = sw128_desc(sV + wg * 64 * 128, 16, 1024);
   const uint64_t q_desc = sw128_desc(sQ0, 16, 1024);                   // Q / dO as B of S^T / dP^T
   const uint64_t qt_desc = sw128_desc(sQ0, QTile::kBlockBytes, 1024);  // Q / dO as N-major B of dK / dV
-  // dQ: A = dS^T (M-major), B = K (N-major). By columns (d128): all 128 keys, K columns 64 wg..; by keys (d64):
-  // this warpgroup's 64 keys, all 64 columns.
-  constexpr bool kByKeys = Cfg::kDqByKeys;
-  constexpr int kDqSteps = kByKeys ? 4 : BN / 16;
-  const uint32_t dq_key0 = kByKeys ? wg * 64 : 0;
-  const uint64_t ds_desc = sw128_desc(sDs0 + dq_key0 * 128, DsTile::kBlockBytes, 1024);
-  const uint64_t kt_desc = sw128_desc(sK + dq_key0 * 128 + (kByKeys ? 0 : wg * KTile::kBlockBytes),
-                                      KTile::kBlockBytes, 1024);
-  const int dq_c0 = kByKeys ? 0 : wg * 64;  // first dQ column of this warpgroup
+  // dQ: A = dS^T (M-major), B = K (N-major), all 128 keys. By columns (d128): K columns 64 wg..; by turns (d64):
+  // all 64 columns on every other step.
+  constexpr bool kByTurns = Cfg::kDqByTurns;
+  const uint64_t ds_desc = sw128_desc(sDs0, DsTile::kBlockBytes, 1024);
+  const uint64_t kt_desc = sw128_desc(sK + (kByTurns ? 0 : wg * KTile::kBlockBytes), KTile::kBlockBytes, 1024);
+  const int dq_c0 = kByTurns ? 0 : wg * 64;  // first dQ column of this warpgroup
   const int dq_cols = max(0, min(8, (E - dq_c0 - 2 * t + 7) / 8));  // 8-column groups with column < E
 
-  if (steps > 0) mbar_wait(bar_kv, 0);
-  for (int n = 0; n < steps; ++n) {
+  // This thread's keys in the packed mask rows: word key_r / 32, bits key_r % 32 and + 8.
+  const int mask_word = key_r >> 5, mask_sh = key_r & 31;
+
+  mbar_wait(bar_kv, 0);
+  for (int n = 0;; ++n) {
     const int st = n % kStages;
-    const int h = step_head(n), i0 = step_i0(n);
     const uint32_t stage_off = (st * Cfg::kStageBytes) >> 4;
     mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+    const int2 tile = tile_of_stage[st];
+    if (tile.x < 0) break;
+    const int h = tile.x, i0 = tile.y;
 
     float s[32], dp[32];
     wgmma_fence();
@@ -233,6 +306,28 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D>::kThreads, 1)
           for (int hf = 0; hf < 2; ++hf)
             if (j0 + key_r + 8 * hf >= lim) s[nn * 4 + hf * 2 + e] = -INFINITY;
         }
+    }
+    if (has_mask) {
+      // Packed bool mask (bounds included): element (key, query) stays only where its bit is set.
+      const uint32_t* mw = bits0 + st * (Cfg::kBitsBytes / 4) + mask_word;
+      if (one_row) {
+        const uint32_t w = mw[0] >> mask_sh;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          if (!((w >> (8 * hf)) & 1u)) {
+#pragma unroll
+            for (int nn = 0; nn < 8; ++nn) s[nn * 4 + hf * 2] = s[nn * 4 + hf * 2 + 1] = -INFINITY;
+          }
+      } else {
+#pragma unroll
+        for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const uint32_t w = mw[(nn * 8 + 2 * t + e) * 4] >> mask_sh;
+            s[nn * 4 + e] = w & 1u ? s[nn * 4 + e] : -INFINITY;
+            s[nn * 4 + 2 + e] = (w >> 8) & 1u ? s[nn * 4 + 2 + e] : -INFINITY;
+          }
+      }
     }
     const float* lse2 = row_vals + st * 2 * BM;
     uint32_t pa[4][4], da[4][4];
@@ -275,21 +370,29 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D>::kThreads, 1)
       wgmma_rs_tb<D, T>(acc_dk, da[kk], qt_desc + off);
     }
     wgmma_commit();
-    // dS^T of the keys this warpgroup's dQ reads is in: by columns, both warpgroups' (ids 1, 2: this block's
-    // named barriers; 0 is __syncthreads').
-    if (kByKeys)
-      named_barrier(1 + wg, 128);
-    else
-      named_barrier(1, NT);
+    // Both consumers' dS^T is in (id 1: this kernel's named barrier; 0 is __syncthreads').
+    named_barrier(1, NT);
     float dq[32];
-    wgmma_fence();
-    const uint32_t ds_off = ((n & 1) * DsTile::kBytes) >> 4;
-#pragma unroll
-    for (int kk = 0; kk < kDqSteps; ++kk) {
-      const uint32_t off = (kk * 16 * 128) >> 4;
-      wgmma_ss_tt<64, T>(dq, ds_desc + ds_off + off, kt_desc + off, kk > 0);
+    // By turns: the other consumer's step. Decided after the wait for dV / dK (a branch between a wgmma's issue
+    // and its wait makes ptxas serialize every wgmma of the kernel, C7514).
+    const bool my_dq = !kByTurns || (n & 1) == wg;
+    if (kByTurns) {
+      wgmma_wait<0>();
+      reg_fence(acc_dv);
+      reg_fence(acc_dk);
+      reg_fence_u32(pa);
+      reg_fence_u32(da);
     }
-    wgmma_commit();
+    if (my_dq) {
+      wgmma_fence();
+      const uint32_t ds_off = ((n & 1) * DsTile::kBytes) >> 4;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        const uint32_t off = (kk * 16 * 128) >> 4;
+        wgmma_ss_tt<64, T>(dq, ds_desc + ds_off + off, kt_desc + off, kk > 0);
+      }
+      wgmma_commit();
+    }
     wgmma_wait<0>();
     reg_fence(acc_dv);
     reg_fence(acc_dk);
@@ -298,6 +401,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D>::kThreads, 1)
     reg_fence_u32(da);
     __syncwarp();
     if (lane == 0) mbar_arrive(bar_empty0 + 8 * st);  // this warp is done with the stage's Q / dO / lse / Delta
+    if (!my_dq) continue;
 
     // dQ rows i0 + 16 wwarp + g + 8 hf, columns dq_c0 + 8 nn + 2t: float2 atomics. A warp whose rows and columns
     // are all in bounds adds without tests.

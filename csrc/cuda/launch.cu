@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "cuda/bwd_kernel.h"
+#include "cuda/bwd_sm90.h"
 #include "cuda/bwd_wide.h"
 #include "cuda/fwd_kernel.h"
 #include "cuda/fwd_sm90.h"
@@ -106,9 +107,11 @@ bool use_sm90(const AttnParams& p, int d, int fwd_kind) {
   return has_sm90_fwd(p, d, fwd_kind) && device_is_sm90() && env_enabled("SDPAX_CUDA_FWD_SM90");
 }
 
-// The sm90 backward adds dQ by float atomics: deterministic mode keeps the mma.sync loop and its dQ pass.
+// The sm90 backward adds dQ by float atomics: deterministic mode keeps the mma.sync loop and its dQ pass. Of the
+// general kind it takes bool masks without dropout.
 bool use_sm90_bwd(const AttnParams& p, int d, bool gen) {
-  return !p.deterministic && has_sm90_bwd(p, d, gen) && device_is_sm90() && env_enabled("SDPAX_CUDA_BWD_SM90");
+  return !p.deterministic && (!gen || bwd_sm90_general_ok(p)) && has_sm90_bwd(p, d, gen) && device_is_sm90() &&
+         env_enabled("SDPAX_CUDA_BWD_SM90");
 }
 #else
 bool use_sm90(const AttnParams&, int, int) { return false; }  // no sm_90a code in this build

@@ -8,13 +8,11 @@
 namespace sdpax {
 namespace cuda {
 
-// kGeneral is the table's kind; only the plain kind exists so far (launch.cu never picks this loop otherwise).
-// Returns cudaErrorNotSupported, having launched nothing, when a tensor map cannot be encoded (launch.cu then runs
+// kGeneral: the table's kind (launch.cu picks the general one only where bwd_sm90_general_ok holds). Returns cudaErrorNotSupported, having launched nothing, when a tensor map cannot be encoded (launch.cu then runs
 // the mma.sync backward).
 template <class T, int D, bool kGeneral>
 cudaError_t run_bwd_sm90(const AttnParams& p, cudaStream_t stream) {
-  static_assert(!kGeneral, "the sm90 backward implements the plain kind");
-  using Cfg = BwdSm90Cfg<D>;
+  using Cfg = BwdSm90Cfg<D, kGeneral>;
   BwdTmaMaps maps{};
   if (!(encode_map<T>(&maps.q, p.q, p.q_st, p.batch, p.hq, p.L, p.E, Cfg::kBM) &&
         encode_map<T>(&maps.dout, p.dout, p.dout_st, p.batch, p.hq, p.L, p.Ev, Cfg::kBM) &&
@@ -25,7 +23,7 @@ cudaError_t run_bwd_sm90(const AttnParams& p, cudaStream_t stream) {
   bwd_delta_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(p, const_cast<float*>(p.delta));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  auto kernel = bwd_sm90_kernel<T, D>;
+  auto kernel = bwd_sm90_kernel<T, D, kGeneral>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
   if (err != cudaSuccess) return err;
   const int64_t n_blocks = (p.S + Cfg::kBN - 1) / Cfg::kBN;
