@@ -67,8 +67,8 @@ struct BwdSm90Cfg {
   static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 48 : 24;
   // dQ split between the consumers (see the top): by columns at d128, by turns at d64.
   static constexpr bool kDqByTurns = D == 64;
-  // Q / dO stages: the producer runs this many tiles ahead.
-  static constexpr int kStages = 2;
+  // Q / dO stages: the producer runs this many tiles ahead (3 x 32 KB at d128: 193 KB of shared memory in all).
+  static constexpr int kStages = 3;
   using KTile = Sw128Tile<kBN, D>;   // K and V
   using QTile = Sw128Tile<kBM, D>;   // Q and dO of one stage
   using DsTile = Sw128Tile<kBN, kBM>;  // dS^T: rows = keys, 64 query columns = one 128-byte row
@@ -163,6 +163,14 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     int n = 0;  // tiles published
     for (int step = 0; step < steps; ++step) {
       const int h = hk * G + step / q_tiles, i0 = (q_first + step % q_tiles) * BM;
+      // lse / Delta of row i0 + ptid, loaded before the mask tile and the wait for a free stage so that their
+      // latencies overlap.
+      float row_lse = -INFINITY, row_delta = 0.f;
+      if (ptid < BM && i0 + ptid < L) {
+        const int64_t row = (static_cast<int64_t>(b) * p.hq + h) * p.L + i0 + ptid;
+        row_lse = p.lse[row];
+        row_delta = p.delta[row];
+      }
       uint32_t chunk_bits[4] = {0u, 0u, 0u, 0u};  // 16 key bits of rows mr + 16u
       if (has_mask) {
         const int j = j0 + mc * 16;
@@ -205,13 +213,10 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
           if (!one_row || (u == 0 && mr == 0)) dst[(mr + 16 * u) * 8 + mc] = static_cast<unsigned short>(chunk_bits[u]);
       }
       if (ptid < BM) {
-        const int64_t row0 = (static_cast<int64_t>(b) * p.hq + h) * p.L;
-        const int i = i0 + ptid;
         float* lse2 = row_vals + st * 2 * BM;
-        const float lse = i < L ? p.lse[row0 + i] : -INFINITY;
         // A row with no allowed key (or past L) has P = 0: exp2(x - inf) = 0, never exp2(-inf + inf).
-        lse2[ptid] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-        lse2[BM + ptid] = i < L ? p.delta[row0 + i] : 0.f;
+        lse2[ptid] = row_lse == -INFINITY ? INFINITY : row_lse * kLog2e;
+        lse2[BM + ptid] = row_delta;
       }
       // Every thread arrives after its own stores (arrive releases them); thread 0's arrival also announces the
       // bytes the copies will deliver, so the phase completes once both are in.
