@@ -14,7 +14,7 @@
 //     dV_w += P^T dO,  dK_w += dS^T Q     wgmma m64nD, A = P^T / dS^T from registers (the accumulators rounded to
 //                   16 bits are the A fragments, as P in the forward), B = dO / Q read N-major ("tb", as V there)
 //     dQ (64 x D) += dS K                 dS^T goes to shared memory ([key][query], 128-byte swizzle) and is read
-//                   back transposed as A, K transposed as B (wgmma_ss_tt); float4 atomics into dq_accum.
+//                   back transposed as A, K transposed as B (wgmma_ss_tt); float2 atomics into dq_accum.
 //       d128: consumer w computes dQ columns 64w..64w+63 over all 128 keys (both consumers' dS^T, one barrier of
 //             the two warpgroups per step);
 //       d64:  the consumers take turns: consumer n % 2 computes all 64 columns of step n over all 128 keys (an n32
@@ -67,8 +67,8 @@ struct BwdSm90Cfg {
   static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 48 : 24;
   // dQ split between the consumers (see the top): by columns at d128, by turns at d64.
   static constexpr bool kDqByTurns = D == 64;
-  // Q / dO stages: the producer runs this many tiles ahead (3 x 32 KB at d128: 193 KB of shared memory in all).
-  static constexpr int kStages = 3;
+  // Q / dO stages: the producer runs this many tiles ahead.
+  static constexpr int kStages = 2;
   using KTile = Sw128Tile<kBN, D>;   // K and V
   using QTile = Sw128Tile<kBM, D>;   // Q and dO of one stage
   using DsTile = Sw128Tile<kBN, kBM>;  // dS^T: rows = keys, 64 query columns = one 128-byte row
@@ -407,26 +407,24 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     if (lane == 0) mbar_arrive(bar_empty0 + 8 * st);  // this warp is done with the stage's Q / dO / lse / Delta
     if (!my_dq) continue;
 
-    // dQ: float4 atomics (half the atomic instructions of float2; they bound the d64 loop before dQ went by turns).
-    // Lanes t and t ^ 1 hold columns 2t.. and 2(t ^ 1).. of rows g and g + 8: one shuffle per 8-column group gives
-    // the even lane columns 8nn + 2t..+3 of row g and the odd lane columns 8nn + 2t - 2..+1 of row g + 8.
-    const int odd = t & 1;
-    const int i_row = i0 + wwarp * 16 + g + 8 * odd;
-    const int c_row = dq_c0 + 2 * t - 2 * odd;  // + 8nn: a multiple of 4 (16-byte aligned: E % 8 == 0)
+    // dQ rows i0 + 16 wwarp + g + 8 hf, columns dq_c0 + 8 nn + 2t: float2 atomics. (float4 atomics after one
+    // shuffle per 8 columns halve the atomic instructions but not the L2 sectors; measured slower, see NOTES-cuda.md.)
+    // A warp whose rows and columns are all in bounds adds without tests.
+    const int i_q = i0 + wwarp * 16 + g;
     const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
-    float* dq_row = p.dq_accum + (bh * p.L + i_row) * p.E + c_row;
+    float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + dq_c0 + 2 * t;
     auto add_dq = [&](auto guarded) {
 #pragma unroll
-      for (int nn = 0; nn < 8; ++nn) {
-        const float s0 = odd ? dq[nn * 4] : dq[nn * 4 + 2], s1 = odd ? dq[nn * 4 + 1] : dq[nn * 4 + 3];
-        const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
-        const float4 v = odd ? make_float4(r0, r1, dq[nn * 4 + 2], dq[nn * 4 + 3])
-                             : make_float4(dq[nn * 4], dq[nn * 4 + 1], r0, r1);
-        if (decltype(guarded)::value && (i_row >= L || c_row + nn * 8 >= E)) continue;
-        atomicAdd(reinterpret_cast<float4*>(dq_row + nn * 8), v);
+      for (int hf = 0; hf < 2; ++hf) {
+        if (decltype(guarded)::value && i_q + 8 * hf >= L) continue;
+        float* d = dq0 + hf * 8 * p.E;
+#pragma unroll
+        for (int nn = 0; nn < 8; ++nn) {
+          if (decltype(guarded)::value && dq_c0 + nn * 8 + 2 * t >= E) continue;
+          atomicAdd(reinterpret_cast<float2*>(d + nn * 8), make_float2(dq[nn * 4 + hf * 2], dq[nn * 4 + hf * 2 + 1]));
+        }
       }
     };
-    // A warp whose rows and columns are all in bounds adds without tests.
     if (i0 + wwarp * 16 + 16 <= L && dq_c0 + 64 <= E)
       add_dq(std::false_type{});
     else
