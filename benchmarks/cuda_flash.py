@@ -40,6 +40,7 @@ def rows(quick: bool):
                             2048 // d, L, L, d, bf16, "causal" if causal else "plain"))
     if not quick:
         out.append(("d256 L4k", 4, 8, 8, 4096, 4096, 256, bf16, "plain"))
+        out.append(("d256 L4k causal", 4, 8, 8, 4096, 4096, 256, bf16, "causal"))
     out.append(("bool mask (B,1,L,S) d128 L4k", 4, 16, 16, 4096, 4096, 128, bf16, "dense_mask"))
     out.append(("pad mask (B,1,1,S) d128 L4k", 4, 16, 16, 4096, 4096, 128, bf16, "pad_mask"))
     out.append(("gqa 32/8 causal d64 L4k", 4, 32, 8, 4096, 4096, 64, bf16, "causal"))

@@ -270,7 +270,7 @@ def test_features(feature, L, S, E, dtype):
 
 
 @pytest.mark.parametrize("feature", ["causal_ul", "causal_lr", "bool", "sinks", "gqa_mask_sinks", "add_same", "blhe",
-                                     "ev_ne_e"])
+                                     "ev_ne_e", "pad", "add_f32", "bool_blocks", "rows_fully_masked", "gqa_causal"])
 def test_features_fp16_d256(feature):
     f = dict(FEATURES[feature])
     hq, hkv = (8, 2) if f.pop("gqa", False) else (4, 4)
@@ -295,7 +295,8 @@ MASK_SHAPES = {
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("shape", list(MASK_SHAPES))
-@pytest.mark.parametrize("L,S,E", [(97, 200, 64), (200, 97, 128), (7, 1025, 256), (1, 300, 80)], ids=str)
+@pytest.mark.parametrize("L,S,E", [(97, 200, 64), (200, 97, 128), (7, 1025, 256), (70, 130, 256), (1, 300, 80)],
+                         ids=str)
 def test_mask_grad(shape, L, S, E, deterministic):
     B, H = 2, 4
     kind = "add_shape_same" if E == 128 else "add_shape"
@@ -341,6 +342,9 @@ DET_CASES = {
                            mask_shape=(2, 1, 200, 300), mask_grad=True),
     "mask_grad_pad_d256": dict(B=2, Hq=4, Hkv=2, L=130, S=300, E=256, mask_kind="add_shape",
                                mask_shape=(2, 1, 1, 300), mask_grad=True),
+    "gqa_causal_lr_d256": dict(B=2, Hq=8, Hkv=2, L=200, S=330, E=256, causal=2),
+    "mask_grad_b1ls_d256": dict(B=2, Hq=4, Hkv=4, L=150, S=200, E=256, mask_kind="add_shape",
+                                mask_shape=(2, 1, 150, 200), mask_grad=True),
 }
 
 

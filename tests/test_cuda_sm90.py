@@ -1,8 +1,12 @@
 """Shapes that give the Hopper forward main loop (csrc/cuda/fwd_sm90.h) many key tiles and query blocks: several
 128-row blocks per head, GQA groups packed across block edges, both causal alignments with L != S, partial last
-tiles, masks (the general kind). On a non-Hopper GPU the same cases check the mma.sync loop. Skips cleanly without
-a GPU or a CUDA build.
+tiles, masks (the general kind). The Hopper backward main loop (csrc/cuda/bwd_sm90.h) against float64 and against
+the mma.sync backward of the same build (SDPAX_CUDA_BWD_SM90=0). On a non-Hopper GPU the same cases check the
+mma.sync loops. Skips cleanly without a GPU or a CUDA build.
 """
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -38,6 +42,104 @@ def test_long_masked_forward(mask_kind, E, L, S):
     # visible (the unmasked branch of a staged mask), one partial tile, the rest dropped.
     check_case(1, 4, 2, L, S, E, E, torch.bfloat16, mask_kind=mask_kind, sinks=mask_kind == "pad", backward=False,
                seed=L + E)
+
+
+@contextlib.contextmanager
+def _bwd_sm90(on):
+    """SDPAX_CUDA_BWD_SM90 (read by the extension on every backward call) set for the duration. On a Hopper device,
+    "force": a call the sm90 backward should take fails instead of silently running the mma.sync loop."""
+    prev = os.environ.get("SDPAX_CUDA_BWD_SM90")
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    os.environ["SDPAX_CUDA_BWD_SM90"] = ("force" if hopper else "1") if on else "0"
+    try:
+        yield
+    finally:
+        if prev is None:
+            del os.environ["SDPAX_CUDA_BWD_SM90"]
+        else:
+            os.environ["SDPAX_CUDA_BWD_SM90"] = prev
+
+
+BWD_LENGTHS = [(1, 1), (7, 7), (97, 97), (1025, 1025), (97, 1025), (1025, 97), (7, 300)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("causal", [0, 1, 2], ids=["none", "upper_left", "lower_right"])
+@pytest.mark.parametrize("L,S", BWD_LENGTHS, ids=str)
+def test_sm90_backward(dtype, E, causal, L, S):
+    # Odd lengths (partial query tiles and key blocks, rows that see no key under lower-right alignment with L > S),
+    # GQA groups of 2 (dK / dV summed over the group in one block), sinks (through lse) on one alignment.
+    with _bwd_sm90(True):
+        check_case(2, 4, 2, L, S, E, E, dtype, causal=causal, sinks=causal == 2, seed=L + S + E + causal)
+
+
+@pytest.mark.parametrize("E,Ev", [(64, 40), (40, 64), (128, 96), (72, 72), (96, 128)])
+def test_sm90_backward_padded_head_dims(E, Ev):
+    with _bwd_sm90(True):
+        check_case(1, 3, 1, 300, 517, E, Ev, torch.bfloat16, causal=1, seed=E + Ev)
+
+
+@pytest.mark.parametrize("layout", ["bhle", "blhe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("causal", [0, 1, 2], ids=["none", "upper_left", "lower_right"])
+def test_sm90_backward_matches_mma_sync(layout, dtype, E, causal):
+    # The same call through both backward main loops: each within the float64 check of check_case, and the two
+    # close to each other (same products and roundings in a different order: dQ atomics, fp32 accumulation order).
+    args = (2, 8, 2, 700, 900, E, E, dtype)
+    kw = dict(causal=causal, layout=layout, seed=E + causal)
+    with _bwd_sm90(True):
+        new = check_case(*args, **kw)
+    with _bwd_sm90(False):
+        old = check_case(*args, **kw)
+    for name, a, b in zip("qkv", new, old):
+        err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+        assert err < (2e-2 if dtype == torch.bfloat16 else 4e-3), f"d{name}: sm90 vs mma.sync rel err {err:.2e}"
+
+
+def test_sm90_backward_deterministic_falls_back():
+    # Deterministic mode keeps the mma.sync backward (the sm90 loop adds dQ by atomics): bitwise repeatable.
+    with _bwd_sm90(True):
+        a = check_case(1, 4, 2, 300, 300, 128, 128, torch.bfloat16, causal=1, deterministic=True, seed=3)
+        b = check_case(1, 4, 2, 300, 300, 128, 128, torch.bfloat16, causal=1, deterministic=True, seed=3)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mask_kind", ["bool", "bool_blocks", "pad", "pad_len", "bool_rows"])
+@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("L,S", [(7, 16), (97, 1024), (1025, 528), (300, 1040)], ids=str)
+def test_sm90_backward_bool_masks(dtype, mask_kind, E, L, S):
+    # The general kind on sm90: bool masks with 16-byte aligned rows (S a multiple of 16), full (B, 1, L, S), 2-D
+    # (L, S) with whole 64 x 64 blocks or whole rows masked, row-broadcast (B, 1, 1, S); fully masked tiles dropped
+    # by the producer, partial key blocks, rows with no allowed key. Sinks ride along on one kind.
+    with _bwd_sm90(True):
+        check_case(1, 4, 2, L, S, E, E, dtype, mask_kind=mask_kind, sinks=mask_kind == "pad", seed=L + S + E)
+
+
+@pytest.mark.parametrize("E", [64, 128])
+def test_sm90_backward_mask_view_partial_chunk(E):
+    # A bool mask viewed out of a wider one: rows 16-byte aligned but S not a multiple of 16, so the last 16-byte
+    # chunk of the last key block is read byte by byte up to S.
+    gen = torch.Generator(device="cuda").manual_seed(E)
+    L, S = 200, 1000
+    q, k, v = (torch.randn(2, 4, n, E, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
+               for n in (L, S, S))
+    wide = torch.rand(2, 1, L, 1024, generator=gen, device="cuda") > 0.4
+    wide[..., S:] = True  # bytes past S: a read past the end would see them as allowed keys
+    mask = wide[..., :S]
+    dout = torch.randn(2, 4, L, E, generator=gen, device="cuda").to(torch.bfloat16)
+    with _bwd_sm90(True):
+        out = sdpax.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, attn_mask=mask)
+    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+    for name, a, r in zip("qkv", grads, ref_grads):
+        err = ((a.double() - r).norm() / r.norm()).item()
+        assert err < 2e-2, f"d{name}: rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

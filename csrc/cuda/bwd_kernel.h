@@ -1,7 +1,7 @@
 // FlashAttention-2-style backward kernels (tensor cores through mma.sync; float inputs in split TF32, mma.h).
 //
 //   bwd_delta_kernel  Delta_i = rowsum(dO_i * O_i) (float32), one warp per row.
-//   bwd_kernel        (float32 and d256; 16-bit head dims <= 128 run bwd_wide.h, both kinds)
+//   bwd_kernel        (float32; 16-bit head dims run bwd_wide.h, both kinds)
 //                     one block per (key block, batch * kv head). Each warp owns 16 keys and works on transposed
 //                     scores, so the key-indexed gradients stay in registers for the whole block (head dims above
 //                     128: two warps share 16 keys, each keeping half of the dK/dV columns, see BwdCfg):

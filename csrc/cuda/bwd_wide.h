@@ -1,16 +1,18 @@
-// Backward main loop with wide warp tiles: 16-bit operands, head dims <= 128, plain and general kind.
+// Backward main loop with wide warp tiles: 16-bit operands, head dims 64, 128 and 256, plain and general kind.
 //
 // bwd_kernel (bwd_kernel.h) gives each warp 16 keys for the whole block and keeps P^T / dS^T in registers between
 // the products; every 16-key warp then re-reads all of Q and dO from shared memory per step, and the kernel is
 // bound by shared-memory reads and their latency (NOTES-cuda.md, "Backward speed"). Here the products of one step
 // use different warp tiles, each as square as the 8 warps allow, and P^T and dS^T travel through shared memory:
-//   S^T, dP^T (BN x BM):   4 (keys) x 2 (queries) warps of 32 keys x BM/2 queries
-//   dV, dK    (BN x D):    4 (keys) x 2 (columns) warps of 32 keys x D/2 columns (register accumulators)
+//   S^T, dP^T (BN x BM):   BN/32 (keys) x 8/(BN/32) (queries) warps of 32 keys x WQ queries
+//   dV, dK    (BN x D):    BN/32 (keys) x 8/(BN/32) (columns) warps of 32 keys x DC columns (register accumulators)
 //   dQ        (BM x D):    BM/32 (rows) x (8 / (BM/32)) (columns) warps of 32 rows, float atomics
+// d64 / d128: BN 128, so 4 x 2 warps of 32 keys x BM/2 queries and 32 keys x D/2 columns; d256: BN 64 (dK + dV of
+// 128 keys would be 256 registers per thread), 2 x 4 warps of 32 keys x 16 queries and 32 keys x 64 columns.
 // The sum over k of an m x n warp tile reads (m + n) / 16 ldmatrix per m n / 128 mma: 32 x 32 reads 0.5 per mma
 // where 16 x 64 reads 0.625, and the dK/dV products read 0.375 (d128) instead of 0.5. P^T and dS^T are written once
 // (stmatrix on sm90), and one block barrier after those stores serves both dK/dV and dQ, so a step still crosses
-// two barriers. Same block (128 keys, one per (key block, batch * kv head)), same query stream (double-buffered
+// two barriers. Same block (BN keys, one per (key block, batch * kv head)), same query stream (double-buffered
 // Q / dO, lse, Delta through cp.async), same GQA summation order and deterministic-mode split as bwd_kernel.
 //
 // General kind (mask, dropout, float-mask gradient), same semantics as bwd_kernel:
@@ -43,31 +45,42 @@ namespace cuda {
 template <class T, int D, bool kGeneral>
 struct BwdWideCfg {
   // launch_impl.h runs bwd_wide_kernel instead of bwd_kernel where this holds (both kinds).
-  static constexpr bool kUse = sizeof(T) == 2 && D <= 128;
+  static constexpr bool kUse = sizeof(T) == 2 && (D <= 128 || D == 256);
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBN = 128;  // keys per block: 4 key warps x 32
-  // Queries per step. Registers at the S^T / dP^T products: dK + dV accumulators 32 x D / 32 x 2 per thread (128
-  // at d128, 64 at d64) plus S^T and dP^T of 32 x BM / 2 (BM at d128 64 -> 64, d64 128 -> 128): ~192 either way.
-  // The general kind at d64 keeps 64 (128 spilled 332 bytes with its mask bits and dropout state).
+  // Keys per block. dK + dV of a block cost 2 BN D / 256 float registers per thread: 128 at d128 with 128 keys;
+  // d256 takes 64 keys for the same 128 (FlashAttention-2's d256 tile), so its S^T / dP^T and dK / dV warp tiles
+  // keep 32 keys (2 key warps) and split the other side 4 ways.
+  static constexpr int kBN = D <= 128 ? 128 : 64;
+  static constexpr int kKeyWarps = kBN / 32;             // S^T / dP^T and dK / dV: warps along the keys
+  static constexpr int kColWarps = kWarps / kKeyWarps;   // and along the queries (S^T) / columns (dK, dV)
+  // Queries per step. Registers at the S^T / dP^T products: dK + dV accumulators 32 x D / kColWarps x 2 per thread
+  // (128 at d128 and d256, 64 at d64) plus S^T and dP^T of 32 x WQ (BM at d128 64 -> 64, d64 128 -> 128, d256 64
+  // -> 32): ~192 at most. The general kind at d64 keeps 64 (128 spilled 332 bytes with its mask bits and dropout
+  // state). d256: K, V (2 x 32 KB), 2 x (Q, dO) (4 x 32 KB), P^T / dS^T (2 x 8 KB) = 208 KB of 227.
   static constexpr int kBM = D <= 64 && !kGeneral ? 128 : 64;
-  static constexpr int kWQ = kBM / 2;                  // S^T / dP^T queries per warp
+  static constexpr int kWQ = kBM / kColWarps;          // S^T / dP^T queries per warp
   static constexpr int kMaskRows = kWQ;                // rows per slot of a row-broadcast mask's gradient
-  static constexpr int kDc = D / 2;                    // dK / dV columns per warp
+  static constexpr int kDc = D / kColWarps;            // dK / dV columns per warp
   static constexpr int kQRows = kBM / 32;              // dQ: warps along rows (32 rows each)
   static constexpr int kQc = D / (kWarps / kQRows);    // dQ: columns per warp
+  // S^T and dP^T in one k loop where one product alone has few independent accumulators (d256: 4 per warp, each a
+  // chain of 16 dependent mma over the head dim); two chains of 8 keep the tensor pipe busier for 12 more registers.
+  static constexpr bool kFuseSdP = kWQ <= 16;
   static_assert(kQc % 16 == 0, "dQ warp tile needs whole 16-column B fragments");
+  static_assert(!kUse || (kWQ % 16 == 0 && kDc % 16 == 0), "S^T / dK warp tiles need whole 16-wide fragments");
   // K, V, 2 x (Q, dO), P^T, dS^T; lse and Delta; general kind: 2 bool mask tiles (BM x BN bytes)
   static constexpr int kSmemMask = (2 * kBN * D + 4 * kBM * D + 2 * kBN * kBM) * static_cast<int>(sizeof(T)) +
                                    2 * 2 * kBM * 4;
   static constexpr int kSmem = kSmemMask + (kGeneral ? 2 * kBM * kBN : 0);
+  static_assert(!kUse || kSmem <= 227 * 1024, "shared memory of one sm90 block");
 };
 
 template <class T, int D, bool kGeneral>
 __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     bwd_wide_kernel(const __grid_constant__ AttnParams p) {
   using Cfg = BwdWideCfg<T, D, kGeneral>;
-  static_assert(Cfg::kUse, "wide backward: 16-bit, head dim <= 128");
+  static_assert(Cfg::kUse, "wide backward: 16-bit, head dim <= 128 or 256");
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kThreads, WQ = Cfg::kWQ, DC = Cfg::kDc;
   constexpr int QC = Cfg::kQc;
   using KTile = SmemTile<BN, D, T>;
@@ -85,8 +98,9 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   const unsigned char* sMaskTile = smem + Cfg::kSmemMask;  // buffer buf at + buf * BM * BN (general kind)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int wk = warp % 4;  // keys [wk * 32, wk * 32 + 32) of the block in S^T / dP^T and in dK / dV
-  const int wn = warp / 4;  // queries [wn * WQ, + WQ) of the step in S^T / dP^T; columns [wn * DC, + DC) of dK / dV
+  const int wk = warp % Cfg::kKeyWarps;  // keys [wk * 32, wk * 32 + 32) of the block in S^T / dP^T and in dK / dV
+  const int wn = warp / Cfg::kKeyWarps;  // queries [wn * WQ, + WQ) of the step in S^T / dP^T; columns [wn * DC, + DC)
+                                         // of dK / dV
   const int G = static_cast<int>(p.hq / p.hkv);
   const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
@@ -175,7 +189,8 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
                          bytes > 0 ? m0 + int64_t(i) * p.mask_st.r + j : p.mask, bytes);
     }
   };
-  static_assert(!kGeneral || ((BM * BN / 16) % NT == 0 && BN / 16 == 8 && WQ % 8 == 0), "mask tile copy");
+  static_assert(!kGeneral || ((BM * BN / 16) % NT == 0 && (BN / 16 == 8 || BN / 16 == 4) && WQ % 8 == 0),
+                "mask tile copy (the chunk swizzle needs 4 or 8 chunks per row)");
   if (steps > 0) {
     load_q(0, 0);
     if (mask_smem) load_mask(0, 0);
@@ -329,8 +344,37 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
         }
       }
     };
-    product(st, lane_k, lane_q + q_buf);
-    product(dpt, lane_k + KTile::kBytes, lane_q + q_buf + QTile::kBytes);
+    // Both products in one k loop (Cfg::kFuseSdP): the same instructions per product, twice the independent chains.
+    auto product2 = [&]() {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        FragA<T> a[2], av[2];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          ldmatrix_x4(a[mt].r, KTile::moved(lane_k, mt * 16, 2 * kk));
+          ldmatrix_x4(av[mt].r, KTile::moved(lane_k, mt * 16, 2 * kk) + KTile::kBytes);
+        }
+#pragma unroll
+        for (int np = 0; np < WQ / 16; ++np) {
+          FragB<T> bq, bd;
+          ldmatrix_x4(bq.r, QTile::moved(lane_q + q_buf, np * 16, 2 * kk));
+          ldmatrix_x4(bd.r, QTile::moved(lane_q + q_buf, np * 16, 2 * kk) + QTile::kBytes);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            mma(st[mt][2 * np], a[mt], bq, 0);
+            mma(st[mt][2 * np + 1], a[mt], bq, 1);
+            mma(dpt[mt][2 * np], av[mt], bd, 0);
+            mma(dpt[mt][2 * np + 1], av[mt], bd, 1);
+          }
+        }
+      }
+    };
+    if constexpr (Cfg::kFuseSdP) {
+      product2();
+    } else {
+      product(st, lane_k, lane_q + q_buf);
+      product(dpt, lane_k + KTile::kBytes, lane_q + q_buf + QTile::kBytes);
+    }
 
     // Causal / bounds: S^T = -inf where key j is past row i's limit (rows past L see no key; they are zero-padded).
     // Only tiles that cross a limit pay for the tests. With a mask, S^T becomes S^T * scale * log2(e) + bias *

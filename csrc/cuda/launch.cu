@@ -4,6 +4,8 @@
 // Forward main loop: on a compute-capability-9 device, in a build that contains sm_90a code (SDPAX_BUILD_SM90A,
 // set by setup.py), a (dtype, head dim, kind) listed as fwd_sm90 in the table runs the wgmma main loop
 // (fwd_sm90.h); everything else runs fwd_kernel.h (mma.sync), which every architecture has.
+// Backward main loop: likewise, a (dtype, head dim, kind) listed as bwd_sm90 runs bwd_sm90.h on such a device
+// unless the call is in deterministic mode; everything else runs bwd_wide.h / bwd_kernel.h.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -12,6 +14,7 @@
 #include <cstring>
 
 #include "cuda/bwd_kernel.h"
+#include "cuda/bwd_sm90.h"
 #include "cuda/bwd_wide.h"
 #include "cuda/fwd_kernel.h"
 #include "cuda/fwd_sm90.h"
@@ -37,6 +40,19 @@ int bucket(int64_t head_dim) {
 
 bool general(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dropout_p > 0.0; }
 
+// SDPAX_CUDA_FWD_SM90=0 turns the Hopper main loop off (read on every call, so a benchmark can time both main
+// loops in one process: benchmarks/cuda_sm90.py).
+// SDPAX_CUDA_BWD_SM90=0 does the same for the backward main loop; =force makes a call that the table gives to the
+// sm90 backward fail instead of falling back to the mma.sync loop when its tensor maps cannot be encoded (tests).
+bool env_enabled(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
 #ifdef SDPAX_BUILD_SM90A
 // Compute capability major of the current device, looked up once per device.
 bool device_is_sm90() {
@@ -58,27 +74,48 @@ bool has_sm90_fwd(const AttnParams& p, int d, int fwd_kind) {
 #define SDPAX_CASE_bwd(ctype, kind, dd, flag)
 #define SDPAX_CASE_fwd_sm90(ctype, kind, dd, flag) \
   found = found || (p.dtype == ScalarKind::kind && d == dd && fwd_kind == flag);
+#define SDPAX_CASE_bwd_sm90(ctype, kind, dd, flag)
 #define SDPAX_CASE(pass, ctype, kind, dd, flag) SDPAX_CASE_##pass(ctype, kind, dd, flag)
   SDPAX_CUDA_VARIANTS(SDPAX_CASE)
 #undef SDPAX_CASE_fwd
 #undef SDPAX_CASE_bwd
 #undef SDPAX_CASE_fwd_sm90
+#undef SDPAX_CASE_bwd_sm90
 #undef SDPAX_CASE
   return found;
 }
 
-// SDPAX_CUDA_FWD_SM90=0 turns the Hopper main loop off (read on every call, so a benchmark can time both main
-// loops in one process: benchmarks/cuda_sm90.py).
-bool sm90_enabled() {
-  const char* v = std::getenv("SDPAX_CUDA_FWD_SM90");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+// Whether the table lists an sm90 backward of this dtype, head-dim bucket and kind.
+bool has_sm90_bwd(const AttnParams& p, int d, bool gen) {
+  bool found = false;
+#define SDPAX_CASE_fwd(ctype, kind, dd, flag)
+#define SDPAX_CASE_bwd(ctype, kind, dd, flag)
+#define SDPAX_CASE_fwd_sm90(ctype, kind, dd, flag)
+#define SDPAX_CASE_bwd_sm90(ctype, kind, dd, flag) \
+  found = found || (p.dtype == ScalarKind::kind && d == dd && gen == flag);
+#define SDPAX_CASE(pass, ctype, kind, dd, flag) SDPAX_CASE_##pass(ctype, kind, dd, flag)
+  SDPAX_CUDA_VARIANTS(SDPAX_CASE)
+#undef SDPAX_CASE_fwd
+#undef SDPAX_CASE_bwd
+#undef SDPAX_CASE_fwd_sm90
+#undef SDPAX_CASE_bwd_sm90
+#undef SDPAX_CASE
+  return found;
 }
 
 bool use_sm90(const AttnParams& p, int d, int fwd_kind) {
-  return has_sm90_fwd(p, d, fwd_kind) && device_is_sm90() && sm90_enabled();
+  return has_sm90_fwd(p, d, fwd_kind) && device_is_sm90() && env_enabled("SDPAX_CUDA_FWD_SM90");
+}
+
+// The sm90 backward adds dQ by float atomics: deterministic mode keeps the mma.sync loop and its dQ pass. Of the
+// general kind it takes bool masks without dropout.
+bool use_sm90_bwd(const AttnParams& p, int d, bool gen) {
+  return !p.deterministic && (!gen || bwd_sm90_general_ok(p)) && has_sm90_bwd(p, d, gen) && device_is_sm90() &&
+         env_enabled("SDPAX_CUDA_BWD_SM90");
 }
 #else
 bool use_sm90(const AttnParams&, int, int) { return false; }  // no sm_90a code in this build
+bool use_sm90_bwd(const AttnParams&, int, bool) { return false; }
 #endif
 
 }  // namespace
@@ -141,7 +178,7 @@ static int bwd_tile_rows_of(int64_t head_dim) {
   switch (bucket(head_dim)) {
     case 64: return BwdWideCfg<T, 64, true>::kUse ? BwdWideCfg<T, 64, true>::kMaskRows : BwdCfg<T, 64, true>::kBM;
     case 128: return BwdWideCfg<T, 128, true>::kUse ? BwdWideCfg<T, 128, true>::kMaskRows : BwdCfg<T, 128, true>::kBM;
-    default: return BwdCfg<T, 256, true>::kBM;
+    default: return BwdWideCfg<T, 256, true>::kUse ? BwdWideCfg<T, 256, true>::kMaskRows : BwdCfg<T, 256, true>::kBM;
   }
 }
 
@@ -161,11 +198,13 @@ cudaError_t launch_fwd(const AttnParams& p, const FwdPlan& plan, cudaStream_t st
   if (plan.sm90 && p.dtype == ScalarKind::kind && d == dd && fwd_kind == flag) \
     return run_fwd_sm90<ctype, dd, flag>(p, stream);
 #define SDPAX_CASE_bwd(ctype, kind, dd, flag)
+#define SDPAX_CASE_bwd_sm90(ctype, kind, dd, flag)
 #define SDPAX_CASE(pass, ctype, kind, dd, flag) SDPAX_CASE_##pass(ctype, kind, dd, flag)
   SDPAX_CUDA_VARIANTS(SDPAX_CASE)
 #undef SDPAX_CASE_fwd
 #undef SDPAX_CASE_fwd_sm90
 #undef SDPAX_CASE_bwd
+#undef SDPAX_CASE_bwd_sm90
   return cudaErrorInvalidValue;
 }
 
@@ -174,14 +213,27 @@ cudaError_t launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream) {
   q.delta = delta;
   const int d = bucket(std::max(p.E, p.Ev));
   const bool gen = general(p);
+  if (use_sm90_bwd(p, d, gen)) {
+    cudaError_t err = cudaErrorInvalidValue;
 #define SDPAX_CASE_fwd(ctype, kind, dd, flag)
 #define SDPAX_CASE_fwd_sm90(ctype, kind, dd, flag)
+#define SDPAX_CASE_bwd(ctype, kind, dd, flag)
+#define SDPAX_CASE_bwd_sm90(ctype, kind, dd, flag) \
+  if (p.dtype == ScalarKind::kind && d == dd && gen == flag) err = run_bwd_sm90<ctype, dd, flag>(q, stream);
+    SDPAX_CUDA_VARIANTS(SDPAX_CASE)
+#undef SDPAX_CASE_bwd_sm90
+#undef SDPAX_CASE_bwd
+    // cudaErrorNotSupported: a tensor map could not be encoded and nothing was launched; the mma.sync loop runs.
+    if (err != cudaErrorNotSupported || env_is("SDPAX_CUDA_BWD_SM90", "force")) return err;
+  }
 #define SDPAX_CASE_bwd(ctype, kind, dd, flag) \
   if (p.dtype == ScalarKind::kind && d == dd && gen == flag) return run_bwd<ctype, dd, flag>(q, stream);
+#define SDPAX_CASE_bwd_sm90(ctype, kind, dd, flag)
   SDPAX_CUDA_VARIANTS(SDPAX_CASE)
 #undef SDPAX_CASE_fwd
 #undef SDPAX_CASE_fwd_sm90
 #undef SDPAX_CASE_bwd
+#undef SDPAX_CASE_bwd_sm90
 #undef SDPAX_CASE
   return cudaErrorInvalidValue;
 }

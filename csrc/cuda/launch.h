@@ -34,6 +34,8 @@ template <class T, int D, int kKind>
 cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream);
 template <class T, int D, bool kGeneral>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream);
+template <class T, int D, bool kGeneral>
+cudaError_t run_bwd_sm90(const AttnParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace sdpax

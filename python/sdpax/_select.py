@@ -192,11 +192,12 @@ def select(call: Call) -> SDPBackend:
 _SELECT_CACHE: dict = {}
 
 
-def select_cached(call: Call) -> SDPBackend:
-    key = (call, enabled())
+def select_cached(fields: tuple) -> SDPBackend:
+    """select(Call(*fields)), cached per (fields, enabled backends)."""
+    key = (fields, enabled())
     backend = _SELECT_CACHE.get(key)
     if backend is None:
-        backend = select(call)  # raises (and caches nothing) when no backend can run
+        backend = select(Call(*fields))  # raises (and caches nothing) when no backend can run
         if len(_SELECT_CACHE) > 4096:
             _SELECT_CACHE.clear()
         _SELECT_CACHE[key] = backend

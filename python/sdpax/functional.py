@@ -19,6 +19,8 @@ def _is_causal_bias(t) -> bool:
 
 def _causal_from_bias(attn_mask, L: int, S: int) -> int | None:
     """The causal variant of a CausalBias (sdpax's or torch's), or None if attn_mask is not one."""
+    if attn_mask is None:
+        return None
     if _is_causal_bias(attn_mask):
         if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
             raise ValueError(f"sdpax: CausalBias is for (L, S) = ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
@@ -56,14 +58,20 @@ def _check(query, key, value, attn_mask, dropout_p, sinks):
             raise RuntimeError(f"sdpax: {name} must be on the query's device {query.device}, got {t.device}")
 
 
+def _call_key(query, value, attn_mask, key=None, sinks=None) -> tuple:
+    """The fields of _select.Call for this call, in order: a plain tuple is what the selection cache hashes, and
+    building the frozen dataclass on every call cost more than the rest of the selection."""
+    grad_mode = torch.is_grad_enabled()
+    mask_grad = grad_mode and attn_mask is not None and attn_mask.requires_grad
+    needs_grad = grad_mode and (query.requires_grad or value.requires_grad or mask_grad
+                                or (key is not None and key.requires_grad)
+                                or (sinks is not None and sinks.requires_grad))
+    return (query.device, query.dtype, query.shape[-1], value.shape[-1], mask_grad, needs_grad,
+            needs_grad and torch.are_deterministic_algorithms_enabled())
+
+
 def _call_features(query, value, attn_mask, key=None, sinks=None) -> _select.Call:
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (query, key, value, attn_mask, sinks))
-    return _select.Call(device=query.device, dtype=query.dtype, head_dim=query.shape[-1],
-                        value_head_dim=value.shape[-1],
-                        mask_requires_grad=bool(attn_mask is not None and attn_mask.requires_grad
-                                                and torch.is_grad_enabled()),
-                        needs_grad=grad, deterministic_grad=grad and torch.are_deterministic_algorithms_enabled())
+    return _select.Call(*_call_key(query, value, attn_mask, key, sinks))
 
 
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks):
@@ -94,16 +102,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     A row with no allowed key yields zeros (never NaN). See the README for the full semantics.
     """
     mask, causal, scale = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
-    call = _call_features(query, value, mask, key, sinks)
+    fields = _call_key(query, value, mask, key, sinks)
     compiling = torch.compiler.is_compiling()
-    backend = _select.select(call) if compiling else _select.select_cached(call)
+    backend = _select.select(_select.Call(*fields)) if compiling else _select.select_cached(fields)
     rng = None
     if dropout_p > 0.0:
         # The seed and offset come from torch's generator for the query's device, so torch.manual_seed makes
         # dropout reproducible; they stay on the device (CUDA-graph safe) and backward reuses them.
         rng = torch.randint(-(2 ** 63), 2 ** 63 - 1, (2,), dtype=torch.int64, device=query.device)
     args = (query, key, value, mask, float(dropout_p), causal, scale, bool(enable_gqa), sinks, rng, int(backend))
-    if call.needs_grad or compiling:
+    if fields[5] or compiling:  # Call.needs_grad
         return _ops.fwd(*args)[0]
     # No gradient can be taken: skip the Python autograd wrapper (torch.library's register_autograd), which would
     # only redispatch below autograd itself; on short calls (decode) it costs as much as a small kernel.

@@ -1,0 +1,452 @@
+// Hopper (sm90a) backward main loop at head dims 64 and 128, 16-bit inputs, non-deterministic dQ (float atomics):
+// the plain kind (no mask; causal of either alignment, GQA, sinks through lse) and, of the general kind, bool masks
+// without dropout (bwd_sm90_general_ok). Everything else runs bwd_wide.h / bwd_kernel.h (launch.cu decides per
+// call).
+//
+// One block per (128-key block, batch, kv head), as bwd_wide: it walks the G query heads of the GQA group and their
+// query tiles of BM = 64 rows (tiles wholly above the causal diagonal are never visited), and keeps dK / dV of its
+// 128 keys in registers for the whole walk, so dK / dV are written once, without atomics. Three warpgroups:
+//   consumers (warpgroups 0, 1: keys 64w..64w+63 of the block), per query tile:
+//     S^T  = K_w Q^T     wgmma m64n64, K_w and Q K-major from shared memory (rows = keys, columns = queries)
+//     dP^T = V_w dO^T    the same with V and dO
+//     P^T  = exp2(S^T scale log2(e) - lse log2(e))  (lse per column: one FFMA before the exp2)
+//     dS^T = P^T o (dP^T - Delta)
+//     dV_w += P^T dO,  dK_w += dS^T Q     wgmma m64nD, A = P^T / dS^T from registers (the accumulators rounded to
+//                   16 bits are the A fragments, as P in the forward), B = dO / Q read N-major ("tb", as V there)
+//     dQ (64 x D) += dS K                 dS^T goes to shared memory ([key][query], 128-byte swizzle) and is read
+//                   back transposed as A, K transposed as B (wgmma_ss_tt); float2 atomics into dq_accum.
+//       d128: consumer w computes dQ columns 64w..64w+63 over all 128 keys (both consumers' dS^T, one barrier of
+//             the two warpgroups per step);
+//       d64:  the consumers take turns: consumer n % 2 computes all 64 columns of step n over all 128 keys (an n32
+//             split of the 64 K columns would start inside a 128-byte swizzle atom; a split by keys gave every dQ
+//             element two atomic adds per tile, 240 vs 252 TFLOP/s of the mma.sync loop at d64 L4k).
+//   producer (warpgroup 2): K and V once (TMA), then per query tile Q and dO (TMA) and lse / Delta (plain loads:
+//     lse rows are not 16-byte aligned for a bulk copy when L is odd) into a ring of kStages stages with full /
+//     empty mbarriers, and the tile's (head, first row), so that the producer alone decides which tiles the
+//     consumers see. It stores lse already in log2 units, +inf for rows past L and rows with no allowed key
+//     (lse = -inf), so that P is exactly 0 there without a test. Bool mask (general kind): the producer reads the
+//     64 x 128-byte tile with 16-byte loads (4 per thread; one row of 8 loads for a row-broadcast mask), drops
+//     tiles with no allowed element, and hands the consumers one bit per element; each consumer thread reads the
+//     16 words of its rows (2 keys x 16 queries) and sets S^T to -inf where a bit is clear.
+//
+// Registers per consumer thread at d128: dV 64 + dK 64 + S^T 32 + dP^T 32 at the first products; dV + dK + the
+// 16-bit P^T / dS^T fragments 32 + dQ 32 later. The kernel body exists only in the sm_90a compilation.
+#pragma once
+#include "cuda/mask.h"
+#include "cuda/mma.h"
+#include "cuda/wgmma.h"
+
+#include <cuda.h>  // CUtensorMap (a plain 128-byte struct; no driver call is made from here)
+
+namespace sdpax {
+namespace cuda {
+
+// Tensor maps of Q, dO (boxes of 64 columns x 64 rows) and K, V (64 columns x 128 keys), 4-D (column, row, head,
+// batch), 128-byte swizzle, zero fill past the ends; encoded by the host (launch_bwd_sm90.h).
+struct BwdTmaMaps {
+  CUtensorMap q, dout, k, v;
+};
+
+// Whether the general kind of the sm90 backward takes this call: a bool mask with contiguous keys and 16-byte
+// aligned rows, heads and batches (any broadcast), no dropout, no mask gradient (a bool mask has none). Other
+// general calls run bwd_wide.h (launch.cu).
+__host__ __device__ inline bool bwd_sm90_general_ok(const AttnParams& p) {
+  return p.mask_kind == MaskKind::Bool && p.dropout_p == 0.0 && p.dmask == nullptr && p.mask_st.c == 1 &&
+         reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 && (p.mask_st.r | p.mask_st.h | p.mask_st.b) % 16 == 0;
+}
+
+template <int D, bool kGeneral>
+struct BwdSm90Cfg {
+  static_assert(D == 64 || D == 128, "the sm90 backward covers head dims 64 and 128");
+  static constexpr int kBN = 128;  // keys per block: two consumer warpgroups of 64
+  static constexpr int kBM = 64;   // queries per step: the n of S^T / dP^T and the k extent of dK / dV
+  static constexpr int kConsumers = 256;
+  static constexpr int kThreads = kConsumers + 128;
+  // setmaxnreg: 2 x 128 x 240 + 128 x 24 <= 64K registers; the general kind's producer keeps 48 for its mask loads
+  // (2 x 128 x 232 + 128 x 48 = 64K; ptxas spilled 24 bytes with 232 / 40 and 36 bytes with 224 / 56).
+  static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 48 : 24;
+  // dQ split between the consumers (see the top): by columns at d128, by turns at d64.
+  static constexpr bool kDqByTurns = D == 64;
+  // Q / dO stages: the producer runs this many tiles ahead.
+  static constexpr int kStages = 2;
+  using KTile = Sw128Tile<kBN, D>;   // K and V
+  using QTile = Sw128Tile<kBM, D>;   // Q and dO of one stage
+  using DsTile = Sw128Tile<kBN, kBM>;  // dS^T: rows = keys, 64 query columns = one 128-byte row
+  static constexpr int kStageBytes = 2 * QTile::kBytes;  // Q then dO
+  // Bool mask of a stage, one bit per element: per query row four 32-bit words in key order (bit k of word w =
+  // key 32w + k of the block).
+  static constexpr int kBitsBytes = kGeneral ? kBM * 16 : 0;
+  // K, V, the Q / dO stages, two dS^T buffers (a consumer writes step n + 1's while the other may still read step
+  // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), mask bits per stage, mbarriers
+  // and the (head, first row) of each stage, and 1024 bytes of slack for the alignment of the swizzle atoms.
+  static constexpr int kBarBytes = (2 * kStages + 1) * 8 + kStages * 8;
+  static constexpr int kSmem = 2 * KTile::kBytes + kStages * kStageBytes + 2 * DsTile::kBytes +
+                               kStages * (2 * kBM * 4 + kBitsBytes) + kBarBytes + 1024;
+  static_assert(kSmem <= 227 * 1024, "shared memory per block");
+};
+
+template <class T, int D, bool kGeneral>
+__global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
+    bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ BwdTmaMaps maps) {
+#ifdef SDPAX_SM90A_DEVICE
+  using Cfg = BwdSm90Cfg<D, kGeneral>;
+  using KTile = typename Cfg::KTile;
+  using QTile = typename Cfg::QTile;
+  using DsTile = typename Cfg::DsTile;
+  constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kConsumers, kStages = Cfg::kStages;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const uint32_t sK = (smem_u32(smem) + 1023u) & ~1023u;
+  const uint32_t sV = sK + KTile::kBytes;
+  const uint32_t sQ0 = sV + KTile::kBytes;  // stage s: Q at sQ0 + s * kStageBytes, dO QTile::kBytes after it
+  const uint32_t sDs0 = sQ0 + kStages * Cfg::kStageBytes;  // dS^T buffer x at sDs0 + x * DsTile::kBytes
+  const uint32_t sRow0 = sDs0 + 2 * DsTile::kBytes;        // stage s: lse2 at + s * 2 BM floats, Delta BM after
+  const uint32_t sBits0 = sRow0 + kStages * 2 * BM * 4;    // stage s: mask bits at + s * kBitsBytes
+  const uint32_t bar_full0 = sBits0 + kStages * Cfg::kBitsBytes;
+  const uint32_t bar_empty0 = bar_full0 + kStages * 8;
+  const uint32_t bar_kv = bar_empty0 + kStages * 8;
+  auto smem_ptr = [&](uint32_t addr) { return smem + (addr - smem_u32(smem)); };
+  float* row_vals = reinterpret_cast<float*>(smem_ptr(sRow0));
+  uint32_t* bits0 = reinterpret_cast<uint32_t*>(smem_ptr(sBits0));
+  int2* tile_of_stage = reinterpret_cast<int2*>(smem_ptr(bar_kv + 8));  // (head, first row); head -1: the end
+
+  const int tid = threadIdx.x;
+  const int G = static_cast<int>(p.hq / p.hkv);
+  const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+  const int n_blocks = (S + BN - 1) / BN;
+  const int n_block = static_cast<int>(blockIdx.x % n_blocks);
+  const int64_t bhk = blockIdx.x / n_blocks;
+  const int b = static_cast<int>(bhk / p.hkv);
+  const int hk = static_cast<int>(bhk % p.hkv);
+  const int j0 = n_block * BN;
+  // Query rows that can see key j0 or later (i + 1 + shift > j0 under causal alignment); keys [0, row limit) of
+  // row i pass: row_limit(i) = min(i + lim_shift, S).
+  int i_begin = 0;
+  const int shift = p.causal == Causal::LowerRight ? S - L : 0;
+  if (p.causal != Causal::None) i_begin = min(max(j0 - shift, 0), L);
+  const int lim_shift = p.causal == Causal::None ? S : 1 + shift;
+  const int q_first = i_begin / BM;
+  const int q_tiles = (L + BM - 1) / BM - q_first;
+  const int steps = q_tiles > 0 ? G * q_tiles : 0;
+  const bool has_mask = kGeneral && p.mask_kind == MaskKind::Bool;
+  // A mask broadcast over rows (padding masks, (B, 1, 1, S)): one row of bits per tile, loaded by 8 threads.
+  const bool one_row = has_mask && p.mask_st.r == 0;
+
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(bar_full0 + 8 * st, 128);  // every producer thread, after its lse / Delta / mask-bit stores
+      mbar_init(bar_empty0 + 8 * st, 8);   // one arrival per consumer warp
+    }
+    mbar_init(bar_kv, 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (tid >= NT) {
+    // Producer warpgroup. It publishes the query tiles in order: (head, first row) in tile_of_stage, Q and dO by
+    // TMA (thread 0), lse2 / Delta (threads 0..63, one row each) and the packed mask bits (general kind); a tile
+    // that no element of the block may see is dropped here. A final head of -1 ends the stream.
+    setmaxnreg_dec<Cfg::kProducerRegs>();
+    const int ptid = tid - NT;
+    if (ptid == 0) {
+      mbar_expect_tx(bar_kv, 2 * KTile::kBytes);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) {
+        tma_load_4d(sK + c * KTile::kBlockBytes, &maps.k, bar_kv, c * 64, j0, hk, b);
+        tma_load_4d(sV + c * KTile::kBlockBytes, &maps.v, bar_kv, c * 64, j0, hk, b);
+      }
+    }
+    // Mask tile: thread ptid reads 16-byte chunk c = ptid % 8 (keys 16c..) of rows ptid / 8 + 16u (u < 4); with a
+    // row-broadcast mask only threads 0..7 read (row 0).
+    const int mc = ptid & 7, mr = ptid >> 3;
+    const unsigned char* mbase = static_cast<const unsigned char*>(p.mask);
+    int n = 0;  // tiles published
+    for (int step = 0; step < steps; ++step) {
+      const int h = hk * G + step / q_tiles, i0 = (q_first + step % q_tiles) * BM;
+      // lse / Delta of row i0 + ptid, loaded before the mask tile and the wait for a free stage so that their
+      // latencies overlap.
+      float row_lse = -INFINITY, row_delta = 0.f;
+      if (ptid < BM && i0 + ptid < L) {
+        const int64_t row = (static_cast<int64_t>(b) * p.hq + h) * p.L + i0 + ptid;
+        row_lse = p.lse[row];
+        row_delta = p.delta[row];
+      }
+      uint32_t chunk_bits[4] = {0u, 0u, 0u, 0u};  // 16 key bits of rows mr + 16u
+      if (has_mask) {
+        const int j = j0 + mc * 16;
+        const unsigned char* m0 = mbase + static_cast<int64_t>(b) * p.mask_st.b + static_cast<int64_t>(h) * p.mask_st.h + j;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int i = i0 + mr + 16 * u;
+          if ((one_row && (u > 0 || mr > 0)) || i >= L || j >= S) continue;
+          const unsigned char* src = m0 + static_cast<int64_t>(i) * p.mask_st.r;
+          uint32_t q[4];
+          if (j + 16 <= S) {
+            const uint4 w = __ldg(reinterpret_cast<const uint4*>(src));
+            q[0] = w.x, q[1] = w.y, q[2] = w.z, q[3] = w.w;
+          } else {  // the block's last chunk, partly past S: the bytes inside only
+#pragma unroll
+            for (int qq = 0; qq < 4; ++qq) {
+              q[qq] = 0u;
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                if (j + 4 * qq + e < S) q[qq] |= static_cast<uint32_t>(src[4 * qq + e] != 0) << (8 * e);
+            }
+          }
+#pragma unroll
+          for (int qq = 0; qq < 4; ++qq) {
+            // Bit 7 of each byte set iff the byte is nonzero, then bits 7, 15, 23, 31 gathered into 28..31 by one
+            // multiply (the other partial products stay below bit 28), as in fwd_sm90.h.
+            const uint32_t nz = (((q[qq] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[qq]) & 0x80808080u;
+            chunk_bits[u] |= ((nz * 0x00204081u) >> 28) << (4 * qq);
+          }
+        }
+        const bool any = (chunk_bits[0] | chunk_bits[1] | chunk_bits[2] | chunk_bits[3]) != 0u;
+        if (!named_barrier_or(2, 128, any)) continue;  // no element of this tile may be seen: drop it
+      }
+      const int st = n % kStages;
+      if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
+      if (has_mask) {
+        unsigned short* dst = reinterpret_cast<unsigned short*>(bits0 + st * (Cfg::kBitsBytes / 4));
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (!one_row || (u == 0 && mr == 0)) dst[(mr + 16 * u) * 8 + mc] = static_cast<unsigned short>(chunk_bits[u]);
+      }
+      if (ptid < BM) {
+        float* lse2 = row_vals + st * 2 * BM;
+        // A row with no allowed key (or past L) has P = 0: exp2(x - inf) = 0, never exp2(-inf + inf).
+        lse2[ptid] = row_lse == -INFINITY ? INFINITY : row_lse * kLog2e;
+        lse2[BM + ptid] = row_delta;
+      }
+      // Every thread arrives after its own stores (arrive releases them); thread 0's arrival also announces the
+      // bytes the copies will deliver, so the phase completes once both are in.
+      const uint32_t bar = bar_full0 + 8 * st;
+      if (ptid == 0) {
+        tile_of_stage[st] = make_int2(h, i0);
+        mbar_expect_tx(bar, Cfg::kStageBytes);
+        const uint32_t dst = sQ0 + st * Cfg::kStageBytes;
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c) {
+          tma_load_4d(dst + c * QTile::kBlockBytes, &maps.q, bar, c * 64, i0, h, b);
+          tma_load_4d(dst + QTile::kBytes + c * QTile::kBlockBytes, &maps.dout, bar, c * 64, i0, h, b);
+        }
+      } else {
+        mbar_arrive(bar);
+      }
+      ++n;
+    }
+    const int st = n % kStages;
+    if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);
+    if (ptid == 0) tile_of_stage[st] = make_int2(-1, 0);
+    mbar_arrive(bar_full0 + 8 * st);
+    return;
+  }
+
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const int wg = tid >> 7, wwarp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const float scale_log2 = p.scale * kLog2e;
+  // This thread's accumulator rows (keys) in S^T / dP^T / dK / dV: key_r + 8 hf of the block.
+  const int key_r = wg * 64 + wwarp * 16 + g;
+
+  float acc_dk[D / 2], acc_dv[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+
+  // Descriptors (K-major: leading offset unused, 8-row groups 1024 B apart; N/M-major: 64-column blocks
+  // kBlockBytes apart, 8 k-rows 1024 B apart). Stage / buffer offsets are added to the address bits.
+  const uint64_t k_desc = sw128_desc(sK + wg * 64 * 128, 16, 1024);  // this warpgroup's 64 keys, A of S^T
+  const uint64_t v_desc = sw128_desc(sV + wg * 64 * 128, 16, 1024);
+  const uint64_t q_desc = sw128_desc(sQ0, 16, 1024);                   // Q / dO as B of S^T / dP^T
+  const uint64_t qt_desc = sw128_desc(sQ0, QTile::kBlockBytes, 1024);  // Q / dO as N-major B of dK / dV
+  // dQ: A = dS^T (M-major), B = K (N-major), all 128 keys. By columns (d128): K columns 64 wg..; by turns (d64):
+  // all 64 columns on every other step.
+  constexpr bool kByTurns = Cfg::kDqByTurns;
+  const uint64_t ds_desc = sw128_desc(sDs0, DsTile::kBlockBytes, 1024);
+  const uint64_t kt_desc = sw128_desc(sK + (kByTurns ? 0 : wg * KTile::kBlockBytes), KTile::kBlockBytes, 1024);
+  const int dq_c0 = kByTurns ? 0 : wg * 64;  // first dQ column of this warpgroup
+
+  // This thread's keys in the packed mask rows: word key_r / 32, bits key_r % 32 and + 8.
+  const int mask_word = key_r >> 5, mask_sh = key_r & 31;
+
+  mbar_wait(bar_kv, 0);
+  for (int n = 0;; ++n) {
+    const int st = n % kStages;
+    const uint32_t stage_off = (st * Cfg::kStageBytes) >> 4;
+    mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+    const int2 tile = tile_of_stage[st];
+    if (tile.x < 0) break;
+    const int h = tile.x, i0 = tile.y;
+
+    float s[32], dp[32];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t koff = ((kk >> 2) * KTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      const uint32_t qoff = ((kk >> 2) * QTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      wgmma_ss<64, T>(s, k_desc + koff, q_desc + stage_off + qoff, kk > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t koff = ((kk >> 2) * KTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      const uint32_t qoff = ((kk >> 2) * QTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      wgmma_ss<64, T>(dp, v_desc + koff, q_desc + stage_off + ((QTile::kBytes) >> 4) + qoff, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(s);
+    reg_fence(dp);
+
+    // Causal / bounds: only tiles where some key of the block reaches past the first row's limit (or past S: K is
+    // zero-filled there, S^T = 0, and P would not be).
+    const bool cross = j0 + BN > S || (p.causal != Causal::None && j0 + BN - 1 >= i0 + lim_shift);
+    if (cross) {
+#pragma unroll
+      for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int lim = min(i0 + nn * 8 + 2 * t + e + lim_shift, S);
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+            if (j0 + key_r + 8 * hf >= lim) s[nn * 4 + hf * 2 + e] = -INFINITY;
+        }
+    }
+    if (has_mask) {
+      // Packed bool mask (bounds included): element (key, query) stays only where its bit is set.
+      const uint32_t* mw = bits0 + st * (Cfg::kBitsBytes / 4) + mask_word;
+      if (one_row) {
+        const uint32_t w = mw[0] >> mask_sh;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          if (!((w >> (8 * hf)) & 1u)) {
+#pragma unroll
+            for (int nn = 0; nn < 8; ++nn) s[nn * 4 + hf * 2] = s[nn * 4 + hf * 2 + 1] = -INFINITY;
+          }
+      } else {
+#pragma unroll
+        for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const uint32_t w = mw[(nn * 8 + 2 * t + e) * 4] >> mask_sh;
+            s[nn * 4 + e] = w & 1u ? s[nn * 4 + e] : -INFINITY;
+            s[nn * 4 + 2 + e] = (w >> 8) & 1u ? s[nn * 4 + 2 + e] : -INFINITY;
+          }
+      }
+    }
+    const float* lse2 = row_vals + st * 2 * BM;
+    uint32_t pa[4][4], da[4][4];
+#pragma unroll
+    for (int nn = 0; nn < 8; ++nn) {
+      const float2 l2 = *reinterpret_cast<const float2*>(lse2 + nn * 8 + 2 * t);
+      const float2 dl = *reinterpret_cast<const float2*>(lse2 + BM + nn * 8 + 2 * t);
+      float pr[4], ds[4];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        pr[hf * 2] = exp2f(s[nn * 4 + hf * 2] * scale_log2 - l2.x);
+        pr[hf * 2 + 1] = exp2f(s[nn * 4 + hf * 2 + 1] * scale_log2 - l2.y);
+        ds[hf * 2] = pr[hf * 2] * (dp[nn * 4 + hf * 2] - dl.x);
+        ds[hf * 2 + 1] = pr[hf * 2 + 1] * (dp[nn * 4 + hf * 2 + 1] - dl.y);
+      }
+      // A fragment of k16 step nn / 2: (row g, queries 2t..) in registers 0 / 2, (row g + 8, ..) in 1 / 3.
+      pa[nn >> 1][(nn & 1) * 2] = pack2<T>(pr[0], pr[1]);
+      pa[nn >> 1][(nn & 1) * 2 + 1] = pack2<T>(pr[2], pr[3]);
+      da[nn >> 1][(nn & 1) * 2] = pack2<T>(ds[0], ds[1]);
+      da[nn >> 1][(nn & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
+    }
+    // dS^T to shared memory (buffer n % 2): row key_r + 8 hf, 16-byte chunk nn (queries 8nn..) swizzled by the
+    // row % 8 = g; the 8 rows x 4 words of a warp's store hit 32 different banks.
+    const uint32_t ds_buf = sDs0 + (n & 1) * DsTile::kBytes;
+#pragma unroll
+    for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const uint32_t addr = ds_buf + (key_r + 8 * hf) * 128 + ((nn ^ g) << 4) + 4 * t;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(da[nn >> 1][(nn & 1) * 2 + hf]) : "memory");
+      }
+    fence_proxy_async();  // the generic-proxy stores above, read by wgmma (async proxy) below
+
+    // dV += P^T dO, dK += dS^T Q (A from registers).
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      const uint32_t off = stage_off + ((kk * 16 * 128) >> 4);
+      wgmma_rs_tb<D, T>(acc_dv, pa[kk], qt_desc + off + (QTile::kBytes >> 4));
+      wgmma_rs_tb<D, T>(acc_dk, da[kk], qt_desc + off);
+    }
+    wgmma_commit();
+    // Both consumers' dS^T is in (id 1: this kernel's named barrier; 0 is __syncthreads').
+    named_barrier(1, NT);
+    float dq[32];
+    // By turns: the other consumer's step. Decided after the wait for dV / dK (a branch between a wgmma's issue
+    // and its wait makes ptxas serialize every wgmma of the kernel, C7514).
+    const bool my_dq = !kByTurns || (n & 1) == wg;
+    if (kByTurns) {
+      wgmma_wait<0>();
+      reg_fence(acc_dv);
+      reg_fence(acc_dk);
+      reg_fence_u32(pa);
+      reg_fence_u32(da);
+    }
+    if (my_dq) {
+      wgmma_fence();
+      const uint32_t ds_off = ((n & 1) * DsTile::kBytes) >> 4;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        const uint32_t off = (kk * 16 * 128) >> 4;
+        wgmma_ss_tt<64, T>(dq, ds_desc + ds_off + off, kt_desc + off, kk > 0);
+      }
+      wgmma_commit();
+    }
+    wgmma_wait<0>();
+    reg_fence(acc_dv);
+    reg_fence(acc_dk);
+    reg_fence(dq);
+    reg_fence_u32(pa);
+    reg_fence_u32(da);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar_empty0 + 8 * st);  // this warp is done with the stage's Q / dO / lse / Delta
+    if (!my_dq) continue;
+
+    // dQ rows i0 + 16 wwarp + g + 8 hf, columns dq_c0 + 8 nn + 2t: float2 atomics. (float4 atomics after one
+    // shuffle per 8 columns halve the atomic instructions but not the L2 sectors; measured slower, see NOTES-cuda.md.)
+    // A warp whose rows and columns are all in bounds adds without tests.
+    const int i_q = i0 + wwarp * 16 + g;
+    const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
+    float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + dq_c0 + 2 * t;
+    auto add_dq = [&](auto guarded) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        if (decltype(guarded)::value && i_q + 8 * hf >= L) continue;
+        float* d = dq0 + hf * 8 * p.E;
+#pragma unroll
+        for (int nn = 0; nn < 8; ++nn) {
+          if (decltype(guarded)::value && dq_c0 + nn * 8 + 2 * t >= E) continue;
+          atomicAdd(reinterpret_cast<float2*>(d + nn * 8), make_float2(dq[nn * 4 + hf * 2], dq[nn * 4 + hf * 2 + 1]));
+        }
+      }
+    };
+    if (i0 + wwarp * 16 + 16 <= L && dq_c0 + 64 <= E)
+      add_dq(std::false_type{});
+    else
+      add_dq(std::true_type{});
+  }
+
+  // dK (scaled) and dV of this thread's keys.
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int j = j0 + key_r + 8 * hf;
+    if (j >= S) continue;
+    T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + static_cast<int64_t>(hk) * p.dk_st.h + int64_t(j) * p.dk_st.r;
+    T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + static_cast<int64_t>(hk) * p.dv_st.h + int64_t(j) * p.dv_st.r;
+#pragma unroll
+    for (int nn = 0; nn < D / 8; ++nn) {
+      const int c = nn * 8 + 2 * t;
+      if (c < E) st2<T>(dk + c, acc_dk[nn * 4 + hf * 2] * p.scale, acc_dk[nn * 4 + hf * 2 + 1] * p.scale);
+      if (c < Ev) st2<T>(dv + c, acc_dv[nn * 4 + hf * 2], acc_dv[nn * 4 + hf * 2 + 1]);
+    }
+  }
+#endif
+}
+
+}  // namespace cuda
+}  // namespace sdpax

@@ -1,0 +1,35 @@
+// Launch code of one sm90 backward variant; included only by the generated per-variant translation units
+// (bwd_sm90_*.cu, from csrc/cuda/variants.py).
+#pragma once
+#include "cuda/bwd_kernel.h"  // bwd_delta_kernel: the Delta pre-pass is the same for every main loop
+#include "cuda/bwd_sm90.h"
+#include "cuda/launch_sm90.h"  // encode_map (tensor maps with the 128-byte swizzle)
+
+namespace sdpax {
+namespace cuda {
+
+// kGeneral: the table's kind (launch.cu picks the general one only where bwd_sm90_general_ok holds). Returns cudaErrorNotSupported, having launched nothing, when a tensor map cannot be encoded (launch.cu then runs
+// the mma.sync backward).
+template <class T, int D, bool kGeneral>
+cudaError_t run_bwd_sm90(const AttnParams& p, cudaStream_t stream) {
+  using Cfg = BwdSm90Cfg<D, kGeneral>;
+  BwdTmaMaps maps{};
+  if (!(encode_map<T>(&maps.q, p.q, p.q_st, p.batch, p.hq, p.L, p.E, Cfg::kBM) &&
+        encode_map<T>(&maps.dout, p.dout, p.dout_st, p.batch, p.hq, p.L, p.Ev, Cfg::kBM) &&
+        encode_map<T>(&maps.k, p.k, p.k_st, p.batch, p.hkv, p.S, p.E, Cfg::kBN) &&
+        encode_map<T>(&maps.v, p.v, p.v_st, p.batch, p.hkv, p.S, p.Ev, Cfg::kBN)))
+    return cudaErrorNotSupported;
+  const int64_t all_rows = p.batch * p.hq * p.L;
+  bwd_delta_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(p, const_cast<float*>(p.delta));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  auto kernel = bwd_sm90_kernel<T, D, kGeneral>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+  if (err != cudaSuccess) return err;
+  const int64_t n_blocks = (p.S + Cfg::kBN - 1) / Cfg::kBN;
+  kernel<<<static_cast<unsigned>(n_blocks * p.batch * p.hkv), Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace sdpax
