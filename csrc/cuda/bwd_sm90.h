@@ -62,9 +62,13 @@ struct BwdSm90Cfg {
   static constexpr int kBM = 64;   // queries per step: the n of S^T / dP^T and the k extent of dK / dV
   static constexpr int kConsumers = 256;
   static constexpr int kThreads = kConsumers + 128;
-  // setmaxnreg: 2 x 128 x 240 + 128 x 24 <= 64K registers; the general kind's producer keeps 48 for its mask loads
-  // (2 x 128 x 232 + 128 x 48 = 64K; ptxas spilled 24 bytes with 232 / 40 and 36 bytes with 224 / 56).
-  static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 48 : 24;
+  // setmaxnreg moves registers between the warpgroups inside the block's launch allocation, 168 per thread
+  // (65536 / 384 rounded down to 8) x 384 = 64512: 2 x 128 x 240 + 128 x 24 for the plain kind, 2 x 128 x 232 +
+  // 128 x 40 for the general kind (its producer packs the mask). A split above the allocation (232 / 48 = 65536)
+  // never returns from the consumers' setmaxnreg.inc: the kernel hangs.
+  static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 40 : 24;
+  static_assert(kConsumers * kConsumerRegs + 128 * kProducerRegs <= kThreads * (65536 / kThreads / 8 * 8),
+                "setmaxnreg split exceeds the block's register allocation");
   // dQ split between the consumers (see the top): by columns at d128, by turns at d64.
   static constexpr bool kDqByTurns = D == 64;
   // Q / dO stages: the producer runs this many tiles ahead.
