@@ -249,18 +249,19 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
           }
           {  // into buffer n % kMaskBufs before the barriers (a dropped tile's is overwritten by the next)
             uint4* dst = reinterpret_cast<uint4*>(bits0 + (n % Cfg::kMaskBufs) * (Cfg::kBitsBytes / 4)) + rq * 256;
-            // Slot of consumer thread x0 + 4g: mask_slot flips bit 2 (g's bit 0) in odd warps, so store gp goes to
-            // slot x0 + 4 gp, of key g = gp ^ (mc & 1); the addresses are one base plus constants.
-            uint4* dst_x = dst + (mc >> 2) * 128 + (mc & 3) * 32 + mt;
-            const uint32_t sel_flip = (mc & 1) * 0x1111u;
+            // Key g's slot: mask_slot(x0 + 4g) = x0 + 4 (g ^ flip) with flip = warp mc's bit 0 (x0 = 32 mc + mt), so
+            // lanes of even and odd warps (one store phase) hit different bank groups; two bases for even / odd g.
+            const int flip = mc & 1;
+            uint4* dst_e = dst + mc * 32 + mt + 4 * flip;  // g even: x0 + 4g + 4 flip
+            uint4* dst_o = dst + mc * 32 + mt - 4 * flip;  // g odd:  x0 + 4g - 4 flip
 #pragma unroll
-            for (int gp = 0; gp < 8; ++gp) {
-              // Key g (word g / 4, byte g % 4) and key g + 8 (word 2 + g / 4; g / 4 = gp / 4); low half: the even
-              // row of each pair.
-              const uint32_t sel = ((gp & 3) * 0x1111u ^ sel_flip) + 0x4400u;
-              const int w = gp >> 2;
-              dst_x[4 * gp] = make_uint4(__byte_perm(f[0][w], f[1][w], sel), __byte_perm(f[0][2 + w], f[1][2 + w], sel),
-                                         __byte_perm(f[2][w], f[3][w], sel), __byte_perm(f[2][2 + w], f[3][2 + w], sel));
+            for (int g = 0; g < 8; ++g) {
+              // Key g (word g / 4, byte g % 4) and key g + 8 (word 2 + g / 4); low half: the even row of each pair.
+              const uint32_t sel = (g & 3) * 0x1111u + 0x4400u;
+              const int w = g >> 2;
+              (g & 1 ? dst_o : dst_e)[4 * g] =
+                  make_uint4(__byte_perm(f[0][w], f[1][w], sel), __byte_perm(f[0][2 + w], f[1][2 + w], sel),
+                             __byte_perm(f[2][w], f[3][w], sel), __byte_perm(f[2][2 + w], f[3][2 + w], sel));
             }
           }
           if (!named_barrier_or(2, 128, any)) {  // no element of this tile may be seen: drop it
