@@ -83,12 +83,12 @@ struct BwdSm90Cfg {
   // 16 c + 8 (r >> 1) + 2t, + 1), the low half the first query.
   static constexpr int kBitsBytes = kGeneral ? kBM * kBN * 2 : 0;
   // Mask buffers: tile n uses buffer n % kMaskBufs. One more than the stages, so that the producer can store tile
-  // n's mask before its wait for stage n % kStages (tile n - kStages released; tile n - 1 may still be read): its
-  // 16 registers of mask bytes are not held across that wait (48 registers spilled 112 bytes with 2 buffers).
+  // n's mask before its wait for stage n % kStages (tile n - kStages released; tile n - 1 may still be read) and
+  // publish the tile right after that wait. (ptxas spills ~100 bytes in the producer at 48 registers either way.)
   static constexpr int kMaskBufs = kGeneral ? kStages + 1 : 0;
   // K, V, the Q / dO stages, two dS^T buffers (a consumer writes step n + 1's while the other may still read step
-  // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), mask bits per stage, mbarriers
-  // and the (head, first row) of each stage, and 1024 bytes of slack for the alignment of the swizzle atoms.
+  // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), kMaskBufs mask buffers, mbarriers
+  // and the (head, first row, full) of each stage, and 1024 bytes of slack for the alignment of the swizzle atoms.
   static constexpr int kBarBytes = (2 * kStages + 2) * 8 + kStages * 16;
   static constexpr int kSmem = 2 * KTile::kBytes + kStages * kStageBytes + 2 * DsTile::kBytes +
                                kStages * 2 * kBM * 4 + kMaskBufs * kBitsBytes + kBarBytes + 1024;
