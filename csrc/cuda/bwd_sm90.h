@@ -25,9 +25,11 @@
 //     empty mbarriers, and the tile's (head, first row), so that the producer alone decides which tiles the
 //     consumers see. It stores lse already in log2 units, +inf for rows past L and rows with no allowed key
 //     (lse = -inf), so that P is exactly 0 there without a test. Bool mask (general kind): the producer reads the
-//     64 x 128-byte tile with 16-byte loads (4 per thread; one row of 8 loads for a row-broadcast mask), drops
-//     tiles with no allowed element, and hands the consumers one bit per element; each consumer thread reads the
-//     16 words of its rows (2 keys x 16 queries) and sets S^T to -inf where a bit is clear.
+//     64 x 128-byte tile with 16-byte loads (4 per thread), drops tiles with no allowed element, marks tiles with
+//     every element allowed (the consumers skip the mask there), and otherwise hands the consumers 16 bits per
+//     element in their fragment order; each consumer thread reads 4 x 16 bytes and ANDs them into its 16-bit
+//     P^T / dS^T fragments. A row-broadcast mask (padding) is judged once per head: empty heads are skipped whole,
+//     full ones need no further loads.
 //
 // Registers per consumer thread at d128: dV 64 + dK 64 + S^T 32 + dP^T 32 at the first products; dV + dK + the
 // 16-bit P^T / dS^T fragments 32 + dQ 32 later. The kernel body exists only in the sm_90a compilation.
@@ -64,7 +66,8 @@ struct BwdSm90Cfg {
   static constexpr int kThreads = kConsumers + 128;
   // setmaxnreg moves registers between the warpgroups inside the block's launch allocation, 168 per thread
   // (65536 / 384 rounded down to 8) x 384 = 64512: 2 x 128 x 240 + 128 x 24 for the plain kind, 2 x 128 x 232 +
-  // 128 x 40 for the general kind (its producer packs the mask). A split above the allocation (232 / 48 = 65536)
+  // 128 x 40 for the general kind (its producer expands the mask: it spills there, off the consumers' path, since it
+  // runs two tiles ahead; 224 / 64 spilled 3 values into the consumers' loop). A split above the allocation (232 / 48 = 65536)
   // never returns from the consumers' setmaxnreg.inc: the kernel hangs.
   static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 40 : 24;
   static_assert(kConsumers * kConsumerRegs + 128 * kProducerRegs <= kThreads * (65536 / kThreads / 8 * 8),
@@ -77,17 +80,39 @@ struct BwdSm90Cfg {
   using QTile = Sw128Tile<kBM, D>;   // Q and dO of one stage
   using DsTile = Sw128Tile<kBN, kBM>;  // dS^T: rows = keys, 64 query columns = one 128-byte row
   static constexpr int kStageBytes = 2 * QTile::kBytes;  // Q then dO
-  // Bool mask of a stage, one bit per element: per query row four 32-bit words in key order (bit k of word w =
-  // key 32w + k of the block).
-  static constexpr int kBitsBytes = kGeneral ? kBM * 16 : 0;
+  // Bool mask of a stage, 16 bits per element (0xffff: kept, 0: masked), already in the consumers' fragment order:
+  // the consumers AND it into the 16-bit P^T / dS^T A fragments (4 x 16-byte loads and 32 LOP3 per thread and
+  // step; one bit per element cost 16 loads, 16 shifts and 32 test + select pairs). Word r of uint4 c of consumer
+  // thread x (at 16 (256 c + mask_slot(x))) masks pa[c][r] / da[c][r]: (key key_r + 8 (r & 1), queries
+  // 16 c + 8 (r >> 1) + 2t, + 1), the low half the first query.
+  static constexpr int kBitsBytes = kGeneral ? kBM * kBN * 2 : 0;
+  // Mask buffers: tile n uses buffer n % kMaskBufs. One more than the stages, so that the producer can store tile
+  // n's mask before its wait for stage n % kStages (tile n - kStages released; tile n - 1 may still be read) and
+  // publish the tile right after that wait. (ptxas spills ~100 bytes in the producer at 48 registers either way.)
+  static constexpr int kMaskBufs = kGeneral ? kStages + 1 : 0;
   // K, V, the Q / dO stages, two dS^T buffers (a consumer writes step n + 1's while the other may still read step
-  // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), mask bits per stage, mbarriers
-  // and the (head, first row) of each stage, and 1024 bytes of slack for the alignment of the swizzle atoms.
-  static constexpr int kBarBytes = (2 * kStages + 1) * 8 + kStages * 8;
+  // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), kMaskBufs mask buffers, mbarriers
+  // and the (head, first row, full) of each stage, and 1024 bytes of slack for the alignment of the swizzle atoms.
+  static constexpr int kBarBytes = (2 * kStages + 2) * 8 + kStages * 16;
   static constexpr int kSmem = 2 * KTile::kBytes + kStages * kStageBytes + 2 * DsTile::kBytes +
-                               kStages * (2 * kBM * 4 + kBitsBytes) + kBarBytes + 1024;
+                               kStages * 2 * kBM * 4 + kMaskBufs * kBitsBytes + kBarBytes + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
 };
+
+// Barrier as named_barrier_or (wgmma.h) that returns whether `pred` was true in every participating thread.
+__device__ __forceinline__ bool named_barrier_and(int id, int count, bool pred) {
+  uint32_t r;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbarrier.red.and.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r)
+      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(count)
+      : "memory");
+  return r != 0;
+}
+
+// 16-byte slot of consumer thread x in each quarter of a stage's mask (see kBitsBytes): bit 2 flipped in odd warps,
+// so that the producer's stores of one phase (lanes t = 0..3 of two adjacent warps) hit 8 different bank groups.
+__device__ __forceinline__ int mask_slot(int x) { return x ^ ((x >> 3) & 4); }
 
 template <class T, int D, bool kGeneral>
 __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
@@ -104,14 +129,15 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
   const uint32_t sQ0 = sV + KTile::kBytes;  // stage s: Q at sQ0 + s * kStageBytes, dO QTile::kBytes after it
   const uint32_t sDs0 = sQ0 + kStages * Cfg::kStageBytes;  // dS^T buffer x at sDs0 + x * DsTile::kBytes
   const uint32_t sRow0 = sDs0 + 2 * DsTile::kBytes;        // stage s: lse2 at + s * 2 BM floats, Delta BM after
-  const uint32_t sBits0 = sRow0 + kStages * 2 * BM * 4;    // stage s: mask bits at + s * kBitsBytes
-  const uint32_t bar_full0 = sBits0 + kStages * Cfg::kBitsBytes;
+  const uint32_t sBits0 = sRow0 + kStages * 2 * BM * 4;    // mask buffer x at + x * kBitsBytes
+  const uint32_t bar_full0 = sBits0 + Cfg::kMaskBufs * Cfg::kBitsBytes;
   const uint32_t bar_empty0 = bar_full0 + kStages * 8;
   const uint32_t bar_kv = bar_empty0 + kStages * 8;
   auto smem_ptr = [&](uint32_t addr) { return smem + (addr - smem_u32(smem)); };
   float* row_vals = reinterpret_cast<float*>(smem_ptr(sRow0));
   uint32_t* bits0 = reinterpret_cast<uint32_t*>(smem_ptr(sBits0));
-  int2* tile_of_stage = reinterpret_cast<int2*>(smem_ptr(bar_kv + 8));  // (head, first row); head -1: the end
+  // (head, first row, whether every element of the tile in bounds is allowed (general kind), -); head -1: the end
+  int4* tile_of_stage = reinterpret_cast<int4*>(smem_ptr(bar_kv + 16));
 
   const int tid = threadIdx.x;
   const int G = static_cast<int>(p.hq / p.hkv);
@@ -160,10 +186,16 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
         tma_load_4d(sV + c * KTile::kBlockBytes, &maps.v, bar_kv, c * 64, j0, hk, b);
       }
     }
-    // Mask tile: thread ptid reads 16-byte chunk c = ptid % 8 (keys 16c..) of rows ptid / 8 + 16u (u < 4); with a
-    // row-broadcast mask only threads 0..7 read (row 0).
-    const int mc = ptid & 7, mr = ptid >> 3;
+    // Mask tile: thread ptid reads 16-byte chunk mc (keys 16 mc..) of rows 2 rp, 2 rp + 1, 2 rp + 8, 2 rp + 9 with
+    // rp = t + 8 rq (t = ptid % 4, rq = ptid / 32): exactly the elements of one 16-byte slot of each of the 8
+    // consumer threads (g = 0..7, t) of consumer warp mc (query rows 16 rq + 2t (+1, +8, +9) are those threads'
+    // columns; keys g and g + 8 of the chunk their rows). Each slot is one 16-byte store; the 8 lanes of a store
+    // phase (4 t x 2 warps) hit 8 different slots modulo 8 with the swizzle mask_slot (bit 2 ^= warp bit 0).
+    const int mt = ptid & 3, mc = (ptid >> 2) & 7, rq = ptid >> 5;
     const unsigned char* mbase = static_cast<const unsigned char*>(p.mask);
+    // A mask broadcast over rows: every tile of a head is the same, so its any / full verdict is taken once per
+    // head, and a full tile needs no loads (padding masks: every tile is full or empty).
+    bool head_full = false;
     int n = 0;  // tiles published
     for (int step = 0; step < steps; ++step) {
       const int h = hk * G + step / q_tiles, i0 = (q_first + step % q_tiles) * BM;
@@ -175,47 +207,77 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
         row_lse = p.lse[row];
         row_delta = p.delta[row];
       }
-      uint32_t chunk_bits[4] = {0u, 0u, 0u, 0u};  // 16 key bits of rows mr + 16u
+      bool full = true;
       if (has_mask) {
-        const int j = j0 + mc * 16;
-        const unsigned char* m0 = mbase + static_cast<int64_t>(b) * p.mask_st.b + static_cast<int64_t>(h) * p.mask_st.h + j;
+        const bool head_start = step % q_tiles == 0;
+        if (!one_row || head_start || !head_full) {  // (else: a full tile of a row-broadcast mask; nothing to read)
+          // f[r][w]: bytes 0xff / 0 (allowed / masked or out of bounds) of keys 16 mc + 4w.. of row r (rows 2 rp,
+          // 2 rp + 1, 2 rp + 8, 2 rp + 9).
+          uint32_t f[4][4];
+          const int j = j0 + mc * 16;
+          const unsigned char* m0 =
+              mbase + static_cast<int64_t>(b) * p.mask_st.b + static_cast<int64_t>(h) * p.mask_st.h + j;
+          bool any = false, all = true;  // over the in-bounds elements of this thread
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int i = i0 + mr + 16 * u;
-          if ((one_row && (u > 0 || mr > 0)) || i >= L || j >= S) continue;
-          const unsigned char* src = m0 + static_cast<int64_t>(i) * p.mask_st.r;
-          uint32_t q[4];
-          if (j + 16 <= S) {
-            const uint4 w = __ldg(reinterpret_cast<const uint4*>(src));
-            q[0] = w.x, q[1] = w.y, q[2] = w.z, q[3] = w.w;
-          } else {  // the block's last chunk, partly past S: the bytes inside only
+          for (int r = 0; r < 4; ++r) {
+            const int i = i0 + 16 * rq + 2 * mt + (r & 1) + 8 * (r >> 1);
 #pragma unroll
-            for (int qq = 0; qq < 4; ++qq) {
-              q[qq] = 0u;
+            for (int w = 0; w < 4; ++w) f[r][w] = 0u;
+            if (i >= L || j >= S) continue;
+            const unsigned char* src = m0 + static_cast<int64_t>(i) * p.mask_st.r;
+            uint32_t q[4], oob[4] = {0u, 0u, 0u, 0u};  // oob: bytes past S (0xff)
+            if (j + 16 <= S) {
+              const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+              q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
+            } else {  // the block's last chunk, partly past S: the bytes inside only
 #pragma unroll
-              for (int e = 0; e < 4; ++e)
-                if (j + 4 * qq + e < S) q[qq] |= static_cast<uint32_t>(src[4 * qq + e] != 0) << (8 * e);
+              for (int w = 0; w < 4; ++w) {
+                q[w] = 0u;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                  if (j + 4 * w + e < S)
+                    q[w] |= static_cast<uint32_t>(src[4 * w + e] != 0) << (8 * e);
+                  else
+                    oob[w] |= 0xffu << (8 * e);
+                }
+              }
+            }
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+              // Bit 7 of each byte set iff the byte is nonzero, then spread over the byte (no carries: 0 or 1 x 255).
+              const uint32_t nz = ((((q[w] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[w]) & 0x80808080u) >> 7;
+              f[r][w] = nz * 0xffu;
+              any |= f[r][w] != 0u;
+              all &= (f[r][w] | oob[w]) == 0xffffffffu;
             }
           }
+          {  // into buffer n % kMaskBufs before the barriers (a dropped tile's is overwritten by the next)
+            uint4* dst = reinterpret_cast<uint4*>(bits0 + (n % Cfg::kMaskBufs) * (Cfg::kBitsBytes / 4)) + rq * 256;
+            // Key g's slot: mask_slot(x0 + 4g) = x0 + 4 (g ^ flip) with flip = warp mc's bit 0 (x0 = 32 mc + mt), so
+            // lanes of even and odd warps (one store phase) hit different bank groups; two bases for even / odd g.
+            const int flip = mc & 1;
+            uint4* dst_e = dst + mc * 32 + mt + 4 * flip;  // g even: x0 + 4g + 4 flip
+            uint4* dst_o = dst + mc * 32 + mt - 4 * flip;  // g odd:  x0 + 4g - 4 flip
 #pragma unroll
-          for (int qq = 0; qq < 4; ++qq) {
-            // Bit 7 of each byte set iff the byte is nonzero, then bits 7, 15, 23, 31 gathered into 28..31 by one
-            // multiply (the other partial products stay below bit 28), as in fwd_sm90.h.
-            const uint32_t nz = (((q[qq] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[qq]) & 0x80808080u;
-            chunk_bits[u] |= ((nz * 0x00204081u) >> 28) << (4 * qq);
+            for (int g = 0; g < 8; ++g) {
+              // Key g (word g / 4, byte g % 4) and key g + 8 (word 2 + g / 4); low half: the even row of each pair.
+              const uint32_t sel = (g & 3) * 0x1111u + 0x4400u;
+              const int w = g >> 2;
+              (g & 1 ? dst_o : dst_e)[4 * g] =
+                  make_uint4(__byte_perm(f[0][w], f[1][w], sel), __byte_perm(f[0][2 + w], f[1][2 + w], sel),
+                             __byte_perm(f[2][w], f[3][w], sel), __byte_perm(f[2][2 + w], f[3][2 + w], sel));
+            }
           }
+          if (!named_barrier_or(2, 128, any)) {  // no element of this tile may be seen: drop it
+            if (one_row) step = (step / q_tiles + 1) * q_tiles - 1;  // nor any tile of this head
+            continue;
+          }
+          full = named_barrier_and(2, 128, all);
+          if (one_row && head_start) head_full = full;
         }
-        const bool any = (chunk_bits[0] | chunk_bits[1] | chunk_bits[2] | chunk_bits[3]) != 0u;
-        if (!named_barrier_or(2, 128, any)) continue;  // no element of this tile may be seen: drop it
       }
       const int st = n % kStages;
       if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
-      if (has_mask) {
-        unsigned short* dst = reinterpret_cast<unsigned short*>(bits0 + st * (Cfg::kBitsBytes / 4));
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-          if (!one_row || (u == 0 && mr == 0)) dst[(mr + 16 * u) * 8 + mc] = static_cast<unsigned short>(chunk_bits[u]);
-      }
       if (ptid < BM) {
         float* lse2 = row_vals + st * 2 * BM;
         // A row with no allowed key (or past L) has P = 0: exp2(x - inf) = 0, never exp2(-inf + inf).
@@ -226,7 +288,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
       // bytes the copies will deliver, so the phase completes once both are in.
       const uint32_t bar = bar_full0 + 8 * st;
       if (ptid == 0) {
-        tile_of_stage[st] = make_int2(h, i0);
+        tile_of_stage[st] = make_int4(h, i0, full, 0);
         mbar_expect_tx(bar, Cfg::kStageBytes);
         const uint32_t dst = sQ0 + st * Cfg::kStageBytes;
 #pragma unroll
@@ -241,7 +303,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     }
     const int st = n % kStages;
     if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);
-    if (ptid == 0) tile_of_stage[st] = make_int2(-1, 0);
+    if (ptid == 0) tile_of_stage[st] = make_int4(-1, 0, 0, 0);
     mbar_arrive(bar_full0 + 8 * st);
     return;
   }
@@ -269,15 +331,12 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
   const uint64_t kt_desc = sw128_desc(sK + (kByTurns ? 0 : wg * KTile::kBlockBytes), KTile::kBlockBytes, 1024);
   const int dq_c0 = kByTurns ? 0 : wg * 64;  // first dQ column of this warpgroup
 
-  // This thread's keys in the packed mask rows: word key_r / 32, bits key_r % 32 and + 8.
-  const int mask_word = key_r >> 5, mask_sh = key_r & 31;
-
   mbar_wait(bar_kv, 0);
   for (int n = 0;; ++n) {
     const int st = n % kStages;
     const uint32_t stage_off = (st * Cfg::kStageBytes) >> 4;
     mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
-    const int2 tile = tile_of_stage[st];
+    const int4 tile = tile_of_stage[st];
     if (tile.x < 0) break;
     const int h = tile.x, i0 = tile.y;
 
@@ -315,28 +374,6 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
             if (j0 + key_r + 8 * hf >= lim) s[nn * 4 + hf * 2 + e] = -INFINITY;
         }
     }
-    if (has_mask) {
-      // Packed bool mask (bounds included): element (key, query) stays only where its bit is set.
-      const uint32_t* mw = bits0 + st * (Cfg::kBitsBytes / 4) + mask_word;
-      if (one_row) {
-        const uint32_t w = mw[0] >> mask_sh;
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-          if (!((w >> (8 * hf)) & 1u)) {
-#pragma unroll
-            for (int nn = 0; nn < 8; ++nn) s[nn * 4 + hf * 2] = s[nn * 4 + hf * 2 + 1] = -INFINITY;
-          }
-      } else {
-#pragma unroll
-        for (int nn = 0; nn < 8; ++nn)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const uint32_t w = mw[(nn * 8 + 2 * t + e) * 4] >> mask_sh;
-            s[nn * 4 + e] = w & 1u ? s[nn * 4 + e] : -INFINITY;
-            s[nn * 4 + 2 + e] = (w >> 8) & 1u ? s[nn * 4 + 2 + e] : -INFINITY;
-          }
-      }
-    }
     const float* lse2 = row_vals + st * 2 * BM;
     uint32_t pa[4][4], da[4][4];
 #pragma unroll
@@ -356,6 +393,21 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
       pa[nn >> 1][(nn & 1) * 2 + 1] = pack2<T>(pr[2], pr[3]);
       da[nn >> 1][(nn & 1) * 2] = pack2<T>(ds[0], ds[1]);
       da[nn >> 1][(nn & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
+    }
+    if (has_mask && !tile.z) {
+      // Bool mask (bounds included): P^T and dS^T are 0 where it is clear (whatever exp2 gave there, inf included).
+      const uint4* mw =
+          reinterpret_cast<const uint4*>(bits0 + (n % Cfg::kMaskBufs) * (Cfg::kBitsBytes / 4)) + mask_slot(tid);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const uint4 m = mw[256 * c];
+        const uint32_t mm[4] = {m.x, m.y, m.z, m.w};
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          pa[c][r] &= mm[r];
+          da[c][r] &= mm[r];
+        }
+      }
     }
     // dS^T to shared memory (buffer n % 2): row key_r + 8 hf, 16-byte chunk nn (queries 8nn..) swizzled by the
     // row % 8 = g; the 8 rows x 4 words of a warp's store hit 32 different banks.
