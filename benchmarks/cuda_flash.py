@@ -4,6 +4,7 @@
     python benchmarks/cuda_flash.py --quick         # a few rows
     python benchmarks/cuda_flash.py --no-write      # print only
     python benchmarks/cuda_flash.py --only fp32     # rows whose name contains "fp32"
+    python benchmarks/cuda_flash.py --only "d64|gqa"  # several: '|' separates substrings
 
 Builds nothing. Medians of triton.testing.do_bench (CUDA events). TFLOP/s counts 4*B*H*L*S*D per forward (half of
 that when causal) and 2.5x that for the backward; decode rows report time and the K/V bytes per second.
@@ -140,14 +141,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--results", default=str(HERE / "RESULTS-cuda.md"))
-    ap.add_argument("--only", default=None, help="only rows whose name contains this")
+    ap.add_argument("--only", default=None, help="only rows whose name contains this ('|' separates alternatives)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or not sdpax.build_config.WITH_CUDA:
         print("cuda_flash: needs a CUDA device and a CUDA build of sdpax")
         return 1
     header = "| shape | pass | sdpax backend | sdpax TFLOP/s | torch default | torch FA2 | vs default | vs FA2 |"
     lines = [header, "|" + "---|" * 8]
-    for row in [r for r in rows(args.quick) if args.only is None or args.only in r[0]]:
+    for row in [r for r in rows(args.quick) if args.only is None or any(o in r[0] for o in args.only.split("|"))]:
         for backward in (False, True):
             if row[-1] == "decode" and backward:
                 continue
