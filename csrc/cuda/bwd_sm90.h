@@ -31,6 +31,9 @@
 //
 // Registers per consumer thread at d128: dV 64 + dK 64 + S^T 32 + dP^T 32 at the first products; dV + dK + the
 // 16-bit P^T / dS^T fragments 32 + dQ 32 later. The kernel body exists only in the sm_90a compilation.
+//
+// Head dim 256 (plain kind only): 64-key blocks, the same producer, and its own consumer loop
+// (bwd_sm90_consumer_d256): both consumers see all 64 keys and split dK / dV / dQ by head-dim halves.
 #pragma once
 #include "cuda/mask.h"
 #include "cuda/mma.h"
@@ -83,19 +86,22 @@ struct BwdSm90Cfg {
   // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), mask bits per stage, mbarriers
   // and the (head, first row) of each stage, and 1024 bytes of slack for the alignment of the swizzle atoms.
   static constexpr int kBarBytes = (2 * kStages + 1) * 8 + kStages * 8;
-  static constexpr int kSmem = 2 * KTile::kBytes + kStages * kStageBytes + 2 * DsTile::kBytes +
+  // dS^T buffers; d256 adds two P^T buffers after them (bwd_sm90_consumer_d256).
+  static constexpr int kDsBuffers = D == 256 ? 4 : 2;
+  static constexpr int kSmem = 2 * KTile::kBytes + kStages * kStageBytes + kDsBuffers * DsTile::kBytes +
                                kStages * (2 * kBM * 4 + kBitsBytes) + kBarBytes + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
 };
 
 // Consumer warpgroups at head dim 256. dK + dV of 64 keys x 256 columns are 256 floats per thread of one
 // warpgroup, so the block holds 64 keys and both consumers see all of them: consumer w keeps dK / dV columns
-// 128w..128w+127 (64 + 64 accumulators) and computes dQ columns 128w.. (m64n128, 64 accumulators). Both compute the
-// same S^T = K Q^T and dP^T = V dO^T (m64n64, k = 256; the small products twice: 14.7 instead of 10.5 MFLOP of
-// wgmma per 64 x 64 step) so that P^T / dS^T are A fragments in registers of each, with no exchange between them;
-// each stores half of dS^T's query chunks (4w..4w+3) for the dQ product. Registers per thread: dK + dV 128,
-// S^T + dP^T 64 at the first products; dQ 64 after the wait for dV / dK (the P^T / dS^T fragments, 32, are then
-// free: issuing dQ before that wait would hold 128 + 32 + 64 over the 240 of setmaxnreg).
+// 128w..128w+127 (64 + 64 accumulators) and computes dQ columns 128w.. (m64n128, 64 accumulators). The small
+// products are split by queries: consumer w computes S^T = K Q^T and dP^T = V dO^T of queries 32w..32w+31
+// (m64n32, k = 256) and stores its half of P^T and of dS^T (16-bit, [key][query], 128-byte swizzle, double
+// buffered); after one barrier of both, dV / dK read P^T / dS^T from there as K-major A (wgmma_ss_tb) and dQ reads
+// dS^T transposed (wgmma_ss_tt), all in one wgmma group. (The first version computed S^T / dP^T of all 64 queries
+// in both consumers, P^T / dS^T as register A fragments: 14.7 instead of 10.5 MFLOP of wgmma per step, 252 vs
+// ... TFLOP/s, NOTES-cuda.md.) Registers per thread: dK + dV 128 + S^T / dP^T 32, then 128 + dQ 64.
 template <class T, class Cfg>
 __device__ __forceinline__ void bwd_sm90_consumer_d256(const AttnParams& p, uint32_t sK, uint32_t sV, uint32_t sQ0,
                                                        uint32_t sDs0, const float* row_vals, uint32_t bar_full0,
@@ -107,7 +113,8 @@ __device__ __forceinline__ void bwd_sm90_consumer_d256(const AttnParams& p, uint
   using QTile = typename Cfg::QTile;
   using DsTile = typename Cfg::DsTile;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kConsumers, kStages = Cfg::kStages;
-  static_assert(BN == 64 && KTile::kBlockBytes == 64 * 128 && DsTile::kBytes == 64 * 64 * 2, "d256 tiles");
+  static_assert(BN == 64 && KTile::kBlockBytes == 64 * 128 && DsTile::kBytes == 64 * 64 * 2 && Cfg::kDsBuffers == 4,
+                "d256 tiles");
   const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   const int tid = threadIdx.x;
@@ -115,6 +122,7 @@ __device__ __forceinline__ void bwd_sm90_consumer_d256(const AttnParams& p, uint
   const float scale_log2 = p.scale * kLog2e;
   const int key_r = wwarp * 16 + g;  // accumulator rows (keys) key_r + 8 hf of the block, in both consumers
   const int c0 = wg * 128;           // this consumer's dK / dV / dQ columns c0..c0+127
+  const int q0 = wg * 32;            // this consumer's queries of S^T / dP^T (tile-relative)
 
   float acc_dk[64], acc_dv[64];
 #pragma unroll
@@ -122,10 +130,13 @@ __device__ __forceinline__ void bwd_sm90_consumer_d256(const AttnParams& p, uint
 
   const uint64_t k_desc = sw128_desc(sK, 16, 1024);  // all 64 keys, A of S^T (K-major)
   const uint64_t v_desc = sw128_desc(sV, 16, 1024);
-  const uint64_t q_desc = sw128_desc(sQ0, 16, 1024);  // Q / dO as K-major B of S^T / dP^T
+  const uint64_t q_desc = sw128_desc(sQ0 + q0 * 128, 16, 1024);  // rows q0.. of Q / dO, K-major B of S^T / dP^T
   // Q / dO columns c0.. (64-column blocks 2w, 2w + 1) as the N-major B of dK / dV.
   const uint64_t qt_desc = sw128_desc(sQ0 + wg * 2 * QTile::kBlockBytes, QTile::kBlockBytes, 1024);
-  // dQ: A = dS^T (M-major, the 64 queries are one 128-byte row), B = K columns c0.. (N-major), k = the 64 keys.
+  // dS^T buffer x at sDs0 + x DsTile::kBytes, P^T buffer x two buffers later: K-major A of dK / dV (one 128-byte
+  // row of 64 queries per key), and dS^T M-major A of dQ with B = K columns c0.. (N-major), k = the 64 keys.
+  const uint64_t dsk_desc = sw128_desc(sDs0, 16, 1024);
+  const uint64_t pt_desc = sw128_desc(sDs0 + 2 * DsTile::kBytes, 16, 1024);
   const uint64_t ds_desc = sw128_desc(sDs0, DsTile::kBlockBytes, 1024);
   const uint64_t kt_desc = sw128_desc(sK + wg * 2 * KTile::kBlockBytes, KTile::kBlockBytes, 1024);
 
@@ -138,94 +149,74 @@ __device__ __forceinline__ void bwd_sm90_consumer_d256(const AttnParams& p, uint
     if (tile.x < 0) break;
     const int h = tile.x, i0 = tile.y;
 
-    float s[32], dp[32];
+    float s[16], dp[16];
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 16; ++kk) {
       const uint32_t koff = ((kk >> 2) * KTile::kBlockBytes + (kk & 3) * 32) >> 4;
       const uint32_t qoff = ((kk >> 2) * QTile::kBlockBytes + (kk & 3) * 32) >> 4;
-      wgmma_ss<64, T>(s, k_desc + koff, q_desc + stage_off + qoff, kk > 0);
+      wgmma_ss<32, T>(s, k_desc + koff, q_desc + stage_off + qoff, kk > 0);
     }
     wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < 16; ++kk) {
       const uint32_t koff = ((kk >> 2) * KTile::kBlockBytes + (kk & 3) * 32) >> 4;
       const uint32_t qoff = ((kk >> 2) * QTile::kBlockBytes + (kk & 3) * 32) >> 4;
-      wgmma_ss<64, T>(dp, v_desc + koff, q_desc + stage_off + (QTile::kBytes >> 4) + qoff, kk > 0);
+      wgmma_ss<32, T>(dp, v_desc + koff, q_desc + stage_off + (QTile::kBytes >> 4) + qoff, kk > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
     reg_fence(s);
     reg_fence(dp);
 
-    // Causal / bounds, as in the kernel body (keys past S: K is zero-filled, S^T = 0).
+    // Causal / bounds, as in the kernel body (keys past S: K is zero-filled, S^T = 0); queries i0 + q0 + ...
     const bool cross = j0 + BN > S || (p.causal != Causal::None && j0 + BN - 1 >= i0 + lim_shift);
     if (cross) {
 #pragma unroll
-      for (int nn = 0; nn < 8; ++nn)
+      for (int nn = 0; nn < 4; ++nn)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int lim = min(i0 + nn * 8 + 2 * t + e + lim_shift, S);
+          const int lim = min(i0 + q0 + nn * 8 + 2 * t + e + lim_shift, S);
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf)
             if (j0 + key_r + 8 * hf >= lim) s[nn * 4 + hf * 2 + e] = -INFINITY;
         }
     }
-    const float* lse2 = row_vals + st * 2 * BM;
-    uint32_t pa[4][4], da[4][4];
+    const float* lse2 = row_vals + st * 2 * BM + q0;
+    const uint32_t ds_buf = sDs0 + (n & 1) * DsTile::kBytes, pt_buf = ds_buf + 2 * DsTile::kBytes;
 #pragma unroll
-    for (int nn = 0; nn < 8; ++nn) {
+    for (int nn = 0; nn < 4; ++nn) {
       const float2 l2 = *reinterpret_cast<const float2*>(lse2 + nn * 8 + 2 * t);
       const float2 dl = *reinterpret_cast<const float2*>(lse2 + BM + nn * 8 + 2 * t);
-      float pr[4], ds[4];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        pr[hf * 2] = exp2f(s[nn * 4 + hf * 2] * scale_log2 - l2.x);
-        pr[hf * 2 + 1] = exp2f(s[nn * 4 + hf * 2 + 1] * scale_log2 - l2.y);
-        ds[hf * 2] = pr[hf * 2] * (dp[nn * 4 + hf * 2] - dl.x);
-        ds[hf * 2 + 1] = pr[hf * 2 + 1] * (dp[nn * 4 + hf * 2 + 1] - dl.y);
+        const float p0 = exp2f(s[nn * 4 + hf * 2] * scale_log2 - l2.x);
+        const float p1 = exp2f(s[nn * 4 + hf * 2 + 1] * scale_log2 - l2.y);
+        const float d0 = p0 * (dp[nn * 4 + hf * 2] - dl.x), d1 = p1 * (dp[nn * 4 + hf * 2 + 1] - dl.y);
+        // Row key_r + 8 hf, 16-byte chunk 4w + nn (queries q0 + 8nn..) swizzled by the row % 8 = g.
+        const uint32_t off = (key_r + 8 * hf) * 128 + (((4 * wg + nn) ^ g) << 4) + 4 * t;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(pt_buf + off), "r"(pack2<T>(p0, p1)) : "memory");
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_buf + off), "r"(pack2<T>(d0, d1)) : "memory");
       }
-      pa[nn >> 1][(nn & 1) * 2] = pack2<T>(pr[0], pr[1]);
-      pa[nn >> 1][(nn & 1) * 2 + 1] = pack2<T>(pr[2], pr[3]);
-      da[nn >> 1][(nn & 1) * 2] = pack2<T>(ds[0], ds[1]);
-      da[nn >> 1][(nn & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
     }
-    // This consumer's half of dS^T (query chunks 4w..4w+3) to buffer n % 2, swizzled as in the kernel body.
-    const uint32_t ds_buf = sDs0 + (n & 1) * DsTile::kBytes;
-#pragma unroll
-    for (int q4 = 0; q4 < 4; ++q4)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int nn = 4 * wg + q4;
-        const uint32_t word = wg ? da[2 + (q4 >> 1)][(q4 & 1) * 2 + hf] : da[q4 >> 1][(q4 & 1) * 2 + hf];
-        const uint32_t addr = ds_buf + (key_r + 8 * hf) * 128 + ((nn ^ g) << 4) + 4 * t;
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(word) : "memory");
-      }
-    fence_proxy_async();
+    fence_proxy_async();   // the generic-proxy stores above, read by wgmma (async proxy) below
+    named_barrier(1, NT);  // both halves of P^T / dS^T are in
 
-    // dV_w += P^T dO[:, c0..], dK_w += dS^T Q[:, c0..] (A from registers).
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-      const uint32_t off = stage_off + ((kk * 16 * 128) >> 4);
-      wgmma_rs_tb<128, T>(acc_dv, pa[kk], qt_desc + off + (QTile::kBytes >> 4));
-      wgmma_rs_tb<128, T>(acc_dk, da[kk], qt_desc + off);
-    }
-    wgmma_commit();
-    named_barrier(1, NT);  // both halves of dS^T are in
-    wgmma_wait<0>();
-    reg_fence(acc_dv);
-    reg_fence(acc_dk);
-    reg_fence_u32(pa);
-    reg_fence_u32(da);
-
+    // dV_w += P^T dO[:, c0..], dK_w += dS^T Q[:, c0..], dQ[:, c0..] = dS K[:, c0..]: one group.
     float dq[64];
     wgmma_fence();
-    const uint32_t ds_off = ((n & 1) * DsTile::kBytes) >> 4;
+    const uint32_t buf_off = ((n & 1) * DsTile::kBytes) >> 4;
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      const uint32_t aoff = buf_off + ((kk * 32) >> 4);
+      const uint32_t boff = stage_off + ((kk * 16 * 128) >> 4);
+      wgmma_ss_tb<128, T>(acc_dv, pt_desc + aoff, qt_desc + boff + (QTile::kBytes >> 4), 1);
+      wgmma_ss_tb<128, T>(acc_dk, dsk_desc + aoff, qt_desc + boff, 1);
+    }
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       const uint32_t off = (kk * 16 * 128) >> 4;
-      wgmma_ss_tt<128, T>(dq, ds_desc + ds_off + off, kt_desc + off, kk > 0);
+      wgmma_ss_tt<128, T>(dq, ds_desc + buf_off + off, kt_desc + off, kk > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -288,7 +279,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
   const uint32_t sV = sK + KTile::kBytes;
   const uint32_t sQ0 = sV + KTile::kBytes;  // stage s: Q at sQ0 + s * kStageBytes, dO QTile::kBytes after it
   const uint32_t sDs0 = sQ0 + kStages * Cfg::kStageBytes;  // dS^T buffer x at sDs0 + x * DsTile::kBytes
-  const uint32_t sRow0 = sDs0 + 2 * DsTile::kBytes;        // stage s: lse2 at + s * 2 BM floats, Delta BM after
+  const uint32_t sRow0 = sDs0 + Cfg::kDsBuffers * DsTile::kBytes;  // stage s: lse2 at + s * 2 BM floats, Delta BM after
   const uint32_t sBits0 = sRow0 + kStages * 2 * BM * 4;    // stage s: mask bits at + s * kBitsBytes
   const uint32_t bar_full0 = sBits0 + kStages * Cfg::kBitsBytes;
   const uint32_t bar_empty0 = bar_full0 + kStages * 8;
