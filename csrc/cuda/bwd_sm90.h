@@ -101,7 +101,9 @@ struct BwdSm90Cfg {
 // buffered); after one barrier of both, dV / dK read P^T / dS^T from there as K-major A (wgmma_ss_tb) and dQ reads
 // dS^T transposed (wgmma_ss_tt), all in one wgmma group. (The first version computed S^T / dP^T of all 64 queries
 // in both consumers, P^T / dS^T as register A fragments: 14.7 instead of 10.5 MFLOP of wgmma per step, 252 vs
-// ... TFLOP/s, NOTES-cuda.md.) Registers per thread: dK + dV 128 + S^T / dP^T 32, then 128 + dQ 64.
+// 256 TFLOP/s at L4k, NOTES-cuda.md.) Registers per thread: dK + dV 128 + S^T / dP^T 32, then 128 + dQ 64.
+// Issuing the next tile's S^T before this tile's dQ atomics (dQ 64 live) made ptxas serialize the wgmma for lack
+// of registers (C7512, 256-byte spill).
 template <class T, class Cfg>
 __device__ __forceinline__ void bwd_sm90_consumer_d256(const AttnParams& p, uint32_t sK, uint32_t sV, uint32_t sQ0,
                                                        uint32_t sDs0, const float* row_vals, uint32_t bar_full0,
