@@ -228,36 +228,26 @@ __device__ __forceinline__ void bwd_sm90_consumer_d256(const AttnParams& p, uint
     __syncwarp();
     if (lane == 0) mbar_arrive(bar_empty0 + 8 * st);  // this warp is done with the stage
 
-    // dQ rows i0 + 16 wwarp + g + 8 hf, columns c0..c0+127: float4 atomics. Lanes t, t ^ 1 trade one float2 per
-    // pair of 8-column chunks (nn, nn + 1): the even lane then holds 4 consecutive columns of chunk nn, the odd one
-    // 4 of chunk nn + 1. Half the atomic instructions of float2 adds, 2 shuffles per 2 of them; 300 vs 262
-    // TFLOP/s at L4k (NOTES-cuda.md: the atomics are half the d256 step). dq_accum rows are 16-byte aligned: E % 8
-    // == 0 (flash_api.cpp), and so is every 4-column group (col % 4 == 0).
+    // dQ rows i0 + 16 wwarp + g + 8 hf, columns c0 + 8 nn + 2t: float2 atomics.
     const int i_q = i0 + wwarp * 16 + g;
     const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
-    float* dq_row = p.dq_accum + (bh * p.L + i_q) * p.E + c0;
-    const bool odd = t & 1;
-    auto add_dq4 = [&](auto guarded) {
+    float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c0 + 2 * t;
+    auto add_dq = [&](auto guarded) {
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const bool row_ok = !decltype(guarded)::value || i_q + 8 * hf < L;
+        if (decltype(guarded)::value && i_q + 8 * hf >= L) continue;
+        float* d = dq0 + hf * 8 * p.E;
 #pragma unroll
-        for (int nn = 0; nn < 16; nn += 2) {
-          const float a0 = dq[nn * 4 + hf * 2], a1 = dq[nn * 4 + hf * 2 + 1];
-          const float b0 = dq[(nn + 1) * 4 + hf * 2], b1 = dq[(nn + 1) * 4 + hf * 2 + 1];
-          const float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
-          const float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
-          const float4 v = odd ? make_float4(r0, r1, b0, b1) : make_float4(a0, a1, r0, r1);
-          const int col = odd ? (nn + 1) * 8 + 2 * t - 2 : nn * 8 + 2 * t;
-          if (row_ok && (!decltype(guarded)::value || c0 + col < E))
-            atomicAdd(reinterpret_cast<float4*>(dq_row + hf * 8 * p.E + col), v);
+        for (int nn = 0; nn < 16; ++nn) {
+          if (decltype(guarded)::value && c0 + nn * 8 + 2 * t >= E) continue;
+          atomicAdd(reinterpret_cast<float2*>(d + nn * 8), make_float2(dq[nn * 4 + hf * 2], dq[nn * 4 + hf * 2 + 1]));
         }
       }
     };
     if (i0 + wwarp * 16 + 16 <= L && c0 + 128 <= E)
-      add_dq4(std::false_type{});
+      add_dq(std::false_type{});
     else
-      add_dq4(std::true_type{});
+      add_dq(std::true_type{});
   }
 
   // dK (scaled) and dV of this thread's keys, columns c0..
@@ -353,12 +343,8 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     const int mc = ptid & 7, mr = ptid >> 3;
     const unsigned char* mbase = static_cast<const unsigned char*>(p.mask);
     int n = 0;  // tiles published
-    // d256: each key block starts its walk at query tile n_block % q_tiles (wrapping around), so that the key
-    // blocks running at the same time add their dQ into different rows (their atomics dominate the d256 step).
-    const int rot = D == 256 && q_tiles > 0 ? n_block % q_tiles : 0;
     for (int step = 0; step < steps; ++step) {
-      const int tq = step % q_tiles + rot;
-      const int h = hk * G + step / q_tiles, i0 = (q_first + (tq < q_tiles ? tq : tq - q_tiles)) * BM;
+      const int h = hk * G + step / q_tiles, i0 = (q_first + step % q_tiles) * BM;
       // lse / Delta of row i0 + ptid, loaded before the mask tile and the wait for a free stage so that their
       // latencies overlap.
       float row_lse = -INFINITY, row_delta = 0.f;
