@@ -64,7 +64,7 @@ BWD_LENGTHS = [(1, 1), (7, 7), (97, 97), (1025, 1025), (97, 1025), (1025, 97), (
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("E", [64, 128, 256])
 @pytest.mark.parametrize("causal", [0, 1, 2], ids=["none", "upper_left", "lower_right"])
 @pytest.mark.parametrize("L,S", BWD_LENGTHS, ids=str)
 def test_sm90_backward(dtype, E, causal, L, S):
@@ -74,7 +74,7 @@ def test_sm90_backward(dtype, E, causal, L, S):
         check_case(2, 4, 2, L, S, E, E, dtype, causal=causal, sinks=causal == 2, seed=L + S + E + causal)
 
 
-@pytest.mark.parametrize("E,Ev", [(64, 40), (40, 64), (128, 96), (72, 72), (96, 128)])
+@pytest.mark.parametrize("E,Ev", [(64, 40), (40, 64), (128, 96), (72, 72), (96, 128), (256, 200), (200, 256), (160, 160)])
 def test_sm90_backward_padded_head_dims(E, Ev):
     with _bwd_sm90(True):
         check_case(1, 3, 1, 300, 517, E, Ev, torch.bfloat16, causal=1, seed=E + Ev)
@@ -82,7 +82,7 @@ def test_sm90_backward_padded_head_dims(E, Ev):
 
 @pytest.mark.parametrize("layout", ["bhle", "blhe"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("E", [64, 128, 256])
 @pytest.mark.parametrize("causal", [0, 1, 2], ids=["none", "upper_left", "lower_right"])
 def test_sm90_backward_matches_mma_sync(layout, dtype, E, causal):
     # The same call through both backward main loops: each within the float64 check of check_case, and the two

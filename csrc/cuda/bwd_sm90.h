@@ -33,6 +33,9 @@
 //
 // Registers per consumer thread at d128: dV 64 + dK 64 + S^T 32 + dP^T 32 at the first products; dV + dK + the
 // 16-bit P^T / dS^T fragments 32 + dQ 32 later. The kernel body exists only in the sm_90a compilation.
+//
+// Head dim 256 (plain kind only): 64-key blocks, the same producer, and its own consumer loop
+// (bwd_sm90_consumer_d256): both consumers see all 64 keys and split dK / dV / dQ by head-dim halves.
 #pragma once
 #include "cuda/mask.h"
 #include "cuda/mma.h"
@@ -59,8 +62,11 @@ __host__ __device__ inline bool bwd_sm90_general_ok(const AttnParams& p) {
 
 template <int D, bool kGeneral>
 struct BwdSm90Cfg {
-  static_assert(D == 64 || D == 128, "the sm90 backward covers head dims 64 and 128");
-  static constexpr int kBN = 128;  // keys per block: two consumer warpgroups of 64
+  static_assert(D == 64 || D == 128 || D == 256, "the sm90 backward covers head dims 64, 128 and 256");
+  static_assert(D != 256 || !kGeneral, "d256: the plain kind only (bwd_sm90_consumer_d256)");
+  // Keys per block: two consumer warpgroups of 64 (d64 / d128); d256: 64 keys shared by both consumers, each
+  // holding dK / dV of half the head dim (bwd_sm90_consumer_d256).
+  static constexpr int kBN = D == 256 ? 64 : 128;
   static constexpr int kBM = 64;   // queries per step: the n of S^T / dP^T and the k extent of dK / dV
   static constexpr int kConsumers = 256;
   static constexpr int kThreads = kConsumers + 128;
@@ -94,7 +100,9 @@ struct BwdSm90Cfg {
   // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), kMaskBufs mask buffers, mbarriers
   // and the (head, first row, full) of each stage, and 1024 bytes of slack for the alignment of the swizzle atoms.
   static constexpr int kBarBytes = (2 * kStages + 2) * 8 + kStages * 16;
-  static constexpr int kSmem = 2 * KTile::kBytes + kStages * kStageBytes + 2 * DsTile::kBytes +
+  // dS^T buffers; d256 adds two P^T buffers after them (bwd_sm90_consumer_d256).
+  static constexpr int kDsBuffers = D == 256 ? 4 : 2;
+  static constexpr int kSmem = 2 * KTile::kBytes + kStages * kStageBytes + kDsBuffers * DsTile::kBytes +
                                kStages * 2 * kBM * 4 + kMaskBufs * kBitsBytes + kBarBytes + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
 };
@@ -114,6 +122,180 @@ __device__ __forceinline__ bool named_barrier_and(int id, int count, bool pred) 
 // so that the producer's stores of one phase (lanes t = 0..3 of two adjacent warps) hit 8 different bank groups.
 __device__ __forceinline__ int mask_slot(int x) { return x ^ ((x >> 3) & 4); }
 
+// Consumer warpgroups at head dim 256. dK + dV of 64 keys x 256 columns are 256 floats per thread of one
+// warpgroup, so the block holds 64 keys and both consumers see all of them: consumer w keeps dK / dV columns
+// 128w..128w+127 (64 + 64 accumulators) and computes dQ columns 128w.. (m64n128, 64 accumulators). The small
+// products are split by queries: consumer w computes S^T = K Q^T and dP^T = V dO^T of queries 32w..32w+31
+// (m64n32, k = 256) and stores its half of P^T and of dS^T (16-bit, [key][query], 128-byte swizzle, double
+// buffered); after one barrier of both, dV / dK read P^T / dS^T from there as K-major A (wgmma_ss_tb) and dQ reads
+// dS^T transposed (wgmma_ss_tt), all in one wgmma group. (The first version computed S^T / dP^T of all 64 queries
+// in both consumers, P^T / dS^T as register A fragments: 14.7 instead of 10.5 MFLOP of wgmma per step, 252 vs
+// 256 TFLOP/s at L4k, NOTES-cuda.md.) Registers per thread: dK + dV 128 + S^T / dP^T 32, then 128 + dQ 64.
+// Issuing the next tile's S^T before this tile's dQ atomics (dQ 64 live) made ptxas serialize the wgmma for lack
+// of registers (C7512, 256-byte spill).
+template <class T, class Cfg>
+__device__ __forceinline__ void bwd_sm90_consumer_d256(const AttnParams& p, uint32_t sK, uint32_t sV, uint32_t sQ0,
+                                                       uint32_t sDs0, const float* row_vals, uint32_t bar_full0,
+                                                       uint32_t bar_empty0, uint32_t bar_kv,
+                                                       const int4* tile_of_stage, int b, int hk, int j0,
+                                                       int lim_shift) {
+#ifdef SDPAX_SM90A_DEVICE
+  using KTile = typename Cfg::KTile;
+  using QTile = typename Cfg::QTile;
+  using DsTile = typename Cfg::DsTile;
+  constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kConsumers, kStages = Cfg::kStages;
+  static_assert(BN == 64 && KTile::kBlockBytes == 64 * 128 && DsTile::kBytes == 64 * 64 * 2 && Cfg::kDsBuffers == 4,
+                "d256 tiles");
+  const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7, wwarp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const float scale_log2 = p.scale * kLog2e;
+  const int key_r = wwarp * 16 + g;  // accumulator rows (keys) key_r + 8 hf of the block, in both consumers
+  const int c0 = wg * 128;           // this consumer's dK / dV / dQ columns c0..c0+127
+  const int q0 = wg * 32;            // this consumer's queries of S^T / dP^T (tile-relative)
+
+  float acc_dk[64], acc_dv[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+
+  const uint64_t k_desc = sw128_desc(sK, 16, 1024);  // all 64 keys, A of S^T (K-major)
+  const uint64_t v_desc = sw128_desc(sV, 16, 1024);
+  const uint64_t q_desc = sw128_desc(sQ0 + q0 * 128, 16, 1024);  // rows q0.. of Q / dO, K-major B of S^T / dP^T
+  // Q / dO columns c0.. (64-column blocks 2w, 2w + 1) as the N-major B of dK / dV.
+  const uint64_t qt_desc = sw128_desc(sQ0 + wg * 2 * QTile::kBlockBytes, QTile::kBlockBytes, 1024);
+  // dS^T buffer x at sDs0 + x DsTile::kBytes, P^T buffer x two buffers later: K-major A of dK / dV (one 128-byte
+  // row of 64 queries per key), and dS^T M-major A of dQ with B = K columns c0.. (N-major), k = the 64 keys.
+  const uint64_t dsk_desc = sw128_desc(sDs0, 16, 1024);
+  const uint64_t pt_desc = sw128_desc(sDs0 + 2 * DsTile::kBytes, 16, 1024);
+  const uint64_t ds_desc = sw128_desc(sDs0, DsTile::kBlockBytes, 1024);
+  const uint64_t kt_desc = sw128_desc(sK + wg * 2 * KTile::kBlockBytes, KTile::kBlockBytes, 1024);
+
+  mbar_wait(bar_kv, 0);
+  for (int n = 0;; ++n) {
+    const int st = n % kStages;
+    const uint32_t stage_off = (st * Cfg::kStageBytes) >> 4;
+    mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+    const int4 tile = tile_of_stage[st];
+    if (tile.x < 0) break;
+    const int h = tile.x, i0 = tile.y;
+
+    float s[16], dp[16];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 16; ++kk) {
+      const uint32_t koff = ((kk >> 2) * KTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      const uint32_t qoff = ((kk >> 2) * QTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      wgmma_ss<32, T>(s, k_desc + koff, q_desc + stage_off + qoff, kk > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < 16; ++kk) {
+      const uint32_t koff = ((kk >> 2) * KTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      const uint32_t qoff = ((kk >> 2) * QTile::kBlockBytes + (kk & 3) * 32) >> 4;
+      wgmma_ss<32, T>(dp, v_desc + koff, q_desc + stage_off + (QTile::kBytes >> 4) + qoff, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(s);
+    reg_fence(dp);
+
+    // Causal / bounds, as in the kernel body (keys past S: K is zero-filled, S^T = 0); queries i0 + q0 + ...
+    const bool cross = j0 + BN > S || (p.causal != Causal::None && j0 + BN - 1 >= i0 + lim_shift);
+    if (cross) {
+#pragma unroll
+      for (int nn = 0; nn < 4; ++nn)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int lim = min(i0 + q0 + nn * 8 + 2 * t + e + lim_shift, S);
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf)
+            if (j0 + key_r + 8 * hf >= lim) s[nn * 4 + hf * 2 + e] = -INFINITY;
+        }
+    }
+    const float* lse2 = row_vals + st * 2 * BM + q0;
+    const uint32_t ds_buf = sDs0 + (n & 1) * DsTile::kBytes, pt_buf = ds_buf + 2 * DsTile::kBytes;
+#pragma unroll
+    for (int nn = 0; nn < 4; ++nn) {
+      const float2 l2 = *reinterpret_cast<const float2*>(lse2 + nn * 8 + 2 * t);
+      const float2 dl = *reinterpret_cast<const float2*>(lse2 + BM + nn * 8 + 2 * t);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const float p0 = exp2f(s[nn * 4 + hf * 2] * scale_log2 - l2.x);
+        const float p1 = exp2f(s[nn * 4 + hf * 2 + 1] * scale_log2 - l2.y);
+        const float d0 = p0 * (dp[nn * 4 + hf * 2] - dl.x), d1 = p1 * (dp[nn * 4 + hf * 2 + 1] - dl.y);
+        // Row key_r + 8 hf, 16-byte chunk 4w + nn (queries q0 + 8nn..) swizzled by the row % 8 = g.
+        const uint32_t off = (key_r + 8 * hf) * 128 + (((4 * wg + nn) ^ g) << 4) + 4 * t;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(pt_buf + off), "r"(pack2<T>(p0, p1)) : "memory");
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(ds_buf + off), "r"(pack2<T>(d0, d1)) : "memory");
+      }
+    }
+    fence_proxy_async();   // the generic-proxy stores above, read by wgmma (async proxy) below
+    named_barrier(1, NT);  // both halves of P^T / dS^T are in
+
+    // dV_w += P^T dO[:, c0..], dK_w += dS^T Q[:, c0..], dQ[:, c0..] = dS K[:, c0..]: one group.
+    float dq[64];
+    wgmma_fence();
+    const uint32_t buf_off = ((n & 1) * DsTile::kBytes) >> 4;
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk) {
+      const uint32_t aoff = buf_off + ((kk * 32) >> 4);
+      const uint32_t boff = stage_off + ((kk * 16 * 128) >> 4);
+      wgmma_ss_tb<128, T>(acc_dv, pt_desc + aoff, qt_desc + boff + (QTile::kBytes >> 4), 1);
+      wgmma_ss_tb<128, T>(acc_dk, dsk_desc + aoff, qt_desc + boff, 1);
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint32_t off = (kk * 16 * 128) >> 4;
+      wgmma_ss_tt<128, T>(dq, ds_desc + buf_off + off, kt_desc + off, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(acc_dv);
+    reg_fence(acc_dk);
+    reg_fence(dq);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar_empty0 + 8 * st);  // this warp is done with the stage
+
+    // dQ rows i0 + 16 wwarp + g + 8 hf, columns c0 + 8 nn + 2t: float2 atomics.
+    const int i_q = i0 + wwarp * 16 + g;
+    const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
+    float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c0 + 2 * t;
+    auto add_dq = [&](auto guarded) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        if (decltype(guarded)::value && i_q + 8 * hf >= L) continue;
+        float* d = dq0 + hf * 8 * p.E;
+#pragma unroll
+        for (int nn = 0; nn < 16; ++nn) {
+          if (decltype(guarded)::value && c0 + nn * 8 + 2 * t >= E) continue;
+          atomicAdd(reinterpret_cast<float2*>(d + nn * 8), make_float2(dq[nn * 4 + hf * 2], dq[nn * 4 + hf * 2 + 1]));
+        }
+      }
+    };
+    if (i0 + wwarp * 16 + 16 <= L && c0 + 128 <= E)
+      add_dq(std::false_type{});
+    else
+      add_dq(std::true_type{});
+  }
+
+  // dK (scaled) and dV of this thread's keys, columns c0..
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int j = j0 + key_r + 8 * hf;
+    if (j >= S) continue;
+    T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + static_cast<int64_t>(hk) * p.dk_st.h + int64_t(j) * p.dk_st.r;
+    T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + static_cast<int64_t>(hk) * p.dv_st.h + int64_t(j) * p.dv_st.r;
+#pragma unroll
+    for (int nn = 0; nn < 16; ++nn) {
+      const int c = c0 + nn * 8 + 2 * t;
+      if (c < E) st2<T>(dk + c, acc_dk[nn * 4 + hf * 2] * p.scale, acc_dk[nn * 4 + hf * 2 + 1] * p.scale);
+      if (c < Ev) st2<T>(dv + c, acc_dv[nn * 4 + hf * 2], acc_dv[nn * 4 + hf * 2 + 1]);
+    }
+  }
+#endif
+}
+
 template <class T, int D, bool kGeneral>
 __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ BwdTmaMaps maps) {
@@ -128,7 +310,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
   const uint32_t sV = sK + KTile::kBytes;
   const uint32_t sQ0 = sV + KTile::kBytes;  // stage s: Q at sQ0 + s * kStageBytes, dO QTile::kBytes after it
   const uint32_t sDs0 = sQ0 + kStages * Cfg::kStageBytes;  // dS^T buffer x at sDs0 + x * DsTile::kBytes
-  const uint32_t sRow0 = sDs0 + 2 * DsTile::kBytes;        // stage s: lse2 at + s * 2 BM floats, Delta BM after
+  const uint32_t sRow0 = sDs0 + Cfg::kDsBuffers * DsTile::kBytes;  // stage s: lse2 at + s * 2 BM floats, Delta BM after
   const uint32_t sBits0 = sRow0 + kStages * 2 * BM * 4;    // mask buffer x at + x * kBitsBytes
   const uint32_t bar_full0 = sBits0 + Cfg::kMaskBufs * Cfg::kBitsBytes;
   const uint32_t bar_empty0 = bar_full0 + kStages * 8;
@@ -309,6 +491,11 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
   }
 
   setmaxnreg_inc<Cfg::kConsumerRegs>();
+  if constexpr (D == 256) {
+    bwd_sm90_consumer_d256<T, Cfg>(p, sK, sV, sQ0, sDs0, row_vals, bar_full0, bar_empty0, bar_kv, tile_of_stage, b, hk,
+                                   j0, lim_shift);
+    return;
+  }
   const int wg = tid >> 7, wwarp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const float scale_log2 = p.scale * kLog2e;
   // This thread's accumulator rows (keys) in S^T / dP^T / dK / dV: key_r + 8 hf of the block.

@@ -27,9 +27,9 @@ SM90_FWD = {64: ("plain", "general"), 128: ("plain", "general"), 256: ("plain", 
 SM90_DTYPES = ("bf16", "fp16")
 # Hopper backward main loop (bwd_sm90.h): launch.cu runs one of these instead of the bwd variant of the same (dtype,
 # head dim, kind) on compute capability 9 with sm_90a code, in non-deterministic mode (dQ by float atomics), of the
-# general kind only bool masks without dropout (bwd_sm90_general_ok); deterministic mode, float32, d256, additive
-# masks, dropout and mask gradients keep the bwd variants.
-SM90_BWD = {64: ("plain", "general"), 128: ("plain", "general")}
+# general kind only bool masks without dropout (bwd_sm90_general_ok); deterministic mode, float32, additive masks,
+# dropout, mask gradients and the general kind at d256 (64-key blocks, bwd_sm90_consumer_d256) keep the bwd variants.
+SM90_BWD = {64: ("plain", "general"), 128: ("plain", "general"), 256: ("plain",)}
 # Header that defines each pass's run_<pass> template.
 LAUNCH_HEADERS = {"fwd": "cuda/launch_impl.h", "bwd": "cuda/launch_impl.h", "fwd_sm90": "cuda/launch_sm90.h",
                   "bwd_sm90": "cuda/launch_bwd_sm90.h"}
