@@ -146,8 +146,8 @@ def test_sm90_backward_mask_view_partial_chunk(E):
 @pytest.mark.parametrize("causal", [0, 1, 2], ids=["none", "upper_left", "lower_right"])
 @pytest.mark.parametrize("B,Hq,Hkv,L,S,E", [(4, 12, 12, 600, 600, 64), (5, 24, 8, 300, 700, 64),
                                             (3, 32, 32, 1000, 1000, 64), (4, 12, 6, 700, 500, 40)], ids=str)
-def test_many_heads_forward(dtype, causal, B, Hq, Hkv, L, S, E):
-    # Many (batch, head) pairs of row blocks (more than the SMs): GQA rows packed across block edges, an odd number of
-    # row blocks per head, L != S under both causal alignments, sinks. (Kept from the persistent d64 grid of branch
-    # d64fwd, which is not merged yet: it hung on an empty key split; benchmarks/NOTES-cuda.md.)
+def test_persistent_forward(dtype, causal, B, Hq, Hkv, L, S, E):
+    # The plain kind at d64 on Hopper runs a persistent grid once there are at least as many pairs of row blocks
+    # as SMs (FwdSm90Work): blocks walk several (batch, head) pairs, an odd number of row blocks leaves one
+    # unpaired, GQA rows packed across block edges, L != S under both causal alignments, sinks.
     check_case(B, Hq, Hkv, L, S, E, E, dtype, causal=causal, sinks=causal == 2, backward=False, seed=L + S + B)

@@ -15,6 +15,8 @@
 //     mask tile (cp.async), drops tiles that no row may see and hands the consumers the rest packed to one bit per
 //     element (causal and bounds included), with the K stage.
 // Within a consumer, the softmax of tile j + 1 runs while the tensor cores compute P(j) V(j).
+// The plain kind at d64 (kMulti) runs a persistent grid: each block walks pairs of row blocks (FwdSm90Work) as one
+// pipeline, so short sequences no longer pay a block's launch, set-up, Q / first K/V latency and drain per 128 rows.
 //
 // The kernel body exists only in the sm_90a compilation (SDPAX_SM90A_DEVICE); the host launches it only on
 // compute capability 9.x when the build contains sm_90a (launch.cu).
@@ -34,6 +36,16 @@ namespace cuda {
 // swizzle), encoded by the host (launch_sm90.h) for the plain kind's TMA producer.
 struct FwdTmaMaps {
   CUtensorMap k, v;
+};
+
+// The row blocks a thread block computes: work units u = blockIdx.x, blockIdx.x + gridDim.x, ... < units. A unit is
+// one row block (pair = 0: the unit index read as fwd_block reads blockIdx.x, heaviest causal block of each (batch,
+// KV head) first), or (pair = 1) the two row blocks m_blocks - 1 - j and j of one (batch, KV head): under causal
+// masking with L = S every pair holds m_blocks + 1 key tiles, so a persistent grid (one block per SM walking the
+// units round robin) stays balanced without a work queue. The launch (launch_sm90.h) picks: pairs on a persistent
+// grid for the kinds with kMulti, one unit per block otherwise.
+struct FwdSm90Work {
+  int units, pair;
 };
 
 template <int D, int kKind>
@@ -67,6 +79,13 @@ struct FwdSm90Cfg {
   // 64-key tiles (d256) use words 0 and 1 and leave 2 and 3 zero (the same layout, one code path).
   static_assert(!kGeneral || kBN == 128 || kBN == 64, "the packed mask layout holds at most 128 keys per row");
   static constexpr int kBitsBytes = kGeneral ? kBM * 16 : 0;
+  // Several row blocks per thread block (FwdSm90Work): the plain kind at d64. Short sequences (L = 1k causal: 4.5
+  // key tiles of 4 MFLOP per row block on average) spent ~40% of a block's time on its fixed costs (launch, barrier
+  // set-up, the Q and first K/V latency, the epilogue) with nothing else on the SM, one block per SM. A persistent
+  // block streams K/V of its next row block while it finishes the current one, and loads the next Q (a second Q
+  // buffer, 16 KB at d64) a whole row block ahead. (d128 has no room for a second Q beside three K/V stages.)
+  static constexpr bool kMulti = !kGeneral && D == 64;
+  static constexpr int kQBufs = kMulti ? 2 : 1;
   // The producer's raw mask tiles (BM rows of BN bytes, cp.async), a ring of three scan slots.
   static constexpr int kScanBytes = kGeneral ? kBM * kBN : 0;
   using QTile = Sw128Tile<kBM, D>;
@@ -74,14 +93,15 @@ struct FwdSm90Cfg {
   // + 1024: the dynamic shared-memory base is rounded up to the 1024-byte alignment the swizzle atoms need.
   // full / empty mbarriers per stage of each ring, and the key-tile index each K stage holds (-1: no more tiles).
   static constexpr int kBarBytes = 4 * kStages * 8 + ((4 * kStages + 7) & ~7);
-  static constexpr int kSmem = QTile::kBytes + kStages * (2 * KTile::kBytes + kBitsBytes) + 3 * kScanBytes +
+  static constexpr int kSmem = kQBufs * QTile::kBytes + kStages * (2 * KTile::kBytes + kBitsBytes) + 3 * kScanBytes +
                                kBarBytes + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
 };
 
 template <class T, int D, int kKind>
 __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
-    fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ FwdTmaMaps maps) {
+    fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ FwdTmaMaps maps,
+                    const __grid_constant__ FwdSm90Work work) {
 #ifdef SDPAX_SM90A_DEVICE
   using Cfg = FwdSm90Cfg<D, kKind>;
   using QTile = typename Cfg::QTile;
@@ -92,7 +112,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   constexpr int kPathDefault = 0, kPathDropout = 1, kPathElementwise = 2;  // softmax paths (main_loop below)
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u;
-  const uint32_t sK0 = sQ + QTile::kBytes;               // K stage s at sK0 + s * KTile::kBytes
+  const uint32_t sK0 = sQ + Cfg::kQBufs * QTile::kBytes;  // Q buffer x at sQ + x * QTile::kBytes; K stage s at
+                                                          // sK0 + s * KTile::kBytes
   const uint32_t sV0 = sK0 + kStages * KTile::kBytes;    // V stage s at sV0 + s * KTile::kBytes
   const uint32_t sM0 = sV0 + kStages * KTile::kBytes;    // packed mask of K stage s at sM0 + s * kBitsBytes
   const unsigned char* smem_m0 = smem + (sM0 - smem_u32(smem));
@@ -108,23 +129,19 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   const int G = static_cast<int>(p.hq / p.hkv);
   const int L = static_cast<int>(p.L);
   const int rows = G * L;
-  const FwdBlock blk = fwd_block(p, rows, BM, BN);
-  const int64_t b = blk.b;
-  const int hk = blk.hk, m0 = blk.m0, n_full = blk.n_full, t_begin = blk.t_begin, t_end = blk.t_end;
+  const int m_blocks = (rows + BM - 1) / BM, n_pairs = (m_blocks + 1) / 2;
+  // Row block k (0, or 1 for the light half of a pair) of work unit u, and the row blocks of unit u.
+  auto block_of = [&](int u, int k) -> FwdBlock {
+    if (!Cfg::kMulti || !work.pair) return fwd_block_at(p, rows, BM, BN, m_blocks - 1 - u % m_blocks, u / m_blocks);
+    const int j = u % n_pairs;
+    return fwd_block_at(p, rows, BM, BN, k == 0 ? m_blocks - 1 - j : j, u / n_pairs);
+  };
+  auto items_of = [&](int u) { return Cfg::kMulti && work.pair && 2 * (u % n_pairs) + 1 != m_blocks ? 2 : 1; };
+  // The row block in progress (the first one until a role's loop moves on; the general kind has only one).
+  FwdBlock blk = block_of(blockIdx.x, 0);
+  int64_t b = blk.b;
+  int hk = blk.hk, m0 = blk.m0, n_full = blk.n_full, t_begin = blk.t_begin, t_end = blk.t_end;
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
-
-  // The two rows this thread holds in the accumulators: packed row m0 + 64 wg + 16 wwarp + 8 hf + g.
-  int row_i[2], row_h[2], row_lim[2];
-  bool row_ok[2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int r = m0 + wg * 64 + wwarp * 16 + hf * 8 + g;
-    row_ok[hf] = r < rows;
-    const int rr = r < rows ? r : 0;
-    row_h[hf] = hk * G + rr / L;
-    row_i[hf] = rr % L;
-    row_lim[hf] = row_limit(p, row_i[hf]);
-  }
 
   const bool has_mask = kGeneral && p.mask_kind != MaskKind::None;
   // A bool mask whose rows are 16-byte aligned is loaded by the producer (cp.async), a key tile that no row of the
@@ -275,14 +292,30 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       if (ptid == 0) tile_of_stage[st] = -1;
       mbar_arrive(bar_full0 + 8 * st);
     } else if (ptid == 0) {
-      for (int tile = t_begin; tile < t_end; ++tile, ++n) {
-        const int st = n % kStages;
-        if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
-        publish_k(tile, st);
-        publish_v(tile, st, n);
+      // Every row block of this thread block in turn, through the same rings: the next block's first tiles land
+      // while the consumers finish the current one.
+      for (int u = blockIdx.x, k = 0; u < work.units;) {
+        if (Cfg::kMulti) {
+          blk = block_of(u, k);
+          b = blk.b;
+          hk = blk.hk;
+        }
+        for (int tile = blk.t_begin; tile < blk.t_end; ++tile, ++n) {
+          const int st = n % kStages;
+          if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
+          publish_k(tile, st);
+          publish_v(tile, st, n);
+        }
+        if (!Cfg::kMulti) break;  // one row block per thread block
+        if (++k == items_of(u)) {
+          k = 0;
+          u += gridDim.x;
+        }
       }
     }
-    if (ptid == 0 && !(kGeneral && mask_staged)) {  // end of the stream
+    // End of the stream (general kind: the consumers read the tile of each stage; the plain kind's consumers count
+    // the tiles of each row block themselves).
+    if (kGeneral && ptid == 0 && !mask_staged) {
       const int st = n % kStages;
       if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);
       tile_of_stage[st] = -1;
@@ -292,19 +325,25 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   // Consumers (the rest of the kernel; one if/else by role, as setmaxnreg asks).
   setmaxnreg_inc<Cfg::kConsumerRegs>();
 
-  // Q tile (zero rows past the end, zero columns past E), in the same cp.async group as the first K/V tile.
-  {
+  // Q rows of row block qb into Q buffer buf (zero rows past the end, zero columns past E), one cp.async group.
+  // Each warpgroup loads only its own 64 rows (the only ones its wgmma read), so a warpgroup barrier publishes them.
+  auto load_q = [&](const FwdBlock& qb, int buf) {
     const T* q = static_cast<const T*>(p.q);
-    for (int idx = tid; idx < BM * (D / 8); idx += NT) {
-      const int r = idx / (D / 8), c = idx % (D / 8);
-      const int pr = m0 + r;
+    for (int idx = tid & 127; idx < 64 * (D / 8); idx += 128) {
+      const int r = wg * 64 + idx / (D / 8), c = idx % (D / 8);
+      const int pr = qb.m0 + r;
       const bool ok = pr < rows && c * 8 < E;
       const T* src = q;
-      if (ok) src = q + b * p.q_st.b + static_cast<int64_t>(hk * G + pr / L) * p.q_st.h +
+      if (ok) src = q + qb.b * p.q_st.b + static_cast<int64_t>(qb.hk * G + pr / L) * p.q_st.h +
                     static_cast<int64_t>(pr % L) * p.q_st.r + c * 8;
-      cp_async16(sQ + QTile::offset(r, c), src, ok);
+      cp_async16(sQ + buf * QTile::kBytes + QTile::offset(r, c), src, ok);
     }
-  }
+    cp_async_commit();
+  };
+  const int wg_bar = 4 + wg;  // this warpgroup's named barrier (1 and 3 are the producer's)
+  // The two rows this thread holds in the accumulators: packed row m0 + 64 wg + 16 wwarp + 8 hf + g.
+  int row_i[2], row_h[2], row_lim[2];
+  bool row_ok[2];
   // Packed mask of this thread's rows (allowed: causal/bounds pass and the mask is true), shifted right by 2t so
   // that bit 8m + e of bits[hf][w] is key tile * BN + 32w + 8m + 2t + e of row half hf (accumulator n = 4w + m).
   static_assert(!kGeneral || BN == 128 || BN == 64, "at most four 32-bit mask words per row");
@@ -331,19 +370,12 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   const bool with_sinks = p.sinks != nullptr && p.num_splits == 1;
   float m_run[2], l_run[2];
   float acc_o[D / 2];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    // A sink is one more logit in the denominator: start the running max at it with weight 1 (counted once).
-    m_run[hf] = with_sinks ? p.sinks[row_h[hf]] * kLog2e : -INFINITY;
-    l_run[hf] = with_sinks && t == 0 ? 1.f : 0.f;
-  }
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
   const float scale_log2 = p.scale * kLog2e;
 
-  // Descriptor bases: this warpgroup's 64 Q rows; K/V stage 0 (stage s adds s * KTile::kBytes to the address,
-  // which sits in the low descriptor bits: no carry into the other fields for shared-memory addresses < 256 KB).
-  const uint64_t q_desc = sw128_desc(sQ + wg * 64 * 128, 16, 1024);
+  // Descriptor bases: this warpgroup's 64 Q rows (of the row block's Q buffer, set per row block); K/V stage 0
+  // (stage s adds s * KTile::kBytes to the address, which sits in the low descriptor bits: no carry into the other
+  // fields for shared-memory addresses < 256 KB).
+  uint64_t q_desc = sw128_desc(sQ + wg * 64 * 128, 16, 1024);
   const uint64_t k_desc = sw128_desc(sK0, 16, 1024);
   const uint64_t v_desc = sw128_desc(sV0, KTile::kBlockBytes, 1024);
 
@@ -502,34 +534,41 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   // every path inline spanned ~75 KB of instructions, the cold paths' invariants hoisted into registers and
   // spilled): kPathDefault (no mask, or a staged bool mask: the plain kind's only path), kPathDropout, and
   // kPathElementwise (masks read from global memory element by element, with or without dropout).
+  // The key tile of published index n (the i-th of the row block) in K stage st, or -1 at the end of the row
+  // block: the general kind reads what the producer published (it drops tiles, then publishes -1); the plain kind
+  // knows its tiles and waits only for one that exists.
+  auto next_tile = [&](int n, int st, int i) -> int {
+    if constexpr (kGeneral) {
+      mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+      return tile_of_stage[st];
+    } else {
+      if (i >= t_end - t_begin) return -1;
+      mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+      return t_begin + i;
+    }
+  };
   auto main_loop = [&](auto path) {
     constexpr int kPath = decltype(path)::value;
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_proxy_async();   // Q written by cp.async, read by wgmma
-    named_barrier(2, NT);  // every consumer's Q rows are in (id 1 is the producer's)
-    mbar_wait(bar_full0, 0);
-    int tile = tile_of_stage[0];
+    int n = 0;    // published index of the tile whose Q K^T is next
+    int cur = 0;  // its stage; then the stage of the pending P V
+    int tile = next_tile(n, cur, 0);
     if (tile >= 0) {
       float s[BN / 2];
       uint32_t pa[BN / 16][4];
       float alpha[2];
       uint32_t bits[2][4] = {};
-      if (mask_staged) mask_bits(0, bits);
+      if (mask_staged) mask_bits(cur, bits);
       wgmma_fence();
-      issue_s(s, 0);
+      issue_s(s, cur);
       wgmma_wait<0>();
       reg_fence(s);
       __syncwarp();
-      if (lane == 0) mbar_arrive(bar_empty0);  // this warp is done with K stage 0 (and its mask bits)
+      if (lane == 0) mbar_arrive(bar_empty0 + 8 * cur);  // this warp is done with this K stage (and its mask bits)
       softmax(kPath, s, tile, bits, alpha);
       to_a(s, pa);
-      int cur = 0;  // stage of the pending P V
-      int n = 1;    // published index of the tile whose Q K^T is next
-      for (;; ++n) {
+      for (++n;; ++n) {
         const int st = cur + 1 == kStages ? 0 : cur + 1;
-        mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
-        tile = tile_of_stage[st];
+        tile = next_tile(n, st, n);
         if (tile < 0) break;
         if (mask_staged) mask_bits(st, bits);
         mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);  // published before K(nxt): almost always in
@@ -561,32 +600,23 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       reg_fence(acc_o);
       reg_fence_u32(pa);
     }
-
   };
-  if constexpr (kGeneral) {
-    if (has_mask && !mask_staged)
-      main_loop(std::integral_constant<int, kPathElementwise>{});
-    else if (has_dropout)
-      main_loop(std::integral_constant<int, kPathDropout>{});
-    else
-      main_loop(std::integral_constant<int, kPathDefault>{});
-  } else {
-    main_loop(std::integral_constant<int, kPathDefault>{});
-  }
-
-  // Epilogue: normalise, write the output (or this split's partial) and the log-sum-exp.
+  // Epilogue of the row block with batch eb and rows (eh, ei, eok) (this thread's two), running max em and sum el:
+  // normalise, write the output (or this split's partial) and the log-sum-exp.
+  auto epilogue = [&](int64_t eb, const int (&eh)[2], const int (&ei)[2], const bool (&eok)[2], const float (&em)[2],
+                      const float (&el)[2]) {
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    const float l = warp_sum4(l_run[hf]);
-    if (!row_ok[hf]) continue;
+    const float l = warp_sum4(el[hf]);
+    if (!eok[hf]) continue;
     // A row with no allowed key (and no sink) has l = 0: output 0 and lse -inf, never NaN.
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float m_use = m_run[hf] == -INFINITY ? 0.f : m_run[hf];
+    const float m_use = em[hf] == -INFINITY ? 0.f : em[hf];
     const float lse = l > 0.f ? (m_use + log2f(l)) * kLn2 : -INFINITY;
-    const int64_t bh = b * p.hq + row_h[hf];
-    const int i = row_i[hf];
+    const int64_t bh = eb * p.hq + eh[hf];
+    const int i = ei[hf];
     if (p.num_splits == 1) {
-      T* out = static_cast<T*>(p.out) + b * p.out_st.b + row_h[hf] * p.out_st.h + i * p.out_st.r;
+      T* out = static_cast<T*>(p.out) + eb * p.out_st.b + eh[hf] * p.out_st.h + i * p.out_st.r;
 #pragma unroll
       for (int dn = 0; dn < D / 8; ++dn) {
         const int c = dn * 8 + 2 * t;
@@ -605,6 +635,186 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       }
       if (t == 0) p.lse_partial[prow] = lse;
     }
+  }
+  };
+  // The row blocks of this thread block as one pipeline (kMulti: the plain kind, one softmax path): the Q K^T of a
+  // row block's first key tile is issued with the P V of the previous block's last tile, its softmax runs while that
+  // P V does, and the previous block's epilogue follows (after the wait that completes its O). Per block, only the
+  // epilogue's stores and one warpgroup barrier (the next Q) stay outside the overlap; the pipeline fills and drains
+  // once per thread block. Q of the it-th block sits in buffer it % 2; the one after it is loaded once the block
+  // before it has stopped reading its buffer. Every row block of a thread block with several has at least one
+  // key tile (launch_sm90.h); a lone block may have none.
+  // This thread's rows of the row block in blk (and their running max / sum at the start).
+  auto set_rows = [&]() {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = m0 + wg * 64 + wwarp * 16 + hf * 8 + g;
+      row_ok[hf] = r < rows;
+      const int rr = r < rows ? r : 0;
+      row_h[hf] = hk * G + rr / L;
+      row_i[hf] = rr % L;
+      row_lim[hf] = row_limit(p, row_i[hf]);
+      // A sink is one more logit in the denominator: start the running max at it with weight 1 (counted once).
+      m_run[hf] = with_sinks ? p.sinks[row_h[hf]] * kLog2e : -INFINITY;
+      l_run[hf] = with_sinks && t == 0 ? 1.f : 0.f;
+    }
+  };
+  auto set_block = [&](int u, int k) {
+    blk = block_of(u, k);
+    b = blk.b;
+    hk = blk.hk;
+    m0 = blk.m0;
+    n_full = blk.n_full;
+    t_begin = blk.t_begin;
+    t_end = blk.t_end;
+    set_rows();
+  };
+  auto advance = [&](int& u, int& k) {
+    if (++k == items_of(u)) {
+      k = 0;
+      u += gridDim.x;
+    }
+  };
+  if constexpr (Cfg::kMulti) {
+    int u = blockIdx.x, k = 0, it = 0;
+    set_block(u, k);
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
+    load_q(blk, 0);
+    {
+      int u2 = u, k2 = k;
+      advance(u2, k2);
+      if (u2 < work.units)
+        load_q(block_of(u2, k2), 1);
+      else
+        cp_async_commit();  // (an empty group: the wait below leaves exactly one in flight)
+    }
+    cp_async_wait<1>();
+    fence_proxy_async();  // Q written by cp.async, read by wgmma
+    named_barrier(wg_bar, 128);
+    q_desc = sw128_desc(sQ + wg * 64 * 128, 16, 1024);
+    if (t_end == t_begin) {  // a lone row block that sees no key
+      epilogue(b, row_h, row_i, row_ok, m_run, l_run);
+    } else {
+      float s[BN / 2];
+      uint32_t pa[BN / 16][4];
+      float alpha[2];
+      const uint32_t no_bits[2][4] = {};
+      // The finished block's epilogue data while the next one's first tile runs.
+      int64_t e_b = 0;
+      int e_h[2] = {0, 0}, e_i[2] = {0, 0};
+      bool e_ok[2] = {false, false};
+      float e_m[2] = {0.f, 0.f}, e_l[2] = {0.f, 0.f};
+      mbar_wait(bar_full0, 0);
+      wgmma_fence();
+      issue_s(s, 0);
+      wgmma_wait<0>();
+      reg_fence(s);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_empty0);
+      softmax(kPathDefault, s, t_begin, no_bits, alpha);
+      to_a(s, pa);
+      int cur = 0, i = 1;  // stage of the pending P V; index of the next tile in its row block
+      int n = 1;           // published index of the next tile
+      for (;; ++n, ++i) {
+        const int st = cur + 1 == kStages ? 0 : cur + 1;
+        const bool fresh = i == t_end - t_begin;  // the next tile opens the next row block
+        if (fresh) {
+          advance(u, k);
+          if (u >= work.units) break;
+          ++it;
+          e_b = b;
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            e_h[hf] = row_h[hf];
+            e_i[hf] = row_i[hf];
+            e_ok[hf] = row_ok[hf];
+            e_m[hf] = m_run[hf];
+            e_l[hf] = l_run[hf];
+          }
+          set_block(u, k);
+          i = 0;
+          cp_async_wait<0>();
+          fence_proxy_async();
+          // This block's Q rows are in; every warp of the warpgroup is past the previous block's last Q K^T.
+          named_barrier(wg_bar, 128);
+          q_desc = sw128_desc(sQ + (it & 1) * QTile::kBytes + wg * 64 * 128, 16, 1024);
+        }
+        const int tile = t_begin + i;
+        mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+        mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);
+        wgmma_fence();
+        issue_s(s, st);
+        issue_pv(pa, cur);
+        wgmma_commit();
+        wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
+        reg_fence(s);
+        softmax(kPathDefault, s, tile, no_bits, alpha);
+        wgmma_wait<0>();
+        reg_fence(acc_o);
+        reg_fence_u32(pa);
+        __syncwarp();
+        if (lane == 0) {
+          mbar_arrive(bar_empty0 + 8 * st);
+          mbar_arrive(bar_vempty0 + 8 * cur);
+        }
+        if (fresh) {
+          epilogue(e_b, e_h, e_i, e_ok, e_m, e_l);
+#pragma unroll
+          for (int x = 0; x < D / 2; ++x) acc_o[x] = 0.f;
+          // The finished block's Q buffer takes the block after this one.
+          int u2 = u, k2 = k;
+          advance(u2, k2);
+          if (u2 < work.units) load_q(block_of(u2, k2), (it + 1) & 1);
+        } else {
+          rescale_o(alpha);
+        }
+        to_a(s, pa);
+        cur = st;
+      }
+      // Last tile of the last row block: P V only.
+      mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);
+      wgmma_fence();
+      issue_pv(pa, cur);
+      wgmma_commit();
+      wgmma_wait<0>();
+      reg_fence(acc_o);
+      reg_fence_u32(pa);
+      epilogue(b, row_h, row_i, row_ok, m_run, l_run);
+    }
+  } else {
+    // One row block per thread block (the launch gives the other kinds one unit each): blk is block_of(blockIdx.x, 0).
+    set_rows();
+    {  // Q tile by all consumer threads (zero rows past the end, zero columns past E)
+      const T* q = static_cast<const T*>(p.q);
+      for (int idx = tid; idx < BM * (D / 8); idx += NT) {
+        const int r = idx / (D / 8), c = idx % (D / 8);
+        const int pr = m0 + r;
+        const bool ok = pr < rows && c * 8 < E;
+        const T* src = q;
+        if (ok) src = q + b * p.q_st.b + static_cast<int64_t>(hk * G + pr / L) * p.q_st.h +
+                      static_cast<int64_t>(pr % L) * p.q_st.r + c * 8;
+        cp_async16(sQ + QTile::offset(r, c), src, ok);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      fence_proxy_async();   // Q written by cp.async, read by wgmma
+      named_barrier(2, NT);  // every consumer's Q rows are in (ids 1 and 3 are the producer's)
+    }
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
+  if constexpr (kGeneral) {
+    if (has_mask && !mask_staged)
+      main_loop(std::integral_constant<int, kPathElementwise>{});
+    else if (has_dropout)
+      main_loop(std::integral_constant<int, kPathDropout>{});
+    else
+      main_loop(std::integral_constant<int, kPathDefault>{});
+  } else {
+    main_loop(std::integral_constant<int, kPathDefault>{});
+  }
+
+  epilogue(b, row_h, row_i, row_ok, m_run, l_run);
   }
   }  // consumers
 #endif

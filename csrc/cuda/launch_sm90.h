@@ -60,8 +60,26 @@ cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   const int64_t rows = (p.hq / p.hkv) * p.L;
   const int64_t m_blocks = (rows + Cfg::kBM - 1) / Cfg::kBM;
-  const dim3 grid(static_cast<unsigned>(m_blocks * p.batch * p.hkv), 1, static_cast<unsigned>(p.num_splits));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps);
+  // One row block per thread block; or (kMulti, enough work) a persistent grid of one block per SM walking pairs of
+  // row blocks (FwdSm90Work): equal causal work per pair, so the round robin stays balanced.
+  FwdSm90Work work{static_cast<int>(m_blocks * p.batch * p.hkv), 0};
+  int64_t blocks = work.units;
+  // Every row block of a persistent block must see a key (fwd_sm90.h): not so for lower-right causal rows
+  // i < L - S.
+  const bool all_see_keys = p.S > 0 && !(p.causal == Causal::LowerRight && p.L > p.S);
+  if (Cfg::kMulti && p.num_splits == 1 && m_blocks >= 2 && all_see_keys) {
+    int dev = 0, sms = 0;
+    err = cudaGetDevice(&dev);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (err != cudaSuccess) return err;
+    const int64_t pairs = (m_blocks + 1) / 2 * p.batch * p.hkv;
+    if (pairs >= sms) {  // fewer pairs than SMs: one row block per thread block keeps more SMs busy
+      work = FwdSm90Work{static_cast<int>(pairs), 1};
+      blocks = sms;
+    }
+  }
+  const dim3 grid(static_cast<unsigned>(blocks), 1, static_cast<unsigned>(p.num_splits));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps, work);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   return launch_merge<T>(p, stream);

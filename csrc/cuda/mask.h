@@ -74,11 +74,10 @@ struct FwdBlock {
   int n_full;          // keys < n_full pass causal/bounds for every row of the block
   int t_begin, t_end;  // the key tiles of this block's split
 };
-__device__ __forceinline__ FwdBlock fwd_block(const AttnParams& p, int rows, int BM, int BN) {
+// Block (batch, KV head) bhk, row block m_block (the sm90 loop's persistent blocks walk several of them).
+__device__ __forceinline__ FwdBlock fwd_block_at(const AttnParams& p, int rows, int BM, int BN, int m_block,
+                                                 int64_t bhk) {
   const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
-  const int m_blocks = (rows + BM - 1) / BM;
-  const int m_block = m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks);
-  const int64_t bhk = blockIdx.x / m_blocks;
   FwdBlock blk;
   blk.b = bhk / p.hkv;
   blk.hk = static_cast<int>(bhk % p.hkv);
@@ -95,6 +94,10 @@ __device__ __forceinline__ FwdBlock fwd_block(const AttnParams& p, int rows, int
   blk.t_begin = static_cast<int>(blockIdx.z) * per_split;
   blk.t_end = min(n_tiles, blk.t_begin + per_split);
   return blk;
+}
+__device__ __forceinline__ FwdBlock fwd_block(const AttnParams& p, int rows, int BM, int BN) {
+  const int m_blocks = (rows + BM - 1) / BM;
+  return fwd_block_at(p, rows, BM, BN, m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks), blockIdx.x / m_blocks);
 }
 
 }  // namespace cuda
