@@ -76,7 +76,7 @@ struct BwdSm90Cfg {
   // runs two tiles ahead; 224 / 64 spilled 3 values into the consumers' loop). A split above the allocation (232 / 48 = 65536)
   // never returns from the consumers' setmaxnreg.inc: the kernel hangs.
   static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 40 : 24;
-  static_assert(kConsumers * kConsumerRegs + 128 * kProducerRegs <= kThreads * (65536 / kThreads / 8 * 8),
+  static_assert(setmaxnreg_fits(kThreads, kConsumers, kConsumerRegs, kProducerRegs),
                 "setmaxnreg split exceeds the block's register allocation");
   // dQ split between the consumers (see the top): by columns at d128, by turns at d64.
   static constexpr bool kDqByTurns = D == 64;
@@ -106,17 +106,6 @@ struct BwdSm90Cfg {
                                kStages * 2 * kBM * 4 + kMaskBufs * kBitsBytes + kBarBytes + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
 };
-
-// Barrier as named_barrier_or (wgmma.h) that returns whether `pred` was true in every participating thread.
-__device__ __forceinline__ bool named_barrier_and(int id, int count, bool pred) {
-  uint32_t r;
-  asm volatile(
-      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbarrier.red.and.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
-      : "=r"(r)
-      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(count)
-      : "memory");
-  return r != 0;
-}
 
 // 16-byte slot of consumer thread x in each quarter of a stage's mask (see kBitsBytes): bit 2 flipped in odd warps,
 // so that the producer's stores of one phase (lanes t = 0..3 of two adjacent warps) hit 8 different bank groups.

@@ -69,7 +69,7 @@ struct FwdSm90Cfg {
   // the general kind's producer keeps 40 for the mask scan (2 x 128 x 232 + 128 x 40).
   static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 40 : 24;
   // (The split must fit the launch allocation, 168 x 384 registers: a larger one hangs in setmaxnreg.inc.)
-  static_assert(kConsumers * kConsumerRegs + 128 * kProducerRegs <= kThreads * (65536 / kThreads / 8 * 8),
+  static_assert(setmaxnreg_fits(kThreads, kConsumers, kConsumerRegs, kProducerRegs),
                 "setmaxnreg split exceeds the block's register allocation");
   // Stages per ring (K and V alike): K(j + 1) and V(j) are in use during step j, the rest landing. Two stages of
   // each give every load one step to land; the general kind at d128 has room for no more beside its mask buffers.

@@ -67,33 +67,17 @@ bool device_is_sm90() {
   return major[dev] == 9;
 }
 
-// Whether the table lists an sm90 forward of this dtype, head-dim bucket and kind.
-bool has_sm90_fwd(const AttnParams& p, int d, int fwd_kind) {
+// Whether the table lists an sm90 forward (bwd = false; kind: 0 plain / 1 general) or backward (bwd = true; kind:
+// general or not) of this dtype and head-dim bucket.
+bool has_sm90(const AttnParams& p, int d, bool bwd, int kind) {
   bool found = false;
-#define SDPAX_CASE_fwd(ctype, kind, dd, flag)
-#define SDPAX_CASE_bwd(ctype, kind, dd, flag)
-#define SDPAX_CASE_fwd_sm90(ctype, kind, dd, flag) \
-  found = found || (p.dtype == ScalarKind::kind && d == dd && fwd_kind == flag);
-#define SDPAX_CASE_bwd_sm90(ctype, kind, dd, flag)
-#define SDPAX_CASE(pass, ctype, kind, dd, flag) SDPAX_CASE_##pass(ctype, kind, dd, flag)
-  SDPAX_CUDA_VARIANTS(SDPAX_CASE)
-#undef SDPAX_CASE_fwd
-#undef SDPAX_CASE_bwd
-#undef SDPAX_CASE_fwd_sm90
-#undef SDPAX_CASE_bwd_sm90
-#undef SDPAX_CASE
-  return found;
-}
-
-// Whether the table lists an sm90 backward of this dtype, head-dim bucket and kind.
-bool has_sm90_bwd(const AttnParams& p, int d, bool gen) {
-  bool found = false;
-#define SDPAX_CASE_fwd(ctype, kind, dd, flag)
-#define SDPAX_CASE_bwd(ctype, kind, dd, flag)
-#define SDPAX_CASE_fwd_sm90(ctype, kind, dd, flag)
-#define SDPAX_CASE_bwd_sm90(ctype, kind, dd, flag) \
-  found = found || (p.dtype == ScalarKind::kind && d == dd && gen == flag);
-#define SDPAX_CASE(pass, ctype, kind, dd, flag) SDPAX_CASE_##pass(ctype, kind, dd, flag)
+#define SDPAX_CASE_fwd(ctype, kind_, dd, flag)
+#define SDPAX_CASE_bwd(ctype, kind_, dd, flag)
+#define SDPAX_CASE_fwd_sm90(ctype, kind_, dd, flag) \
+  found = found || (!bwd && p.dtype == ScalarKind::kind_ && d == dd && kind == static_cast<int>(flag));
+#define SDPAX_CASE_bwd_sm90(ctype, kind_, dd, flag) \
+  found = found || (bwd && p.dtype == ScalarKind::kind_ && d == dd && kind == static_cast<int>(flag));
+#define SDPAX_CASE(pass, ctype, kind_, dd, flag) SDPAX_CASE_##pass(ctype, kind_, dd, flag)
   SDPAX_CUDA_VARIANTS(SDPAX_CASE)
 #undef SDPAX_CASE_fwd
 #undef SDPAX_CASE_bwd
@@ -104,13 +88,13 @@ bool has_sm90_bwd(const AttnParams& p, int d, bool gen) {
 }
 
 bool use_sm90(const AttnParams& p, int d, int fwd_kind) {
-  return has_sm90_fwd(p, d, fwd_kind) && device_is_sm90() && env_enabled("SDPAX_CUDA_FWD_SM90");
+  return has_sm90(p, d, false, fwd_kind) && device_is_sm90() && env_enabled("SDPAX_CUDA_FWD_SM90");
 }
 
 // The sm90 backward adds dQ by float atomics: deterministic mode keeps the mma.sync loop and its dQ pass. Of the
 // general kind it takes bool masks without dropout.
 bool use_sm90_bwd(const AttnParams& p, int d, bool gen) {
-  return !p.deterministic && (!gen || bwd_sm90_general_ok(p)) && has_sm90_bwd(p, d, gen) && device_is_sm90() &&
+  return !p.deterministic && (!gen || bwd_sm90_general_ok(p)) && has_sm90(p, d, true, gen) && device_is_sm90() &&
          env_enabled("SDPAX_CUDA_BWD_SM90");
 }
 #else

@@ -55,6 +55,14 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lead_byte
          (static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
 }
 
+// Whether a setmaxnreg split (consumer warpgroups at `consumer_regs`, one producer warpgroup at `producer_regs`) fits
+// the registers a block of `threads` gets at launch under __launch_bounds__(threads, 1): 65536 / threads rounded down
+// to a multiple of 8, per thread. setmaxnreg.inc waits until the registers it asks for are free in the block's pool,
+// so a split above the allocation never returns (the kernel hangs).
+constexpr bool setmaxnreg_fits(int threads, int consumers, int consumer_regs, int producer_regs) {
+  return consumers * consumer_regs + (threads - consumers) * producer_regs <= threads * (65536 / threads / 8 * 8);
+}
+
 // mbarriers (shared-memory 64-bit barriers with a phase bit and a transaction count) and the bulk tensor copy
 // engine (TMA): the producer arms a stage's "full" barrier with the bytes it will receive and issues the copies, which
 // complete the transaction; consumers wait on the phase parity; "empty" barriers carry the release back.
@@ -102,6 +110,16 @@ __device__ __forceinline__ bool named_barrier_or(int id, int count, bool pred) {
       : "memory");
   return r != 0;
 }
+// Barrier as above that returns whether `pred` was true in every participating thread.
+__device__ __forceinline__ bool named_barrier_and(int id, int count, bool pred) {
+  uint32_t r;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbarrier.red.and.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r)
+      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(count)
+      : "memory");
+  return r != 0;
+}
 // Register budget per thread of the executing warpgroup (takes effect only under a launch-bound register cap).
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
@@ -124,6 +142,7 @@ __device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) {}
 __device__ __forceinline__ void tma_load_4d(uint32_t, const void*, uint32_t, int, int, int, int) {}
 __device__ __forceinline__ void named_barrier(int, int) {}
 __device__ __forceinline__ bool named_barrier_or(int, int, bool pred) { return pred; }
+__device__ __forceinline__ bool named_barrier_and(int, int, bool pred) { return pred; }
 #endif
 
 #ifdef SDPAX_SM90A_DEVICE
