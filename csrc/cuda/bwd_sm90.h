@@ -96,14 +96,21 @@ struct BwdSm90Cfg {
   // n's mask before its wait for stage n % kStages (tile n - kStages released; tile n - 1 may still be read) and
   // publish the tile right after that wait. (ptxas spills ~100 bytes in the producer at 48 registers either way.)
   static constexpr int kMaskBufs = kGeneral ? kStages + 1 : 0;
+  // The producer's raw mask rows (kBM rows x kBN bytes, as in memory; 16-byte chunk c of row r at c ^ (r % 8)),
+  // copied by cp.async one step ahead into two buffers: a tile's load latency hides behind the previous tile's wait
+  // for a free stage. (Loaded when needed, the four row loads of a tile were four L2 round trips on the producer's
+  // path: ncu showed the consumers waiting for a full stage 40% of the time with a dense bool mask.)
+  static constexpr int kRawBytes = kGeneral ? kBM * kBN : 0;
+  static constexpr int kRawBufs = kGeneral ? 2 : 0;
   // K, V, the Q / dO stages, two dS^T buffers (a consumer writes step n + 1's while the other may still read step
-  // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), kMaskBufs mask buffers, mbarriers
-  // and the (head, first row, full) of each stage, and 1024 bytes of slack for the alignment of the swizzle atoms.
+  // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), kMaskBufs mask buffers, kRawBufs raw
+  // mask buffers, mbarriers and the (head, first row, full) of each stage, and 1024 bytes of slack for the alignment of the swizzle atoms.
   static constexpr int kBarBytes = (2 * kStages + 2) * 8 + kStages * 16;
   // dS^T buffers; d256 adds two P^T buffers after them (bwd_sm90_consumer_d256).
   static constexpr int kDsBuffers = D == 256 ? 4 : 2;
   static constexpr int kSmem = 2 * KTile::kBytes + kStages * kStageBytes + kDsBuffers * DsTile::kBytes +
-                               kStages * 2 * kBM * 4 + kMaskBufs * kBitsBytes + kBarBytes + 1024;
+                               kStages * 2 * kBM * 4 + kMaskBufs * kBitsBytes + kRawBufs * kRawBytes + kBarBytes +
+                               1024;
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
 };
 
@@ -301,7 +308,8 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
   const uint32_t sDs0 = sQ0 + kStages * Cfg::kStageBytes;  // dS^T buffer x at sDs0 + x * DsTile::kBytes
   const uint32_t sRow0 = sDs0 + Cfg::kDsBuffers * DsTile::kBytes;  // stage s: lse2 at + s * 2 BM floats, Delta BM after
   const uint32_t sBits0 = sRow0 + kStages * 2 * BM * 4;    // mask buffer x at + x * kBitsBytes
-  const uint32_t bar_full0 = sBits0 + Cfg::kMaskBufs * Cfg::kBitsBytes;
+  const uint32_t sRaw0 = sBits0 + Cfg::kMaskBufs * Cfg::kBitsBytes;  // raw mask buffer x at + x * kRawBytes
+  const uint32_t bar_full0 = sRaw0 + Cfg::kRawBufs * Cfg::kRawBytes;
   const uint32_t bar_empty0 = bar_full0 + kStages * 8;
   const uint32_t bar_kv = bar_empty0 + kStages * 8;
   auto smem_ptr = [&](uint32_t addr) { return smem + (addr - smem_u32(smem)); };
@@ -364,8 +372,32 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     // phase (4 t x 2 warps) hit 8 different slots modulo 8 with the swizzle mask_slot (bit 2 ^= warp bit 0).
     const int mt = ptid & 3, mc = (ptid >> 2) & 7, rq = ptid >> 5;
     const unsigned char* mbase = static_cast<const unsigned char*>(p.mask);
+    // Tile row of this thread's row r (0..3).
+    auto mrow_of = [&](int r) { return 16 * rq + 2 * mt + (r & 1) + 8 * (r >> 1); };
+    const int j = j0 + mc * 16;  // this thread's first key
     // A mask broadcast over rows: every tile of a head is the same, so its any / full verdict is taken once per
-    // head, and a full tile needs no loads (padding masks: every tile is full or empty).
+    // head, and a full tile needs no loads (padding masks: every tile is full or empty). It is read from global
+    // memory when needed; other masks stream through the raw buffers (kRawBufs), one step ahead.
+    const bool staged = has_mask && !one_row;
+    // Issue the copies of step s into raw buffer s % 2 (rows past L and chunks past S are not copied; a chunk
+    // partly past S only up to S, the rest zero-filled), then close the group (empty past the last step).
+    auto raw_copy = [&](int s) {
+      if (s < steps && j < S) {
+        const int h = hk * G + s / q_tiles, i0 = (q_first + s % q_tiles) * BM;
+        const unsigned char* m0 =
+            mbase + static_cast<int64_t>(b) * p.mask_st.b + static_cast<int64_t>(h) * p.mask_st.h + j;
+        const int bytes = min(16, S - j);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = mrow_of(r);
+          if (i0 + row < L)
+            cp_async16_partial(sRaw0 + (s & 1) * Cfg::kRawBytes + row * BN + ((mc ^ (row & 7)) << 4),
+                               m0 + static_cast<int64_t>(i0 + row) * p.mask_st.r, bytes);
+        }
+      }
+      cp_async_commit();
+    };
+    if (staged) raw_copy(0);
     bool head_full = false;
     int n = 0;  // tiles published
     for (int step = 0; step < steps; ++step) {
@@ -378,6 +410,10 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
         row_lse = p.lse[row];
         row_delta = p.delta[row];
       }
+      if (staged) {
+        raw_copy(step + 1);
+        cp_async_wait<1>();  // this step's rows are in (this thread copied the very bytes it reads)
+      }
       bool full = true;
       if (has_mask) {
         const bool head_start = step % q_tiles == 0;
@@ -385,31 +421,41 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
           // f[r][w]: bytes 0xff / 0 (allowed / masked or out of bounds) of keys 16 mc + 4w.. of row r (rows 2 rp,
           // 2 rp + 1, 2 rp + 8, 2 rp + 9).
           uint32_t f[4][4];
-          const int j = j0 + mc * 16;
-          const unsigned char* m0 =
-              mbase + static_cast<int64_t>(b) * p.mask_st.b + static_cast<int64_t>(h) * p.mask_st.h + j;
           bool any = false, all = true;  // over the in-bounds elements of this thread
+          // Bytes past S (0xff in oob, 0 in the loaded words).
+          uint32_t oob[4] = {0u, 0u, 0u, 0u};
+          if (j + 16 > S) {
+#pragma unroll
+            for (int w = 0; w < 4; ++w)
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                if (j + 4 * w + e >= S) oob[w] |= 0xffu << (8 * e);
+          }
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            const int i = i0 + 16 * rq + 2 * mt + (r & 1) + 8 * (r >> 1);
+            const int row = mrow_of(r);
 #pragma unroll
             for (int w = 0; w < 4; ++w) f[r][w] = 0u;
-            if (i >= L || j >= S) continue;
-            const unsigned char* src = m0 + static_cast<int64_t>(i) * p.mask_st.r;
-            uint32_t q[4], oob[4] = {0u, 0u, 0u, 0u};  // oob: bytes past S (0xff)
-            if (j + 16 <= S) {
-              const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+            if (i0 + row >= L || j >= S) continue;
+            uint32_t q[4];
+            if (staged) {
+              const uint4 v = *reinterpret_cast<const uint4*>(
+                  smem_ptr(sRaw0 + (step & 1) * Cfg::kRawBytes + row * BN + ((mc ^ (row & 7)) << 4)));
               q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
-            } else {  // the block's last chunk, partly past S: the bytes inside only
+            } else {
+              const unsigned char* src = mbase + static_cast<int64_t>(b) * p.mask_st.b +
+                                         static_cast<int64_t>(h) * p.mask_st.h +
+                                         static_cast<int64_t>(i0 + row) * p.mask_st.r + j;
+              if (j + 16 <= S) {
+                const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+                q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
+              } else {  // the block's last chunk, partly past S: the bytes inside only
 #pragma unroll
-              for (int w = 0; w < 4; ++w) {
-                q[w] = 0u;
+                for (int w = 0; w < 4; ++w) {
+                  q[w] = 0u;
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                  if (j + 4 * w + e < S)
-                    q[w] |= static_cast<uint32_t>(src[4 * w + e] != 0) << (8 * e);
-                  else
-                    oob[w] |= 0xffu << (8 * e);
+                  for (int e = 0; e < 4; ++e)
+                    if (j + 4 * w + e < S) q[w] |= static_cast<uint32_t>(src[4 * w + e] != 0) << (8 * e);
                 }
               }
             }
