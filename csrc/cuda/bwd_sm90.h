@@ -365,43 +365,58 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
         tma_load_4d(sV + c * KTile::kBlockBytes, &maps.v, bar_kv, c * 64, j0, hk, b);
       }
     }
-    // Mask tile: thread ptid reads 16-byte chunk mc (keys 16 mc..) of rows 2 rp, 2 rp + 1, 2 rp + 8, 2 rp + 9 with
-    // rp = t + 8 rq (t = ptid % 4, rq = ptid / 32): exactly the elements of one 16-byte slot of each of the 8
-    // consumer threads (g = 0..7, t) of consumer warp mc (query rows 16 rq + 2t (+1, +8, +9) are those threads'
-    // columns; keys g and g + 8 of the chunk their rows). Each slot is one 16-byte store; the 8 lanes of a store
-    // phase (4 t x 2 warps) hit 8 different slots modulo 8 with the swizzle mask_slot (bit 2 ^= warp bit 0).
+    // Mask tile: thread ptid reads 16-byte chunk mc (keys 16 mc..) of tile rows r0, r0 + 1, r0 + 8, r0 + 9 with
+    // r0 = 16 rq + 2t (t = ptid % 4, rq = ptid / 32): exactly the elements of one 16-byte slot of each of the 8
+    // consumer threads (g = 0..7, t) of consumer warp mc (query rows r0 (+1, +8, +9) are those threads' columns;
+    // keys g and g + 8 of the chunk their rows). Each slot is one 16-byte store; the 8 lanes of a store phase
+    // (4 t x 2 warps) hit 8 different slots modulo 8 with the swizzle mask_slot (bit 2 ^= warp bit 0).
     const int mt = ptid & 3, mc = (ptid >> 2) & 7, rq = ptid >> 5;
-    const unsigned char* mbase = static_cast<const unsigned char*>(p.mask);
-    // Tile row of this thread's row r (0..3).
-    auto mrow_of = [&](int r) { return 16 * rq + 2 * mt + (r & 1) + 8 * (r >> 1); };
+    const int r0 = 16 * rq + 2 * mt;
     const int j = j0 + mc * 16;  // this thread's first key
+    const unsigned char* mbase = static_cast<const unsigned char*>(p.mask) + static_cast<int64_t>(b) * p.mask_st.b + j;
+    const int64_t mst_r = p.mask_st.r, mst_h = p.mask_st.h;
+    // Bytes past S of this thread's chunk (0xff; zero in the loaded words), and how many bytes it copies.
+    uint32_t oob[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int w = 0; w < 4; ++w)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (j + 4 * w + e >= S) oob[w] |= 0xffu << (8 * e);
+    const int chunk_bytes = max(0, min(16, S - j));
+    // Raw buffer slots of rows r0 and r0 + 1 (rows r0 + 8, r0 + 9: 8 rows further); chunk c of row r at c ^ (r % 8).
+    const uint32_t raw_a = sRaw0 + r0 * BN + ((mc ^ (r0 & 7)) << 4);
+    const uint32_t raw_b = sRaw0 + (r0 + 1) * BN + ((mc ^ ((r0 + 1) & 7)) << 4);
     // A mask broadcast over rows: every tile of a head is the same, so its any / full verdict is taken once per
     // head, and a full tile needs no loads (padding masks: every tile is full or empty). It is read from global
     // memory when needed; other masks stream through the raw buffers (kRawBufs), one step ahead.
     const bool staged = has_mask && !one_row;
-    // Issue the copies of step s into raw buffer s % 2 (rows past L and chunks past S are not copied; a chunk
-    // partly past S only up to S, the rest zero-filled), then close the group (empty past the last step).
-    auto raw_copy = [&](int s) {
-      if (s < steps && j < S) {
-        const int h = hk * G + s / q_tiles, i0 = (q_first + s % q_tiles) * BM;
-        const unsigned char* m0 =
-            mbase + static_cast<int64_t>(b) * p.mask_st.b + static_cast<int64_t>(h) * p.mask_st.h + j;
-        const int bytes = min(16, S - j);
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int row = mrow_of(r);
-          if (i0 + row < L)
-            cp_async16_partial(sRaw0 + (s & 1) * Cfg::kRawBytes + row * BN + ((mc ^ (row & 7)) << 4),
-                               m0 + static_cast<int64_t>(i0 + row) * p.mask_st.r, bytes);
-        }
+    // Copies of the tile (head h, first row i0) into raw buffer buf: rows past L and chunks past S are not
+    // copied, a chunk partly past S only up to S (the rest zero-filled); then the group is closed (empty past the
+    // last step, so that the wait below counts groups uniformly).
+    auto raw_copy = [&](bool valid, int h, int i0, int buf) {
+      if (valid && chunk_bytes > 0) {
+        const unsigned char* src = mbase + h * mst_h + (i0 + r0) * mst_r;
+        const int rows_left = L - i0 - r0;  // rows r0 + k with k < rows_left exist
+        const uint32_t off = buf * Cfg::kRawBytes;
+        if (rows_left > 0) cp_async16_partial(raw_a + off, src, chunk_bytes);
+        if (rows_left > 1) cp_async16_partial(raw_b + off, src + mst_r, chunk_bytes);
+        if (rows_left > 8) cp_async16_partial(raw_a + off + 8 * BN, src + 8 * mst_r, chunk_bytes);
+        if (rows_left > 9) cp_async16_partial(raw_b + off + 8 * BN, src + 9 * mst_r, chunk_bytes);
       }
       cp_async_commit();
     };
-    if (staged) raw_copy(0);
+    // The tile of step s is (head hk G + s / q_tiles, row tile q_first + s % q_tiles): kept as (hs, qs), stepped
+    // without divisions; (hn, qn) is the step after it, whose copies are issued one step ahead.
+    int hs = hk * G, qs = q_first;
+    if (staged) raw_copy(steps > 0, hs, qs * BM, 0);
     bool head_full = false;
     int n = 0;  // tiles published
     for (int step = 0; step < steps; ++step) {
-      const int h = hk * G + step / q_tiles, i0 = (q_first + step % q_tiles) * BM;
+      const int h = hs, i0 = qs * BM;
+      const bool head_start = qs == q_first;
+      int hn = hs, qn = qs + 1;
+      if (qn * BM >= L) hn = hs + 1, qn = q_first;
+      hs = hn, qs = qn;
       // lse / Delta of row i0 + ptid, loaded before the mask tile and the wait for a free stage so that their
       // latencies overlap.
       float row_lse = -INFINITY, row_delta = 0.f;
@@ -411,87 +426,74 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
         row_delta = p.delta[row];
       }
       if (staged) {
-        raw_copy(step + 1);
+        raw_copy(step + 1 < steps, hn, qn * BM, (step + 1) & 1);
         cp_async_wait<1>();  // this step's rows are in (this thread copied the very bytes it reads)
       }
       bool full = true;
-      if (has_mask) {
-        const bool head_start = step % q_tiles == 0;
-        if (!one_row || head_start || !head_full) {  // (else: a full tile of a row-broadcast mask; nothing to read)
-          // f[r][w]: bytes 0xff / 0 (allowed / masked or out of bounds) of keys 16 mc + 4w.. of row r (rows 2 rp,
-          // 2 rp + 1, 2 rp + 8, 2 rp + 9).
-          uint32_t f[4][4];
-          bool any = false, all = true;  // over the in-bounds elements of this thread
-          // Bytes past S (0xff in oob, 0 in the loaded words).
-          uint32_t oob[4] = {0u, 0u, 0u, 0u};
-          if (j + 16 > S) {
+      if (has_mask && (!one_row || head_start || !head_full)) {
+        // (else: a full tile of a row-broadcast mask; nothing to read)
+        // f[r][w]: bytes 0xff / 0 (allowed / masked or out of bounds) of keys 16 mc + 4w.. of tile row
+        // r0 + (r & 1) + 8 (r >> 1).
+        uint32_t f[4][4];
+        uint32_t any_or = 0u, all_and = 0xffffffffu;  // over the in-bounds elements of this thread
+        const int rows_left = chunk_bytes > 0 ? L - i0 - r0 : 0;
 #pragma unroll
-            for (int w = 0; w < 4; ++w)
-#pragma unroll
-              for (int e = 0; e < 4; ++e)
-                if (j + 4 * w + e >= S) oob[w] |= 0xffu << (8 * e);
-          }
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const int row = mrow_of(r);
-#pragma unroll
-            for (int w = 0; w < 4; ++w) f[r][w] = 0u;
-            if (i0 + row >= L || j >= S) continue;
-            uint32_t q[4];
-            if (staged) {
-              const uint4 v = *reinterpret_cast<const uint4*>(
-                  smem_ptr(sRaw0 + (step & 1) * Cfg::kRawBytes + row * BN + ((mc ^ (row & 7)) << 4)));
+        for (int r = 0; r < 4; ++r) {
+          const int k = (r & 1) + 8 * (r >> 1);
+          uint32_t q[4] = {0u, 0u, 0u, 0u};
+          if (staged) {
+            const uint4 v = *reinterpret_cast<const uint4*>(
+                smem_ptr((r & 1 ? raw_b : raw_a) + (step & 1) * Cfg::kRawBytes + (r >> 1) * 8 * BN));
+            q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
+          } else if (rows_left > k) {  // one row for all (mask_st.r == 0): read where it is
+            const unsigned char* src = mbase + h * mst_h;
+            if (chunk_bytes == 16) {
+              const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
               q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
-            } else {
-              const unsigned char* src = mbase + static_cast<int64_t>(b) * p.mask_st.b +
-                                         static_cast<int64_t>(h) * p.mask_st.h +
-                                         static_cast<int64_t>(i0 + row) * p.mask_st.r + j;
-              if (j + 16 <= S) {
-                const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
-                q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
-              } else {  // the block's last chunk, partly past S: the bytes inside only
+            } else {  // the block's last chunk, partly past S: the bytes inside only
 #pragma unroll
-                for (int w = 0; w < 4; ++w) {
-                  q[w] = 0u;
+              for (int w = 0; w < 4; ++w)
 #pragma unroll
-                  for (int e = 0; e < 4; ++e)
-                    if (j + 4 * w + e < S) q[w] |= static_cast<uint32_t>(src[4 * w + e] != 0) << (8 * e);
-                }
-              }
-            }
-#pragma unroll
-            for (int w = 0; w < 4; ++w) {
-              // Bit 7 of each byte set iff the byte is nonzero, then spread over the byte (no carries: 0 or 1 x 255).
-              const uint32_t nz = ((((q[w] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[w]) & 0x80808080u) >> 7;
-              f[r][w] = nz * 0xffu;
-              any |= f[r][w] != 0u;
-              all &= (f[r][w] | oob[w]) == 0xffffffffu;
+                for (int e = 0; e < 4; ++e)
+                  if (4 * w + e < chunk_bytes) q[w] |= static_cast<uint32_t>(src[4 * w + e] != 0) << (8 * e);
             }
           }
-          {  // into buffer n % kMaskBufs before the barriers (a dropped tile's is overwritten by the next)
-            uint4* dst = reinterpret_cast<uint4*>(bits0 + (n % Cfg::kMaskBufs) * (Cfg::kBitsBytes / 4)) + rq * 256;
-            // Key g's slot: mask_slot(x0 + 4g) = x0 + 4 (g ^ flip) with flip = warp mc's bit 0 (x0 = 32 mc + mt), so
-            // lanes of even and odd warps (one store phase) hit different bank groups; two bases for even / odd g.
-            const int flip = mc & 1;
-            uint4* dst_e = dst + mc * 32 + mt + 4 * flip;  // g even: x0 + 4g + 4 flip
-            uint4* dst_o = dst + mc * 32 + mt - 4 * flip;  // g odd:  x0 + 4g - 4 flip
+          const bool in = rows_left > k;  // (a staged row past L holds stale bytes: cleared here)
 #pragma unroll
-            for (int g = 0; g < 8; ++g) {
-              // Key g (word g / 4, byte g % 4) and key g + 8 (word 2 + g / 4); low half: the even row of each pair.
-              const uint32_t sel = (g & 3) * 0x1111u + 0x4400u;
-              const int w = g >> 2;
-              (g & 1 ? dst_o : dst_e)[4 * g] =
-                  make_uint4(__byte_perm(f[0][w], f[1][w], sel), __byte_perm(f[0][2 + w], f[1][2 + w], sel),
-                             __byte_perm(f[2][w], f[3][w], sel), __byte_perm(f[2][2 + w], f[3][2 + w], sel));
-            }
+          for (int w = 0; w < 4; ++w) {
+            // Bit 7 of each byte set iff the byte is nonzero, then spread over the byte (no carries: 0 or 1 x 255).
+            const uint32_t nz = ((((q[w] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[w]) & 0x80808080u) >> 7;
+            f[r][w] = in ? nz * 0xffu : 0u;
+            any_or |= f[r][w];
+            all_and &= in ? f[r][w] | oob[w] : 0xffffffffu;
           }
-          if (!named_barrier_or(2, 128, any)) {  // no element of this tile may be seen: drop it
-            if (one_row) step = (step / q_tiles + 1) * q_tiles - 1;  // nor any tile of this head
-            continue;
-          }
-          full = named_barrier_and(2, 128, all);
-          if (one_row && head_start) head_full = full;
         }
+        {  // into buffer n % kMaskBufs before the barriers (a dropped tile's is overwritten by the next)
+          uint4* dst = reinterpret_cast<uint4*>(bits0 + (n % Cfg::kMaskBufs) * (Cfg::kBitsBytes / 4)) + rq * 256;
+          // Key g's slot: mask_slot(x0 + 4g) = x0 + 4 (g ^ flip) with flip = warp mc's bit 0 (x0 = 32 mc + mt), so
+          // lanes of even and odd warps (one store phase) hit different bank groups; two bases for even / odd g.
+          const int flip = mc & 1;
+          uint4* dst_e = dst + mc * 32 + mt + 4 * flip;  // g even: x0 + 4g + 4 flip
+          uint4* dst_o = dst + mc * 32 + mt - 4 * flip;  // g odd:  x0 + 4g - 4 flip
+#pragma unroll
+          for (int g = 0; g < 8; ++g) {
+            // Key g (word g / 4, byte g % 4) and key g + 8 (word 2 + g / 4); low half: the even row of each pair.
+            const uint32_t sel = (g & 3) * 0x1111u + 0x4400u;
+            const int w = g >> 2;
+            (g & 1 ? dst_o : dst_e)[4 * g] =
+                make_uint4(__byte_perm(f[0][w], f[1][w], sel), __byte_perm(f[0][2 + w], f[1][2 + w], sel),
+                           __byte_perm(f[2][w], f[3][w], sel), __byte_perm(f[2][2 + w], f[3][2 + w], sel));
+          }
+        }
+        if (!named_barrier_or(2, 128, any_or != 0u)) {  // no element of this tile may be seen: drop it
+          if (one_row) {  // nor any tile of this head
+            step += q_tiles - 1 - (i0 / BM - q_first);  // (then ++step: the next head's first tile)
+            hs = h + 1, qs = q_first;
+          }
+          continue;
+        }
+        full = named_barrier_and(2, 128, all_and == 0xffffffffu);
+        if (one_row && head_start) head_full = full;
       }
       const int st = n % kStages;
       if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);  // its previous tile released
