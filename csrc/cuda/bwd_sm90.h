@@ -96,6 +96,7 @@ struct BwdSm90Cfg {
   // n's mask before its wait for stage n % kStages (tile n - kStages released; tile n - 1 may still be read) and
   // publish the tile right after that wait. (ptxas spills ~100 bytes in the producer at 48 registers either way.)
   static constexpr int kMaskBufs = kGeneral ? kStages + 1 : 0;
+  static constexpr int kMaskRing = kMaskBufs > 0 ? kMaskBufs : 1;  // n % kMaskRing: no "% 0" in the plain kind
   // The producer's raw mask rows (kBM rows x kBN bytes, as in memory; 16-byte chunk c of row r at c ^ (r % 8)),
   // copied by cp.async one step ahead into two buffers: a tile's load latency hides behind the previous tile's wait
   // for a free stage. (Loaded when needed, the four row loads of a tile were four L2 round trips on the producer's
@@ -469,7 +470,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
           }
         }
         {  // into buffer n % kMaskBufs before the barriers (a dropped tile's is overwritten by the next)
-          uint4* dst = reinterpret_cast<uint4*>(bits0 + (n % Cfg::kMaskBufs) * (Cfg::kBitsBytes / 4)) + rq * 256;
+          uint4* dst = reinterpret_cast<uint4*>(bits0 + (n % Cfg::kMaskRing) * (Cfg::kBitsBytes / 4)) + rq * 256;
           // Key g's slot: mask_slot(x0 + 4g) = x0 + 4 (g ^ flip) with flip = warp mc's bit 0 (x0 = 32 mc + mt), so
           // lanes of even and odd warps (one store phase) hit different bank groups; two bases for even / odd g.
           const int flip = mc & 1;
@@ -621,7 +622,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     if (has_mask && !tile.z) {
       // Bool mask (bounds included): P^T and dS^T are 0 where it is clear (whatever exp2 gave there, inf included).
       const uint4* mw =
-          reinterpret_cast<const uint4*>(bits0 + (n % Cfg::kMaskBufs) * (Cfg::kBitsBytes / 4)) + mask_slot(tid);
+          reinterpret_cast<const uint4*>(bits0 + (n % Cfg::kMaskRing) * (Cfg::kBitsBytes / 4)) + mask_slot(tid);
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const uint4 m = mw[256 * c];
