@@ -70,11 +70,11 @@ struct BwdSm90Cfg {
   static constexpr int kBM = 64;   // queries per step: the n of S^T / dP^T and the k extent of dK / dV
   static constexpr int kConsumers = 256;
   static constexpr int kThreads = kConsumers + 128;
-  // setmaxnreg moves registers between the warpgroups inside the block's launch allocation, 168 per thread
-  // (65536 / 384 rounded down to 8) x 384 = 64512: 2 x 128 x 240 + 128 x 24 for the plain kind, 2 x 128 x 232 +
-  // 128 x 40 for the general kind (its producer expands the mask: it spills there, off the consumers' path, since it
-  // runs two tiles ahead; 224 / 64 spilled 3 values into the consumers' loop). A split above the allocation (232 / 48 = 65536)
-  // never returns from the consumers' setmaxnreg.inc: the kernel hangs.
+  // setmaxnreg moves registers between the warpgroups inside the block's launch allocation, 168 per thread (65536 / 384
+  // rounded down to 8) x 384 = 64512: 2 x 128 x 240 + 128 x 24 for the plain kind, 2 x 128 x 232 + 128 x 40 for the
+  // general kind (its producer expands the mask: it spills there, off the consumers' path, since it runs two tiles
+  // ahead; 224 / 64 spilled 3 values into the consumers' loop). A split above the allocation (232 / 48 = 65536) never
+  // returns from the consumers' setmaxnreg.inc: the kernel hangs.
   static constexpr int kConsumerRegs = kGeneral ? 232 : 240, kProducerRegs = kGeneral ? 40 : 24;
   static_assert(setmaxnreg_fits(kThreads, kConsumers, kConsumerRegs, kProducerRegs),
                 "setmaxnreg split exceeds the block's register allocation");
@@ -103,9 +103,10 @@ struct BwdSm90Cfg {
   // path: ncu showed the consumers waiting for a full stage 40% of the time with a dense bool mask.)
   static constexpr int kRawBytes = kGeneral ? kBM * kBN : 0;
   static constexpr int kRawBufs = kGeneral ? 2 : 0;
-  // K, V, the Q / dO stages, two dS^T buffers (a consumer writes step n + 1's while the other may still read step
-  // n's: one barrier per step suffices), lse2 / Delta per stage (64 floats each), kMaskBufs mask buffers, kRawBufs raw
-  // mask buffers, mbarriers and the (head, first row, full) of each stage, and 1024 bytes of slack for the alignment of the swizzle atoms.
+  // K, V, the Q / dO stages, two dS^T buffers (a consumer writes step n + 1's while the other may still read step n's:
+  // one barrier per step suffices), lse2 / Delta per stage (64 floats each), kMaskBufs mask buffers, kRawBufs raw mask
+  // buffers, mbarriers and the (head, first row, full) of each stage, and 1024 bytes of slack for the alignment of the
+  // swizzle atoms.
   static constexpr int kBarBytes = (2 * kStages + 2) * 8 + kStages * 16;
   // dS^T buffers; d256 adds two P^T buffers after them (bwd_sm90_consumer_d256).
   static constexpr int kDsBuffers = D == 256 ? 4 : 2;
