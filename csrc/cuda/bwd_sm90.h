@@ -120,6 +120,54 @@ struct BwdSm90Cfg {
 // so that the producer's stores of one phase (lanes t = 0..3 of two adjacent warps) hit 8 different bank groups.
 __device__ __forceinline__ int mask_slot(int x) { return x ^ ((x >> 3) & 4); }
 
+// dQ of one consumer warp from its m64 accumulator: rows i_w + g and i_w + g + 8 (i_w: the warp's first row),
+// columns c0 + 8 nn + 2t (nn < NN), float2 atomics into dq_accum of (batch, head) bh. A warp whose 16 rows and
+// 8 NN columns are all in bounds adds without tests.
+template <int NN>
+__device__ __forceinline__ void bwd_sm90_add_dq(const AttnParams& p, const float (&dq)[4 * NN], int64_t bh, int i_w,
+                                                int c0, int g, int t) {
+  const int L = static_cast<int>(p.L), E = static_cast<int>(p.E);
+  const int i_q = i_w + g;
+  float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c0 + 2 * t;
+  auto add = [&](auto guarded) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      if (decltype(guarded)::value && i_q + 8 * hf >= L) continue;
+      float* d = dq0 + hf * 8 * p.E;
+#pragma unroll
+      for (int nn = 0; nn < NN; ++nn) {
+        if (decltype(guarded)::value && c0 + nn * 8 + 2 * t >= E) continue;
+        atomicAdd(reinterpret_cast<float2*>(d + nn * 8), make_float2(dq[nn * 4 + hf * 2], dq[nn * 4 + hf * 2 + 1]));
+      }
+    }
+  };
+  if (i_w + 16 <= L && c0 + 8 * NN <= E)
+    add(std::false_type{});
+  else
+    add(std::true_type{});
+}
+
+// dK (scaled) and dV of one consumer thread's keys j and j + 8 (past S: not stored), columns c0 + 8 nn + 2t
+// (nn < NN), from the accumulators of wgmma m64nN.
+template <class T, int NN>
+__device__ __forceinline__ void bwd_sm90_store_dkdv(const AttnParams& p, const float (&acc_dk)[4 * NN],
+                                                    const float (&acc_dv)[4 * NN], int b, int hk, int j, int c0,
+                                                    int t) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int jj = j + 8 * hf;
+    if (jj >= p.S) continue;
+    T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + static_cast<int64_t>(hk) * p.dk_st.h + int64_t(jj) * p.dk_st.r;
+    T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + static_cast<int64_t>(hk) * p.dv_st.h + int64_t(jj) * p.dv_st.r;
+#pragma unroll
+    for (int nn = 0; nn < NN; ++nn) {
+      const int c = c0 + nn * 8 + 2 * t;
+      if (c < p.E) st2<T>(dk + c, acc_dk[nn * 4 + hf * 2] * p.scale, acc_dk[nn * 4 + hf * 2 + 1] * p.scale);
+      if (c < p.Ev) st2<T>(dv + c, acc_dv[nn * 4 + hf * 2], acc_dv[nn * 4 + hf * 2 + 1]);
+    }
+  }
+}
+
 // Consumer warpgroups at head dim 256. dK + dV of 64 keys x 256 columns are 256 floats per thread of one
 // warpgroup, so the block holds 64 keys and both consumers see all of them: consumer w keeps dK / dV columns
 // 128w..128w+127 (64 + 64 accumulators) and computes dQ columns 128w.. (m64n128, 64 accumulators). The small
@@ -144,8 +192,7 @@ __device__ __forceinline__ void bwd_sm90_consumer_d256(const AttnParams& p, uint
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kConsumers, kStages = Cfg::kStages;
   static_assert(BN == 64 && KTile::kBlockBytes == 64 * 128 && DsTile::kBytes == 64 * 64 * 2 && Cfg::kDsBuffers == 4,
                 "d256 tiles");
-  const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
-  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+  const int S = static_cast<int>(p.S);
   const int tid = threadIdx.x;
   const int wg = tid >> 7, wwarp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const float scale_log2 = p.scale * kLog2e;
@@ -256,41 +303,11 @@ __device__ __forceinline__ void bwd_sm90_consumer_d256(const AttnParams& p, uint
     if (lane == 0) mbar_arrive(bar_empty0 + 8 * st);  // this warp is done with the stage
 
     // dQ rows i0 + 16 wwarp + g + 8 hf, columns c0 + 8 nn + 2t: float2 atomics.
-    const int i_q = i0 + wwarp * 16 + g;
-    const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
-    float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c0 + 2 * t;
-    auto add_dq = [&](auto guarded) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        if (decltype(guarded)::value && i_q + 8 * hf >= L) continue;
-        float* d = dq0 + hf * 8 * p.E;
-#pragma unroll
-        for (int nn = 0; nn < 16; ++nn) {
-          if (decltype(guarded)::value && c0 + nn * 8 + 2 * t >= E) continue;
-          atomicAdd(reinterpret_cast<float2*>(d + nn * 8), make_float2(dq[nn * 4 + hf * 2], dq[nn * 4 + hf * 2 + 1]));
-        }
-      }
-    };
-    if (i0 + wwarp * 16 + 16 <= L && c0 + 128 <= E)
-      add_dq(std::false_type{});
-    else
-      add_dq(std::true_type{});
+    bwd_sm90_add_dq<16>(p, dq, static_cast<int64_t>(b) * p.hq + h, i0 + wwarp * 16, c0, g, t);
   }
 
   // dK (scaled) and dV of this thread's keys, columns c0..
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int j = j0 + key_r + 8 * hf;
-    if (j >= S) continue;
-    T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + static_cast<int64_t>(hk) * p.dk_st.h + int64_t(j) * p.dk_st.r;
-    T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + static_cast<int64_t>(hk) * p.dv_st.h + int64_t(j) * p.dv_st.r;
-#pragma unroll
-    for (int nn = 0; nn < 16; ++nn) {
-      const int c = c0 + nn * 8 + 2 * t;
-      if (c < E) st2<T>(dk + c, acc_dk[nn * 4 + hf * 2] * p.scale, acc_dk[nn * 4 + hf * 2 + 1] * p.scale);
-      if (c < Ev) st2<T>(dv + c, acc_dv[nn * 4 + hf * 2], acc_dv[nn * 4 + hf * 2 + 1]);
-    }
-  }
+  bwd_sm90_store_dkdv<T, 16>(p, acc_dk, acc_dv, b, hk, j0 + key_r, c0, t);
 #endif
 }
 
@@ -323,7 +340,6 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
   const int tid = threadIdx.x;
   const int G = static_cast<int>(p.hq / p.hkv);
   const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
-  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   const int n_blocks = (S + BN - 1) / BN;
   const int n_block = static_cast<int>(blockIdx.x % n_blocks);
   const int64_t bhk = blockIdx.x / n_blocks;
@@ -691,42 +707,11 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
 
     // dQ rows i0 + 16 wwarp + g + 8 hf, columns dq_c0 + 8 nn + 2t: float2 atomics. (float4 atomics after one
     // shuffle per 8 columns halve the atomic instructions but not the L2 sectors; measured slower, see NOTES-cuda.md.)
-    // A warp whose rows and columns are all in bounds adds without tests.
-    const int i_q = i0 + wwarp * 16 + g;
-    const int64_t bh = static_cast<int64_t>(b) * p.hq + h;
-    float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + dq_c0 + 2 * t;
-    auto add_dq = [&](auto guarded) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        if (decltype(guarded)::value && i_q + 8 * hf >= L) continue;
-        float* d = dq0 + hf * 8 * p.E;
-#pragma unroll
-        for (int nn = 0; nn < 8; ++nn) {
-          if (decltype(guarded)::value && dq_c0 + nn * 8 + 2 * t >= E) continue;
-          atomicAdd(reinterpret_cast<float2*>(d + nn * 8), make_float2(dq[nn * 4 + hf * 2], dq[nn * 4 + hf * 2 + 1]));
-        }
-      }
-    };
-    if (i0 + wwarp * 16 + 16 <= L && dq_c0 + 64 <= E)
-      add_dq(std::false_type{});
-    else
-      add_dq(std::true_type{});
+    bwd_sm90_add_dq<8>(p, dq, static_cast<int64_t>(b) * p.hq + h, i0 + wwarp * 16, dq_c0, g, t);
   }
 
   // dK (scaled) and dV of this thread's keys.
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int j = j0 + key_r + 8 * hf;
-    if (j >= S) continue;
-    T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + static_cast<int64_t>(hk) * p.dk_st.h + int64_t(j) * p.dk_st.r;
-    T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + static_cast<int64_t>(hk) * p.dv_st.h + int64_t(j) * p.dv_st.r;
-#pragma unroll
-    for (int nn = 0; nn < D / 8; ++nn) {
-      const int c = nn * 8 + 2 * t;
-      if (c < E) st2<T>(dk + c, acc_dk[nn * 4 + hf * 2] * p.scale, acc_dk[nn * 4 + hf * 2 + 1] * p.scale);
-      if (c < Ev) st2<T>(dv + c, acc_dv[nn * 4 + hf * 2], acc_dv[nn * 4 + hf * 2 + 1]);
-    }
-  }
+  bwd_sm90_store_dkdv<T, D / 8>(p, acc_dk, acc_dv, b, hk, j0 + key_r, 0, t);
 #endif
 }
 
