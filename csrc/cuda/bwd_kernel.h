@@ -1,6 +1,7 @@
 // FlashAttention-2-style backward kernels (tensor cores through mma.sync; float inputs in split TF32, mma.h).
 //
-//   bwd_delta_kernel  Delta_i = rowsum(dO_i * O_i) (float32), one warp per row.
+//   bwd_delta_kernel  Delta_i = rowsum(dO_i * O_i) (float32), one warp per row; it also zeroes the row of dq_accum
+//                     (when there is one) that the main loop's atomics add into: no separate fill kernel.
 //   bwd_kernel        (float32; 16-bit head dims run bwd_wide.h, both kinds)
 //                     one block per (key block, batch * kv head). Each warp owns 16 keys and works on transposed
 //                     scores, so the key-indexed gradients stay in registers for the whole block (head dims above
@@ -41,6 +42,10 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const __grid_constant__ 
 #pragma unroll
   for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
   if (lane == 0) delta[row] = acc;
+  if (p.dq_accum != nullptr) {
+    float* dq = p.dq_accum + row * p.E;
+    for (int64_t c = lane; c < p.E; c += 32) dq[c] = 0.f;
+  }
 }
 
 template <class T, int D, bool kGeneral>

@@ -116,6 +116,15 @@ struct BwdSm90Cfg {
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
 };
 
+// Bytes of a and b (a's bytes 0..3, b's 4..7) picked by the four 4-bit selectors of sel (prmt's generic form); a
+// selector with bit 3 set gives 0xff or 0 by the picked byte's bit 7 (sign replication), which turns a byte whose
+// bit 7 flags "allowed" into the consumers' 0xff / 0 in the same instruction.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
 // 16-byte slot of consumer thread x in each quarter of a stage's mask (see kBitsBytes): bit 2 flipped in odd warps,
 // so that the producer's stores of one phase (lanes t = 0..3 of two adjacent warps) hit 8 different bank groups.
 __device__ __forceinline__ int mask_slot(int x) { return x ^ ((x >> 3) & 4); }
@@ -408,18 +417,23 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     // head, and a full tile needs no loads (padding masks: every tile is full or empty). It is read from global
     // memory when needed; other masks stream through the raw buffers (kRawBufs), one step ahead.
     const bool staged = has_mask && !one_row;
-    // Copies of the tile (head h, first row i0) into raw buffer buf: rows past L and chunks past S are not
-    // copied, a chunk partly past S only up to S (the rest zero-filled); then the group is closed (empty past the
-    // last step, so that the wait below counts groups uniformly).
+    // Copies of the tile (head h, first row i0) into raw buffer buf, a chunk partly past S only up to S; rows past
+    // L and chunks past S copy nothing and are zero-filled, so that they read back as masked (no bounds test in the
+    // scan). Then the group is closed (empty past the last step, so that the wait below counts groups uniformly).
+    const unsigned char* mask0 = static_cast<const unsigned char*>(p.mask);  // (the source of empty copies)
     auto raw_copy = [&](bool valid, int h, int i0, int buf) {
-      if (valid && chunk_bytes > 0) {
+      if (valid) {
         const unsigned char* src = mbase + h * mst_h + (i0 + r0) * mst_r;
         const int rows_left = L - i0 - r0;  // rows r0 + k with k < rows_left exist
         const uint32_t off = buf * Cfg::kRawBytes;
-        if (rows_left > 0) cp_async16_partial(raw_a + off, src, chunk_bytes);
-        if (rows_left > 1) cp_async16_partial(raw_b + off, src + mst_r, chunk_bytes);
-        if (rows_left > 8) cp_async16_partial(raw_a + off + 8 * BN, src + 8 * mst_r, chunk_bytes);
-        if (rows_left > 9) cp_async16_partial(raw_b + off + 8 * BN, src + 9 * mst_r, chunk_bytes);
+        auto copy = [&](uint32_t dst, int k) {
+          const int bytes = rows_left > k ? chunk_bytes : 0;
+          cp_async16_partial(dst, bytes > 0 ? src + k * mst_r : mask0, bytes);
+        };
+        copy(raw_a + off, 0);
+        copy(raw_b + off, 1);
+        copy(raw_a + off + 8 * BN, 8);
+        copy(raw_b + off + 8 * BN, 9);
       }
       cp_async_commit();
     };
@@ -450,16 +464,17 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
       bool full = true;
       if (has_mask && (!one_row || head_start || !head_full)) {
         // (else: a full tile of a row-broadcast mask; nothing to read)
-        // f[r][w]: bytes 0xff / 0 (allowed / masked or out of bounds) of keys 16 mc + 4w.. of tile row
-        // r0 + (r & 1) + 8 (r >> 1).
-        uint32_t f[4][4];
-        uint32_t any_or = 0u, all_and = 0xffffffffu;  // over the in-bounds elements of this thread
+        // x[r][w]: bit 7 of byte e set iff key 16 mc + 4w + e of tile row r0 + (r & 1) + 8 (r >> 1) is allowed and in
+        // bounds (the byte is nonzero: its low 7 bits carry into bit 7 when added to 0x7f, or bit 7 is set itself; no
+        // carry crosses a byte). The other bits are not looked at: the stores below replicate bit 7 over the byte.
+        uint32_t x[4][4];
+        uint32_t any_or = 0u, all_and = 0xffffffffu;  // bit 7 of each byte: some / every element (past S: passes)
         const int rows_left = chunk_bytes > 0 ? L - i0 - r0 : 0;
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int k = (r & 1) + 8 * (r >> 1);
           uint32_t q[4] = {0u, 0u, 0u, 0u};
-          if (staged) {
+          if (staged) {  // (rows past L and chunks past S were zero-filled by the copies)
             const uint4 v = *reinterpret_cast<const uint4*>(
                 smem_ptr((r & 1 ? raw_b : raw_a) + (step & 1) * Cfg::kRawBytes + (r >> 1) * 8 * BN));
             q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
@@ -476,14 +491,11 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
                   if (4 * w + e < chunk_bytes) q[w] |= static_cast<uint32_t>(src[4 * w + e] != 0) << (8 * e);
             }
           }
-          const bool in = rows_left > k;  // (a staged row past L holds stale bytes: cleared here)
 #pragma unroll
           for (int w = 0; w < 4; ++w) {
-            // Bit 7 of each byte set iff the byte is nonzero, then spread over the byte (no carries: 0 or 1 x 255).
-            const uint32_t nz = ((((q[w] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[w]) & 0x80808080u) >> 7;
-            f[r][w] = in ? nz * 0xffu : 0u;
-            any_or |= f[r][w];
-            all_and &= in ? f[r][w] | oob[w] : 0xffffffffu;
+            x[r][w] = ((q[w] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[w];
+            any_or |= x[r][w];
+            all_and &= x[r][w] | oob[w];
           }
         }
         {  // into buffer n % kMaskBufs before the barriers (a dropped tile's is overwritten by the next)
@@ -495,22 +507,25 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
           uint4* dst_o = dst + mc * 32 + mt - 4 * flip;  // g odd:  x0 + 4g - 4 flip
 #pragma unroll
           for (int g = 0; g < 8; ++g) {
-            // Key g (word g / 4, byte g % 4) and key g + 8 (word 2 + g / 4); low half: the even row of each pair.
-            const uint32_t sel = (g & 3) * 0x1111u + 0x4400u;
+            // Key g (word g / 4, byte g % 4) and key g + 8 (word 2 + g / 4), 0xffff / 0 for each of the two rows of
+            // a pair (the low half: the even row), bit 7 replicated (selectors 0x8..0xf).
+            const uint32_t sel = (g & 3) * 0x1111u + 0xcc88u;
             const int w = g >> 2;
             (g & 1 ? dst_o : dst_e)[4 * g] =
-                make_uint4(__byte_perm(f[0][w], f[1][w], sel), __byte_perm(f[0][2 + w], f[1][2 + w], sel),
-                           __byte_perm(f[2][w], f[3][w], sel), __byte_perm(f[2][2 + w], f[3][2 + w], sel));
+                make_uint4(prmt(x[0][w], x[1][w], sel), prmt(x[0][2 + w], x[1][2 + w], sel),
+                           prmt(x[2][w], x[3][w], sel), prmt(x[2][2 + w], x[3][2 + w], sel));
           }
         }
-        if (!named_barrier_or(2, 128, any_or != 0u)) {  // no element of this tile may be seen: drop it
+        // A tile with rows past L is never "full" (those rows read as masked): it only costs the consumers the
+        // mask AND on the last row tile.
+        if (!named_barrier_or(2, 128, (any_or & 0x80808080u) != 0u)) {  // no element of this tile may be seen: drop it
           if (one_row) {  // nor any tile of this head
             step += q_tiles - 1 - (i0 / BM - q_first);  // (then ++step: the next head's first tile)
             hs = h + 1, qs = q_first;
           }
           continue;
         }
-        full = named_barrier_and(2, 128, all_and == 0xffffffffu);
+        full = named_barrier_and(2, 128, (all_and & 0x80808080u) == 0x80808080u);
         if (one_row && head_start) head_full = full;
       }
       const int st = n % kStages;

@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   // dQ: float32 atomics into dq_accum, or (deterministic) written once per element by its own pass.
   at::Tensor dq_accum, dq;
   if (deterministic) dq = at::empty({c.B, c.Hq, c.L, c.E}, q.options());
-  else dq_accum = at::zeros({c.B, c.Hq, c.L, c.E}, q.options().dtype(at::kFloat));
+  else dq_accum = at::empty({c.B, c.Hq, c.L, c.E}, q.options().dtype(at::kFloat));  // zeroed by the Delta pre-pass
 
   AttnParams p = make_params(c, q4, k4, v4, sinks_f, dropout_p, causal, scale, rng);
   bind_forward(p, o4, lse_f);
@@ -170,7 +170,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   if (wants_dmask) mg = plan_mask_grad(c, q, *mask, deterministic, p);
   C10_CUDA_CHECK(launch_bwd(p, delta.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
 
-  if (!deterministic) dq = dq_accum.mul_(scale).to(q.scalar_type());
+  if (!deterministic) {
+    dq = q.scalar_type() == at::kFloat ? dq_accum : at::empty(dq_accum.sizes(), q.options());
+    C10_CUDA_CHECK(launch_dq_finish(dq_accum.data_ptr<float>(), dq.data_ptr(), p.dtype, dq_accum.numel(), p.scale,
+                                    at::cuda::getCurrentCUDAStream()));
+  }
   // d lse / d sink_h = p_sink, the sink's probability; Delta_i p_sink_i per row (B, Hq, L).
   at::Tensor sink_rows;
   if (sinks) sink_rows = (sinks_f->view({1, c.Hq, 1}) - lse_f.view({c.B, c.Hq, c.L})).exp_().mul_(delta);

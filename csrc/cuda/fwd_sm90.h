@@ -400,14 +400,27 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   // Scale, mask and online softmax of S in place (s then holds P in fp32, dropout applied); the factor that
   // rescales O is returned per row half and applied by the caller once O is no longer being accumulated into.
   // kPath: a constant at every call (main_loop's template argument), folded once the call is inlined.
+  // With a positive scale (every real call: 1 / sqrt(E) by default) the tests and the row max run on the unscaled
+  // S and the scale enters the exponent's FFMA: max(s c) = c max(s) exactly for c > 0 (rounding is monotone), and
+  // -inf c = -inf. That saves an FMUL per element (and the select no longer waits for one): the bool-mask
+  // consumers ran 619 instructions per tile and warp against 496 without a mask, 64 of them this FMUL (ncu,
+  // NOTES-cuda.md). A zero, negative or NaN scale (-inf 0 is NaN; a negative scale reverses the max) scales first.
+  const bool raw_scale = scale_log2 > 0.f;
   auto softmax = [&](const int kPath, float (&s)[BN / 2], int tile, const uint32_t (&bits)[2][4],
                      float (&alpha)[2]) {
     const int j0 = tile * BN;
-    // Scale to log2 units and apply this tile's per-element test. The kind of test is chosen once per tile and
-    // warp (uniform branches around straight-line code): a test chosen inside the element loop put branches and
-    // reconvergence points between the elements, and ptxas then ran them one after another (SASS of s7: ~10
-    // instructions and a BSSY/BSYNC per element, ~2400 static instructions per 64-key tile; the plain kind's
-    // tile is ~450 for 128 keys).
+    // The factor still to apply in the exponent (1: s is already in log2 units).
+    const bool raw = kPath != kPathElementwise && raw_scale;
+    const float c = raw ? scale_log2 : 1.f;
+    if (kPath != kPathElementwise && !raw) {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) s[i] *= scale_log2;
+    }
+    // This tile's per-element test (the elementwise path also scales to log2 units and adds the bias). The kind of
+    // test is chosen once per tile and warp (uniform branches around straight-line code): a test chosen inside the
+    // element loop put branches and reconvergence points between the elements, and ptxas then ran them one after
+    // another (SASS of s7: ~10 instructions and a BSSY/BSYNC per element, ~2400 static instructions per 64-key
+    // tile; the plain kind's tile is ~450 for 128 keys).
     if (kPath == kPathElementwise) {
       // Masks read from global memory element by element (additive, or bool rows not 16-byte aligned). The row
       // offsets are recomputed here rather than kept live through the loop (registers).
@@ -438,7 +451,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          s[n * 4 + i] = (bits[i >> 1][n >> 2] >> (8 * (n & 3) + (i & 1))) & 1u ? s[n * 4 + i] * scale_log2 : -INFINITY;
+          s[n * 4 + i] = (bits[i >> 1][n >> 2] >> (8 * (n & 3) + (i & 1))) & 1u ? s[n * 4 + i] : -INFINITY;
         }
       }
     } else if (!mask_staged && j0 + BN > n_full) {
@@ -448,19 +461,16 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int j = j0 + n * 8 + 2 * t + (i & 1);
-          s[n * 4 + i] = j < row_lim[i >> 1] ? s[n * 4 + i] * scale_log2 : -INFINITY;
+          s[n * 4 + i] = j < row_lim[i >> 1] ? s[n * 4 + i] : -INFINITY;
         }
       }
-    } else {
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) s[i] *= scale_log2;
     }
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       float mx = -INFINITY;
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n * 4 + hf * 2], s[n * 4 + hf * 2 + 1]));
-      mx = warp_max4(mx);
+      mx = warp_max4(mx) * c;  // in log2 units
       const float m_new = fmaxf(m_run[hf], mx);
       // Fully-masked-so-far guard: with every logit -inf, shift by 0 so exp2 gives 0 rather than NaN.
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
@@ -469,8 +479,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       float rs = 0.f;
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) {
-        const float p0 = exp2f(s[n * 4 + hf * 2] - m_use);
-        const float p1 = exp2f(s[n * 4 + hf * 2 + 1] - m_use);
+        const float p0 = exp2f(fmaf(s[n * 4 + hf * 2], c, -m_use));
+        const float p1 = exp2f(fmaf(s[n * 4 + hf * 2 + 1], c, -m_use));
         rs += p0 + p1;  // the denominator counts every key; dropout scales only what reaches P V
         s[n * 4 + hf * 2] = p0;
         s[n * 4 + hf * 2 + 1] = p1;

@@ -23,9 +23,13 @@ int bwd_tile_rows(int64_t head_dim, ScalarKind dtype);
 
 // Forward: out, lse (and o_partial / lse_partial when num_splits > 1, followed by the merge).
 cudaError_t launch_fwd(const AttnParams& p, const FwdPlan& plan, cudaStream_t stream);
-// Backward: Delta into `delta` (batch*hq*L floats), then dK, dV and dq_accum (zeroed by the caller), or with
+// Backward: Delta into `delta` (batch*hq*L floats) and zeros into dq_accum, then dK, dV and dq_accum, or with
 // p.deterministic dq directly (no dq_accum); dmask when p.dmask is set (zeroed by the caller).
 cudaError_t launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream);
+// dQ = dq_accum * scale rounded to `dtype`, one pass over the n contiguous elements (dq may be dq_accum itself for
+// float). Both 16-byte aligned.
+cudaError_t launch_dq_finish(const float* dq_accum, void* dq, ScalarKind dtype, int64_t n, float scale,
+                             cudaStream_t stream);
 
 // One variant (instantiated once each, in the files generated from csrc/cuda/variants.py).
 template <class T, int D, int kKind>
