@@ -116,15 +116,6 @@ struct BwdSm90Cfg {
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
 };
 
-// Bytes of a and b (a's bytes 0..3, b's 4..7) picked by the four 4-bit selectors of sel (prmt's generic form); a
-// selector with bit 3 set gives 0xff or 0 by the picked byte's bit 7 (sign replication), which turns a byte whose
-// bit 7 flags "allowed" into the consumers' 0xff / 0 in the same instruction.
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-  return r;
-}
-
 // 16-byte slot of consumer thread x in each quarter of a stage's mask (see kBitsBytes): bit 2 flipped in odd warps,
 // so that the producer's stores of one phase (lanes t = 0..3 of two adjacent warps) hit 8 different bank groups.
 __device__ __forceinline__ int mask_slot(int x) { return x ^ ((x >> 3) & 4); }
@@ -465,24 +456,32 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
       if (has_mask && (!one_row || head_start || !head_full)) {
         // (else: a full tile of a row-broadcast mask; nothing to read)
         // x[r][w]: bit 7 of byte e set iff key 16 mc + 4w + e of tile row r0 + (r & 1) + 8 (r >> 1) is allowed and in
-        // bounds (the byte is nonzero: its low 7 bits carry into bit 7 when added to 0x7f, or bit 7 is set itself; no
-        // carry crosses a byte). The other bits are not looked at: the stores below replicate bit 7 over the byte.
+        // bounds; the other bits are not looked at (the stores below replicate bit 7 over the byte). A bool tensor
+        // holds bytes 0 and 1: x = q << 7, and the verdicts test bit 0 of the raw bytes. A byte above 1 (a mask
+        // written through another dtype's view) shows in the OR of the raw words; the staged rows are then read again
+        // and each byte tested for nonzero (bit 7 set iff its low 7 bits carry into bit 7 when added to 0x7f, or bit 7
+        // is set itself; no carry crosses a byte). The row-broadcast path gives 0 / 1 bytes itself.
         uint32_t x[4][4];
-        uint32_t any_or = 0u, all_and = 0xffffffffu;  // bit 7 of each byte: some / every element (past S: passes)
+        uint32_t any_or = 0u, all_and = 0xffffffffu;  // bit 0 of each byte: some / every element (past S: passes)
         const int rows_left = chunk_bytes > 0 ? L - i0 - r0 : 0;
+        auto raw_row = [&](int r) {  // staged row r of this thread's chunk
+          return *reinterpret_cast<const uint4*>(
+              smem_ptr((r & 1 ? raw_b : raw_a) + (step & 1) * Cfg::kRawBytes + (r >> 1) * 8 * BN));
+        };
+        auto nonzero7 = [](uint32_t v) { return ((v & 0x7f7f7f7fu) + 0x7f7f7f7fu) | v; };
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int k = (r & 1) + 8 * (r >> 1);
           uint32_t q[4] = {0u, 0u, 0u, 0u};
           if (staged) {  // (rows past L and chunks past S were zero-filled by the copies)
-            const uint4 v = *reinterpret_cast<const uint4*>(
-                smem_ptr((r & 1 ? raw_b : raw_a) + (step & 1) * Cfg::kRawBytes + (r >> 1) * 8 * BN));
+            const uint4 v = raw_row(r);
             q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
           } else if (rows_left > k) {  // one row for all (mask_st.r == 0): read where it is
             const unsigned char* src = mbase + h * mst_h;
             if (chunk_bytes == 16) {
               const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
-              q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
+              q[0] = (nonzero7(v.x) >> 7) & 0x01010101u, q[1] = (nonzero7(v.y) >> 7) & 0x01010101u;
+              q[2] = (nonzero7(v.z) >> 7) & 0x01010101u, q[3] = (nonzero7(v.w) >> 7) & 0x01010101u;
             } else {  // the block's last chunk, partly past S: the bytes inside only
 #pragma unroll
               for (int w = 0; w < 4; ++w)
@@ -493,9 +492,23 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
           }
 #pragma unroll
           for (int w = 0; w < 4; ++w) {
-            x[r][w] = ((q[w] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[w];
-            any_or |= x[r][w];
-            all_and &= x[r][w] | oob[w];
+            x[r][w] = q[w] << 7;
+            any_or |= q[w];
+            all_and &= q[w] | oob[w];
+          }
+        }
+        if (staged && (any_or & 0xfefefefeu) != 0u) {
+          any_or = 0u, all_and = 0xffffffffu;
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const uint4 v = raw_row(r);
+            const uint32_t q[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+              x[r][w] = nonzero7(q[w]);
+              any_or |= x[r][w] >> 7;
+              all_and &= (x[r][w] >> 7) | oob[w];
+            }
           }
         }
         {  // into buffer n % kMaskBufs before the barriers (a dropped tile's is overwritten by the next)
@@ -518,14 +531,14 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
         }
         // A tile with rows past L is never "full" (those rows read as masked): it only costs the consumers the
         // mask AND on the last row tile.
-        if (!named_barrier_or(2, 128, (any_or & 0x80808080u) != 0u)) {  // no element of this tile may be seen: drop it
+        if (!named_barrier_or(2, 128, (any_or & 0x01010101u) != 0u)) {  // no element of this tile may be seen: drop it
           if (one_row) {  // nor any tile of this head
             step += q_tiles - 1 - (i0 / BM - q_first);  // (then ++step: the next head's first tile)
             hs = h + 1, qs = q_first;
           }
           continue;
         }
-        full = named_barrier_and(2, 128, (all_and & 0x80808080u) == 0x80808080u);
+        full = named_barrier_and(2, 128, (all_and & 0x01010101u) == 0x01010101u);
         if (one_row && head_start) head_full = full;
       }
       const int st = n % kStages;
@@ -596,7 +609,6 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     const int4 tile = tile_of_stage[st];
     if (tile.x < 0) break;
     const int h = tile.x, i0 = tile.y;
-
     float s[32], dp[32];
     wgmma_fence();
 #pragma unroll
@@ -633,8 +645,17 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     }
     const float* lse2 = row_vals + st * 2 * BM;
     uint32_t pa[4][4], da[4][4];
+    // Bool mask (general kind, a tile not wholly allowed; bounds included): P^T and dS^T are 0 where it is clear
+    // (whatever exp2 gave there, inf included). The mask words of k16 step c are loaded before its exp2s, so that
+    // their latency hides behind them: loaded where they were used, after all the exp2s, the loads sat on the path
+    // to the dS^T stores; all 16 words loaded before the exp2s spilled 5 registers there.
+    const bool masked = has_mask && !tile.z;
+    const uint4* mw =
+        reinterpret_cast<const uint4*>(bits0 + (n % Cfg::kMaskRing) * (Cfg::kBitsBytes / 4)) + mask_slot(tid);
+    uint4 mword = make_uint4(~0u, ~0u, ~0u, ~0u);
 #pragma unroll
     for (int nn = 0; nn < 8; ++nn) {
+      if (has_mask && (nn & 1) == 0 && masked) mword = mw[256 * (nn >> 1)];
       const float2 l2 = *reinterpret_cast<const float2*>(lse2 + nn * 8 + 2 * t);
       const float2 dl = *reinterpret_cast<const float2*>(lse2 + BM + nn * 8 + 2 * t);
       float pr[4], ds[4];
@@ -646,24 +667,17 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
         ds[hf * 2 + 1] = pr[hf * 2 + 1] * (dp[nn * 4 + hf * 2 + 1] - dl.y);
       }
       // A fragment of k16 step nn / 2: (row g, queries 2t..) in registers 0 / 2, (row g + 8, ..) in 1 / 3.
+      // Word r of the step's mask masks register r.
+      const uint32_t m_lo = (nn & 1) ? mword.z : mword.x, m_hi = (nn & 1) ? mword.w : mword.y;
       pa[nn >> 1][(nn & 1) * 2] = pack2<T>(pr[0], pr[1]);
       pa[nn >> 1][(nn & 1) * 2 + 1] = pack2<T>(pr[2], pr[3]);
       da[nn >> 1][(nn & 1) * 2] = pack2<T>(ds[0], ds[1]);
       da[nn >> 1][(nn & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
-    }
-    if (has_mask && !tile.z) {
-      // Bool mask (bounds included): P^T and dS^T are 0 where it is clear (whatever exp2 gave there, inf included).
-      const uint4* mw =
-          reinterpret_cast<const uint4*>(bits0 + (n % Cfg::kMaskRing) * (Cfg::kBitsBytes / 4)) + mask_slot(tid);
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const uint4 m = mw[256 * c];
-        const uint32_t mm[4] = {m.x, m.y, m.z, m.w};
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          pa[c][r] &= mm[r];
-          da[c][r] &= mm[r];
-        }
+      if (has_mask) {
+        pa[nn >> 1][(nn & 1) * 2] &= m_lo;
+        pa[nn >> 1][(nn & 1) * 2 + 1] &= m_hi;
+        da[nn >> 1][(nn & 1) * 2] &= m_lo;
+        da[nn >> 1][(nn & 1) * 2 + 1] &= m_hi;
       }
     }
     // dS^T to shared memory (buffer n % 2): row key_r + 8 hf, 16-byte chunk nn (queries 8nn..) swizzled by the

@@ -245,6 +245,11 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       };
       prefetch(t_begin, 0);
       prefetch(t_begin + 1, 1);
+      // V of the last published tile, still to be loaded (thread 0; -1: none). It is published once thread 0 has
+      // scanned its row of the next tile: its wait for the V stage (released only when the P V two tiles back is
+      // done, a step after the K stage) then no longer delays that scan and, through the barrier below, the next
+      // K. The consumers read V(n) a step after K(n + 1), which is published after it.
+      int v_tile = -1, v_n = 0;
       int slot = 0;
       for (int tile = t_begin; tile < t_end; ++tile, slot = slot == 2 ? 0 : slot + 1) {
         prefetch(tile + 2, slot == 0 ? 2 : slot - 1);
@@ -254,22 +259,45 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
         if (one_row) named_barrier(3, 128);
         const unsigned char* src = scan0 + slot * Cfg::kScanBytes + row_off;
         uint32_t word[4] = {0u, 0u, 0u, 0u};  // bit k of word w: key 32w + k of the tile
+        // A bool tensor holds bytes 0 and 1. Keys 8i..8i+7 (words lo, hi of a chunk) then pack with one multiply:
+        // z = lo + (hi << 4) has key k (< 4) at bit 8k and key 4 + k at bit 8k + 4, and z * (2^24 + 2^17 + 2^10 + 2^3)
+        // moves them to bits 24 + k and 28 + k (term 2^(24 - 7k) for byte k; every other partial product lands on its
+        // own bit below 24 or past 31, so nothing carries into the top byte). 3 instructions per 8 keys and 3 prmt
+        // per word, against 12 per 8 keys for the general byte test below, which runs only when some byte of the
+        // row's tile is neither 0 nor 1 (a mask written through another dtype's view): it packs again, normalized.
+        // pack(normalize): the row's bits into word; with normalize, each byte first becomes 0 / 1 by whether it is
+        // nonzero (bit 7 set iff nonzero: no carry crosses a byte, 0x7f + 0x7f < 0x100). Returns the OR of the words
+        // it packed: bits 1..7 of a byte show a byte above 1.
+        auto pack = [&](auto normalize) {
+          uint32_t ored = 0u;
 #pragma unroll
-        for (int c = 0; c < kChunks; ++c) {
-          const uint4 w = *reinterpret_cast<const uint4*>(src + ((c ^ sw) << 4));
-          const uint32_t q[4] = {w.x, w.y, w.z, w.w};
+          for (int ww = 0; ww < kChunks / 2; ++ww) {  // chunks 2ww, 2ww + 1: keys 32ww..
+            uint32_t grp[4];                          // keys 32ww + 8i.. in the top byte of grp[i]
 #pragma unroll
-          for (int qq = 0; qq < 4; ++qq) {
-            // Bit 7 of each byte set iff the byte is nonzero (no carry crosses a byte: 0x7f + 0x7f < 0x100), then
-            // bits 7, 15, 23, 31 gathered into bits 28..31 by one multiply (the other partial products stay below
-            // bit 24): 6 instructions per 4 keys (the byte compare + permute it replaces took 11).
-            const uint32_t nz = (((q[qq] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[qq]) & 0x80808080u;
-            word[c >> 1] |= ((nz * 0x00204081u) >> 28) << (16 * (c & 1) + 4 * qq);
+            for (int h = 0; h < 2; ++h) {
+              const uint4 w = *reinterpret_cast<const uint4*>(src + (((2 * ww + h) ^ sw) << 4));
+              uint32_t q[4] = {w.x, w.y, w.z, w.w};
+              if constexpr (decltype(normalize)::value) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) q[i] = ((((q[i] & 0x7f7f7f7fu) + 0x7f7f7f7fu) | q[i]) >> 7) & 0x01010101u;
+              }
+              ored |= q[0] | q[1];
+              ored |= q[2] | q[3];
+              grp[2 * h] = (q[0] + (q[1] << 4)) * 0x01020408u;
+              grp[2 * h + 1] = (q[2] + (q[3] << 4)) * 0x01020408u;
+            }
+            word[ww] = prmt(prmt(grp[0], grp[1], 0x0073u), prmt(grp[2], grp[3], 0x7300u), 0x7610u);
           }
-        }
+          return ored;
+        };
+        if ((pack(std::false_type{}) & 0xfefefefeu) != 0u) pack(std::true_type{});
         if (one_row && pr >= rows) {  // rows past the end see no key (the per-row loads never load theirs)
 #pragma unroll
           for (int ww = 0; ww < 4; ++ww) word[ww] = 0u;
+        }
+        if (ptid == 0 && v_tile >= 0) {
+          publish_v(v_tile, v_n % kStages, v_n);
+          v_tile = -1;
         }
         const bool any = (word[0] | word[1] | word[2] | word[3]) != 0u;
         if (!named_barrier_or(1, 128, any)) continue;  // no row of the block may see this tile: drop it
@@ -279,13 +307,15 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
             make_uint4(word[0], word[1], word[2], word[3]);
         if (ptid == 0) {  // every producer thread arrives once it has written its row
           publish_k(tile, st);
-          publish_v(tile, st, n);
+          v_tile = tile;
+          v_n = n;
         } else {
           mbar_arrive(bar_full0 + 8 * st);
         }
         ++n;
       }
       cp_async_wait<0>();
+      if (ptid == 0 && v_tile >= 0) publish_v(v_tile, v_n % kStages, v_n);
       // End of the stream: every producer thread arrives on the sentinel stage's full barrier.
       const int st = n % kStages;
       if (n >= kStages) mbar_wait(bar_empty0 + 8 * st, (n / kStages - 1) & 1);

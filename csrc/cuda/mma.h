@@ -171,6 +171,15 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
   const int n = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
+// Bytes of a and b (a's bytes 0..3, b's 4..7) picked by the four 4-bit selectors of sel (prmt's generic form); a
+// selector with bit 3 set gives 0xff or 0 by the picked byte's bit 7 (sign replication). The mask producers use it to
+// pack bytes (fwd_sm90.h) and to widen flags into 16-bit lanes (bwd_sm90.h).
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
 // 16-byte copy of which only the first `bytes` (0..16) are read; the rest of the destination is zero-filled.
 __device__ __forceinline__ void cp_async16_partial(uint32_t dst, const void* src, int bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
