@@ -47,9 +47,11 @@ namespace sdpax {
 namespace cuda {
 
 // Tensor maps of Q, dO (boxes of 64 columns x 64 rows) and K, V (64 columns x 128 keys), 4-D (column, row, head,
-// batch), 128-byte swizzle, zero fill past the ends; encoded by the host (launch_bwd_sm90.h).
+// batch), 128-byte swizzle, zero fill past the ends; encoded by the host (launch_bwd_sm90.h). General kind with a
+// mask that has rows (mask_st.r != 0): the bool mask as bytes (key, row, head, batch; a broadcast head or batch dim
+// has size 1), boxes of 128 keys x 64 rows.
 struct BwdTmaMaps {
-  CUtensorMap q, dout, k, v;
+  CUtensorMap q, dout, k, v, mask;
 };
 
 // Whether the general kind of the sm90 backward takes this call: a bool mask with contiguous keys and 16-byte
@@ -97,17 +99,18 @@ struct BwdSm90Cfg {
   // publish the tile right after that wait. (ptxas spills ~100 bytes in the producer at 48 registers either way.)
   static constexpr int kMaskBufs = kGeneral ? kStages + 1 : 0;
   static constexpr int kMaskRing = kMaskBufs > 0 ? kMaskBufs : 1;  // n % kMaskRing: no "% 0" in the plain kind
-  // The producer's raw mask rows (kBM rows x kBN bytes, as in memory; 16-byte chunk c of row r at c ^ (r % 8)),
-  // copied by cp.async one step ahead into two buffers: a tile's load latency hides behind the previous tile's wait
-  // for a free stage. (Loaded when needed, the four row loads of a tile were four L2 round trips on the producer's
-  // path: ncu showed the consumers waiting for a full stage 40% of the time with a dense bool mask.)
+  // The producer's raw mask rows (kBM rows x kBN bytes, as in memory; 16-byte chunk c of row r at c ^ (r % 8): the
+  // TMA's 128-byte swizzle), one tensor copy per tile issued one step ahead into two buffers, each with its own full
+  // barrier: a tile's load latency hides behind the previous tile's wait for a free stage. (Loaded when needed, the
+  // four row loads of a tile were four L2 round trips on the producer's path: ncu showed the consumers waiting for a
+  // full stage 40% of the time with a dense bool mask. Then by cp.async, 4 copies per producer thread and tile.)
   static constexpr int kRawBytes = kGeneral ? kBM * kBN : 0;
   static constexpr int kRawBufs = kGeneral ? 2 : 0;
   // K, V, the Q / dO stages, two dS^T buffers (a consumer writes step n + 1's while the other may still read step n's:
   // one barrier per step suffices), lse2 / Delta per stage (64 floats each), kMaskBufs mask buffers, kRawBufs raw mask
   // buffers, mbarriers and the (head, first row, full) of each stage, and 1024 bytes of slack for the alignment of the
   // swizzle atoms.
-  static constexpr int kBarBytes = (2 * kStages + 2) * 8 + kStages * 16;
+  static constexpr int kBarBytes = (2 * kStages + 2) * 8 + kStages * 16 + kRawBufs * 8;
   // dS^T buffers; d256 adds two P^T buffers after them (bwd_sm90_consumer_d256).
   static constexpr int kDsBuffers = D == 256 ? 4 : 2;
   static constexpr int kSmem = 2 * KTile::kBytes + kStages * kStageBytes + kDsBuffers * DsTile::kBytes +
@@ -336,6 +339,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
   uint32_t* bits0 = reinterpret_cast<uint32_t*>(smem_ptr(sBits0));
   // (head, first row, whether every element of the tile in bounds is allowed (general kind), -); head -1: the end
   int4* tile_of_stage = reinterpret_cast<int4*>(smem_ptr(bar_kv + 16));
+  const uint32_t bar_raw0 = bar_kv + 16 + kStages * 16;  // full barrier of raw mask buffer x at + 8 x
 
   const int tid = threadIdx.x;
   const int G = static_cast<int>(p.hq / p.hkv);
@@ -365,6 +369,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
       mbar_init(bar_empty0 + 8 * st, 8);   // one arrival per consumer warp
     }
     mbar_init(bar_kv, 1);
+    for (int x = 0; x < Cfg::kRawBufs; ++x) mbar_init(bar_raw0 + 8 * x, 1);
     mbar_init_fence();
   }
   __syncthreads();
@@ -392,7 +397,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     const int r0 = 16 * rq + 2 * mt;
     const int j = j0 + mc * 16;  // this thread's first key
     const unsigned char* mbase = static_cast<const unsigned char*>(p.mask) + static_cast<int64_t>(b) * p.mask_st.b + j;
-    const int64_t mst_r = p.mask_st.r, mst_h = p.mask_st.h;
+    const int64_t mst_h = p.mask_st.h;
     // Bytes past S of this thread's chunk (0xff; zero in the loaded words), and how many bytes it copies.
     uint32_t oob[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
@@ -408,30 +413,18 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     // head, and a full tile needs no loads (padding masks: every tile is full or empty). It is read from global
     // memory when needed; other masks stream through the raw buffers (kRawBufs), one step ahead.
     const bool staged = has_mask && !one_row;
-    // Copies of the tile (head h, first row i0) into raw buffer buf, a chunk partly past S only up to S; rows past
-    // L and chunks past S copy nothing and are zero-filled, so that they read back as masked (no bounds test in the
-    // scan). Then the group is closed (empty past the last step, so that the wait below counts groups uniformly).
-    const unsigned char* mask0 = static_cast<const unsigned char*>(p.mask);  // (the source of empty copies)
-    auto raw_copy = [&](bool valid, int h, int i0, int buf) {
-      if (valid) {
-        const unsigned char* src = mbase + h * mst_h + (i0 + r0) * mst_r;
-        const int rows_left = L - i0 - r0;  // rows r0 + k with k < rows_left exist
-        const uint32_t off = buf * Cfg::kRawBytes;
-        auto copy = [&](uint32_t dst, int k) {
-          const int bytes = rows_left > k ? chunk_bytes : 0;
-          cp_async16_partial(dst, bytes > 0 ? src + k * mst_r : mask0, bytes);
-        };
-        copy(raw_a + off, 0);
-        copy(raw_b + off, 1);
-        copy(raw_a + off + 8 * BN, 8);
-        copy(raw_b + off + 8 * BN, 9);
-      }
-      cp_async_commit();
+    // Thread 0: the tile (head h, first row i0) into raw buffer buf by one tensor copy; rows past L and keys past S
+    // are zero-filled, so that they read back as masked (no bounds test in the scan). Buffer buf was last read two
+    // steps back, by every producer thread before its arrival at that step's barriers, which thread 0 has passed.
+    const int mask_h = mst_h != 0, mask_b = p.mask_st.b != 0;  // broadcast dims: coordinate 0
+    auto raw_copy = [&](int h, int i0, int buf) {
+      mbar_expect_tx(bar_raw0 + 8 * buf, Cfg::kRawBytes);
+      tma_load_4d(sRaw0 + buf * Cfg::kRawBytes, &maps.mask, bar_raw0 + 8 * buf, j0, i0, mask_h * h, mask_b * b);
     };
     // The tile of step s is (head hk G + s / q_tiles, row tile q_first + s % q_tiles): kept as (hs, qs), stepped
-    // without divisions; (hn, qn) is the step after it, whose copies are issued one step ahead.
+    // without divisions; (hn, qn) is the step after it, whose copy is issued one step ahead.
     int hs = hk * G, qs = q_first;
-    if (staged) raw_copy(steps > 0, hs, qs * BM, 0);
+    if (staged && ptid == 0 && steps > 0) raw_copy(hs, qs * BM, 0);
     bool head_full = false;
     int n = 0;  // tiles published
     for (int step = 0; step < steps; ++step) {
@@ -449,8 +442,8 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
         row_delta = p.delta[row];
       }
       if (staged) {
-        raw_copy(step + 1 < steps, hn, qn * BM, (step + 1) & 1);
-        cp_async_wait<1>();  // this step's rows are in (this thread copied the very bytes it reads)
+        if (ptid == 0 && step + 1 < steps) raw_copy(hn, qn * BM, (step + 1) & 1);
+        mbar_wait(bar_raw0 + 8 * (step & 1), (step >> 1) & 1);  // this step's tile is in (the (step / 2)-th use)
       }
       bool full = true;
       if (has_mask && (!one_row || head_start || !head_full)) {
@@ -473,7 +466,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
         for (int r = 0; r < 4; ++r) {
           const int k = (r & 1) + 8 * (r >> 1);
           uint32_t q[4] = {0u, 0u, 0u, 0u};
-          if (staged) {  // (rows past L and chunks past S were zero-filled by the copies)
+          if (staged) {  // (rows past L and keys past S were zero-filled by the copy)
             const uint4 v = raw_row(r);
             q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
           } else if (rows_left > k) {  // one row for all (mask_st.r == 0): read where it is
