@@ -33,9 +33,10 @@ namespace sdpax {
 namespace cuda {
 
 // Tensor maps of K and V (4-D: head-dim column, key, kv head, batch; boxes of 64 columns x BN keys, 128-byte
-// swizzle), encoded by the host (launch_sm90.h) for the plain kind's TMA producer.
+// swizzle), encoded by the host (launch_sm90.h) for the TMA producer; and (general kind, FwdSm90Work::mask_tma) the
+// bool mask as bytes (key, row, head, batch; a broadcast head or batch dim has size 1), boxes of BN keys x BM rows.
 struct FwdTmaMaps {
-  CUtensorMap k, v;
+  CUtensorMap k, v, mask;
 };
 
 // The row blocks a thread block computes: work units u = blockIdx.x, blockIdx.x + gridDim.x, ... < units. A unit is
@@ -46,6 +47,7 @@ struct FwdTmaMaps {
 // grid for the kinds with kMulti, one unit per block otherwise.
 struct FwdSm90Work {
   int units, pair;
+  int mask_tma;  // the mask map is encoded: row blocks within one head load their mask tile by one tensor copy
 };
 
 template <int D, int kKind>
@@ -92,7 +94,8 @@ struct FwdSm90Cfg {
   using KTile = Sw128Tile<kBN, D>;  // K and V stages share the layout
   // + 1024: the dynamic shared-memory base is rounded up to the 1024-byte alignment the swizzle atoms need.
   // full / empty mbarriers per stage of each ring, and the key-tile index each K stage holds (-1: no more tiles).
-  static constexpr int kBarBytes = 4 * kStages * 8 + ((4 * kStages + 7) & ~7);
+  // (+ the general kind: a full barrier per scan slot, for the tensor copies of the mask)
+  static constexpr int kBarBytes = 4 * kStages * 8 + ((4 * kStages + 7) & ~7) + (kGeneral ? 3 * 8 : 0);
   static constexpr int kSmem = kQBufs * QTile::kBytes + kStages * (2 * KTile::kBytes + kBitsBytes) + 3 * kScanBytes +
                                kBarBytes + 1024;
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
@@ -124,6 +127,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   const uint32_t bar_vfull0 = bar_empty0 + kStages * 8;      // full / empty barriers of V stage s
   const uint32_t bar_vempty0 = bar_vfull0 + kStages * 8;
   int* tile_of_stage = reinterpret_cast<int*>(smem + (bar_vempty0 + kStages * 8 - smem_u32(smem)));
+  const uint32_t bar_scan0 = bar_vempty0 + kStages * 8 + ((4 * kStages + 7) & ~7);  // scan slot x's: + 8 x
 
   const int tid = threadIdx.x, wg = tid >> 7, wwarp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int G = static_cast<int>(p.hq / p.hkv);
@@ -164,6 +168,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       mbar_init(bar_vfull0 + 8 * st, 1);
       mbar_init(bar_vempty0 + 8 * st, 2 * 4);
     }
+    if (kGeneral)
+      for (int x = 0; x < 3; ++x) mbar_init(bar_scan0 + 8 * x, 1);
     mbar_init_fence();
   }
   __syncthreads();  // barriers initialised before anyone waits on them
@@ -197,6 +203,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       // a free stage; each thread loads and reads only its own row, so no barrier is needed between those steps.
       // Bytes past the row's causal/bounds limit are never loaded (zero-filled), so the bits include causal.
       constexpr int kChunks = BN / 16;
+      constexpr bool kTmaMask = BN == 128;  // (64-key tiles, d256: rows 64 bytes apart, their own swizzle: cp.async)
       // A row's 16-byte chunk c sits at chunk c ^ (row % 8) of its slot row: the 8 threads of a quarter warp then
       // read (and cp.async writes) 8 different bank groups instead of one (rows are 128 bytes apart). 64-key
       // tiles (d256): chunk c ^ (row % 4), rows 64 bytes apart, two rows per bank sweep.
@@ -218,8 +225,20 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
         mrow = m + b * p.mask_st.b + static_cast<int64_t>(hk * G + pr / L) * p.mask_st.h +
                static_cast<int64_t>(pr % L) * p.mask_st.r;
       const int row_off = one_row ? 0 : ptid * BN;  // this thread's row in a scan slot
+      // The block's 128 rows within one head (always without GQA packing; rows past L are zero-filled): the whole
+      // tile by one tensor copy of thread 0, its 128-byte swizzle the slots' layout. (By cp.async, 8 copies per
+      // thread and tile, with their address arithmetic, were ~10% of the producer's instructions.) Keys past the
+      // row's causal limit are then loaded too and cleared from the bits after packing.
+      const bool tma = kTmaMask && work.mask_tma && !one_row && (G == 1 || m0 % L + BM <= L);
+      const int tma_h = p.mask_st.h != 0 ? hk * G + m0 / L : 0, tma_b = p.mask_st.b != 0 ? static_cast<int>(b) : 0;
       auto prefetch = [&](int tile, int slot) {
-        if (tile < t_end) {
+        if (tma) {
+          if (ptid == 0 && tile < t_end) {
+            mbar_expect_tx(bar_scan0 + 8 * slot, Cfg::kScanBytes);
+            tma_load_4d(sScan0 + slot * Cfg::kScanBytes, &maps.mask, bar_scan0 + 8 * slot, tile * BN, m0 % L, tma_h,
+                        tma_b);
+          }
+        } else if (tile < t_end) {
           if (one_row) {
             if (ptid < kChunks) {
               const int j = tile * BN + ptid * 16;
@@ -252,8 +271,10 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       int v_tile = -1, v_n = 0;
       int slot = 0;
       for (int tile = t_begin; tile < t_end; ++tile, slot = slot == 2 ? 0 : slot + 1) {
+        // Slot (slot + 2) % 3 last held tile - 1, which every thread read before its arrival at that tile's barrier.
         prefetch(tile + 2, slot == 0 ? 2 : slot - 1);
         cp_async_wait<2>();  // this tile's chunks are in; the next two may be in flight
+        if (tma) mbar_wait(bar_scan0 + 8 * slot, ((tile - t_begin) / 3) & 1);  // its ((tile - t_begin) / 3)-th fill
         // The one shared row was loaded by eight threads: wait for theirs. (The slot is refilled only after the
         // end-of-tile barrier below, which every thread passes after reading it.)
         if (one_row) named_barrier(3, 128);
@@ -294,6 +315,13 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
         if (one_row && pr >= rows) {  // rows past the end see no key (the per-row loads never load theirs)
 #pragma unroll
           for (int ww = 0; ww < 4; ++ww) word[ww] = 0u;
+        }
+        if (tma && tile * BN + BN > lim) {  // keys [lim, ...) of this row: causal / bounds (lim = 0 past the rows)
+#pragma unroll
+          for (int ww = 0; ww < 4; ++ww) {
+            const int kk = lim - tile * BN - 32 * ww;  // keys of word ww that pass
+            word[ww] &= kk >= 32 ? 0xffffffffu : kk <= 0 ? 0u : (1u << kk) - 1u;
+          }
         }
         if (ptid == 0 && v_tile >= 0) {
           publish_v(v_tile, v_n % kStages, v_n);

@@ -46,6 +46,25 @@ bool encode_map(CUtensorMap* map, const void* base, const Strides4& st, int64_t 
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The bool mask as a 4-D byte tensor (key, row, head, batch): boxes of `keys` x `rows`, 128-byte swizzle, zero fill
+// past S and L. A dim the mask broadcasts (stride 0) gets size 1. The caller has checked the 16-byte alignment of
+// the base and of the strides, and that the mask has rows (mask_st.r != 0).
+bool encode_mask_map(CUtensorMap* map, const AttnParams& p, int keys, int rows) {
+  auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const int64_t heads = p.mask_st.h != 0 ? p.hq : 1, batch = p.mask_st.b != 0 ? p.batch : 1;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.S), static_cast<cuuint64_t>(p.L),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(p.mask_st.r),
+                                 static_cast<cuuint64_t>(heads > 1 ? p.mask_st.h : 16),
+                                 static_cast<cuuint64_t>(batch > 1 ? p.mask_st.b : 16)};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(keys), static_cast<cuuint32_t>(rows), 1, 1};
+  const cuuint32_t elem[4] = {1, 1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 4, const_cast<void*>(p.mask), dims, strides, box, elem,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 }  // namespace
 
 template <class T, int D, int kKind>
@@ -62,7 +81,11 @@ cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   const int64_t m_blocks = (rows + Cfg::kBM - 1) / Cfg::kBM;
   // One row block per thread block; or (kMulti, enough work) a persistent grid of one block per SM walking pairs of
   // row blocks (FwdSm90Work): equal causal work per pair, so the round robin stays balanced.
-  FwdSm90Work work{static_cast<int>(m_blocks * p.batch * p.hkv), 0};
+  FwdSm90Work work{static_cast<int>(m_blocks * p.batch * p.hkv), 0, 0};
+  // The general kind's staged bool mask by tensor copies (fwd_sm90.h; if the map cannot be encoded, by cp.async).
+  if (Cfg::kGeneral && Cfg::kBN == 128 && p.mask_kind == MaskKind::Bool && p.mask_st.c == 1 && p.mask_st.r != 0 &&
+      reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 && (p.mask_st.r | p.mask_st.h | p.mask_st.b) % 16 == 0)
+    work.mask_tma = encode_mask_map(&maps.mask, p, Cfg::kBN, Cfg::kBM);
   int64_t blocks = work.units;
   // Every row block of a persistent block must see a key (fwd_sm90.h): not so for lower-right causal rows
   // i < L - S.
@@ -74,7 +97,7 @@ cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     const int64_t pairs = (m_blocks + 1) / 2 * p.batch * p.hkv;
     if (pairs >= sms) {  // fewer pairs than SMs: one row block per thread block keeps more SMs busy
-      work = FwdSm90Work{static_cast<int>(pairs), 1};
+      work = FwdSm90Work{static_cast<int>(pairs), 1, 0};
       blocks = sms;
     }
   }
