@@ -38,7 +38,20 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const __grid_constant__ 
   const T* o = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
   const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + i * p.dout_st.r;
   float acc = 0.f;
-  for (int64_t c = lane; c < p.Ev; c += 32) acc += to_float(o[c * p.out_st.c]) * to_float(d[c * p.dout_st.c]);
+  constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
+  if (p.out_st.c == 1 && p.dout_st.c == 1 && p.Ev % kVec == 0 && reinterpret_cast<uintptr_t>(o) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(d) % 16 == 0) {
+    // Rows of 16-byte aligned vectors (the usual case): one load per 16 bytes instead of one per element.
+    for (int64_t c = lane * kVec; c < p.Ev; c += 32 * kVec) {
+      const uint4 ov = *reinterpret_cast<const uint4*>(o + c), dv = *reinterpret_cast<const uint4*>(d + c);
+      const T* oe = reinterpret_cast<const T*>(&ov);
+      const T* de = reinterpret_cast<const T*>(&dv);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc += to_float(oe[e]) * to_float(de[e]);
+    }
+  } else {
+    for (int64_t c = lane; c < p.Ev; c += 32) acc += to_float(o[c * p.out_st.c]) * to_float(d[c * p.dout_st.c]);
+  }
 #pragma unroll
   for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
   if (lane == 0) delta[row] = acc;

@@ -24,12 +24,12 @@
 //     lse rows are not 16-byte aligned for a bulk copy when L is odd) into a ring of kStages stages with full /
 //     empty mbarriers, and the tile's (head, first row), so that the producer alone decides which tiles the
 //     consumers see. It stores lse already in log2 units, +inf for rows past L and rows with no allowed key
-//     (lse = -inf), so that P is exactly 0 there without a test. Bool mask (general kind): the producer reads the
-//     64 x 128-byte tile with 16-byte loads (4 per thread), drops tiles with no allowed element, marks tiles with
-//     every element allowed (the consumers skip the mask there), and otherwise hands the consumers 16 bits per
-//     element in their fragment order; each consumer thread reads 4 x 16 bytes and ANDs them into its 16-bit
-//     P^T / dS^T fragments. A row-broadcast mask (padding) is judged once per head: empty heads are skipped whole,
-//     full ones need no further loads.
+//     (lse = -inf), so that P is exactly 0 there without a test. Bool mask (general kind): the 64 x 128-byte tile
+//     arrives by one tensor copy a step ahead; the producer reads it with 16-byte loads (4 per thread), drops tiles
+//     with no allowed element and hands the consumers the rest as 16 bits per element in their fragment order; each
+//     consumer thread reads 4 x 16 bytes and ANDs them into its 16-bit P^T / dS^T fragments. A row-broadcast mask
+//     (padding) is read from global memory and judged once per head: empty heads are skipped whole, full ones need
+//     no further loads and no AND.
 //
 // Registers per consumer thread at d128: dV 64 + dK 64 + S^T 32 + dP^T 32 at the first products; dV + dK + the
 // 16-bit P^T / dS^T fragments 32 + dQ 32 later. The kernel body exists only in the sm_90a compilation.
@@ -531,7 +531,10 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
           }
           continue;
         }
-        full = named_barrier_and(2, 128, (all_and & 0x01010101u) == 0x01010101u);
+        // Whether every element is allowed: only for a row-broadcast mask (it spares the loads of the head's other
+        // tiles). A staged tile is handed to the consumers as not full: their AND is a few instructions inside the
+        // exp2 loop, less than the second barrier and the reduction it would take here.
+        full = one_row && named_barrier_and(2, 128, (all_and & 0x01010101u) == 0x01010101u);
         if (one_row && head_start) head_full = full;
       }
       const int st = n % kStages;
