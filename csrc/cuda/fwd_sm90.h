@@ -201,7 +201,8 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
       // Producer thread ptid owns packed row m0 + ptid. Its raw mask tiles stream through a ring of three scan
       // slots, two tiles ahead of the one being decided, so their latency hides behind the scan and the wait for
       // a free stage; each thread loads and reads only its own row, so no barrier is needed between those steps.
-      // Bytes past the row's causal/bounds limit are never loaded (zero-filled), so the bits include causal.
+      // The bits include causal / bounds: by cp.async, bytes past the row's limit are never loaded (zero-filled); by
+      // tensor copy (below), they are cleared from the packed words.
       constexpr int kChunks = BN / 16;
       constexpr bool kTmaMask = BN == 128;  // (64-key tiles, d256: rows 64 bytes apart, their own swizzle: cp.async)
       // A row's 16-byte chunk c sits at chunk c ^ (row % 8) of its slot row: the 8 threads of a quarter warp then
@@ -226,9 +227,9 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
                static_cast<int64_t>(pr % L) * p.mask_st.r;
       const int row_off = one_row ? 0 : ptid * BN;  // this thread's row in a scan slot
       // The block's 128 rows within one head (always without GQA packing; rows past L are zero-filled): the whole
-      // tile by one tensor copy of thread 0, its 128-byte swizzle the slots' layout. (By cp.async, 8 copies per
-      // thread and tile, with their address arithmetic, were ~10% of the producer's instructions.) Keys past the
-      // row's causal limit are then loaded too and cleared from the bits after packing.
+      // tile by one tensor copy of thread 0, its 128-byte swizzle the slots' layout. (By cp.async: 8 copies per
+      // thread and tile with their address arithmetic, about a tenth of the producer's instructions in the SASS.)
+      // Keys past the row's causal limit are then loaded too and cleared from the bits after packing.
       const bool tma = kTmaMask && work.mask_tma && !one_row && (G == 1 || m0 % L + BM <= L);
       const int tma_h = p.mask_st.h != 0 ? hk * G + m0 / L : 0, tma_b = p.mask_st.b != 0 ? static_cast<int>(b) : 0;
       auto prefetch = [&](int tile, int slot) {
