@@ -230,6 +230,24 @@ def test_fully_masked_rows(dtype, L):
     check_case(dtype, B=1, Hq=1, Hkv=1, L=L + 10, S=max(L - 5, 1), E=32, Ev=32, causal=2)
 
 
+@pytest.mark.parametrize("mask_shape", [(2, 1, 70, 130), (2, 1, 1, 130), (2, 4, 70, 130)], ids=str)
+def test_bool_mask_bytes_above_one(mask_shape):
+    """A bool mask whose bytes are not all 0 / 1 (a uint8 tensor viewed as bool) means "nonzero = allowed", exactly
+    as the same mask normalized to 0 / 1 (torch reads it so too); the CUDA kernels have the same test."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (t.requires_grad_() for t in make((2, 4, 70, 64), (2, 4, 130, 64), (2, 4, 130, 64), torch.float32, gen))
+    values = torch.tensor([0, 0, 0, 1, 2, 3, 0x80, 0xFF], dtype=torch.uint8)
+    raw = values[torch.randint(0, len(values), mask_shape, generator=gen)]
+    raw[..., 0] = 2
+    runs = []
+    for m in (raw.view(torch.bool), raw != 0):
+        with sdpax.sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = sdpax.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        runs.append([out.detach(), *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_public_api_picks_flash_and_matches_math():
     gen = torch.Generator().manual_seed(2)
     q, k, v = make((2, 4, 50, 64), (2, 4, 60, 64), (2, 4, 60, 64), torch.float32, gen)
