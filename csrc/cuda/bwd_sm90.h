@@ -455,7 +455,8 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
         // and each byte tested for nonzero (bit 7 set iff its low 7 bits carry into bit 7 when added to 0x7f, or bit 7
         // is set itself; no carry crosses a byte). The row-broadcast path gives 0 / 1 bytes itself.
         uint32_t x[4][4];
-        uint32_t any_or = 0u, all_and = 0xffffffffu;  // bit 0 of each byte: some / every element (past S: passes)
+        // Bit 0 of each byte: some element / every element (past S: passes; row-broadcast masks only, see below).
+        uint32_t any_or = 0u, all_and = 0xffffffffu;
         const int rows_left = chunk_bytes > 0 ? L - i0 - r0 : 0;
         auto raw_row = [&](int r) {  // staged row r of this thread's chunk
           return *reinterpret_cast<const uint4*>(
@@ -469,29 +470,32 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
           if (staged) {  // (rows past L and keys past S were zero-filled by the copy)
             const uint4 v = raw_row(r);
             q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
-          } else if (rows_left > k) {  // one row for all (mask_st.r == 0): read where it is
-            const unsigned char* src = mbase + h * mst_h;
-            if (chunk_bytes == 16) {
-              const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
-              q[0] = (nonzero7(v.x) >> 7) & 0x01010101u, q[1] = (nonzero7(v.y) >> 7) & 0x01010101u;
-              q[2] = (nonzero7(v.z) >> 7) & 0x01010101u, q[3] = (nonzero7(v.w) >> 7) & 0x01010101u;
-            } else {  // the block's last chunk, partly past S: the bytes inside only
+          } else {  // one row for all (mask_st.r == 0): read where it is
+            if (rows_left > k) {
+              const unsigned char* src = mbase + h * mst_h;
+              if (chunk_bytes == 16) {
+                const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+                q[0] = (nonzero7(v.x) >> 7) & 0x01010101u, q[1] = (nonzero7(v.y) >> 7) & 0x01010101u;
+                q[2] = (nonzero7(v.z) >> 7) & 0x01010101u, q[3] = (nonzero7(v.w) >> 7) & 0x01010101u;
+              } else {  // the block's last chunk, partly past S: the bytes inside only
 #pragma unroll
-              for (int w = 0; w < 4; ++w)
+                for (int w = 0; w < 4; ++w)
 #pragma unroll
-                for (int e = 0; e < 4; ++e)
-                  if (4 * w + e < chunk_bytes) q[w] |= static_cast<uint32_t>(src[4 * w + e] != 0) << (8 * e);
+                  for (int e = 0; e < 4; ++e)
+                    if (4 * w + e < chunk_bytes) q[w] |= static_cast<uint32_t>(src[4 * w + e] != 0) << (8 * e);
+              }
             }
+#pragma unroll
+            for (int w = 0; w < 4; ++w) all_and &= q[w] | oob[w];
           }
 #pragma unroll
           for (int w = 0; w < 4; ++w) {
             x[r][w] = q[w] << 7;
             any_or |= q[w];
-            all_and &= q[w] | oob[w];
           }
         }
         if (staged && (any_or & 0xfefefefeu) != 0u) {
-          any_or = 0u, all_and = 0xffffffffu;
+          any_or = 0u;
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
             const uint4 v = raw_row(r);
@@ -500,7 +504,6 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
             for (int w = 0; w < 4; ++w) {
               x[r][w] = nonzero7(q[w]);
               any_or |= x[r][w] >> 7;
-              all_and &= (x[r][w] >> 7) | oob[w];
             }
           }
         }

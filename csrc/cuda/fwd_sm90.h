@@ -456,6 +456,16 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs_tb<D, T>(acc_o, pa[kk], vd + ((kk * 16 * 128) >> 4));
   };
+  // The last pending P V of a pipeline (tile n - 1 in V stage cur; nothing left to overlap it with): issue and wait.
+  auto last_pv = [&](uint32_t (&pa)[BN / 16][4], int cur, int n) {
+    mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);
+    wgmma_fence();
+    issue_pv(pa, cur);
+    wgmma_commit();
+    wgmma_wait<0>();
+    reg_fence(acc_o);
+    reg_fence_u32(pa);
+  };
   // Scale, mask and online softmax of S in place (s then holds P in fp32, dropout applied); the factor that
   // rescales O is returned per row half and applied by the caller once O is no longer being accumulated into.
   // kPath: a constant at every call (main_loop's template argument), folded once the call is inlined.
@@ -660,14 +670,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
         to_a(s, pa);
         cur = st;
       }
-      // Last tile: P V only.
-      mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);
-      wgmma_fence();
-      issue_pv(pa, cur);
-      wgmma_commit();
-      wgmma_wait<0>();
-      reg_fence(acc_o);
-      reg_fence_u32(pa);
+      last_pv(pa, cur, n);  // last tile: P V only
     }
   };
   // Epilogue of the row block with batch eb and rows (eh, ei, eok) (this thread's two), running max em and sum el:
@@ -841,14 +844,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
         to_a(s, pa);
         cur = st;
       }
-      // Last tile of the last row block: P V only.
-      mbar_wait(bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);
-      wgmma_fence();
-      issue_pv(pa, cur);
-      wgmma_commit();
-      wgmma_wait<0>();
-      reg_fence(acc_o);
-      reg_fence_u32(pa);
+      last_pv(pa, cur, n);  // last tile of the last row block: P V only
       epilogue(b, row_h, row_i, row_ok, m_run, l_run);
     }
   } else {
