@@ -183,6 +183,18 @@ def test_parity(case, dtype):
     check_case(dtype, **kw, backward=kw["L"] > 1 or case == "L1")
 
 
+@pytest.mark.parametrize("case", ["plain", "causal_ul", "decode_L4_split"], ids=str)
+def test_bfloat16_with_onednn_disabled(case):
+    """With oneDNN off, brgemm refuses bfloat16 in VNNI layout even on AMX CPUs: bfloat16 is widened to float32."""
+    kw = CASES[case]
+    old = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # not mkldnn.flags(): it also sets TF32 and warns about it
+    try:
+        check_case(torch.bfloat16, **kw, backward=kw["L"] > 1)
+    finally:
+        torch.backends.mkldnn.enabled = old
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("L", [1, 4, 100], ids=lambda n: f"L{n}")
 def test_dropout_same_elements_as_math(dtype, L):

@@ -34,9 +34,9 @@ struct BwdLocal {
   TileMask mask;
 };
 
-template <class T>
+// T: the element type of the tensors; C: the type GEMM operands are packed in (dispatch_dtype).
+template <class T, class C>
 struct BwdKernel {
-  using C = typename ComputeOf<T>::type;
   const AttnParams& p;
   const int64_t G, GL, Ep, Evp, q_tiles, kv_tiles;
   const Dropout drop;
@@ -320,9 +320,9 @@ struct BwdKernel {
   }
 };
 
-template <class T>
+template <class T, class C>
 void bwd(const AttnParams& p) {
-  const BwdKernel<T> kernel{p};
+  const BwdKernel<T, C> kernel{p};
   const int64_t heads = p.batch * p.hkv;
   const int64_t threads = at::get_num_threads();
   int64_t chunks = 1;
@@ -335,9 +335,8 @@ void bwd(const AttnParams& p) {
 }  // namespace
 
 void flash_bwd(const AttnParams& p) {
-  dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    bwd<T>(p);
+  dispatch_dtype(p.dtype, [&](auto t, auto c) {
+    bwd<decltype(t), decltype(c)>(p);
   });
 }
 

@@ -15,19 +15,20 @@ namespace {
 
 constexpr int64_t kMinChunk = 512;  // keys; shorter chunks cost more in merging than they gain in balance
 
-inline int64_t main_row_tiles(const AttnParams& p) {
-  return ((p.hq / p.hkv) * p.L + fwd_blocks(p).m - 1) / fwd_blocks(p).m;
+template <class C>
+int64_t main_row_tiles(const AttnParams& p) {
+  return ((p.hq / p.hkv) * p.L + fwd_blocks<C>(p).m - 1) / fwd_blocks<C>(p).m;
 }
 
-template <class T>
+template <class T, class C>
 struct DecodeKernel {
-  const FwdMainloop<T> main;
+  const FwdMainloop<T, C> main;
   const AttnParams& p;
   const int64_t R, row_tiles, heads, chunks, chunk_len;
   float* partial;  // per (head, row tile, chunk): bm x (Ev + 2): acc, then m, l
 
   DecodeKernel(const AttnParams& params, uint64_t id, int64_t n_chunks, float* partial_buf)
-      : main(params, id, /*cache=*/(main_row_tiles(params) > 1)), p(params), R(main.G * params.L), row_tiles((R + main.bm - 1) / main.bm),
+      : main(params, id, /*cache=*/(main_row_tiles<C>(params) > 1)), p(params), R(main.G * params.L), row_tiles((R + main.bm - 1) / main.bm),
         heads(params.batch * params.hkv), chunks(n_chunks),
         chunk_len(round_up((params.S + n_chunks - 1) / n_chunks, main.bn)), partial(partial_buf) {}
 
@@ -45,7 +46,7 @@ struct DecodeKernel {
 
   void operator()() const {
     const int64_t n_tasks = heads * row_tiles * chunks;
-    run_tasks(n_tasks, kVnni<typename FwdMainloop<T>::C>, [&](int64_t t) {
+    run_tasks(n_tasks, kVnni<C>, [&](int64_t t) {
       thread_local FwdLocal loc;
       const int64_t c = t % chunks, rt = (t / chunks) % row_tiles, head = t / (chunks * row_tiles);
       const int64_t b = head / p.hkv, hkv = head % p.hkv;
@@ -94,10 +95,10 @@ struct DecodeKernel {
   }
 };
 
-template <class T>
+template <class T, class C>
 void decode(const AttnParams& p) {
   const uint64_t id = next_call_id();
-  const Blocks bl = fwd_blocks(p);
+  const Blocks bl = fwd_blocks<C>(p);
   const int64_t heads = p.batch * p.hkv;
   const int64_t R = (p.hq / p.hkv) * p.L;
   const int64_t row_tiles = (R + bl.m - 1) / bl.m;
@@ -108,15 +109,14 @@ void decode(const AttnParams& p) {
                       std::max<int64_t>(1, p.S / kMinChunk));
   thread_local Scratch partial;
   float* part = chunks > 1 ? partial.get<float>(heads * row_tiles * chunks * bl.m * (p.Ev + 2)) : nullptr;
-  DecodeKernel<T>(p, id, chunks, part)();
+  DecodeKernel<T, C>(p, id, chunks, part)();
 }
 
 }  // namespace
 
 void flash_decode(const AttnParams& p) {
-  dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    decode<T>(p);
+  dispatch_dtype(p.dtype, [&](auto t, auto c) {
+    decode<decltype(t), decltype(c)>(p);
   });
 }
 

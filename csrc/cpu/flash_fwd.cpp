@@ -47,15 +47,15 @@ std::vector<Task> make_tasks(const AttnParams& p, Blocks bl) {
   return tasks;
 }
 
-template <class T>
+template <class T, class C>
 struct FwdKernel {
-  const FwdMainloop<T> main;
+  const FwdMainloop<T, C> main;
   explicit FwdKernel(const AttnParams& p, uint64_t id) : main(p, id, /*cache=*/true) {}
 
   void operator()() const {
     const AttnParams& p = main.p;
     const std::vector<Task> tasks = make_tasks(p, {main.bm, main.bn});
-    run_tasks(static_cast<int64_t>(tasks.size()), kVnni<typename FwdMainloop<T>::C>, [&](int64_t ti) {
+    run_tasks(static_cast<int64_t>(tasks.size()), kVnni<C>, [&](int64_t ti) {
       thread_local FwdLocal loc;
       const Task& task = tasks[ti];
       float* acc = loc.acc.get<float>(main.bm * (p.Ev + 2));
@@ -78,9 +78,8 @@ struct FwdKernel {
 
 void flash_fwd(const AttnParams& p) {
   const uint64_t id = next_call_id();
-  dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    FwdKernel<T>(p, id)();
+  dispatch_dtype(p.dtype, [&](auto t, auto c) {
+    FwdKernel<decltype(t), decltype(c)>(p, id)();
   });
 }
 

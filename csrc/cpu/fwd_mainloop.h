@@ -17,18 +17,20 @@
 namespace sdpax::cpu {
 
 // Tile sizes: query rows x keys. Measured on Sapphire Rapids (2 threads): tall query tiles amortise the packed
-// K^T / V tiles in the AMX / FMA micro-kernels; with D <= 64 the QK^T GEMM is shallow, so bfloat16 takes wider
-// key tiles to keep the tiles busy, while D = 128 prefers 128 keys (the score tile stays in L2 next to K and V).
+// K^T / V tiles in the AMX / FMA micro-kernels; with D <= 64 the QK^T GEMM is shallow, so bfloat16 on AMX (C is
+// the compute type) takes wider key tiles to keep the tiles busy, while D = 128 prefers 128 keys (the score tile
+// stays in L2 next to K and V).
 struct Blocks {
   int64_t m, n;
 };
 
-inline Blocks fwd_blocks(const AttnParams& p) {
+template <class C>
+Blocks fwd_blocks(const AttnParams& p) {
   if (p.L <= kDecodeMaxL) return {256, 512};  // decode: a few rows, so wide key tiles cost little L2
   // float32 D = 128 without causal: 256-key tiles halve the GEMM calls per row (L = 1024 / 2048: 2-5% faster
   // in side-by-side runs, within 3% of the noise, never slower); causal keeps 128 so diagonal tiles waste less.
   const bool wide_f32 = p.dtype == ScalarKind::Float && p.E > 96 && p.causal == Causal::None;
-  const int64_t n = (p.dtype == ScalarKind::BFloat16 && p.E <= 64) || wide_f32 ? 256 : 128;
+  const int64_t n = (kVnni<C> && p.E <= 64) || wide_f32 ? 256 : 128;
   // Causal: the diagonal tiles are computed whole and half masked, so shorter query tiles waste less.
   return {p.causal == Causal::None ? 256 : 128, n};
 }
@@ -47,9 +49,9 @@ struct FwdLocal {
   TileMask mask;
 };
 
-template <class T>
+// T: the element type of q/k/v/out; C: the type GEMM operands are packed in (dispatch_dtype).
+template <class T, class C>
 struct FwdMainloop {
-  using C = typename ComputeOf<T>::type;
   const AttnParams& p;
   const uint64_t call_id;  // per-thread packed K/V is never reused across calls
   const int64_t bm, bn, G, Ep, n_kv_tiles;
@@ -57,7 +59,7 @@ struct FwdMainloop {
   const bool cache_kv;
 
   FwdMainloop(const AttnParams& params, uint64_t id, bool cache)
-      : p(params), call_id(id), bm(fwd_blocks(params).m), bn(fwd_blocks(params).n), G(params.hq / params.hkv),
+      : p(params), call_id(id), bm(fwd_blocks<C>(params).m), bn(fwd_blocks<C>(params).n), G(params.hq / params.hkv),
         Ep(padk<C>(params.E)), n_kv_tiles((params.S + bn - 1) / bn), drop(params), cache_kv(cache) {}
 
   // Packed K^T / V of key tile t. With cache_kv (a thread runs several row tiles of a KV head) every tile has its
@@ -75,7 +77,7 @@ struct FwdMainloop {
   int64_t v_ld() const { return v_in_place() ? p.v_st.r : p.Ev; }
   // A few decode rows read K and V in place (gemv.h) instead of packing them: see there for why.
   bool direct(int64_t M) const {
-    return p.L <= kDecodeMaxL && M <= kDirectMaxRows<T> && p.k_st.c == 1 && p.v_st.c == 1;
+    return p.L <= kDecodeMaxL && M <= kDirectMaxRows<C> && p.k_st.c == 1 && p.v_st.c == 1;
   }
 
   void ensure_packed(FwdLocal& loc, int64_t b, int64_t hkv, int64_t t) const {

@@ -13,8 +13,9 @@
 
 namespace sdpax::cpu {
 
-// Rows the direct kernels take: above this the packed GEMMs (AMX for bfloat16) win.
-template <class T> constexpr int64_t kDirectMaxRows = std::is_same_v<T, BF16> ? 8 : 16;
+// Rows the direct kernels take for GEMM compute type C: above this the packed GEMMs win (sooner on AMX, where
+// bfloat16 stays bfloat16).
+template <class C> constexpr int64_t kDirectMaxRows = kVnni<C> ? 8 : 16;
 
 #if defined(CPU_CAPABILITY_AVX512)
 
@@ -79,7 +80,7 @@ inline void scores_direct(int64_t M, int64_t n, int64_t E, const float* q, const
   }
 }
 
-// P element as float32 (P is stored in the GEMM compute type: float32, or bfloat16 for bfloat16 inputs).
+// P element as float32 (P is stored in the GEMM compute type: float32, or bfloat16 for bfloat16 inputs on AMX).
 inline float p_of(float x) { return x; }
 inline float p_of(BF16 x) { return static_cast<float>(x); }
 

@@ -1,10 +1,11 @@
 // Building blocks shared by the fused CPU kernels: compute types, GEMM on packed tiles, operand packing,
 // dropout factors, per-thread scratch and the task loop. Masks live in mask.h, the online softmax in softmax.h.
 //
-// GEMMs go through at::native::cpublas::brgemm (oneDNN micro-kernels: AMX for bfloat16 on CPUs that have it,
-// AVX-512 FMA for float32). brgemm multiplies row-major A (M x K) by B (K x N) into float C. For bfloat16, B is
-// in VNNI-2 layout (pairs of consecutive K rows interleaved: element (k, n) at [(k/2) * 2N + 2n + k%2]) and K is
-// padded to even with zeros. float16 tiles are widened to float32 (exact), so half uses the float32 GEMM.
+// GEMMs go through at::native::cpublas::brgemm (oneDNN micro-kernels: AMX for bfloat16, AVX-512 / AVX2 FMA for
+// float32). brgemm multiplies row-major A (M x K) by B (K x N) into float C. For bfloat16, B is in VNNI-2 layout
+// (pairs of consecutive K rows interleaved: element (k, n) at [(k/2) * 2N + 2n + k%2]) and K is padded to even
+// with zeros. float16 tiles are widened to float32 (exact), so half uses the float32 GEMM; so does bfloat16 on CPUs
+// without AMX (dispatch_dtype).
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -35,24 +36,34 @@ using F16 = c10::Half;
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// The element type GEMM operands are packed in: bfloat16 stays bfloat16 (AMX), float16 and float32 use float32.
-template <class T> struct ComputeOf { using type = float; };
-template <> struct ComputeOf<BF16> { using type = BF16; };
-
+// C, the element type GEMM operands are packed in, is float32 or bfloat16 (VNNI pairs); see dispatch_dtype.
 template <class C> constexpr bool kVnni = std::is_same_v<C, BF16>;
 // K of a GEMM as packed: bfloat16 pairs K rows, so an odd K gets one zero row/column.
 template <class C> inline int64_t padk(int64_t k) { return kVnni<C> ? (k + 1) & ~int64_t(1) : k; }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Whether bfloat16 GEMM operands can stay bfloat16: torch's could_pack is true where oneDNN runs bfloat16 brgemm
+// on AMX. Elsewhere brgemm may refuse the VNNI layout (it does on CPUs without AVX-512), so bfloat16 is widened to
+// float32 like float16. Asked on every call rather than cached: it also follows torch.backends.mkldnn.enabled,
+// which brgemm obeys.
+inline bool bf16_gemm() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
 // The input dtypes the CPU kernels are instantiated for: the one list of variants (float64 runs on MATH).
-// f receives a value of the element type.
+// f receives a value of the element type T and one of the compute type C its GEMM operands are packed in:
+// bfloat16 for bfloat16 inputs where bf16_gemm(), else float32 (float16, and bfloat16 without AMX, are widened).
 template <class F>
 inline void dispatch_dtype(ScalarKind kind, const F& f) {
   switch (kind) {
-    case ScalarKind::Float: f(float{}); break;
-    case ScalarKind::BFloat16: f(BF16{}); break;
-    case ScalarKind::Half: f(F16{}); break;
+    case ScalarKind::Float: f(float{}, float{}); break;
+    case ScalarKind::BFloat16:
+      if (bf16_gemm()) {
+        f(BF16{}, BF16{});
+      } else {
+        f(BF16{}, float{});
+      }
+      break;
+    case ScalarKind::Half: f(F16{}, float{}); break;
     default: TORCH_CHECK(false, "sdpax: the CPU flash kernel supports float32, bfloat16 and float16");
   }
 }
