@@ -52,7 +52,8 @@ def reference(q, k, v, mask=None, causal=0, scale=None, sinks=None, keep=None, d
         k = k.repeat_interleave(hq // hk, dim=-3)
         v = v.repeat_interleave(hq // hk, dim=-3)
     L, S = q.shape[-2], k.shape[-2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if scale is None:  # head dim 0: every score is an empty sum (0); any finite scale keeps it 0
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
     s = (q @ k.transpose(-2, -1)) * scale
     allowed = torch.ones_like(s, dtype=torch.bool)
     if causal:
@@ -89,10 +90,12 @@ def err(a, b) -> float:
     return d.max().item()
 
 
-def assert_close_rel(ours, ref, torch_err: float, dtype, k: float = 3.0, what=""):
-    """ours vs the float64 reference within k x torch's own error (same dtype) plus the dtype floor."""
+def assert_close_rel(ours, ref, torch_err: float, dtype, k: float = 3.0, what="", magnitude: float = 0.0):
+    """ours vs the float64 reference within k x torch's own error (same dtype) plus the dtype floor, relative to the
+    larger of the result and `magnitude` (the size of intermediates that are rounded to dtype on the way, where
+    torch's error does not see them: e.g. the dropped-out output, amplified by 1 / (1 - p), in the backward)."""
     e = err(ours, ref)
-    bound = k * torch_err + FLOOR[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
+    bound = k * torch_err + FLOOR[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 1.0, magnitude)
     assert e <= bound, f"{what}: error {e:.3g} > bound {bound:.3g} (torch's error {torch_err:.3g}, dtype {dtype})"
 
 
@@ -138,3 +141,24 @@ def make_qkv(shape_q, shape_k, ev, dtype, device, gen, layout="bhle", requires_g
     v = rnd((*shape_k[:-1], ev))
     return q, k, v
 
+
+
+def torch_equivalent(q, k, v, mask=None, causal=0, scale=None, sinks=None, gqa=False):
+    """torch's F.scaled_dot_product_attention on the same inputs (same dtype), expressing every sdpax feature but
+    dropout: causal alignments and bool masks as -inf entries of a float32 additive mask, and each sink as one
+    more key with q.k = 0, an additive logit sinks[h] and a zero value row. Differentiable in q, k, v."""
+    L, S = q.shape[-2], k.shape[-2]
+    bias = torch.zeros((L, S), dtype=torch.float32, device=q.device)
+    if causal:
+        bias = bias.masked_fill(~causal_allowed(L, S, causal, q.device), -math.inf)
+    if mask is not None:
+        bias = (bias.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool
+                else bias + mask.detach().float())
+    if sinks is not None:
+        hq = q.shape[-3]
+        bias = bias.expand(*q.shape[:-1], S)
+        col = sinks.detach().float().view(hq, 1, 1).expand(*q.shape[:-1], 1)
+        bias = torch.cat([bias, col], dim=-1)
+        k = torch.cat([k, k.new_zeros((*k.shape[:-2], 1, k.shape[-1]))], dim=-2)
+        v = torch.cat([v, v.new_zeros((*v.shape[:-2], 1, v.shape[-1]))], dim=-2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)

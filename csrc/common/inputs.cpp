@@ -49,7 +49,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(hq == hk, "sdpax: query has ", num(hq), " heads but key/value have ", num(hk),
                 "; pass enable_gqa=True for grouped-query attention");
   } else {
-    TORCH_CHECK(hk > 0 && hq % hk == 0, "sdpax: with enable_gqa the number of query heads (", num(hq),
+    TORCH_CHECK((hk > 0 && hq % hk == 0) || hq == 0, "sdpax: with enable_gqa the number of query heads (", num(hq),
                 ") must be divisible by the number of key/value heads (", num(hk), ")");
   }
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "sdpax: dropout_p must be in [0, 1], got ", num(dropout_p));

@@ -13,7 +13,8 @@ void check_flash(const at::Tensor& q, const Canonical& c) {
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "sdpax: FLASH_ATTENTION on CPU supports float32, bfloat16 and float16, got ", q.scalar_type(),
               " (float64 runs on MATH)");
-  TORCH_CHECK(c.E <= 256 && c.Ev <= 256, "sdpax: FLASH_ATTENTION on CPU supports head dims up to 256, got ",
+  TORCH_CHECK(c.E > 0 && c.Ev > 0 && c.E <= 256 && c.Ev <= 256,
+              "sdpax: FLASH_ATTENTION on CPU supports head dims from 1 to 256, got ",
               num(c.E), " / ", num(c.Ev));
 }
 

@@ -31,8 +31,9 @@ void check_supported(const at::Tensor& q, int64_t E, int64_t Ev) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf || q.scalar_type() == at::kFloat,
               "sdpax: the CUDA FLASH_ATTENTION kernels take float32, bfloat16 or float16 inputs, got ",
               q.scalar_type(), "; use the MATH backend");
-  TORCH_CHECK(E % 8 == 0 && Ev % 8 == 0 && std::max(E, Ev) <= 256,
-              "sdpax: the CUDA FLASH_ATTENTION kernels need head dims that are multiples of 8 and at most 256, got ",
+  TORCH_CHECK(E > 0 && Ev > 0 && E % 8 == 0 && Ev % 8 == 0 && std::max(E, Ev) <= 256,
+              "sdpax: the CUDA FLASH_ATTENTION kernels need head dims that are positive multiples of 8 and at most "
+              "256, got ",
               num(E), " and ", num(Ev), "; use the MATH backend");
 }
 

@@ -33,10 +33,14 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
+// Query heads per key/value head. No key/value heads means no query heads either (check_inputs): any G folds
+// the empty head dimension, and 1 avoids dividing by zero.
+int64_t group_size(const Canonical& c) { return c.Hkv > 0 ? c.Hq / c.Hkv : 1; }
+
 // Scaled scores with the mask and causal alignment applied: (B, Hq, L, S) in the accumulation dtype.
 // GQA: the G query heads of a group are folded into the row dimension, so K is never repeated.
 at::Tensor scores(const Canonical& c, const at::Tensor& qf, const at::Tensor& kf, double scale, int64_t causal) {
-  const int64_t G = c.Hq / c.Hkv;
+  const int64_t G = group_size(c);
   at::Tensor s = at::matmul(qf.reshape({c.B, c.Hkv, G * c.L, c.E}), kf.transpose(-2, -1));
   s = s.mul_(scale).view({c.B, c.Hq, c.L, c.S});
   if (c.mask) {
@@ -112,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   auto [p, lse] = softmax_with_sinks(c, s, sinks);
   if (dropout_p > 0.0) p.mul_(keep_for(c, *rng, dropout_p)).mul_(dropout_scale(dropout_p));
 
-  const int64_t G = c.Hq / c.Hkv;
+  const int64_t G = group_size(c);
   at::Tensor o = at::matmul(p.view({c.B, c.Hkv, G * c.L, c.S}), c.v.to(acc)).view({c.B, c.Hq, c.L, c.Ev});
   return {uncanonical(o.to(q.scalar_type()), q, c.Ev), uncanonical(lse, q, -1)};
 }
@@ -125,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
   check_bwd_inputs(grad_out, out, q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
   const Canonical c = canonicalize(q, k, v, mask);
   const auto acc = acc_type(q);
-  const int64_t G = c.Hq / c.Hkv;
+  const int64_t G = group_size(c);
   at::Tensor qf = c.q.to(acc), kf = c.k.to(acc), vf = c.v.to(acc);
   // MATH recomputes the softmax from the scores (the saved lse is for the fused kernels): it is the reference.
   auto [p, lse4] = softmax_with_sinks(c, scores(c, qf, kf, scale, causal), sinks);

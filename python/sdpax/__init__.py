@@ -6,6 +6,7 @@
 from . import _build_config as build_config
 from . import _ops  # noqa: F401  (loads the extension and registers fake kernels and autograd)
 from . import attention, functional
+from ._errors import AttentionError
 from ._patch import is_patched, patch, unpatch
 from .attention import SDPBackend, explain, sdpa_kernel
 from .functional import scaled_dot_product_attention
@@ -13,4 +14,4 @@ from .functional import scaled_dot_product_attention
 __version__ = "0.1.0"
 
 __all__ = ["scaled_dot_product_attention", "functional", "attention", "SDPBackend", "sdpa_kernel", "explain",
-           "patch", "unpatch", "is_patched", "build_config"]
+           "patch", "unpatch", "is_patched", "build_config", "AttentionError"]

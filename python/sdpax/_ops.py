@@ -6,6 +6,7 @@ torch.export and autograd, beside the op as torch.library recommends.
 import torch
 
 from . import _C  # noqa: F401  (importing the extension runs its TORCH_LIBRARY registrations)
+from . import _composite
 
 fwd = torch.ops.sdpax.fwd.default
 bwd = torch.ops.sdpax.bwd.default
@@ -52,10 +53,39 @@ def _backward(ctx, grad_out, _grad_lse):
     query, key, value, attn_mask, out, lse, sinks, rng = ctx.saved_tensors
     dropout_p, causal, scale, enable_gqa, backend = ctx.args
     mask_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dmask, dsinks = bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale,
-                                    enable_gqa, sinks, rng, backend, mask_grad)
+    if _differentiated(grad_out, query, key, value, attn_mask, sinks):
+        # create_graph=True: the gradient must be differentiable in the inputs, so it is computed from a
+        # recomputed forward (out and lse as functions of q, k, v) rather than by the first-order kernels.
+        re_out, re_lse = _composite.forward(query, key, value, attn_mask, dropout_p, causal, scale, sinks, rng)
+        grads = _composite.gradients(grad_out, query, key, value, attn_mask, re_out, re_lse, dropout_p, causal,
+                                     scale, sinks, rng, mask_grad)
+    else:
+        grads = bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks,
+                    rng, backend, mask_grad)
+    dq, dk, dv, dmask, dsinks = grads
     return (dq, dk, dv, dmask if mask_grad else None, None, None, None, None,
             dsinks if sinks is not None else None, None, None)
 
 
+def _differentiated(*tensors) -> bool:
+    """Whether autograd records what is computed from these (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 torch.library.register_autograd("sdpax::fwd", _backward, setup_context=_setup_context)
+
+
+def _bwd_autograd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks,
+                  rng, backend, mask_grad):
+    """sdpax::bwd at the Autograd key: differentiable through the composite when a gradient of the gradient is
+    being recorded, the kernels of the chosen backend otherwise."""
+    if _differentiated(grad_out, query, key, value, attn_mask, out, lse, sinks):
+        return _composite.gradients(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale,
+                                    sinks, rng, mask_grad)
+    with torch._C._AutoDispatchBelowAutograd():
+        return bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks,
+                   rng, backend, mask_grad)
+
+
+_lib = torch.library.Library("sdpax", "IMPL")  # noqa: TOR901 (a Python kernel at the Autograd key)
+_lib.impl("bwd", _bwd_autograd, "Autograd")

@@ -1,30 +1,108 @@
 """Route torch.nn.functional.scaled_dot_product_attention through sdpax.
 
 nn.MultiheadAttention, nn.TransformerEncoderLayer (on their Python path) and Hugging Face's "sdpa" attention look
-the function up on torch.nn.functional at call time, so replacing that attribute is enough.
+the function up on torch.nn.functional at call time, so replacing that attribute is enough for them. Two more
+things must follow the patch for it to be a drop-in:
+
+- torch's `CausalBias.__torch_function__` recognises only the function object that is
+  `F.scaled_dot_product_attention` at the time of the call. Code that imported torch's function by name before
+  the patch still calls torch's builtin; with a CausalBias that builtin would then see the bias as a plain (empty)
+  tensor. While patched, the bias routes torch's builtin and the patched function alike to sdpax.
+- torch.nn.attention.sdpa_kernel sets torch's global backend flags. While patched, those flags choose among sdpax's
+  backends (MATH -> MATH; FLASH_ATTENTION, EFFICIENT_ATTENTION, CUDNN_ATTENTION -> sdpax's fused kernel), unless
+  an sdpax.sdpa_kernel block is active: sdpax's own selection is the explicit one and wins.
 """
 from __future__ import annotations
 
 import threading
 
+import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias as _TorchCausalBias
 
+from . import _select
+from ._errors import AttentionError
+from ._select import SDPBackend
 from .functional import scaled_dot_product_attention
 
 _lock = threading.Lock()
 _original = F.scaled_dot_product_attention
+_original_bias_torch_function = _TorchCausalBias.__dict__["__torch_function__"]
 _depth = 0
+
+# torch's backend flags and the sdpax backend each one maps onto. OVERRIDEABLE (out-of-tree devices) has none.
+_TORCH_FLAGS = (
+    ("math", "MATH", SDPBackend.MATH),
+    ("flash", "FLASH_ATTENTION", SDPBackend.FLASH_ATTENTION),
+    ("mem_efficient", "EFFICIENT_ATTENTION", SDPBackend.FLASH_ATTENTION),
+    ("cudnn", "CUDNN_ATTENTION", SDPBackend.FLASH_ATTENTION),
+)
+
+
+def _torch_flag(name: str) -> bool:
+    getter = getattr(torch._C, f"_get_{name}_sdp_enabled", None)
+    return True if getter is None else bool(getter())
+
+
+def torch_backend_choice() -> tuple | None:
+    """sdpax's backends in the order torch's flags allow them, or None when torch's flags restrict nothing (every
+    torch backend enabled) and sdpax's default applies."""
+    on = [(torch_name, ours) for flag, torch_name, ours in _TORCH_FLAGS if _torch_flag(flag)]
+    if len(on) == len(_TORCH_FLAGS):
+        return None
+    if not on:
+        raise AttentionError(
+            "sdpax: torch.nn.attention.sdpa_kernel enabled none of MATH, FLASH_ATTENTION, EFFICIENT_ATTENTION or "
+            "CUDNN_ATTENTION, so no sdpax backend may run under sdpax.patch()")
+    getter = getattr(torch._C, "_get_sdp_priority_order", None)
+    # torch's backend ids, highest priority first (set by sdpa_kernel(..., set_priority=True)). torch.compile
+    # cannot trace this getter; compiled code keeps torch's default order among the enabled backends.
+    order = list(getter()) if getter is not None and not torch.compiler.is_compiling() else []
+
+    def position(torch_name: str) -> int:
+        value = int(getattr(torch.nn.attention.SDPBackend, torch_name))
+        return order.index(value) if value in order else len(order)
+
+    on.sort(key=lambda entry: position(entry[0]))
+    return tuple(dict.fromkeys(ours for _, ours in on))
 
 
 def _patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
              **kwargs):
-    return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
-                                        enable_gqa=enable_gqa, **kwargs)
+    choice = None if _select.explicitly_chosen() else torch_backend_choice()
+    if choice is None:
+        return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                            enable_gqa=enable_gqa, **kwargs)
+    _select.push(choice, set_priority=True)
+    try:
+        return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                            enable_gqa=enable_gqa, **kwargs)
+    finally:
+        _select.pop()
 
 
 _patched.__doc__ = "sdpax's scaled_dot_product_attention, installed by sdpax.patch().\n\n" + (
     scaled_dot_product_attention.__doc__ or "")
 _patched.__wrapped__ = _original
+scaled_dot_product_attention_patched = _patched
+
+
+def _bias_torch_function(cls, func, types, args=(), kwargs=None):
+    """torch's CausalBias while patched: torch's builtin (imported by name before the patch) and the patched
+    function both run on sdpax; everything else is torch's own handling."""
+    if func is _original or func is _patched:
+        return _patched(*args, **(kwargs or {}))
+    return _original_bias_torch_function.__get__(None, cls)(func, types, args, kwargs)
+
+
+def _install() -> None:
+    F.scaled_dot_product_attention = _patched
+    _TorchCausalBias.__torch_function__ = classmethod(_bias_torch_function)
+
+
+def _restore() -> None:
+    F.scaled_dot_product_attention = _original
+    _TorchCausalBias.__torch_function__ = _original_bias_torch_function
 
 
 class patch:
@@ -38,7 +116,7 @@ class patch:
         global _depth
         with _lock:
             _depth += 1
-            F.scaled_dot_product_attention = _patched
+            _install()
         self._active = True
 
     def __enter__(self):
@@ -56,7 +134,7 @@ class patch:
         with _lock:
             _depth = max(0, _depth - 1)
             if _depth == 0:
-                F.scaled_dot_product_attention = _original
+                _restore()
 
 
 def unpatch() -> None:
@@ -64,7 +142,7 @@ def unpatch() -> None:
     global _depth
     with _lock:
         _depth = 0
-        F.scaled_dot_product_attention = _original
+        _restore()
 
 
 def is_patched() -> bool:

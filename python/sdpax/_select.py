@@ -36,6 +36,7 @@ class Limits:
     """What a backend can run. `devices` maps a device type to the dtypes it has kernels for (None: any)."""
 
     devices: dict | None
+    min_head_dim: int = 0
     max_head_dim: int | None = None
     head_dim_multiple: int = 1
     mask_grad: bool = True
@@ -63,7 +64,9 @@ _FLASH_DEVICES: dict = {}
 
 LIMITS = {
     SDPBackend.MATH: Limits(devices=None, note="composite ATen implementation, any device"),
-    SDPBackend.FLASH_ATTENTION: Limits(devices=_FLASH_DEVICES, max_head_dim=256, mask_grad=False,
+    # Head dim 0 is an empty dot product (every score 0, the output the mean of v, or no output columns at all):
+    # MATH's business, not a tile loop's.
+    SDPBackend.FLASH_ATTENTION: Limits(devices=_FLASH_DEVICES, min_head_dim=1, max_head_dim=256, mask_grad=False,
                                        note="fused tiled kernels", per_device={"cuda": _CUDA_FLASH}),
 }
 
@@ -93,6 +96,8 @@ def reasons(backend: SDPBackend, call: Call) -> list[str]:
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
             out.append(f"dtype {str(call.dtype).replace('torch.', '')} not supported on {call.device.type} "
                        f"(supported: {names})")
+    if min(call.head_dim, call.value_head_dim) < lim.min_head_dim:
+        out.append(f"head dims ({call.head_dim}, {call.value_head_dim}) must be at least {lim.min_head_dim}")
     if lim.max_head_dim is not None and max(call.head_dim, call.value_head_dim) > lim.max_head_dim:
         out.append(f"head dim {max(call.head_dim, call.value_head_dim)} exceeds {lim.max_head_dim}")
     if lim.head_dim_multiple > 1 and (call.head_dim % lim.head_dim_multiple or
@@ -148,6 +153,11 @@ def push(backends, set_priority: bool) -> None:
 
 def pop() -> None:
     _state.stack.pop()
+
+
+def explicitly_chosen() -> bool:
+    """Whether an sdpa_kernel block of sdpax is active on this thread."""
+    return bool(_state.stack)
 
 
 def enabled() -> tuple:

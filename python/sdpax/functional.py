@@ -6,6 +6,7 @@ import math
 import torch
 
 from . import _ops, _select
+from ._errors import AttentionError
 from .attention import bias as _bias
 
 __all__ = ["scaled_dot_product_attention"]
@@ -23,11 +24,11 @@ def _causal_from_bias(attn_mask, L: int, S: int) -> int | None:
         return None
     if _is_causal_bias(attn_mask):
         if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
-            raise ValueError(f"sdpax: CausalBias is for (L, S) = ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
+            raise AttentionError(f"sdpax: CausalBias is for (L, S) = ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
                              f"but the inputs have (L, S) = ({L}, {S})")
         variant = int(attn_mask.variant)
         if variant not in (_UPPER_LEFT, _LOWER_RIGHT):
-            raise ValueError(f"sdpax: unknown CausalBias variant {attn_mask.variant!r}")
+            raise AttentionError(f"sdpax: unknown CausalBias variant {attn_mask.variant!r}")
         return variant
     return None
 
@@ -37,6 +38,13 @@ def _check(query, key, value, attn_mask, dropout_p, sinks):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"sdpax: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested:
+            # A nested tensor has no single shape: the dense checks below would fail inside torch with an
+            # internal error instead of naming the problem.
+            raise AttentionError(
+                f"sdpax: {name} is a nested tensor (layout {t.layout}); sdpax takes dense tensors only. Pad the "
+                "batch to dense tensors with a bool attn_mask for the padding, or call torch's function for nested "
+                "inputs")
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         raise RuntimeError("Expected query, key, and value to all be  at least 2 dimensional, but got query.dim: "
                            f"{query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead.")
@@ -44,7 +52,7 @@ def _check(query, key, value, attn_mask, dropout_p, sinks):
         raise RuntimeError("sdpax: query, key and value must be floating point (float64, float32, bfloat16, "
                            f"float16), got {query.dtype}, {key.dtype}, {value.dtype}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"sdpax: dropout_p must be a number in [0, 1], got {dropout_p!r}")
+        raise AttentionError(f"sdpax: dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"sdpax: attn_mask must be a torch.Tensor or a CausalBias, got {type(attn_mask).__name__}")
     if sinks is not None and not isinstance(sinks, torch.Tensor):
@@ -81,16 +89,20 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks):
     causal = _causal_from_bias(attn_mask, L, S)
     if causal is not None:
         if is_causal:
-            raise ValueError("sdpax: pass either a CausalBias as attn_mask or is_causal=True, not both")
+            raise AttentionError("sdpax: pass either a CausalBias as attn_mask or is_causal=True, not both")
         attn_mask = None
     elif is_causal:
         if attn_mask is not None:
-            raise ValueError("sdpax: attn_mask and is_causal=True cannot be combined (torch's documentation "
+            raise AttentionError("sdpax: attn_mask and is_causal=True cannot be combined (torch's documentation "
                              "makes this an error); fold the causal pattern into the mask or drop one")
         causal = _UPPER_LEFT
     else:
         causal = _NONE
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    if scale is None:
+        # Head dim 0: every score is an empty sum, 0 whatever the scale; torch's 1/sqrt(0) would make it 0 * inf.
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
+    else:
+        scale = float(scale)
     return attn_mask, causal, scale
 
 

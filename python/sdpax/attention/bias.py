@@ -56,7 +56,9 @@ class CausalBias(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _torch_sdpa or func is _sdpax_sdpa():
-            return _sdpax_sdpa()(*args, **kwargs)
+            from .. import _patch  # under sdpax.patch(), torch's backend flags apply as to any patched call
+            target = _patch.scaled_dot_product_attention_patched if _patch.is_patched() else _sdpax_sdpa()
+            return target(*args, **kwargs)
         return super().__torch_function__(func, types, args, kwargs)
 
     def __repr__(self) -> str:
