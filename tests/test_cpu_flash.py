@@ -305,7 +305,10 @@ def test_zero_sizes(shape):
 
 def test_clear_errors():
     q = torch.randn(1, 2, 10, 300)
-    with pytest.raises(RuntimeError, match="head dims up to 256"):
+    with pytest.raises(RuntimeError, match="head dims from 1 to 256"):
+        ops.fwd(q, q, q, None, 0.0, 0, 0.1, False, None, None, FLASH)
+    q = torch.randn(1, 2, 10, 0)
+    with pytest.raises(RuntimeError, match="head dims from 1 to 256"):
         ops.fwd(q, q, q, None, 0.0, 0, 0.1, False, None, None, FLASH)
     q = torch.randn(1, 2, 10, 16, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float64 runs on MATH"):

@@ -316,3 +316,13 @@ def test_fully_masked_row_semantics(device):
         assert (out[:, :, 1] == 0).all()
         dq, = torch.autograd.grad(out.sum(), q)
         assert (dq[:, :, 1] == 0).all()
+
+
+def test_torch_causal_bias_compiled_with_a_name_imported_before_the_patch():
+    """torch.compile dispatches the bias's __torch_function__ for torch's builtin too (its table of overridable
+    functions is built before the patch replaces the attribute)."""
+    q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 6, 8)
+    with Bound("imported_before") as b:
+        bias = torch_lower_right(4, 6)
+        out = torch.compile(lambda q, k, m: b.fn(q, k, k, attn_mask=m), fullgraph=True, backend="eager")(q, k, bias)
+    assert err(out, reference(q, k, k, causal=LOWER_RIGHT)) < 1e-5

@@ -87,15 +87,28 @@ _patched.__wrapped__ = _original
 scaled_dot_product_attention_patched = _patched
 
 
+def _is_sdpa(func) -> bool:
+    """Whether func is torch's builtin scaled_dot_product_attention or the patched function. torch.compile does not
+    decide `is` between two references to the same builtin while tracing, so the builtin is also known by name."""
+    if func is _original or func is _patched:
+        return True
+    return (getattr(func, "__name__", None) == "scaled_dot_product_attention"
+            and getattr(func, "__module__", None) in ("torch._C._nn", "torch.nn.functional"))
+
+
 def _bias_torch_function(cls, func, types, args=(), kwargs=None):
     """torch's CausalBias while patched: torch's builtin (imported by name before the patch) and the patched
     function both run on sdpax; everything else is torch's own handling."""
-    if func is _original or func is _patched:
+    if _is_sdpa(func):
         return _patched(*args, **(kwargs or {}))
     return _original_bias_torch_function.__get__(None, cls)(func, types, args, kwargs)
 
 
 def _install() -> None:
+    # torch.compile dispatches __torch_function__ (a CausalBias's) only for functions in torch's table of
+    # overridable functions, which torch builds once by walking torch.nn.functional and caches. Built while
+    # patched, it would list the patched function instead of torch's builtin; build it before the first patch.
+    torch.overrides.get_overridable_functions()
     F.scaled_dot_product_attention = _patched
     _TorchCausalBias.__torch_function__ = classmethod(_bias_torch_function)
 
