@@ -25,19 +25,27 @@ st = hypothesis.strategies
 
 EXAMPLES = int(os.environ.get("SDPAX_FUZZ_EXAMPLES", "150"))
 SEED = int(os.environ.get("SDPAX_FUZZ_SEED", "0"))
-SIZES = [0, 1, 2, 3, 7, 16, 33, 70]
-HEAD_DIMS = [0, 1, 8, 16, 24, 40, 64]
+SIZES = [1, 2, 3, 7, 16, 33, 70, 129]
+HEAD_DIMS = [1, 8, 16, 24, 40, 64, 72]
 
 
 @st.composite
 def calls(draw, device):
     dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]))
     rank = draw(st.sampled_from([2, 3, 4, 4, 5]))
-    hkv = draw(st.sampled_from([0, 1, 2, 3])) if rank >= 3 else 1
+    hkv = draw(st.sampled_from([1, 2, 3])) if rank >= 3 else 1
     group = draw(st.sampled_from([1, 1, 2, 3])) if rank >= 3 else 1
-    lead = [draw(st.sampled_from([0, 1, 2])) for _ in range(max(0, rank - 3))]
+    lead = [draw(st.sampled_from([1, 2])) for _ in range(max(0, rank - 3))]
     L, S = draw(st.sampled_from(SIZES)), draw(st.sampled_from(SIZES))
     E, Ev = draw(st.sampled_from(HEAD_DIMS)), draw(st.sampled_from(HEAD_DIMS))
+    # About one call in six has one zero-size dim: batch, heads, lengths or head dims.
+    zero = draw(st.sampled_from(["none"] * 5 + ["one"]))
+    if zero == "one":
+        dims = ["L", "S", "E", "Ev"] + (["hkv"] if rank >= 3 else []) + (["lead"] if lead else [])
+        which = draw(st.sampled_from(dims))
+        L, S, E, Ev = (0 if which == n else x for n, x in (("L", L), ("S", S), ("E", E), ("Ev", Ev)))
+        hkv = 0 if which == "hkv" else hkv
+        lead = [0, *lead[1:]] if which == "lead" else lead
     hq = hkv * group
     q_shape = (*lead, hq, L, E)[-rank:]
     k_shape = (*lead, hkv, S, E)[-rank:]
