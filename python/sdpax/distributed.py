@@ -1,0 +1,333 @@
+"""Context-parallel attention: q, k and v sharded along the sequence over a torch.distributed process group.
+
+    q_r, k_r, v_r = (sdpax.distributed.shard(t, dim=-2, group=pg) for t in (q, k, v))   # this rank's shard
+    out_r = sdpax.distributed.attention(q_r, k_r, v_r, group=pg, is_causal=True)
+    out = sdpax.distributed.unshard(out_r, dim=-2, group=pg)                            # == sdpax on q, k, v
+
+Each rank holds the same two chunks of the query sequence and of the key sequence: with P ranks a sequence is cut
+into 2P equal chunks and rank r holds chunks r and 2P - 1 - r ("zig-zag"), so under a causal mask every rank does
+the same work. The result on a rank is its shard of the output, equal to single-device sdpax on the gathered
+tensors within rounding; forward and backward.
+
+How: every (query chunk, key chunk) pair is one call of sdpax's kernels, which return the rows' log-sum-exp; the
+partial outputs are merged by log-sum-exp in float32 (float64 for float64 inputs) on the device, and sinks join
+the denominator once, after the merge. A causal pair whose diagonal is offset from the kernel's alignments is cut
+into at most two calls that are upper-left-aligned or unmasked, so no L x S mask is ever built. The backward is
+FlashAttention's: each pair's gradient from the merged output and log-sum-exp, dK/dV summed on the owning rank.
+
+Strategies (`strategy=`): "ring" passes K/V (and the key side of the mask) around the ring, the next transfer
+posted before the current pair is computed so that communication overlaps compute; in the backward dK/dV travel
+with them back to their owner. "allgather" gathers K/V once (one collective, memory for the whole K/V sequence)
+and sums dK/dV with one all-reduce. "auto" (the default) gathers when the whole sequence's K/V is no larger than
+this rank's queries and outputs (GQA-heavy shapes: per-rank memory stays O(L / P)), and rings otherwise.
+
+Features: both causal alignments (`is_causal=True` or a `CausalBias` of the global lengths, sdpax's or torch's),
+L != S, GQA, sinks, custom scale, and a key-side mask (bool or additive, size 1 in the query dim, sharded with
+K/V). Dropout is refused with an error: the kernels draw the keep mask from indices local to each call, so a
+sharded run could not drop the elements a single-device run drops.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import _composite, _ops, _select
+from ._errors import AttentionError
+from .attention import bias as _bias
+from .functional import _check, _causal_from_bias
+
+__all__ = ["attention", "shard", "unshard", "chunk_positions", "choose_strategy", "ContextParallelAttention"]
+
+_NONE, _UPPER_LEFT, _LOWER_RIGHT = 0, 1, 2
+
+
+# ---- the zig-zag layout ----
+
+def chunk_positions(n: int, rank: int, world: int) -> list[tuple[int, int]]:
+    """(start, length) in the global sequence of the chunks rank holds, in the order it holds them."""
+    if n % (2 * world):
+        raise AttentionError(f"sdpax.distributed: sequence length {n} must be a multiple of 2 x {world} ranks "
+                             "(two chunks per rank)")
+    c = n // (2 * world)
+    return [(rank * c, c), ((2 * world - 1 - rank) * c, c)]
+
+
+def shard(t: torch.Tensor, dim: int = -2, group=None) -> torch.Tensor:
+    """This rank's zig-zag shard of a full-sequence tensor (dim is the sequence dim)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    return torch.cat([t.narrow(dim, s, n) for s, n in chunk_positions(t.shape[dim], rank, world)], dim)
+
+
+def unshard(t: torch.Tensor, dim: int = -2, group=None) -> torch.Tensor:
+    """The full-sequence tensor from every rank's zig-zag shard (an all-gather)."""
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    n = t.shape[dim] * world
+    out = [None] * (2 * world)
+    for r, part in enumerate(parts):
+        for (s, c), piece in zip(chunk_positions(n, r, world), part.split(t.shape[dim] // 2, dim)):
+            out[s // c] = piece
+    return torch.cat(out, dim)
+
+
+# ---- one (query chunk, key chunk) pair ----
+
+class _Pair:
+    """The calls that compute query chunk (qs, lq) against key chunk (ks, lk): a list of (row slice, key slice,
+    causal) with causal in {none, upper-left} relative to the slices; empty when no key is visible."""
+
+    def __init__(self, qs, lq, ks, lk, causal: int, shift: int):
+        self.calls = []
+        if causal == _NONE:
+            self.calls.append((slice(0, lq), slice(0, lk), _NONE))
+            return
+        d = qs - ks + shift  # key j of the chunk is visible to row i iff j <= i + d
+        if d >= lk - 1:
+            self.calls.append((slice(0, lq), slice(0, lk), _NONE))
+        elif d + lq - 1 < 0:
+            pass
+        elif d >= 0:  # keys [0, d) are visible to every row; keys [d, lk) form an upper-left triangle
+            if d > 0:
+                self.calls.append((slice(0, lq), slice(0, d), _NONE))
+            self.calls.append((slice(0, lq), slice(d, lk), _UPPER_LEFT))
+        else:  # rows [0, -d) see no key; rows [-d, lq) form an upper-left triangle
+            self.calls.append((slice(-d, lq), slice(0, lk), _UPPER_LEFT))
+
+
+def _merge(out_acc, lse_acc, out_b, lse_b):
+    """Running (out, lse) merged with a partial (out_b, lse_b) over the same rows, in the accumulation dtype."""
+    new = torch.logaddexp(lse_acc, lse_b)
+    safe = torch.where(torch.isfinite(new), new, 0.0)
+    w_acc = torch.where(torch.isfinite(lse_acc), torch.exp(lse_acc - safe), 0.0)
+    w_b = torch.where(torch.isfinite(lse_b), torch.exp(lse_b - safe), 0.0)
+    return out_acc * w_acc.unsqueeze(-1) + out_b.to(out_acc.dtype) * w_b.unsqueeze(-1), new
+
+
+def _rows(t, sl):
+    return t[..., sl, :]
+
+
+class _Plan:
+    """What every pair of this call needs: lengths, causal alignment, scale, backend, the chunks per rank."""
+
+    def __init__(self, query, key, value, causal, scale, enable_gqa, group):
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.Lr, self.Sr = query.shape[-2], key.shape[-2]
+        self.L, self.S = self.Lr * self.world, self.Sr * self.world
+        self.causal = causal
+        self.shift = self.S - self.L if causal == _LOWER_RIGHT else 0
+        self.scale = scale
+        self.gqa = enable_gqa
+        self.acc = _composite.acc_dtype(query.dtype)
+        call = _select.Call(query.device, query.dtype, query.shape[-1], value.shape[-1], False)
+        self.backend = _select.select(call)
+        self.q_chunks = chunk_positions(self.L, self.rank, self.world)
+
+    def k_chunks(self, owner):
+        return chunk_positions(self.S, owner, self.world)
+
+    def pairs(self, owner):
+        """(q chunk index, k chunk index, local row offset, local key offset, _Pair) for K/V from `owner`."""
+        for qi, (qs, lq) in enumerate(self.q_chunks):
+            for ki, (ks, lk) in enumerate(self.k_chunks(owner)):
+                pair = _Pair(qs, lq, ks, lk, self.causal, self.shift)
+                if pair.calls:
+                    yield qi * lq, ki * lk, pair
+
+
+def _forward_block(plan, q, k, v, mask, out_acc, lse_acc, owner):
+    for r0, c0, pair in plan.pairs(owner):
+        for rows, keys, causal in pair.calls:
+            rs = slice(r0 + rows.start, r0 + rows.stop)
+            ks = slice(c0 + keys.start, c0 + keys.stop)
+            m = None if mask is None else mask[..., ks]
+            o, lse = _ops.fwd(_rows(q, rs), _rows(k, ks), _rows(v, ks), m, 0.0, causal, plan.scale, plan.gqa, None,
+                              None, int(plan.backend))
+            out_acc[..., rs, :], lse_acc[..., rs] = _merge(out_acc[..., rs, :], lse_acc[..., rs], o,
+                                                           lse.to(plan.acc))
+
+
+def _backward_block(plan, q, k, v, mask, out, lse, dout, dq, dk, dv, owner):
+    """Adds this K/V block's contributions to dq (this rank's rows) and dk, dv (the block's keys)."""
+    for r0, c0, pair in plan.pairs(owner):
+        for rows, keys, causal in pair.calls:
+            rs = slice(r0 + rows.start, r0 + rows.stop)
+            ks = slice(c0 + keys.start, c0 + keys.stop)
+            m = None if mask is None else mask[..., ks]
+            args = (_rows(dout, rs), _rows(q, rs), _rows(k, ks), _rows(v, ks), m, _rows(out, rs),
+                    lse[..., rs].contiguous())
+            if plan.backend == _select.SDPBackend.MATH:
+                # MATH's own backward recomputes the softmax from the pair's scores alone; the pair's share of the
+                # gradient needs the merged lse and output, which the composite takes as given.
+                g = _composite.gradients(*args, 0.0, causal, plan.scale, None, None, False)
+            else:
+                g = _ops.bwd(*args, 0.0, causal, plan.scale, plan.gqa, None, None, int(plan.backend), False)
+            dq[..., rs, :] += g[0].to(dq.dtype)
+            dk[..., ks, :] += g[1].to(dk.dtype)
+            dv[..., ks, :] += g[2].to(dv.dtype)
+
+
+# ---- communication ----
+
+def _ring_exchange(plan, tensors):
+    """Posts the send of `tensors` to the next rank and the receive of the previous rank's; returns (received
+    buffers, requests)."""
+    nxt, prv = (plan.rank + 1) % plan.world, (plan.rank - 1) % plan.world
+    g = plan.group
+    nxt_g = nxt if g is None else dist.get_global_rank(g, nxt)
+    prv_g = prv if g is None else dist.get_global_rank(g, prv)
+    recv = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt_g, g) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, prv_g, g) for r in recv]
+    return recv, dist.batch_isend_irecv(ops)
+
+
+def _gather(plan, t):
+    parts = [torch.empty_like(t) for _ in range(plan.world)]
+    dist.all_gather(parts, t.contiguous(), group=plan.group)
+    return parts
+
+
+def choose_strategy(query, key, value, world: int) -> str:
+    """The "auto" rule: "allgather" when the whole sequence's K/V (what gathering holds on every rank) is no larger
+    than this rank's queries and outputs, so per-rank memory stays O(L / P); "ring" otherwise."""
+    kv_all = (key.numel() + value.numel()) * world
+    q_and_out = query.numel() + math.prod(query.shape[:-1]) * value.shape[-1]
+    return "allgather" if kv_all <= q_and_out else "ring"
+
+
+class _ContextParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, sinks, mask, plan, strategy):
+        out_acc = query.new_zeros((*query.shape[:-1], value.shape[-1]), dtype=plan.acc)
+        lse_acc = query.new_full(query.shape[:-1], -math.inf, dtype=plan.acc)
+        tensors = [key, value] + ([mask] if mask is not None else [])
+        if strategy == "allgather":
+            gathered = [_gather(plan, t) for t in tensors]
+            for owner in range(plan.world):
+                k, v, *m = (g[owner] for g in gathered)
+                _forward_block(plan, query, k, v, m[0] if m else None, out_acc, lse_acc, owner)
+        else:
+            current = tensors
+            for step in range(plan.world):
+                owner = (plan.rank - step) % plan.world
+                pending = _ring_exchange(plan, current) if step + 1 < plan.world else None
+                k, v, *m = current
+                _forward_block(plan, query, k, v, m[0] if m else None, out_acc, lse_acc, owner)
+                if pending is not None:
+                    current, reqs = pending
+                    for req in reqs:
+                        req.wait()
+        if sinks is not None:  # the sink joins each row's denominator once, after every block
+            sink = sinks.to(plan.acc).view(-1, 1)
+            lse_all = torch.logaddexp(lse_acc, sink.expand_as(lse_acc))
+            out_acc = out_acc * torch.where(torch.isfinite(lse_acc), torch.exp(lse_acc - lse_all), 0.0).unsqueeze(-1)
+            lse_acc = lse_all
+        out = out_acc.to(query.dtype)
+        ctx.save_for_backward(query, key, value, sinks, mask, out, lse_acc)
+        ctx.plan, ctx.strategy = plan, strategy
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        query, key, value, sinks, mask, out, lse = ctx.saved_tensors
+        plan, strategy = ctx.plan, ctx.strategy
+        dout = dout.contiguous()
+        dq = torch.zeros_like(query, dtype=plan.acc)
+        tensors = [key, value] + ([mask] if mask is not None else [])
+        if strategy == "allgather":
+            gathered = [_gather(plan, t) for t in tensors]
+            dks = [torch.zeros_like(key, dtype=plan.acc) for _ in range(plan.world)]
+            dvs = [torch.zeros_like(value, dtype=plan.acc) for _ in range(plan.world)]
+            for owner in range(plan.world):
+                k, v, *m = (g[owner] for g in gathered)
+                _backward_block(plan, query, k, v, m[0] if m else None, out, lse, dout, dq, dks[owner], dvs[owner],
+                                owner)
+            dk_all, dv_all = torch.stack(dks), torch.stack(dvs)
+            dist.all_reduce(dk_all, group=plan.group)
+            dist.all_reduce(dv_all, group=plan.group)
+            dk, dv = dk_all[plan.rank], dv_all[plan.rank]
+        else:
+            dk, dv = torch.zeros_like(key, dtype=plan.acc), torch.zeros_like(value, dtype=plan.acc)
+            current = tensors
+            for step in range(plan.world):
+                owner = (plan.rank - step) % plan.world
+                pending = _ring_exchange(plan, current) if step + 1 < plan.world else None
+                k, v, *m = current
+                _backward_block(plan, query, k, v, m[0] if m else None, out, lse, dout, dq, dk, dv, owner)
+                # dK/dV of this block travel one step behind it, so that after the last step they are home.
+                grads, greqs = _ring_exchange(plan, [dk, dv])
+                for req in greqs:
+                    req.wait()
+                dk, dv = grads
+                if pending is not None:
+                    current, reqs = pending
+                    for req in reqs:
+                        req.wait()
+        dsinks = None
+        if sinks is not None:
+            delta = (dout.to(plan.acc) * out.to(plan.acc)).sum(-1)
+            p_sink = torch.exp(sinks.to(plan.acc).view(-1, 1) - lse)
+            dsinks = -(p_sink * delta).sum(-1).reshape(-1, sinks.shape[0]).sum(0)
+            dist.all_reduce(dsinks, group=plan.group)  # the sinks are replicated: every rank gets the whole sum
+            dsinks = dsinks.to(sinks.dtype)
+        return (dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), dsinks, None, None, None)
+
+
+def attention(query, key, value, group=None, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+              sinks=None, dropout_p=0.0, strategy="auto"):
+    """Exact attention over sequence-sharded q, k, v (this rank's zig-zag shards); returns this rank's shard of
+    the output. attn_mask: None, a CausalBias of the global lengths (sdpax's or torch's), or a key-side mask of
+    this rank's keys (size 1 in the query dim, bool or additive)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise AttentionError("sdpax.distributed.attention needs an initialised torch.distributed process group")
+    if dropout_p:
+        raise AttentionError("sdpax.distributed.attention: dropout is not supported (the kernels draw the keep "
+                             "mask from indices local to each call, so a sharded run would not drop the elements "
+                             "of a single-device run)")
+    mask = attn_mask if attn_mask is not None and not isinstance(
+        attn_mask, (_bias.CausalBias, _bias.TorchCausalBias)) else None
+    _check(query, key, value, mask, 0.0, sinks)
+    world = dist.get_world_size(group)
+    L, S = query.shape[-2] * world, key.shape[-2] * world
+    causal = _causal_from_bias(attn_mask, L, S) if mask is None and attn_mask is not None else None
+    if causal is not None and is_causal:
+        raise AttentionError("sdpax.distributed.attention: pass either a CausalBias or is_causal=True, not both")
+    if mask is not None and is_causal:
+        raise AttentionError("sdpax.distributed.attention: attn_mask and is_causal=True cannot be combined")
+    causal = causal if causal is not None else (_UPPER_LEFT if is_causal else _NONE)
+    if mask is not None:
+        if mask.dim() < 2 or mask.shape[-2] != 1 or mask.shape[-1] != key.shape[-2]:
+            raise AttentionError(
+                "sdpax.distributed.attention: attn_mask must be the key side of a mask: size 1 in the query dim and "
+                f"this rank's {key.shape[-2]} keys in the last dim, got shape {tuple(mask.shape)}")
+        mask = mask.expand(*query.shape[:-2], 1, key.shape[-2]) if mask.dim() < query.dim() else mask
+    if query.shape[-1] == 0:
+        raise AttentionError("sdpax.distributed.attention: head dim 0 is not supported")
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    hq = query.shape[-3] if query.dim() >= 3 else 1
+    hk = key.shape[-3] if key.dim() >= 3 else 1
+    if hq != hk and not (enable_gqa and hk > 0 and hq % hk == 0):
+        raise AttentionError(f"sdpax.distributed.attention: query has {hq} heads and key/value {hk}; pass "
+                             "enable_gqa=True with a number of query heads divisible by the key/value heads")
+    if strategy not in ("auto", "ring", "allgather"):
+        raise AttentionError(f"sdpax.distributed: strategy must be 'auto', 'ring' or 'allgather', got {strategy!r}")
+    if strategy == "auto":
+        strategy = choose_strategy(query, key, value, world)
+    plan = _Plan(query, key, value, causal, scale, bool(enable_gqa), group)
+    return _ContextParallel.apply(query, key, value, sinks, mask, plan, strategy)
+
+
+class ContextParallelAttention(torch.nn.Module):
+    """nn.Module form of `attention` for one process group: forward(q, k, v, **kwargs) on this rank's shards."""
+
+    def __init__(self, group=None, strategy: str = "auto"):
+        super().__init__()
+        self.group, self.strategy = group, strategy
+
+    def forward(self, query, key, value, **kwargs):
+        return attention(query, key, value, self.group, strategy=self.strategy, **kwargs)

@@ -1,0 +1,160 @@
+"""sdpax.distributed: context-parallel attention on 2 and 4 gloo ranks (processes on this machine), forward and
+backward, against single-process sdpax on the gathered tensors and the float64 reference; the pair decomposition
+of a causal chunk pair checked exhaustively against the mask it stands for."""
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sdpax
+import sdpax.distributed as cp
+from helpers import FLOOR, LOWER_RIGHT, UPPER_LEFT, assert_close_rel, causal_allowed, err, reference
+from sdpax.attention.bias import causal_lower_right
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+
+# (name, dtype, q shape (global), k shape (global), Ev, causal, gqa, sinks, mask kind, strategy)
+CASES = [
+    ("plain_f32_ring", torch.float32, (2, 4, 16, 16), (2, 4, 16, 16), 16, 0, False, False, None, "ring"),
+    ("causal_f32_ring", torch.float32, (1, 4, 32, 16), (1, 4, 32, 16), 8, UPPER_LEFT, False, False, None, "ring"),
+    ("causal_f64_allgather", torch.float64, (1, 2, 16, 8), (1, 2, 16, 8), 8, UPPER_LEFT, False, False, None,
+     "allgather"),
+    ("lower_right_L<S_gqa_sinks", torch.float32, (1, 4, 16, 16), (1, 2, 48, 16), 16, LOWER_RIGHT, True, True, None,
+     "ring"),
+    ("lower_right_L>S", torch.float64, (1, 2, 48, 8), (1, 2, 16, 8), 8, LOWER_RIGHT, False, False, None, "ring"),
+    ("upper_left_L>S_sinks", torch.float32, (2, 2, 32, 16), (2, 2, 16, 16), 16, UPPER_LEFT, False, True, None,
+     "allgather"),
+    ("bool_keys_L>S", torch.float32, (2, 2, 32, 16), (2, 2, 16, 16), 16, 0, False, True, "bool", "ring"),
+    ("float_keys_gqa_auto", torch.float32, (2, 8, 16, 16), (2, 2, 32, 16), 16, 0, True, False, "float", "auto"),
+    ("bf16_causal", torch.bfloat16, (1, 4, 64, 32), (1, 4, 64, 32), 32, UPPER_LEFT, False, True, None, "ring"),
+    ("bf16_bool_keys", torch.bfloat16, (1, 4, 32, 32), (1, 4, 64, 32), 32, 0, False, False, "bool", "allgather"),
+]
+
+
+def _full_inputs(case, seed):
+    name, dtype, qs, ks, ev, causal, gqa, sinks, mask_kind, strategy = case
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda s: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)
+    q, k, v = rnd(qs), rnd(ks), rnd((*ks[:-1], ev))
+    s = torch.randn(qs[-3], generator=gen, dtype=torch.float64).float() if sinks else None
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand((ks[0], 1, 1, ks[-2]), generator=gen) > 0.25
+        mask[..., :2] = True
+    elif mask_kind == "float":
+        mask = torch.randn((ks[0], 1, 1, ks[-2]), generator=gen).to(dtype)
+    gout = rnd((*qs[:-1], ev))
+    return q, k, v, s, mask, gout
+
+
+def _single(case, q, k, v, s, mask, gout):
+    """Single-process sdpax on the full tensors: (out, dq, dk, dv, dsinks)."""
+    causal, gqa = case[5], case[6]
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)] + (
+        [s.detach().clone().requires_grad_()] if s is not None else [])
+    L, S = q.shape[-2], k.shape[-2]
+    am = mask if mask is not None else (causal_lower_right(L, S) if causal == LOWER_RIGHT else None)
+    out = sdpax.scaled_dot_product_attention(*leaves[:3], attn_mask=am, is_causal=causal == UPPER_LEFT,
+                                             enable_gqa=gqa, sinks=leaves[3] if s is not None else None)
+    return (out.detach(), *torch.autograd.grad(out, leaves, gout))
+
+
+def _worker(rank, world, init_file, cases, errors):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        for i, case in enumerate(cases):
+            q, k, v, s, mask, gout = _full_inputs(case, seed=i)
+            causal, gqa = case[5], case[6]
+            ql, kl, vl = (cp.shard(t, -2).detach().requires_grad_() for t in (q, k, v))
+            sl = s.detach().clone().requires_grad_() if s is not None else None
+            L, S = q.shape[-2], k.shape[-2]
+            am = cp.shard(mask, -1) if mask is not None else (causal_lower_right(L, S) if causal == LOWER_RIGHT
+                                                               else None)
+            out_l = cp.attention(ql, kl, vl, attn_mask=am, is_causal=causal == UPPER_LEFT, enable_gqa=gqa,
+                                 sinks=sl, strategy=case[9])
+            grads_l = torch.autograd.grad(out_l, [ql, kl, vl] + ([sl] if sl is not None else []),
+                                          cp.shard(gout, -2))
+            got = [cp.unshard(out_l.detach(), -2)] + [cp.unshard(g, -2) for g in grads_l[:3]] + list(grads_l[3:])
+            if rank == 0:
+                errors.put((case[0], _compare(case, got, q, k, v, s, mask, gout)))
+    except Exception as e:  # noqa: BLE001  (reported to the test in the parent process)
+        errors.put((f"rank {rank}", repr(e)))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _compare(case, got, q, k, v, s, mask, gout):
+    """'' if the distributed result matches single-process sdpax within the suite's rule, else a message."""
+    dtype, causal = case[1], case[5]
+    want = _single(case, q, k, v, s, mask, gout)
+    rq, rk, rv = (t.double().requires_grad_() for t in (q, k, v))
+    rs = s.double().requires_grad_() if s is not None else None
+    ref = reference(rq, rk, rv, mask=mask, causal=causal, sinks=rs)
+    ref_all = [ref.detach()] + list(torch.autograd.grad(ref, [rq, rk, rv] + ([rs] if rs is not None else []),
+                                                        gout.double()))
+    names = ["out", "dq", "dk", "dv", "dsinks"]
+    for name, g, w, r in zip(names, got, want, ref_all):
+        if g.shape != w.shape or g.dtype != w.dtype:
+            return f"{name}: {tuple(g.shape)} {g.dtype} vs {tuple(w.shape)} {w.dtype}"
+        # the single-device error sets the scale; the sharded result must be as close to float64
+        try:
+            coarser = max((dtype, g.dtype), key=FLOOR.get)
+            assert_close_rel(g, r, err(w, r), coarser, k=4, what=name,
+                             magnitude=gout.abs().max().item() * v.abs().max().item() * v.shape[-1] ** 0.5)
+        except AssertionError as e:
+            return str(e)
+    return ""
+
+
+def _run(world, cases):
+    with tempfile.TemporaryDirectory() as d:
+        errors = mp.get_context("spawn").SimpleQueue()
+        mp.spawn(_worker, args=(world, os.path.join(d, "init"), cases, errors), nprocs=world, join=True)
+        results = []
+        while not errors.empty():
+            results.append(errors.get())
+    assert len(results) == len(cases), results
+    bad = [f"{name}: {msg}" for name, msg in results if msg]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_matches_single_device(world):
+    _run(world, CASES)
+
+
+def test_pair_decomposition_is_the_causal_mask():
+    """Every (query chunk, key chunk) pair's calls cover exactly the allowed entries of the global causal mask."""
+    for L, S, world, variant in itertools.product([8, 16, 24], [8, 16, 40], [1, 2, 4], [UPPER_LEFT, LOWER_RIGHT]):
+        if L % (2 * world) or S % (2 * world):
+            continue
+        allowed = causal_allowed(L, S, variant)
+        covered = torch.zeros(L, S, dtype=torch.int64)
+        shift = S - L if variant == LOWER_RIGHT else 0
+        for r, owner in itertools.product(range(world), range(world)):
+            for qs, lq in cp.chunk_positions(L, r, world):
+                for ks, lk in cp.chunk_positions(S, owner, world):
+                    for rows, keys, causal in cp._Pair(qs, lq, ks, lk, variant, shift).calls:
+                        block = torch.ones(rows.stop - rows.start, keys.stop - keys.start, dtype=torch.bool)
+                        if causal == UPPER_LEFT:
+                            block = causal_allowed(*block.shape, UPPER_LEFT)
+                        covered[qs + rows.start:qs + rows.stop, ks + keys.start:ks + keys.stop] += block
+        assert torch.equal(covered, allowed.long()), (L, S, world, variant)
+
+
+def test_chunks_and_errors():
+    assert cp.chunk_positions(16, 1, 2) == [(4, 4), (8, 4)]
+    with pytest.raises(RuntimeError, match="multiple of 2 x 3"):
+        cp.chunk_positions(10, 0, 3)
+    if not dist.is_initialized():
+        q = torch.randn(1, 2, 8, 4)
+        with pytest.raises(RuntimeError, match="process group"):
+            cp.attention(q, q, q)
