@@ -145,19 +145,20 @@ def make_qkv(shape_q, shape_k, ev, dtype, device, gen, layout="bhle", requires_g
 
 def torch_equivalent(q, k, v, mask=None, causal=0, scale=None, sinks=None, gqa=False):
     """torch's F.scaled_dot_product_attention on the same inputs (same dtype), expressing every sdpax feature but
-    dropout: causal alignments and bool masks as -inf entries of a float32 additive mask, and each sink as one
-    more key with q.k = 0, an additive logit sinks[h] and a zero value row. Differentiable in q, k, v."""
+    dropout: causal alignments and bool masks as -inf entries of an additive mask in the query's dtype (what
+    every torch backend takes), and each sink as one more key with q.k = 0, an additive logit sinks[h] and a zero
+    value row. Differentiable in q, k, v."""
     L, S = q.shape[-2], k.shape[-2]
-    bias = torch.zeros((L, S), dtype=torch.float32, device=q.device)
+    bias = torch.zeros((L, S), dtype=q.dtype, device=q.device)
     if causal:
         bias = bias.masked_fill(~causal_allowed(L, S, causal, q.device), -math.inf)
     if mask is not None:
         bias = (bias.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool
-                else bias + mask.detach().float())
+                else bias + mask.detach().to(q.dtype))
     if sinks is not None:
         hq = q.shape[-3]
         bias = bias.expand(*q.shape[:-1], S)
-        col = sinks.detach().float().view(hq, 1, 1).expand(*q.shape[:-1], 1)
+        col = sinks.detach().to(q.dtype).view(hq, 1, 1).expand(*q.shape[:-1], 1)
         bias = torch.cat([bias, col], dim=-1)
         k = torch.cat([k, k.new_zeros((*k.shape[:-2], 1, k.shape[-1]))], dim=-2)
         v = torch.cat([v, v.new_zeros((*v.shape[:-2], 1, v.shape[-1]))], dim=-2)
