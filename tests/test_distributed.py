@@ -126,9 +126,9 @@ def _run(world, cases):
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_matches_single_device(world):
-    _run(world, CASES)
+    _run(world, CASES if world > 1 else CASES[:3])
 
 
 def test_pair_decomposition_is_the_causal_mask():

@@ -259,11 +259,11 @@ class _ContextParallel(torch.autograd.Function):
                 pending = _ring_exchange(plan, current) if step + 1 < plan.world else None
                 k, v, *m = current
                 _backward_block(plan, query, k, v, m[0] if m else None, out, lse, dout, dq, dk, dv, owner)
-                # dK/dV of this block travel one step behind it, so that after the last step they are home.
-                grads, greqs = _ring_exchange(plan, [dk, dv])
-                for req in greqs:
-                    req.wait()
-                dk, dv = grads
+                if plan.world > 1:  # dK/dV of this block travel one step behind it: after the last step, home
+                    grads, greqs = _ring_exchange(plan, [dk, dv])
+                    for req in greqs:
+                        req.wait()
+                    dk, dv = grads
                 if pending is not None:
                     current, reqs = pending
                     for req in reqs:
