@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 import sdpax
 import sdpax.distributed as cp
-from helpers import FLOOR, LOWER_RIGHT, UPPER_LEFT, assert_close_rel, causal_allowed, err, reference
+from helpers import DEVICES, FLOOR, LOWER_RIGHT, UPPER_LEFT, assert_close_rel, causal_allowed, err, reference
 from sdpax.attention.bias import causal_lower_right
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
@@ -158,3 +158,29 @@ def test_chunks_and_errors():
         q = torch.randn(1, 2, 8, 4)
         with pytest.raises(RuntimeError, match="process group"):
             cp.attention(q, q, q)
+
+
+SIM_CASES = [("causal", UPPER_LEFT, False, False, None), ("lower_right_gqa_sinks", LOWER_RIGHT, True, True, None),
+             ("bool_keys", 0, False, True, "bool"), ("float_keys_gqa", 0, True, False, "float")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name,causal,gqa,sinks,mask_kind", SIM_CASES, ids=[c[0] for c in SIM_CASES])
+@pytest.mark.parametrize("world", [1, 3, 8])
+def test_simulated_ranks_match_dense(world, name, causal, gqa, sinks, mask_kind, dtype, device):
+    """The ranks' steps run in one process (cp.simulate) give the dense kernel's answer, forward and backward."""
+    if dtype == torch.float64 and device == "cpu" and world == 8:
+        pytest.skip("covered at smaller world sizes")
+    case = (name, dtype, (1, 4, 48, 16), (1, 2 if gqa else 4, 96 if causal != UPPER_LEFT else 48, 16), 16, causal,
+            gqa, sinks, mask_kind, "ring")
+    q, k, v, s, mask, gout = (t.to(device) if t is not None else None for t in _full_inputs(case, seed=world))
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)] + (
+        [s.detach().clone().requires_grad_()] if s is not None else [])
+    L, S = q.shape[-2], k.shape[-2]
+    am = mask if mask is not None else (causal_lower_right(L, S) if causal == LOWER_RIGHT else None)
+    out = cp.simulate(*leaves[:3], world, attn_mask=am, is_causal=causal == UPPER_LEFT, enable_gqa=gqa,
+                      sinks=leaves[3] if s is not None else None)
+    got = [out.detach()] + list(torch.autograd.grad(out, leaves, gout))
+    msg = _compare(case, got, q, k, v, s, mask, gout)
+    assert not msg, msg

@@ -38,7 +38,8 @@ from ._errors import AttentionError
 from .attention import bias as _bias
 from .functional import _check, _causal_from_bias
 
-__all__ = ["attention", "shard", "unshard", "chunk_positions", "choose_strategy", "ContextParallelAttention"]
+__all__ = ["attention", "shard", "unshard", "shard_of", "from_shards", "chunk_positions", "choose_strategy", "simulate",
+           "ContextParallelAttention"]
 
 _NONE, _UPPER_LEFT, _LOWER_RIGHT = 0, 1, 2
 
@@ -54,23 +55,32 @@ def chunk_positions(n: int, rank: int, world: int) -> list[tuple[int, int]]:
     return [(rank * c, c), ((2 * world - 1 - rank) * c, c)]
 
 
+def shard_of(t: torch.Tensor, rank: int, world: int, dim: int = -2) -> torch.Tensor:
+    """Rank `rank`'s zig-zag shard of a full-sequence tensor, for `world` ranks (no communication)."""
+    return torch.cat([t.narrow(dim, s, n) for s, n in chunk_positions(t.shape[dim], rank, world)], dim)
+
+
+def from_shards(parts: list, dim: int = -2) -> torch.Tensor:
+    """The full-sequence tensor from every rank's zig-zag shard, in rank order (no communication)."""
+    world = len(parts)
+    n = parts[0].shape[dim] * world
+    out = [None] * (2 * world)
+    for r, part in enumerate(parts):
+        for (s, c), piece in zip(chunk_positions(n, r, world), part.split(part.shape[dim] // 2, dim)):
+            out[s // c] = piece
+    return torch.cat(out, dim)
+
+
 def shard(t: torch.Tensor, dim: int = -2, group=None) -> torch.Tensor:
     """This rank's zig-zag shard of a full-sequence tensor (dim is the sequence dim)."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    return torch.cat([t.narrow(dim, s, n) for s, n in chunk_positions(t.shape[dim], rank, world)], dim)
+    return shard_of(t, dist.get_rank(group), dist.get_world_size(group), dim)
 
 
 def unshard(t: torch.Tensor, dim: int = -2, group=None) -> torch.Tensor:
     """The full-sequence tensor from every rank's zig-zag shard (an all-gather)."""
-    world = dist.get_world_size(group)
-    parts = [torch.empty_like(t) for _ in range(world)]
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.contiguous(), group=group)
-    n = t.shape[dim] * world
-    out = [None] * (2 * world)
-    for r, part in enumerate(parts):
-        for (s, c), piece in zip(chunk_positions(n, r, world), part.split(t.shape[dim] // 2, dim)):
-            out[s // c] = piece
-    return torch.cat(out, dim)
+    return from_shards(parts, dim)
 
 
 # ---- one (query chunk, key chunk) pair ----
@@ -113,9 +123,8 @@ def _rows(t, sl):
 class _Plan:
     """What every pair of this call needs: lengths, causal alignment, scale, backend, the chunks per rank."""
 
-    def __init__(self, query, key, value, causal, scale, enable_gqa, group):
-        self.group = group
-        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+    def __init__(self, query, key, value, causal, scale, enable_gqa, group, rank, world):
+        self.group, self.rank, self.world = group, rank, world
         self.Lr, self.Sr = query.shape[-2], key.shape[-2]
         self.L, self.S = self.Lr * self.world, self.Sr * self.world
         self.causal = causal
@@ -171,6 +180,23 @@ def _backward_block(plan, q, k, v, mask, out, lse, dout, dq, dk, dv, owner):
             dv[..., ks, :] += g[2].to(dv.dtype)
 
 
+def _with_sinks(plan, out_acc, lse_acc, sinks, dtype):
+    """The merged rows with the sinks joining each denominator once, after every block: (out in dtype, lse)."""
+    if sinks is not None:
+        sink = sinks.to(plan.acc).view(-1, 1)
+        lse_all = torch.logaddexp(lse_acc, sink.expand_as(lse_acc))
+        out_acc = out_acc * torch.where(torch.isfinite(lse_acc), torch.exp(lse_acc - lse_all), 0.0).unsqueeze(-1)
+        lse_acc = lse_all
+    return out_acc.to(dtype), lse_acc
+
+
+def _sinks_grad(plan, dout, out, lse, sinks):
+    """This rank's rows' share of d(loss)/d(sinks): -sum over rows of P(sink) * rowsum(dO * O)."""
+    delta = (dout.to(plan.acc) * out.to(plan.acc)).sum(-1)
+    p_sink = torch.exp(sinks.to(plan.acc).view(-1, 1) - lse)
+    return -(p_sink * delta).sum(-1).reshape(-1, sinks.shape[0]).sum(0)
+
+
 # ---- communication ----
 
 def _ring_exchange(plan, tensors):
@@ -222,12 +248,7 @@ class _ContextParallel(torch.autograd.Function):
                     current, reqs = pending
                     for req in reqs:
                         req.wait()
-        if sinks is not None:  # the sink joins each row's denominator once, after every block
-            sink = sinks.to(plan.acc).view(-1, 1)
-            lse_all = torch.logaddexp(lse_acc, sink.expand_as(lse_acc))
-            out_acc = out_acc * torch.where(torch.isfinite(lse_acc), torch.exp(lse_acc - lse_all), 0.0).unsqueeze(-1)
-            lse_acc = lse_all
-        out = out_acc.to(query.dtype)
+        out, lse_acc = _with_sinks(plan, out_acc, lse_acc, sinks, query.dtype)
         ctx.save_for_backward(query, key, value, sinks, mask, out, lse_acc)
         ctx.plan, ctx.strategy = plan, strategy
         return out
@@ -270,12 +291,39 @@ class _ContextParallel(torch.autograd.Function):
                         req.wait()
         dsinks = None
         if sinks is not None:
-            delta = (dout.to(plan.acc) * out.to(plan.acc)).sum(-1)
-            p_sink = torch.exp(sinks.to(plan.acc).view(-1, 1) - lse)
-            dsinks = -(p_sink * delta).sum(-1).reshape(-1, sinks.shape[0]).sum(0)
+            dsinks = _sinks_grad(plan, dout, out, lse, sinks)
             dist.all_reduce(dsinks, group=plan.group)  # the sinks are replicated: every rank gets the whole sum
             dsinks = dsinks.to(sinks.dtype)
         return (dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), dsinks, None, None, None)
+
+
+def _prepare(query, key, value, attn_mask, is_causal, scale, enable_gqa, sinks, world):
+    """Checks the arguments of this rank's shards; returns (key-side mask or None, causal id, scale)."""
+    mask = attn_mask if attn_mask is not None and not isinstance(
+        attn_mask, (_bias.CausalBias, _bias.TorchCausalBias)) else None
+    _check(query, key, value, mask, 0.0, sinks)
+    L, S = query.shape[-2] * world, key.shape[-2] * world
+    causal = _causal_from_bias(attn_mask, L, S) if mask is None and attn_mask is not None else None
+    if causal is not None and is_causal:
+        raise AttentionError("sdpax.distributed: pass either a CausalBias or is_causal=True, not both")
+    if mask is not None and is_causal:
+        raise AttentionError("sdpax.distributed: attn_mask and is_causal=True cannot be combined")
+    causal = causal if causal is not None else (_UPPER_LEFT if is_causal else _NONE)
+    if mask is not None:
+        if mask.dim() < 2 or mask.shape[-2] != 1 or mask.shape[-1] != key.shape[-2]:
+            raise AttentionError(
+                "sdpax.distributed: attn_mask must be the key side of a mask: size 1 in the query dim and this "
+                f"rank's {key.shape[-2]} keys in the last dim, got shape {tuple(mask.shape)}")
+        mask = mask.expand(*query.shape[:-2], 1, key.shape[-2]) if mask.dim() < query.dim() else mask
+    if query.shape[-1] == 0:
+        raise AttentionError("sdpax.distributed: head dim 0 is not supported")
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    hq = query.shape[-3] if query.dim() >= 3 else 1
+    hk = key.shape[-3] if key.dim() >= 3 else 1
+    if hq != hk and not (enable_gqa and hk > 0 and hq % hk == 0):
+        raise AttentionError(f"sdpax.distributed: query has {hq} heads and key/value {hk}; pass enable_gqa=True "
+                             "with a number of query heads divisible by the key/value heads")
+    return mask, causal, scale
 
 
 def attention(query, key, value, group=None, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
@@ -289,37 +337,74 @@ def attention(query, key, value, group=None, *, attn_mask=None, is_causal=False,
         raise AttentionError("sdpax.distributed.attention: dropout is not supported (the kernels draw the keep "
                              "mask from indices local to each call, so a sharded run would not drop the elements "
                              "of a single-device run)")
-    mask = attn_mask if attn_mask is not None and not isinstance(
-        attn_mask, (_bias.CausalBias, _bias.TorchCausalBias)) else None
-    _check(query, key, value, mask, 0.0, sinks)
     world = dist.get_world_size(group)
-    L, S = query.shape[-2] * world, key.shape[-2] * world
-    causal = _causal_from_bias(attn_mask, L, S) if mask is None and attn_mask is not None else None
-    if causal is not None and is_causal:
-        raise AttentionError("sdpax.distributed.attention: pass either a CausalBias or is_causal=True, not both")
-    if mask is not None and is_causal:
-        raise AttentionError("sdpax.distributed.attention: attn_mask and is_causal=True cannot be combined")
-    causal = causal if causal is not None else (_UPPER_LEFT if is_causal else _NONE)
-    if mask is not None:
-        if mask.dim() < 2 or mask.shape[-2] != 1 or mask.shape[-1] != key.shape[-2]:
-            raise AttentionError(
-                "sdpax.distributed.attention: attn_mask must be the key side of a mask: size 1 in the query dim and "
-                f"this rank's {key.shape[-2]} keys in the last dim, got shape {tuple(mask.shape)}")
-        mask = mask.expand(*query.shape[:-2], 1, key.shape[-2]) if mask.dim() < query.dim() else mask
-    if query.shape[-1] == 0:
-        raise AttentionError("sdpax.distributed.attention: head dim 0 is not supported")
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    hq = query.shape[-3] if query.dim() >= 3 else 1
-    hk = key.shape[-3] if key.dim() >= 3 else 1
-    if hq != hk and not (enable_gqa and hk > 0 and hq % hk == 0):
-        raise AttentionError(f"sdpax.distributed.attention: query has {hq} heads and key/value {hk}; pass "
-                             "enable_gqa=True with a number of query heads divisible by the key/value heads")
+    mask, causal, scale = _prepare(query, key, value, attn_mask, is_causal, scale, enable_gqa, sinks, world)
     if strategy not in ("auto", "ring", "allgather"):
         raise AttentionError(f"sdpax.distributed: strategy must be 'auto', 'ring' or 'allgather', got {strategy!r}")
     if strategy == "auto":
         strategy = choose_strategy(query, key, value, world)
-    plan = _Plan(query, key, value, causal, scale, bool(enable_gqa), group)
+    plan = _Plan(query, key, value, causal, scale, bool(enable_gqa), group, dist.get_rank(group), world)
     return _ContextParallel.apply(query, key, value, sinks, mask, plan, strategy)
+
+
+class _Simulated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, sinks, mask, plans):
+        world = len(plans)
+        qs, ks, vs = ([shard_of(t, r, world) for r in range(world)] for t in (query, key, value))
+        ms = [shard_of(mask, r, world, -1) if mask is not None else None for r in range(world)]
+        outs, lses = [], []
+        for r, plan in enumerate(plans):
+            out_acc = qs[r].new_zeros((*qs[r].shape[:-1], value.shape[-1]), dtype=plan.acc)
+            lse_acc = qs[r].new_full(qs[r].shape[:-1], -math.inf, dtype=plan.acc)
+            for owner in range(world):
+                _forward_block(plan, qs[r], ks[owner], vs[owner], ms[owner], out_acc, lse_acc, owner)
+            out, lse = _with_sinks(plan, out_acc, lse_acc, sinks, query.dtype)
+            outs.append(out)
+            lses.append(lse)
+        ctx.save_for_backward(sinks, *qs, *ks, *vs, *outs, *lses)
+        ctx.plans, ctx.ms = plans, ms
+        return from_shards(outs)
+
+    @staticmethod
+    def backward(ctx, dout):
+        plans, ms, world = ctx.plans, ctx.ms, len(ctx.plans)
+        sinks, *saved = ctx.saved_tensors
+        qs, ks, vs, outs, lses = (saved[i * world:(i + 1) * world] for i in range(5))
+        douts = [shard_of(dout, r, world).contiguous() for r in range(world)]
+        acc = plans[0].acc
+        dqs = [torch.zeros_like(q, dtype=acc) for q in qs]
+        dks = [torch.zeros_like(k, dtype=acc) for k in ks]
+        dvs = [torch.zeros_like(v, dtype=acc) for v in vs]
+        for r, plan in enumerate(plans):
+            for owner in range(world):
+                _backward_block(plan, qs[r], ks[owner], vs[owner], ms[owner], outs[r], lses[r], douts[r], dqs[r],
+                                dks[owner], dvs[owner], owner)
+        dsinks = None
+        if sinks is not None:
+            dsinks = sum(_sinks_grad(p, douts[r], outs[r], lses[r], sinks) for r, p in enumerate(plans))
+            dsinks = dsinks.to(sinks.dtype)
+        return (from_shards(dqs).to(qs[0].dtype), from_shards(dks).to(ks[0].dtype), from_shards(dvs).to(vs[0].dtype),
+                dsinks, None, None)
+
+
+def simulate(query, key, value, world: int, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+             sinks=None):
+    """`attention`'s algorithm for `world` ranks run in this process on full-sequence tensors: every rank's shards,
+    pairs, kernel calls and merges, with the exchanges replaced by indexing; returns the full output
+    (differentiable). For checking and timing the per-pair kernel calls on one device. attn_mask: a CausalBias of
+    the full lengths or a full key-side mask."""
+    for t in (query, key):
+        chunk_positions(t.shape[-2], 0, world)  # the lengths must split into 2 x world chunks
+    qs, ks, vs = (shard_of(t, 0, world) for t in (query, key, value))
+    m0 = attn_mask
+    if isinstance(attn_mask, torch.Tensor) and not isinstance(attn_mask, (_bias.CausalBias, _bias.TorchCausalBias)):
+        m0 = shard_of(attn_mask, 0, world, -1)
+    mask, causal, scale = _prepare(qs, ks, vs, m0, is_causal, scale, enable_gqa, sinks, world)
+    if mask is not None:
+        mask = attn_mask.expand(*query.shape[:-2], 1, key.shape[-2]) if attn_mask.dim() < query.dim() else attn_mask
+    plans = [_Plan(qs, ks, vs, causal, scale, bool(enable_gqa), None, r, world) for r in range(world)]
+    return _Simulated.apply(query, key, value, sinks, mask, plans)
 
 
 class ContextParallelAttention(torch.nn.Module):
