@@ -107,7 +107,10 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
   check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
   const Canonical c = canonicalize(q, k, v, mask);
   check_supported(q, c.E, c.Ev);
-  if (c.B * c.Hq * c.L == 0) return math::fwd(q, k, v, mask, dropout_p, causal, scale, enable_gqa, sinks, rng);
+  // Empty inputs (no rows, or no keys: every row is 0 and its lse -inf, or its sink) have nothing to tile; MATH
+  // computes them from the same arguments, as the backward below does.
+  if (c.B * c.Hq * c.L == 0 || c.S == 0)
+    return math::fwd(q, k, v, mask, dropout_p, causal, scale, enable_gqa, sinks, rng);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor q4 = vector_ready(c.q), k4 = vector_ready(c.k), v4 = vector_ready(c.v);
   const std::optional<at::Tensor> sinks_f = sinks_f32(sinks);
