@@ -107,13 +107,15 @@ class _Pair:
             self.calls.append((slice(-d, lq), slice(0, lk), _UPPER_LEFT))
 
 
-def _merge(out_acc, lse_acc, out_b, lse_b):
-    """Running (out, lse) merged with a partial (out_b, lse_b) over the same rows, in the accumulation dtype."""
+def _merge_into(out_acc, lse_acc, out_b, lse_b):
+    """Merges a partial (out_b, lse_b) into the running (out_acc, lse_acc) over the same rows, in place (views of
+    the accumulators: one read and one write of the float32 output per pair)."""
     new = torch.logaddexp(lse_acc, lse_b)
     safe = torch.where(torch.isfinite(new), new, 0.0)
     w_acc = torch.where(torch.isfinite(lse_acc), torch.exp(lse_acc - safe), 0.0)
     w_b = torch.where(torch.isfinite(lse_b), torch.exp(lse_b - safe), 0.0)
-    return out_acc * w_acc.unsqueeze(-1) + out_b.to(out_acc.dtype) * w_b.unsqueeze(-1), new
+    out_acc.mul_(w_acc.unsqueeze(-1)).addcmul_(out_b, w_b.unsqueeze(-1))
+    lse_acc.copy_(new)
 
 
 def _rows(t, sl):
@@ -156,8 +158,7 @@ def _forward_block(plan, q, k, v, mask, out_acc, lse_acc, owner):
             m = None if mask is None else mask[..., ks]
             o, lse = _ops.fwd(_rows(q, rs), _rows(k, ks), _rows(v, ks), m, 0.0, causal, plan.scale, plan.gqa, None,
                               None, int(plan.backend))
-            out_acc[..., rs, :], lse_acc[..., rs] = _merge(out_acc[..., rs, :], lse_acc[..., rs], o,
-                                                           lse.to(plan.acc))
+            _merge_into(out_acc[..., rs, :], lse_acc[..., rs], o, lse.to(plan.acc))
 
 
 def _backward_block(plan, q, k, v, mask, out, lse, dout, dq, dk, dv, owner):
