@@ -96,6 +96,17 @@ def test_cuda_flash_limits_cover_the_backward():
     assert any("requires grad" in r for r in reasons(SDPBackend.FLASH_ATTENTION, cpu))
 
 
+def test_zero_scale_and_head_dim_zero_reasons():
+    cuda = Call(device=torch.device("cuda"), dtype=torch.bfloat16, head_dim=64, value_head_dim=64,
+                mask_requires_grad=False, zero_scale=True)
+    assert any("scale 0" in r for r in reasons(SDPBackend.FLASH_ATTENTION, cuda))
+    assert not reasons(SDPBackend.MATH, cuda)
+    cpu = Call(device=torch.device("cpu"), dtype=torch.float32, head_dim=0, value_head_dim=64,
+               mask_requires_grad=False, zero_scale=True)
+    rs = reasons(SDPBackend.FLASH_ATTENTION, cpu)
+    assert any("at least 1" in r for r in rs) and not any("scale 0" in r for r in rs)
+
+
 def test_choice_follows_mask_grad():
     q, k, v = _qkv()
     m = torch.randn(5, 6, requires_grad=True)

@@ -134,7 +134,7 @@ class _Plan:
         self.scale = scale
         self.gqa = enable_gqa
         self.acc = _composite.acc_dtype(query.dtype)
-        call = _select.Call(query.device, query.dtype, query.shape[-1], value.shape[-1], False)
+        call = _select.Call(query.device, query.dtype, query.shape[-1], value.shape[-1], False, zero_scale=scale == 0.0)
         self.backend = _select.select(call)
         self.q_chunks = chunk_positions(self.L, self.rank, self.world)
 

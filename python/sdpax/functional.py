@@ -66,7 +66,7 @@ def _check(query, key, value, attn_mask, dropout_p, sinks):
             raise RuntimeError(f"sdpax: {name} must be on the query's device {query.device}, got {t.device}")
 
 
-def _call_key(query, value, attn_mask, key=None, sinks=None) -> tuple:
+def _call_key(query, value, attn_mask, key=None, sinks=None, scale=None) -> tuple:
     """The fields of _select.Call for this call, in order: a plain tuple is what the selection cache hashes, and
     building the frozen dataclass on every call cost more than the rest of the selection."""
     grad_mode = torch.is_grad_enabled()
@@ -75,11 +75,11 @@ def _call_key(query, value, attn_mask, key=None, sinks=None) -> tuple:
                                 or (key is not None and key.requires_grad)
                                 or (sinks is not None and sinks.requires_grad))
     return (query.device, query.dtype, query.shape[-1], value.shape[-1], mask_grad, needs_grad,
-            needs_grad and torch.are_deterministic_algorithms_enabled())
+            needs_grad and torch.are_deterministic_algorithms_enabled(), scale == 0.0)
 
 
-def _call_features(query, value, attn_mask, key=None, sinks=None) -> _select.Call:
-    return _select.Call(*_call_key(query, value, attn_mask, key, sinks))
+def _call_features(query, value, attn_mask, key=None, sinks=None, scale=None) -> _select.Call:
+    return _select.Call(*_call_key(query, value, attn_mask, key, sinks, scale))
 
 
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks):
@@ -114,7 +114,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     A row with no allowed key yields zeros (never NaN). See the README for the full semantics.
     """
     mask, causal, scale = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
-    fields = _call_key(query, value, mask, key, sinks)
+    fields = _call_key(query, value, mask, key, sinks, scale)
     compiling = torch.compiler.is_compiling()
     backend = _select.select(_select.Call(*fields)) if compiling else _select.select_cached(fields)
     rng = None
@@ -134,5 +134,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
             sinks=None) -> _select.Explanation:
     """Which backend scaled_dot_product_attention would use for these arguments, and why each other would not."""
-    mask, _, _ = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
-    return _select.explain_call(_call_features(query, value, mask, key, sinks))
+    mask, _, scale = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
+    return _select.explain_call(_call_features(query, value, mask, key, sinks, scale))
