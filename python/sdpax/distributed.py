@@ -127,14 +127,14 @@ class _Plan:
 
     def __init__(self, query, key, value, causal, scale, enable_gqa, group, rank, world):
         self.group, self.rank, self.world = group, rank, world
-        self.Lr, self.Sr = query.shape[-2], key.shape[-2]
-        self.L, self.S = self.Lr * self.world, self.Sr * self.world
+        self.L, self.S = query.shape[-2] * world, key.shape[-2] * world
         self.causal = causal
         self.shift = self.S - self.L if causal == _LOWER_RIGHT else 0
         self.scale = scale
         self.gqa = enable_gqa
         self.acc = _composite.acc_dtype(query.dtype)
-        call = _select.Call(query.device, query.dtype, query.shape[-1], value.shape[-1], False, zero_scale=scale == 0.0)
+        call = _select.Call(query.device, query.dtype, query.shape[-1], value.shape[-1], False,
+                            zero_scale=scale == 0.0)
         self.backend = _select.select(call)
         self.q_chunks = chunk_positions(self.L, self.rank, self.world)
 
@@ -142,7 +142,8 @@ class _Plan:
         return chunk_positions(self.S, owner, self.world)
 
     def pairs(self, owner):
-        """(q chunk index, k chunk index, local row offset, local key offset, _Pair) for K/V from `owner`."""
+        """(row offset in this rank's shard, key offset in the owner's shard, _Pair) of every pair with a visible
+        key, for the K/V shard of rank `owner`."""
         for qi, (qs, lq) in enumerate(self.q_chunks):
             for ki, (ks, lk) in enumerate(self.k_chunks(owner)):
                 pair = _Pair(qs, lq, ks, lk, self.causal, self.shift)
