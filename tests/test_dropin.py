@@ -24,7 +24,7 @@ from torch.nn.attention.bias import causal_upper_left as torch_upper_left
 
 import sdpax
 import sdpax._select as select_mod
-from helpers import (DEVICES, FLOOR, LOWER_RIGHT, UPPER_LEFT, assert_close_rel, err, reference,
+from helpers import (DEVICES, FLOOR, LOWER_RIGHT, UPPER_LEFT, assert_close_rel, err, err_where_finite, reference,
                      torch_equivalent)
 from sdpax.attention.bias import causal_lower_right, causal_upper_left
 
@@ -70,9 +70,7 @@ def _qkv(shape_q, shape_k, ev, dtype, device, seed, requires_grad=False):
 
 
 def _torch_err(q, k, v, ref, **kw):
-    out = torch_equivalent(q, k, v, **kw).double()
-    ok = ~torch.isnan(out)
-    return (out[ok] - ref[ok]).abs().max().item() if ok.any() else 0.0
+    return err_where_finite(torch_equivalent(q, k, v, **kw), ref)
 
 
 MASKS = [("bool_LS", (7, 9), torch.bool), ("bool_B11S", (2, 1, 1, 9), torch.bool),

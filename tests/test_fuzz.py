@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import sdpax
-from helpers import (DEVICES, FLOOR, LOWER_RIGHT, UPPER_LEFT, assert_close_rel, err, reference,
+from helpers import (DEVICES, FLOOR, LOWER_RIGHT, UPPER_LEFT, assert_close_rel, err_where_finite, reference,
                      torch_equivalent)
 from sdpax import SDPBackend
 from sdpax.attention.bias import causal_lower_right, causal_upper_left
@@ -149,10 +149,10 @@ def _check(c):
         t_out = torch_equivalent(*tl, mask=mask, causal=causal, scale=c["scale"], sinks=sinks, gqa=c["gqa"])
         t_ref_leaves = [t.detach().double().requires_grad_(c["grad"]) for t in (q, k, v)]
         t_ref = reference(*t_ref_leaves, mask=mask, causal=causal, scale=c["scale"], sinks=sinks)
-        torch_err = _err_finite(t_out, t_ref)
+        torch_err = err_where_finite(t_out, t_ref)
         if c["grad"]:
             gout = torch.randn(t_out.shape, dtype=torch.float64).to(dev)
-            t_grads = [_err_finite(a, b) for a, b in zip(torch.autograd.grad(t_out, tl, gout.to(dtype)),
+            t_grads = [err_where_finite(a, b) for a, b in zip(torch.autograd.grad(t_out, tl, gout.to(dtype)),
                                                          torch.autograd.grad(t_ref, t_ref_leaves, gout))]
     else:
         torch_err = 0.0
@@ -174,13 +174,6 @@ def _check(c):
             te = t_grads[i] if t_grads is not None and i < 3 else max(t_grads or [0.0])
             coarser = max((dtype, g.dtype), key=FLOOR.get)  # float32 sinks of float64 inputs: float32's floor
             assert_close_rel(g, rg, te, coarser, k=4, what=names[i], magnitude=magnitude)
-
-
-def _err_finite(a, b) -> float:
-    """torch's error where torch is finite (rows it leaves NaN are where sdpax differs by design)."""
-    a, b = a.detach().double(), b.detach().double()
-    ok = ~torch.isnan(a)
-    return (a[ok] - b[ok]).abs().max().item() if ok.any() else 0.0
 
 
 @pytest.mark.parametrize("device", DEVICES)

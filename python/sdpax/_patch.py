@@ -30,55 +30,46 @@ _original = F.scaled_dot_product_attention
 _original_bias_torch_function = _TorchCausalBias.__dict__["__torch_function__"]
 _depth = 0
 
-# torch's backend flags and the sdpax backend each one maps onto. OVERRIDEABLE (out-of-tree devices) has none.
-_TORCH_FLAGS = (
-    ("math", "MATH", SDPBackend.MATH),
-    ("flash", "FLASH_ATTENTION", SDPBackend.FLASH_ATTENTION),
-    ("mem_efficient", "EFFICIENT_ATTENTION", SDPBackend.FLASH_ATTENTION),
-    ("cudnn", "CUDNN_ATTENTION", SDPBackend.FLASH_ATTENTION),
-)
-
-
-def _torch_flag(name: str) -> bool:
-    getter = getattr(torch._C, f"_get_{name}_sdp_enabled", None)
-    return True if getter is None else bool(getter())
+# torch's backend flags (their getters, resolved once: this runs on every patched call), torch's id of each backend
+# and the sdpax backend it maps onto. OVERRIDEABLE (out-of-tree devices) has none.
+_TorchBackend = torch.nn.attention.SDPBackend
+_TORCH_FLAGS = tuple(
+    (getattr(torch._C, f"_get_{flag}_sdp_enabled", None), int(theirs), ours)
+    for flag, theirs, ours in (("math", _TorchBackend.MATH, SDPBackend.MATH),
+                               ("flash", _TorchBackend.FLASH_ATTENTION, SDPBackend.FLASH_ATTENTION),
+                               ("mem_efficient", _TorchBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION),
+                               ("cudnn", _TorchBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)))
+_torch_priority = getattr(torch._C, "_get_sdp_priority_order", None)
 
 
 def torch_backend_choice() -> tuple | None:
     """sdpax's backends in the order torch's flags allow them, or None when torch's flags restrict nothing (every
     torch backend enabled) and sdpax's default applies."""
-    on = [(torch_name, ours) for flag, torch_name, ours in _TORCH_FLAGS if _torch_flag(flag)]
+    on = [(theirs, ours) for getter, theirs, ours in _TORCH_FLAGS if getter is None or getter()]
     if len(on) == len(_TORCH_FLAGS):
         return None
     if not on:
         raise AttentionError(
             "sdpax: torch.nn.attention.sdpa_kernel enabled none of MATH, FLASH_ATTENTION, EFFICIENT_ATTENTION or "
             "CUDNN_ATTENTION, so no sdpax backend may run under sdpax.patch()")
-    getter = getattr(torch._C, "_get_sdp_priority_order", None)
     # torch's backend ids, highest priority first (set by sdpa_kernel(..., set_priority=True)). torch.compile
     # cannot trace this getter; compiled code keeps torch's default order among the enabled backends.
-    order = list(getter()) if getter is not None and not torch.compiler.is_compiling() else []
-
-    def position(torch_name: str) -> int:
-        value = int(getattr(torch.nn.attention.SDPBackend, torch_name))
-        return order.index(value) if value in order else len(order)
-
-    on.sort(key=lambda entry: position(entry[0]))
+    order = list(_torch_priority()) if _torch_priority is not None and not torch.compiler.is_compiling() else []
+    on.sort(key=lambda entry: order.index(entry[0]) if entry[0] in order else len(order))
     return tuple(dict.fromkeys(ours for _, ours in on))
 
 
 def _patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
              **kwargs):
     choice = None if _select.explicitly_chosen() else torch_backend_choice()
-    if choice is None:
-        return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
-                                            enable_gqa=enable_gqa, **kwargs)
-    _select.push(choice, set_priority=True)
+    if choice is not None:
+        _select.push(choice, set_priority=True)
     try:
         return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                             enable_gqa=enable_gqa, **kwargs)
     finally:
-        _select.pop()
+        if choice is not None:
+            _select.pop()
 
 
 _patched.__doc__ = "sdpax's scaled_dot_product_attention, installed by sdpax.patch().\n\n" + (

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from . import _composite, _ops, _select
 from ._errors import AttentionError
 from .attention import bias as _bias
-from .functional import _check, _causal_from_bias
+from .functional import _causal_from_bias, _check, default_scale
 
 __all__ = ["attention", "shard", "unshard", "shard_of", "from_shards", "chunk_positions", "choose_strategy", "simulate",
            "ContextParallelAttention"]
@@ -319,7 +319,7 @@ def _prepare(query, key, value, attn_mask, is_causal, scale, enable_gqa, sinks, 
         mask = mask.expand(*query.shape[:-2], 1, key.shape[-2]) if mask.dim() < query.dim() else mask
     if query.shape[-1] == 0:
         raise AttentionError("sdpax.distributed: head dim 0 is not supported")
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    scale = default_scale(query, scale)
     hq = query.shape[-3] if query.dim() >= 3 else 1
     hk = key.shape[-3] if key.dim() >= 3 else 1
     if hq != hk and not (enable_gqa and hk > 0 and hq % hk == 0):

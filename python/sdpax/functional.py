@@ -24,8 +24,8 @@ def _causal_from_bias(attn_mask, L: int, S: int) -> int | None:
         return None
     if _is_causal_bias(attn_mask):
         if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
-            raise AttentionError(f"sdpax: CausalBias is for (L, S) = ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
-                             f"but the inputs have (L, S) = ({L}, {S})")
+            raise AttentionError(f"sdpax: CausalBias is for (L, S) = ({attn_mask.seq_len_q}, "
+                                 f"{attn_mask.seq_len_kv}) but the inputs have (L, S) = ({L}, {S})")
         variant = int(attn_mask.variant)
         if variant not in (_UPPER_LEFT, _LOWER_RIGHT):
             raise AttentionError(f"sdpax: unknown CausalBias variant {attn_mask.variant!r}")
@@ -94,16 +94,19 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks):
     elif is_causal:
         if attn_mask is not None:
             raise AttentionError("sdpax: attn_mask and is_causal=True cannot be combined (torch's documentation "
-                             "makes this an error); fold the causal pattern into the mask or drop one")
+                                 "makes this an error); fold the causal pattern into the mask or drop one")
         causal = _UPPER_LEFT
     else:
         causal = _NONE
-    if scale is None:
-        # Head dim 0: every score is an empty sum, 0 whatever the scale; torch's 1/sqrt(0) would make it 0 * inf.
-        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
-    else:
-        scale = float(scale)
-    return attn_mask, causal, scale
+    return attn_mask, causal, default_scale(query, scale)
+
+
+def default_scale(query, scale) -> float:
+    """The scale a call uses: `scale`, or 1 / sqrt(E). Head dim 0: every score is an empty sum, 0 whatever the
+    scale, and torch's 1/sqrt(0) would make it 0 * inf, so 1."""
+    if scale is not None:
+        return float(scale)
+    return 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
