@@ -75,7 +75,6 @@ def _patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, 
 _patched.__doc__ = "sdpax's scaled_dot_product_attention, installed by sdpax.patch().\n\n" + (
     scaled_dot_product_attention.__doc__ or "")
 _patched.__wrapped__ = _original
-scaled_dot_product_attention_patched = _patched
 
 
 def _is_sdpa(func) -> bool:

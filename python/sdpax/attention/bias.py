@@ -57,7 +57,7 @@ class CausalBias(torch.Tensor):
         kwargs = kwargs or {}
         if func is _torch_sdpa or func is _sdpax_sdpa():
             from .. import _patch  # under sdpax.patch(), torch's backend flags apply as to any patched call
-            target = _patch.scaled_dot_product_attention_patched if _patch.is_patched() else _sdpax_sdpa()
+            target = torch.nn.functional.scaled_dot_product_attention if _patch.is_patched() else _sdpax_sdpa()
             return target(*args, **kwargs)
         return super().__torch_function__(func, types, args, kwargs)
 
