@@ -33,9 +33,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from . import _composite, _ops, _select
+from . import _causal, _composite, _ops, _select
 from ._errors import AttentionError
-from .attention import bias as _bias
 from .functional import _causal_from_bias, _check, default_scale
 
 __all__ = ["attention", "shard", "unshard", "shard_of", "from_shards", "chunk_positions", "choose_strategy", "simulate",
@@ -301,8 +300,7 @@ class _ContextParallel(torch.autograd.Function):
 
 def _prepare(query, key, value, attn_mask, is_causal, scale, enable_gqa, sinks, world):
     """Checks the arguments of this rank's shards; returns (key-side mask or None, causal id, scale)."""
-    mask = attn_mask if attn_mask is not None and not isinstance(
-        attn_mask, (_bias.CausalBias, _bias.TorchCausalBias)) else None
+    mask = attn_mask if attn_mask is not None and not _causal.is_causal_bias(attn_mask) else None
     _check(query, key, value, mask, 0.0, sinks)
     L, S = query.shape[-2] * world, key.shape[-2] * world
     causal = _causal_from_bias(attn_mask, L, S) if mask is None and attn_mask is not None else None
@@ -400,7 +398,7 @@ def simulate(query, key, value, world: int, *, attn_mask=None, is_causal=False, 
         chunk_positions(t.shape[-2], 0, world)  # the lengths must split into 2 x world chunks
     qs, ks, vs = (shard_of(t, 0, world) for t in (query, key, value))
     m0 = attn_mask
-    if isinstance(attn_mask, torch.Tensor) and not isinstance(attn_mask, (_bias.CausalBias, _bias.TorchCausalBias)):
+    if isinstance(attn_mask, torch.Tensor) and not _causal.is_causal_bias(attn_mask):
         m0 = shard_of(attn_mask, 0, world, -1)
     mask, causal, scale = _prepare(qs, ks, vs, m0, is_causal, scale, enable_gqa, sinks, world)
     if mask is not None:

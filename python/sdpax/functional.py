@@ -5,17 +5,13 @@ import math
 
 import torch
 
-from . import _ops, _select
+from . import _causal, _ops, _select
 from ._errors import AttentionError
-from .attention import bias as _bias
 
 __all__ = ["scaled_dot_product_attention"]
 
-_NONE, _UPPER_LEFT, _LOWER_RIGHT = 0, 1, 2
-
-
-def _is_causal_bias(t) -> bool:
-    return isinstance(t, (_bias.CausalBias, _bias.TorchCausalBias))
+_NONE, _UPPER_LEFT, _LOWER_RIGHT = _causal.NONE, _causal.UPPER_LEFT, _causal.LOWER_RIGHT
+_is_causal_bias = _causal.is_causal_bias
 
 
 def _causal_from_bias(attn_mask, L: int, S: int) -> int | None:

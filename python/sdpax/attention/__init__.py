@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 
+from .. import functional as _functional
 from .._select import DEFAULT_PRIORITY, Explanation, SDPBackend, pop, push
 
 __all__ = ["SDPBackend", "sdpa_kernel", "explain", "Explanation", "DEFAULT_PRIORITY"]
@@ -25,6 +26,5 @@ def sdpa_kernel(backends, set_priority: bool = False):
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
             sinks=None) -> Explanation:
     """Same arguments as scaled_dot_product_attention; returns which backend would run and every backend's reasons."""
-    from ..functional import explain as _explain
-    return _explain(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa,
+    return _functional.explain(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa,
                     sinks=sinks)

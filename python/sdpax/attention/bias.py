@@ -9,55 +9,29 @@ path; torch's own `torch.nn.attention.bias.CausalBias` objects are honoured by s
 """
 from __future__ import annotations
 
-from enum import IntEnum
-
 import torch
-from torch.nn.attention.bias import CausalBias as TorchCausalBias
+
+from .. import _patch
+from .._causal import CausalBiasBase, CausalVariant
+from ..functional import scaled_dot_product_attention as _sdpax_sdpa
 
 __all__ = ["CausalVariant", "CausalBias", "causal_upper_left", "causal_lower_right"]
 
 
-class CausalVariant(IntEnum):
-    """Alignment of the causal triangle; the values match torch.nn.attention.bias.CausalVariant."""
-
-    UPPER_LEFT = 1
-    LOWER_RIGHT = 2
-
-
-class CausalBias(torch.Tensor):
+class CausalBias(CausalBiasBase):
     """A (seq_len_q, seq_len_kv) boolean causal mask described by its variant; it holds no data.
 
     The tensor itself lives on the meta device, so creating one costs nothing for any L and S;
-    `_materialize(device)` builds the real boolean mask when one is wanted.
+    `_materialize(device)` builds the real boolean mask when one is wanted. Passed to torch's
+    scaled_dot_product_attention, it routes the call to sdpax.
     """
-
-    @staticmethod
-    def __new__(cls, variant: CausalVariant, seq_len_q: int, seq_len_kv: int):
-        if not isinstance(variant, (CausalVariant, int)) or int(variant) not in (1, 2):
-            raise ValueError(f"variant must be a CausalVariant, got {variant!r}")
-        if seq_len_q < 0 or seq_len_kv < 0:
-            raise ValueError(f"sequence lengths must be non-negative, got ({seq_len_q}, {seq_len_kv})")
-        shell = torch.empty((seq_len_q, seq_len_kv), dtype=torch.bool, device="meta")
-        self = torch.Tensor._make_subclass(cls, shell)
-        self.variant = CausalVariant(int(variant))
-        self.seq_len_q = int(seq_len_q)
-        self.seq_len_kv = int(seq_len_kv)
-        return self
-
-    def _materialize(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The boolean (L, S) mask: True where query i may attend to key j."""
-        L, S = self.seq_len_q, self.seq_len_kv
-        shift = S - L if self.variant == CausalVariant.LOWER_RIGHT else 0
-        i = torch.arange(L, device=device).unsqueeze(1)
-        j = torch.arange(S, device=device).unsqueeze(0)
-        return j <= i + shift
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _torch_sdpa or func is _sdpax_sdpa():
-            from .. import _patch  # under sdpax.patch(), torch's backend flags apply as to any patched call
-            target = torch.nn.functional.scaled_dot_product_attention if _patch.is_patched() else _sdpax_sdpa()
+        if func is _torch_sdpa or func is _sdpax_sdpa:
+            # Under sdpax.patch(), torch's backend flags apply as to any patched call.
+            target = torch.nn.functional.scaled_dot_product_attention if _patch.is_patched() else _sdpax_sdpa
             return target(*args, **kwargs)
         return super().__torch_function__(func, types, args, kwargs)
 
@@ -88,9 +62,4 @@ def _two_sizes(size):
     return int(size[0]), int(size[1])
 
 
-_torch_sdpa = torch.nn.functional.scaled_dot_product_attention
-
-
-def _sdpax_sdpa():
-    from ..functional import scaled_dot_product_attention
-    return scaled_dot_product_attention
+_torch_sdpa = torch.nn.functional.scaled_dot_product_attention  # torch's builtin, bound before any patch
