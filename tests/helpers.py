@@ -1,15 +1,28 @@
-"""Shared test helpers: an independent float64 reference, torch-relative tolerances, devices and backends.
+"""The suite's one oracle and one tolerance rule, and the devices and backends every grid runs on.
 
-The reference is written from the definition of attention (softmax(q k^T * scale + bias) v), not from sdpax code;
-fully masked rows give 0 and sinks join the softmax denominator with no value vector.
+The oracle, `reference`: attention in float64 written from the definition (softmax(q k^T * scale + bias) v), not
+from sdpax code; fully masked rows give 0 and sinks join the softmax denominator with no value vector.
+
+The rule, `assert_close_rel`: a result computed in `dtype` passes when
+
+    err(result, reference) <= K * err(torch in the same dtype, reference) + FLOOR[dtype] * max(1, |reference|, m)
+
+err is the max absolute difference (`err`); torch's error is measured on the same inputs by `torch_errors` (torch's
+F.scaled_dot_product_attention, every sdpax feature but dropout expressed in torch's terms by `torch_equivalent`);
+the floor is what rounding the result itself to dtype costs, relative to the larger of the result's size and m, the
+size of intermediates rounded to dtype on the way where torch's error does not see them (`grad_magnitude`).
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend as TorchBackend
+from torch.nn.attention import sdpa_kernel as torch_sdpa_kernel
 
 import sdpax
 from sdpax import SDPBackend
@@ -22,8 +35,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 # Every grid runs on CPU and on CUDA; without a GPU the CUDA cases show up as skipped.
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
-# Absolute error floors per dtype, on outputs of size ~1: what rounding the output itself costs.
+# The one multiple of torch's own error (FlashAttention's tests use 2, PyTorch's _check_equal 5).
+K = 4.0
+# Absolute error floors per dtype, on results of size ~1: what rounding the result itself costs.
 FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+# torch's own function, also when a test runs inside sdpax.patch() (which replaces F.scaled_dot_product_attention).
+_TORCH_SDPA = inspect.unwrap(F.scaled_dot_product_attention)
 
 
 def backends_for(device: str, dtype: torch.dtype, head_dims=None) -> list:
@@ -31,10 +49,10 @@ def backends_for(device: str, dtype: torch.dtype, head_dims=None) -> list:
     head_dims=(E, Ev): also leave out a fused kernel that declines those head dims (e.g. CUDA's multiples of 8)."""
     out = [SDPBackend.MATH]
     flash = LIMITS[SDPBackend.FLASH_ATTENTION].devices
-    if device in flash and dtype in flash[device]:
-        if head_dims is None or not reasons(SDPBackend.FLASH_ATTENTION,
-                                            Call(torch.device(device), dtype, *head_dims, False)):
-            out.append(SDPBackend.FLASH_ATTENTION)
+    declined = head_dims is not None and reasons(SDPBackend.FLASH_ATTENTION,
+                                                 Call(torch.device(device), dtype, *head_dims, False))
+    if device in flash and dtype in flash[device] and not declined:
+        out.append(SDPBackend.FLASH_ATTENTION)
     return out
 
 
@@ -44,9 +62,16 @@ def causal_allowed(L: int, S: int, variant: int, device="cpu") -> torch.Tensor:
     return j <= i + (S - L if variant == LOWER_RIGHT else 0)
 
 
-def reference(q, k, v, mask=None, causal=0, scale=None, sinks=None, keep=None, dropout_p=0.0):
-    """float64 attention from the definition. keep: bool (..., Hq, L, S) dropout keep mask (or None)."""
-    q, k, v = q.double(), k.double(), v.double()
+def reference(q, k, v, mask=None, causal=0, scale=None, sinks=None, keep=None, dropout_p=0.0,
+              compute=torch.float64, return_lse=False):
+    """Attention from the definition, in float64: the oracle. Differentiable in every tensor argument.
+
+    keep: bool (..., Hq, L, S) dropout keep mask (or None). return_lse: also the row log-sum-exp of the scaled scores
+    (sinks included; -inf for a row with no allowed key and no sink), as sdpax.fwd returns it.
+    compute: another dtype gives what plain attention in that dtype itself gets: the matrix products in `compute`,
+    the softmax in float32 (for float32 on CUDA: cuBLAS float32 products as long as TF32 is off)."""
+    acc = torch.float64 if compute == torch.float64 else torch.float32
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
     hq, hk = (q.shape[-3], k.shape[-3]) if q.dim() >= 3 else (1, 1)
     if hq != hk:
         k = k.repeat_interleave(hq // hk, dim=-3)
@@ -54,7 +79,7 @@ def reference(q, k, v, mask=None, causal=0, scale=None, sinks=None, keep=None, d
     L, S = q.shape[-2], k.shape[-2]
     if scale is None:  # head dim 0: every score is an empty sum (0); any finite scale keeps it 0
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
-    s = (q @ k.transpose(-2, -1)) * scale
+    s = (q @ k.transpose(-2, -1)).to(acc) * scale
     allowed = torch.ones_like(s, dtype=torch.bool)
     if causal:
         allowed = allowed & causal_allowed(L, S, causal, q.device)
@@ -62,10 +87,10 @@ def reference(q, k, v, mask=None, causal=0, scale=None, sinks=None, keep=None, d
         if mask.dtype == torch.bool:
             allowed = allowed & mask
         else:
-            s = s + mask.double()
+            s = s + mask.to(acc)
     s = s.masked_fill(~allowed, -math.inf)
     if sinks is not None:
-        sink = sinks.double().view(-1, 1, 1).expand(*s.shape[:-1], 1)
+        sink = sinks.to(acc).view(-1, 1, 1).expand(*s.shape[:-1], 1)
         s = torch.cat([s, sink], dim=-1)
     live = (s > -math.inf).any(-1, keepdim=True)
     p = torch.where(live, torch.softmax(torch.where(live, s, 0.0), dim=-1), 0.0)
@@ -73,12 +98,13 @@ def reference(q, k, v, mask=None, causal=0, scale=None, sinks=None, keep=None, d
         p = p[..., :-1]
     if keep is not None:
         p = p * keep / (1 - dropout_p) if dropout_p < 1 else p * 0
-    return p @ v
+    out = p.to(compute) @ v
+    return (out, torch.logsumexp(s, dim=-1)) if return_lse else out
 
 
 def err(a, b) -> float:
     """Max abs difference, NaN-aware (NaN where the other is not counts as infinite)."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double().to(a.device)
     if a.shape != b.shape:
         raise AssertionError(f"shape {tuple(a.shape)} != {tuple(b.shape)}")
     if a.numel() == 0:
@@ -98,31 +124,92 @@ def err_where_finite(theirs, ref) -> float:
     return (theirs[ok] - ref[ok]).abs().max().item() if ok.any() else 0.0
 
 
-def assert_close_rel(ours, ref, torch_err: float, dtype, k: float = 3.0, what="", magnitude: float = 0.0):
-    """ours vs the float64 reference within k x torch's own error (same dtype) plus the dtype floor, relative to the
-    larger of the result and `magnitude` (the size of intermediates that are rounded to dtype on the way, where
-    torch's error does not see them: e.g. the dropped-out output, amplified by 1 / (1 - p), in the backward)."""
+def coarser(*dtypes) -> torch.dtype:
+    """The dtype with the larger floor (float32 sinks of bfloat16 inputs are held to bfloat16's)."""
+    return max(dtypes, key=FLOOR.get)
+
+
+def assert_close_rel(ours, ref, torch_err: float, dtype, what="", magnitude: float = 0.0, floor: bool = True):
+    """The rule: ours vs the float64 reference within K x torch's own error (same dtype) plus the dtype floor,
+    relative to the larger of the reference and `magnitude` (the size of intermediates that are rounded to dtype on
+    the way, where torch's error does not see them: see grad_magnitude). floor=False: K x torch's error alone, for
+    the checks that a kernel is as accurate as torch where the floor would hide a loss (float32 is not TF32)."""
     e = err(ours, ref)
-    bound = k * torch_err + FLOOR[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 1.0, magnitude)
+    size = max(1.0, ref.detach().abs().max().item() if ref.numel() else 1.0, magnitude)
+    bound = K * torch_err + (FLOOR[dtype] * size if floor else 0.0)
     assert e <= bound, f"{what}: error {e:.3g} > bound {bound:.3g} (torch's error {torch_err:.3g}, dtype {dtype})"
 
 
-def torch_error(q, k, v, ref, mask=None, causal=0, scale=None, gqa=False) -> float:
-    """torch's F.scaled_dot_product_attention error vs the reference on the same inputs (rows torch leaves NaN,
-    i.e. fully masked ones, are excluded: there torch and sdpax differ by design)."""
-    kw = dict(scale=scale, enable_gqa=gqa)
-    try:
-        if causal == UPPER_LEFT:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-        elif causal == LOWER_RIGHT:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_allowed(q.shape[-2], k.shape[-2],
-                                                                                   LOWER_RIGHT, q.device), **kw)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
-    except RuntimeError:
-        out = F.scaled_dot_product_attention(q, k, v, **kw)
-        ref = reference(q, k, v, scale=scale)
-    return err_where_finite(out, ref)
+def assert_lse_close(lse, ref_lse, what="lse"):
+    """The row log-sum-exp a kernel saves for its backward (float32, from sdpax.fwd) against reference(...,
+    return_lse=True): -inf in the same rows, elsewhere the rule for a float32 result with torch's error 0 (torch
+    returns no log-sum-exp to measure)."""
+    fin = torch.isfinite(ref_lse).to(lse.device)
+    assert torch.equal(fin, torch.isfinite(lse)), f"{what}: infinite in other rows than the reference"
+    assert_close_rel(lse[fin], ref_lse.to(lse.device)[fin], 0.0, torch.float32, what=what)
+
+
+def grad_magnitude(gout, out) -> float:
+    """The `magnitude` of the rule for gradients: a fused backward takes Delta = rowsum(dO * O) from O as rounded to
+    dtype (as FlashAttention does), an error of about eps * sqrt(Ev) * |dO| * |O| in every dS that torch's math
+    backward (which derives Delta from P and dP) does not have. With dropout O is amplified by 1 / (1 - p)."""
+    if out.numel() == 0:
+        return 0.0
+    return gout.detach().abs().max().item() * out.detach().abs().max().item() * math.sqrt(out.shape[-1])
+
+
+def assert_grads_close(names, grads, ref_grads, torch_errs, dtype, magnitude: float):
+    """The rule for each gradient. torch_errs: torch's errors for dq, dk, dv; gradients torch does not compute (the
+    mask's, the sinks') take the largest of them."""
+    for i, (name, g, rg) in enumerate(zip(names, grads, ref_grads, strict=True)):
+        te = torch_errs[i] if i < len(torch_errs) else max(torch_errs, default=0.0)
+        assert_close_rel(g, rg, te, coarser(dtype, g.dtype), what=name, magnitude=magnitude)
+
+
+def torch_equivalent(q, k, v, mask=None, causal=0, scale=None, sinks=None, gqa=False):
+    """torch's F.scaled_dot_product_attention on the same inputs (same dtype), expressing every sdpax feature but
+    dropout: causal alignments and bool masks as -inf entries of an additive mask in the query's dtype (what
+    every torch backend takes), and each sink as one more key with q.k = 0, an additive logit sinks[h] and a zero
+    value row. Differentiable in q, k, v. On CUDA torch's efficient or math backend runs it: torch's cuDNN backend
+    returns values that are neither 0 nor NaN in rows with no allowed key."""
+    L, S = q.shape[-2], k.shape[-2]
+    bias = torch.zeros((L, S), dtype=q.dtype, device=q.device)
+    if causal:
+        bias = bias.masked_fill(~causal_allowed(L, S, causal, q.device), -math.inf)
+    if mask is not None:
+        bias = (bias.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool
+                else bias + mask.detach().to(q.dtype))
+    if sinks is not None:
+        hq = q.shape[-3]
+        bias = bias.expand(*q.shape[:-1], S)
+        col = sinks.detach().to(q.dtype).view(hq, 1, 1).expand(*q.shape[:-1], 1)
+        bias = torch.cat([bias, col], dim=-1)
+        k = torch.cat([k, k.new_zeros((*k.shape[:-2], 1, k.shape[-1]))], dim=-2)
+        v = torch.cat([v, v.new_zeros((*v.shape[:-2], 1, v.shape[-1]))], dim=-2)
+    backends = (torch_sdpa_kernel([TorchBackend.EFFICIENT_ATTENTION, TorchBackend.MATH]) if q.is_cuda
+                else contextlib.nullcontext())
+    with backends:
+        return _TORCH_SDPA(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
+
+
+def torch_errors(q, k, v, mask=None, causal=0, scale=None, sinks=None, gqa=False, gout=None):
+    """torch's own error in q's dtype on this call (without dropout) against the float64 reference: the output's,
+    and with gout (the output's gradient) also [dq, dk, dv]'s; else []. Where torch's result is NaN (rows some torch
+    versions leave NaN) it is not counted; an empty call has error 0."""
+    if min(q.numel(), k.numel(), v.numel()) == 0:
+        return 0.0, ([0.0, 0.0, 0.0] if gout is not None else [])
+    grad = gout is not None
+    mask = mask.detach() if mask is not None else None
+    sinks = sinks.detach() if sinks is not None else None
+    leaves = [t.detach().requires_grad_(grad) for t in (q, k, v)]
+    ref_leaves = [t.detach().double().requires_grad_(grad) for t in (q, k, v)]
+    theirs = torch_equivalent(*leaves, mask=mask, causal=causal, scale=scale, sinks=sinks, gqa=gqa)
+    ref = reference(*ref_leaves, mask=mask, causal=causal, scale=scale, sinks=sinks)
+    if not grad:
+        return err_where_finite(theirs, ref), []
+    grads = torch.autograd.grad(theirs, leaves, gout.to(theirs.dtype))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, gout.double().to(ref.device))
+    return err_where_finite(theirs, ref), [err_where_finite(a, b) for a, b in zip(grads, ref_grads)]
 
 
 def run(backend, *args, **kwargs):
@@ -144,26 +231,3 @@ def make_qkv(shape_q, shape_k, ev, dtype, device, gen, layout="bhle", requires_g
     k = rnd(shape_k)
     v = rnd((*shape_k[:-1], ev))
     return q, k, v
-
-
-
-def torch_equivalent(q, k, v, mask=None, causal=0, scale=None, sinks=None, gqa=False):
-    """torch's F.scaled_dot_product_attention on the same inputs (same dtype), expressing every sdpax feature but
-    dropout: causal alignments and bool masks as -inf entries of an additive mask in the query's dtype (what
-    every torch backend takes), and each sink as one more key with q.k = 0, an additive logit sinks[h] and a zero
-    value row. Differentiable in q, k, v."""
-    L, S = q.shape[-2], k.shape[-2]
-    bias = torch.zeros((L, S), dtype=q.dtype, device=q.device)
-    if causal:
-        bias = bias.masked_fill(~causal_allowed(L, S, causal, q.device), -math.inf)
-    if mask is not None:
-        bias = (bias.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool
-                else bias + mask.detach().to(q.dtype))
-    if sinks is not None:
-        hq = q.shape[-3]
-        bias = bias.expand(*q.shape[:-1], S)
-        col = sinks.detach().to(q.dtype).view(hq, 1, 1).expand(*q.shape[:-1], 1)
-        bias = torch.cat([bias, col], dim=-1)
-        k = torch.cat([k, k.new_zeros((*k.shape[:-2], 1, k.shape[-1]))], dim=-2)
-        v = torch.cat([v, v.new_zeros((*v.shape[:-2], 1, v.shape[-1]))], dim=-2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)

@@ -3,13 +3,11 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import sdpax
+from helpers import (DEVICES, LOWER_RIGHT, UPPER_LEFT, assert_grads_close, backends_for, grad_magnitude, make_qkv,
+                     reference, run, torch_errors)
 from sdpax import SDPBackend
 from sdpax._select import LIMITS
-from helpers import (DEVICES, FLOOR, LOWER_RIGHT, UPPER_LEFT, backends_for, causal_allowed, err, make_qkv,
-                     reference, run)
 from sdpax.attention.bias import causal_lower_right
 
 CASES = list(itertools.product([torch.float64, torch.float32, torch.bfloat16, torch.float16],
@@ -58,18 +56,7 @@ def test_backward_grid(dtype, LS, feature, device):
     rsinks = ref_leaves[-1] if sinks is not None else None
     ref = reference(rq, rk, rv, mask=rmask, causal=causal, sinks=rsinks)
     ref_grads = _grads(ref, ref_leaves, gout.double())
-
-    # torch's own gradient error in this dtype (without sinks, which torch lacks) sets the tolerance
-    tm = causal_allowed(L, S, causal, device) if causal == LOWER_RIGHT else mask
-    tq, tk, tv = [t.detach().requires_grad_() for t in (q, k, v)]
-    tout = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm.detach() if tm is not None else None,
-                                          is_causal=causal == UPPER_LEFT, enable_gqa=gqa)
-    tgrads = _grads(tout, [tq, tk, tv], gout)
-    rq2, rk2, rv2 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    plain = reference(rq2, rk2, rv2, mask=tm.detach().double() if tm is not None and tm.dtype != torch.bool else tm,
-                      causal=causal if causal == UPPER_LEFT else 0)
-    pgrads = _grads(plain, [rq2, rk2, rv2], gout.double())
-    t_errs = [err(a[~torch.isnan(a)], b[~torch.isnan(a)]) for a, b in zip(tgrads, pgrads)]
+    _, t_errs = torch_errors(q, k, v, mask=mask, causal=causal, sinks=sinks, gqa=gqa, gout=gout)
 
     mask_grad = mask is not None and mask.requires_grad
     names = ["dq", "dk", "dv"] + (["dmask"] if mask_grad else []) + (["dsinks"] if sinks is not None else [])
@@ -86,13 +73,10 @@ def test_backward_grid(dtype, LS, feature, device):
             out = run(backend, q, k, v, attn_mask=use_mask, enable_gqa=gqa, sinks=sinks)
         keep = [i for i, n in enumerate(names) if not (fused_no_dmask and n == "dmask")]
         grads = _grads(out, [leaves[i] for i in keep], gout)
-        checked = [(names[i], g, ref_grads[i]) for i, g in zip(keep, grads)]
-        for (name, g, rg), te in itertools.zip_longest(checked, t_errs, fillvalue=None):
-            assert g is not None and g.dtype == leaves[names.index(name)].dtype, name
-            scale = max(1.0, rg.abs().max().item())
-            te = max(t_errs) if te is None else te
-            bound = 4 * te + 4 * max(FLOOR[dtype], FLOOR[g.dtype]) * scale
-            assert err(g, rg) <= bound, f"{backend.name} {name}: {err(g, rg):.3g} > {bound:.3g} (torch {te:.3g})"
+        for i, g in zip(keep, grads):
+            assert g is not None and g.dtype == leaves[i].dtype, names[i]
+        assert_grads_close([f"{backend.name} {names[i]}" for i in keep], grads, [ref_grads[i] for i in keep],
+                           t_errs, dtype, grad_magnitude(gout, out))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -102,11 +86,11 @@ def test_gradcheck_float64(device):
     mask = torch.randn(1, 4, 5, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     sinks = torch.randn(4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     for backend in backends_for(device, torch.float64):
-        def f(q, k, v, mask, sinks):
+        def f(q, k, v, mask, sinks, backend=backend):
             return run(backend, q, k, v, attn_mask=mask, enable_gqa=True, sinks=sinks)
         assert torch.autograd.gradcheck(f, (q, k, v, mask, sinks))
 
-        def g(q, k, v, sinks):
+        def g(q, k, v, sinks, backend=backend):
             return run(backend, q, k, v, attn_mask=causal_lower_right(5, 7), enable_gqa=True, sinks=sinks, scale=0.7)
         assert torch.autograd.gradcheck(g, (q, k, v, sinks))
 
@@ -118,7 +102,7 @@ def test_gradcheck_dropout_fixed_seed(device):
     q, k, v = make_qkv((2, 2, 6, 4), (2, 2, 9, 4), 3, torch.float64, device, gen, requires_grad=True)
     rng = torch.tensor([12345, 678], dtype=torch.int64, device=device)
     for backend in backends_for(device, torch.float64):
-        def f(q, k, v):
+        def f(q, k, v, backend=backend):
             return torch.ops.sdpax.fwd(q, k, v, None, 0.4, 1, 0.5, False, None, rng, int(backend))[0]
         assert torch.autograd.gradcheck(f, (q, k, v))
 

@@ -1,16 +1,17 @@
 """Shapes that give the Hopper forward main loop (csrc/cuda/fwd_sm90.h) many key tiles and query blocks: several
 128-row blocks per head, GQA groups packed across block edges, both causal alignments with L != S, partial last
 tiles, masks (the general kind). The Hopper backward main loop (csrc/cuda/bwd_sm90.h) against float64 and against
-the mma.sync backward of the same build (SDPAX_CUDA_BWD_SM90=0). On a non-Hopper GPU the same cases check the
-mma.sync loops. Skips cleanly without a GPU or a CUDA build.
+the mma.sync backward of the same build, chosen with sdpax.cuda_main_loop. On a non-Hopper GPU the same cases
+check the mma.sync loops. Every check is the suite's one oracle and rule (helpers.py, through test_cuda.check_case).
+Skips cleanly without a GPU or a CUDA build.
 """
 import contextlib
-import os
 
 import pytest
 import torch
 
 import sdpax
+from helpers import assert_close_rel, assert_grads_close, grad_magnitude, reference, torch_errors
 from test_cuda import check_case
 
 pytestmark = [
@@ -44,20 +45,15 @@ def test_long_masked_forward(mask_kind, E, L, S):
                seed=L + E)
 
 
-@contextlib.contextmanager
 def _bwd_sm90(on):
-    """SDPAX_CUDA_BWD_SM90 (read by the extension on every backward call) set for the duration. On a Hopper device,
-    "force": a call the sm90 backward should take fails instead of silently running the mma.sync loop."""
-    prev = os.environ.get("SDPAX_CUDA_BWD_SM90")
-    hopper = torch.cuda.get_device_capability()[0] == 9
-    os.environ["SDPAX_CUDA_BWD_SM90"] = ("force" if hopper else "1") if on else "0"
-    try:
-        yield
-    finally:
-        if prev is None:
-            del os.environ["SDPAX_CUDA_BWD_SM90"]
-        else:
-            os.environ["SDPAX_CUDA_BWD_SM90"] = prev
+    """The backward main loop for the duration. on: the Hopper loop, and on a Hopper device strictly (a call whose
+    plan says sm90 fails instead of silently running the mma.sync loop when its tensor maps cannot be encoded); off
+    a Hopper device the default choice (the mma.sync loop). Off: the mma.sync loop."""
+    if not on:
+        return sdpax.cuda_main_loop(backward="mma")
+    if torch.cuda.get_device_capability()[0] == 9:
+        return sdpax.cuda_main_loop(backward="sm90", strict=True)
+    return contextlib.nullcontext()
 
 
 BWD_LENGTHS = [(1, 1), (7, 7), (97, 97), (1025, 1025), (97, 1025), (1025, 97), (7, 300)]
@@ -74,7 +70,8 @@ def test_sm90_backward(dtype, E, causal, L, S):
         check_case(2, 4, 2, L, S, E, E, dtype, causal=causal, sinks=causal == 2, seed=L + S + E + causal)
 
 
-@pytest.mark.parametrize("E,Ev", [(64, 40), (40, 64), (128, 96), (72, 72), (96, 128), (256, 200), (200, 256), (160, 160)])
+@pytest.mark.parametrize("E,Ev", [(64, 40), (40, 64), (128, 96), (72, 72), (96, 128), (256, 200), (200, 256),
+                                  (160, 160)])
 def test_sm90_backward_padded_head_dims(E, Ev):
     with _bwd_sm90(True):
         check_case(1, 3, 1, 300, 517, E, Ev, torch.bfloat16, causal=1, seed=E + Ev)
@@ -85,17 +82,18 @@ def test_sm90_backward_padded_head_dims(E, Ev):
 @pytest.mark.parametrize("E", [64, 128, 256])
 @pytest.mark.parametrize("causal", [0, 1, 2], ids=["none", "upper_left", "lower_right"])
 def test_sm90_backward_matches_mma_sync(layout, dtype, E, causal):
-    # The same call through both backward main loops: each within the float64 check of check_case, and the two
-    # close to each other (same products and roundings in a different order: dQ atomics, fp32 accumulation order).
+    # The same call through both backward main loops: each within the rule against float64 (check_case), and the
+    # two within the rule of each other (same products and roundings in a different order: dQ atomics, fp32
+    # accumulation order), the mma.sync result in place of the reference. Both take Delta from the same rounded
+    # forward output, so the rule's gradient magnitude (that rounding) does not apply between them.
     args = (2, 8, 2, 700, 900, E, E, dtype)
-    kw = dict(causal=causal, layout=layout, seed=E + causal)
+    kw = {"causal": causal, "layout": layout, "seed": E + causal}
     with _bwd_sm90(True):
         new = check_case(*args, **kw)
     with _bwd_sm90(False):
         old = check_case(*args, **kw)
-    for name, a, b in zip("qkv", new, old):
-        err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-        assert err < (2e-2 if dtype == torch.bfloat16 else 4e-3), f"d{name}: sm90 vs mma.sync rel err {err:.2e}"
+    for name, a, b, t_err in zip("qkv", new.grads, old.grads, old.torch_errs):
+        assert_close_rel(a, b, t_err, dtype, what=f"d{name}: sm90 vs mma.sync")
 
 
 def test_sm90_backward_deterministic_falls_back():
@@ -103,7 +101,7 @@ def test_sm90_backward_deterministic_falls_back():
     with _bwd_sm90(True):
         a = check_case(1, 4, 2, 300, 300, 128, 128, torch.bfloat16, causal=1, deterministic=True, seed=3)
         b = check_case(1, 4, 2, 300, 300, 128, 128, torch.bfloat16, causal=1, deterministic=True, seed=3)
-    for x, y in zip(a, b):
+    for x, y in zip(a.grads, b.grads):
         assert torch.equal(x, y)
 
 
@@ -134,12 +132,10 @@ def test_sm90_backward_mask_view_partial_chunk(E):
     with _bwd_sm90(True):
         out = sdpax.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, attn_mask=mask)
-    ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
-    for name, a, r in zip("qkv", grads, ref_grads):
-        err = ((a.double() - r).norm() / r.norm()).item()
-        assert err < 2e-2, f"d{name}: rel err {err:.2e}"
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(reference(*ref_leaves, mask=mask), ref_leaves, dout.double())
+    _, t_grads = torch_errors(q, k, v, mask=mask, gout=dout)
+    assert_grads_close(["dq", "dk", "dv"], grads, ref_grads, t_grads, torch.bfloat16, grad_magnitude(dout, out))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
