@@ -1,0 +1,711 @@
+"""The suites of benchmarks/bench.py.
+
+A suite is data (name, device, what it measures, its table's columns, its own options) plus a run function that
+gets the parsed arguments and the rows bench.py selected from _common.SHAPES, times sdpax and torch side by side on
+the same inputs with _common.Timer and returns (markdown table, extra lines). Ratios are torch time / sdpax time
+(> 1: sdpax faster) unless a column says otherwise. Nothing here touches CUDA at import time.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import _common as C
+import sdpax
+import torch
+from sdpax import SDPBackend
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    device: str  # where it runs unless --device says otherwise
+    devices: tuple  # the devices it accepts
+    measures: str  # one paragraph: what it measures and against what
+    columns: tuple  # its table's columns (--dry-run lists them)
+    run: Callable
+    options: Callable | None = None  # adds the suite's own arguments to an argparse group
+    tag: str = ""  # the SHAPES tag of its rows (default: the name)
+    passes: tuple = ("fwd",)  # for --dry-run's work column
+
+    @property
+    def rows_tag(self) -> str:
+        return self.tag or self.name
+
+
+SUITES: dict = {}
+
+
+def suite(**kw):
+    def register(fn):
+        SUITES[kw["name"]] = Suite(run=fn, **kw)
+        return fn
+    return register
+
+
+def _torch_backends():
+    from torch.nn.attention import SDPBackend as TorchBackend
+    return TorchBackend
+
+
+def _progress(line: str) -> None:
+    print("  " + line, flush=True)
+
+
+def _free(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- default ----
+
+def _default_options(group):
+    group.add_argument("--backward", action="store_true", help="time forward + backward instead of the forward")
+
+
+def _plot(results, device, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return None
+    rows = [r for r in results if r["times"].get("torch")]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
+    for i, key in enumerate(["MATH", "FLASH_ATTENTION"]):
+        vals = [r["times"]["torch"] / r["times"][key] if r["times"].get(key) else 0 for r in rows]
+        ax.barh([j + 0.4 * i for j in range(len(rows))], vals, height=0.4, label=f"sdpax {key}")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks([j + 0.2 for j in range(len(rows))], [r["name"] for r in rows])
+    ax.set_xlabel("speedup over torch F.scaled_dot_product_attention (higher is better)")
+    ax.set_title(f"sdpax vs torch {torch.__version__} on {device}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@suite(name="default", device="cpu", devices=("cpu", "cuda"), options=_default_options,
+       measures="Representative shapes (LLM, GQA, padding and dense masks, KV-cache lower-right, decode, odd sizes, "
+                "sinks): the time of torch's default F.scaled_dot_product_attention and of every sdpax backend "
+                "that can run the row, the max error of the backend sdpax picks against torch and of both against "
+                "a float64 reference; saves the ratios as benchmarks/bench_<device>.png. CPU shapes fit 2 cores "
+                "(< 1 minute); --device cuda takes longer sequences.",
+       columns=("shape", "sdpax picks", "torch ms", "MATH ms", "FLASH ms", "speedup (torch/sdpax)", "err vs torch",
+                "err vs fp64: torch / sdpax"))
+def run_default(args, rows):
+    device = args.device
+    if device == "cpu":
+        timer = C.Timer(device, args.budget or 4.0, min_reps=3, max_reps=7)
+    else:
+        timer = C.Timer(device, args.budget or 1.0, min_reps=10, max_reps=200)
+    results = []
+    for row in rows:
+        inp = C.make_inputs(row, device, requires_grad=args.backward)
+        ex = sdpax.explain(inp.q, inp.k, inp.v, **inp.ours)
+        calls = {}
+        if inp.theirs is not None:
+            calls["torch"] = C.torch_call(inp)
+        for b in SDPBackend:
+            if not ex.reasons[b]:
+                calls[b.name] = C.sdpax_call(inp, b)
+        with torch.no_grad():
+            outs = {n: c() for n, c in calls.items()}
+        ref = C.reference(inp.q.detach(), inp.k.detach(), inp.v.detach(), **inp.ref)
+        fns = {n: C.forward_backward(c, inp) if args.backward else C.forward(c) for n, c in calls.items()}
+        times = timer(fns)
+        res = {"name": row.name, "backend": ex.backend.name, "times": times,
+               "err_ref": {n: C.max_abs_err(o, ref) for n, o in outs.items()}}
+        if "torch" in outs:
+            res["err_vs_torch"] = {n: C.max_abs_err(o, outs["torch"]) for n, o in outs.items() if n != "torch"}
+        results.append(res)
+        _progress(f"{row.name}: " + ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items() if t))
+        del inp, outs, ref
+        _free(device)
+    table = []
+    for r in results:
+        tm, er, picked = r["times"], r["err_ref"], r["backend"]
+        evt = r.get("err_vs_torch", {}).get(picked)
+        speed = C.ratio(tm.get("torch"), tm.get(picked)) if "torch" in tm else "- (torch lacks it)"
+        table.append([r["name"], picked] + [f"{tm[n] * 1e3:.3f}" if tm.get(n) else "-"
+                                            for n in ("torch", "MATH", "FLASH_ATTENTION")]
+                     + [speed, "-" if evt is None else f"{evt:.2e}",
+                        f"{er['torch']:.2e} / {er[picked]:.2e}" if "torch" in er else f"- / {er[picked]:.2e}"])
+    extra = ["", "medians of alternating runs; speedup = torch time / time of the backend sdpax picks by default"]
+    png = _plot(results, device, HERE / f"bench_{device}{'_bwd' if args.backward else ''}.png")
+    if png:
+        print(f"plot: {png}")
+    return C.markdown_table(SUITES["default"].columns, table), extra
+
+
+# ---- cpu ----
+
+def _cpu_options(group):
+    group.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every call (default 2)")
+    group.add_argument("--peaks", action="store_true",
+                       help="also measure the machine's float32 FMA and AVX512-BF16 peaks (compiles a small "
+                            "extension; AVX-512 CPUs only) and torch.mm's rate")
+    group.add_argument("--memory", action="store_true",
+                       help="also measure the peak extra memory of one call at L = S = 8192, sdpax and torch, each "
+                            "in its own process")
+
+
+_PEAK_SRC = textwrap.dedent(r"""
+    #include <torch/extension.h>
+    #include <ATen/Parallel.h>
+    #include <immintrin.h>
+    #include <chrono>
+    // Twelve independent accumulator chains in named registers (an array gets spilled to the stack, and the
+    // loop then measures store forwarding): more chains than FMA latency x ports, so the loop is throughput bound.
+    #define SDPAX_CHAINS(OP) OP(a0) OP(a1) OP(a2) OP(a3) OP(a4) OP(a5) OP(a6) OP(a7) OP(a8) OP(a9) OP(a10) OP(a11)
+    #define SDPAX_KEEP asm volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), \
+                                       "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11))
+    #define SDPAX_SUM(a) s += _mm512_reduce_add_ps(a);
+    __attribute__((target("avx512f"))) static double fma_loop(int64_t iters) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+             a9 = a0, a10 = a0, a11 = a0;
+      const __m512 x = _mm512_set1_ps(1.0000001f), y = _mm512_set1_ps(0.9999999f);
+      #define SDPAX_FMA(a) a = _mm512_fmadd_ps(a, x, y);
+      for (int64_t it = 0; it < iters; ++it) { SDPAX_CHAINS(SDPAX_FMA) SDPAX_KEEP; }
+      float s = 0; SDPAX_CHAINS(SDPAX_SUM)
+      return s;
+    }
+    __attribute__((target("avx512f,avx512bf16"))) static double bf16_loop(int64_t iters) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+             a9 = a0, a10 = a0, a11 = a0;
+      const __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80), y = (__m512bh)_mm512_set1_epi16(0x3f80);
+      #define SDPAX_DP(a) a = _mm512_dpbf16_ps(a, x, y);
+      for (int64_t it = 0; it < iters; ++it) { SDPAX_CHAINS(SDPAX_DP) SDPAX_KEEP; }
+      float s = 0; SDPAX_CHAINS(SDPAX_SUM)
+      return s;
+    }
+    // GFLOP/s of all threads together: fma = 2 * 16 flops per instruction, dpbf16 = 2 * 32.
+    double peak(bool bf16, int64_t iters) {
+      const int n = at::get_num_threads();
+      auto t0 = std::chrono::steady_clock::now();
+      std::vector<double> sink(n);
+      at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+        for (int64_t t = b; t < e; ++t) sink[t] = bf16 ? bf16_loop(iters) : fma_loop(iters);
+      });
+      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      double flop = double(n) * iters * 12 * (bf16 ? 64.0 : 32.0);
+      return flop / s / 1e9 + 0 * sink[0];
+    }
+""")
+
+
+def _cpu_flags() -> set:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _peaks() -> list:
+    """Lines: the FMA and AVX512-BF16 dot-product peaks (GFLOP/s on the current threads) and torch.mm's rates."""
+    lines = [f"## Machine peaks ({torch.get_num_threads()} threads)", ""]
+    flags = _cpu_flags()
+    if "avx512f" in flags:
+        from torch.utils.cpp_extension import load_inline
+        mod = load_inline("sdpax_bench_peak", cpp_sources=_PEAK_SRC, functions=["peak"],
+                          extra_cflags=["-O2", "-fopenmp"], verbose=False)
+        lines.append(f"- FMA float32 (vfmadd231ps zmm loop): {max(mod.peak(False, 20_000_000) for _ in range(3)):.0f}"
+                     " GFLOP/s")
+        if "avx512_bf16" in flags:
+            lines.append(f"- AVX512-BF16 dot (vdpbf16ps zmm loop): "
+                         f"{max(mod.peak(True, 20_000_000) for _ in range(3)):.0f} GFLOP/s")
+    else:
+        lines.append("- no AVX-512 on this CPU: the FMA / BF16 loops were not run")
+    rates = []
+    for dt in (C.F32, C.BF16):
+        a, b = torch.randn(2048, 2048).to(dt), torch.randn(2048, 2048).to(dt)
+        t = C.Timer("cpu", 1.0, min_reps=5, max_reps=20)({"mm": partial(torch.matmul, a, b)})["mm"]
+        rates.append(f"{C.DTYPE_NAMES[dt]} {2 * 2048 ** 3 / t / 1e9:.0f} GFLOP/s")
+    return lines + ["- torch.mm 2048^3: " + ", ".join(rates), ""]
+
+
+_MEM_SRC = textwrap.dedent("""
+    import torch, sdpax, torch.nn.functional as F
+    torch.set_num_threads({threads})
+    fn = sdpax.scaled_dot_product_attention if "{impl}" == "sdpax" else F.scaled_dot_product_attention
+    B, H, L, S, D = {B}, {H}, {L}, {S}, {D}
+    def status_mb(key):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith(key + ":")) / 1024
+    def step(q, k, v, backward):
+        out = fn(q, k, v, is_causal={causal})
+        if backward:
+            out.backward(torch.ones_like(out))
+    q, k, v = (torch.randn(B, H, n, D, dtype=torch.{dtype}, requires_grad=True) for n in (L, S, S))
+    step(*(t.detach()[:, :, :256].clone().requires_grad_(True) for t in (q, k, v)), True)  # warm-up
+    for backward in (False, True):
+        base = status_mb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        step(q, k, v, backward)
+        print(status_mb("VmHWM") - base)
+""")
+
+
+def _memory(threads: int) -> list:
+    """Lines: peak RSS growth of one forward and one forward + backward, sdpax and torch, each in a new process."""
+    (row,) = C.select("cpu-memory")
+    res = {}
+    for impl in ("sdpax", "torch"):
+        src = _MEM_SRC.format(threads=threads, impl=impl, B=row.B, H=row.Hq, L=row.L, S=row.S, D=row.D,
+                              causal=row.kind == "causal", dtype=str(row.dtype).replace("torch.", ""))
+        try:
+            out = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, check=True).stdout
+            res[impl] = [float(x) for x in out.split()]
+        except (subprocess.CalledProcessError, ValueError) as e:
+            print(f"memory probe of {impl} failed: {e}", file=sys.stderr)
+            res[impl] = None
+    elem = torch.empty(0, dtype=row.dtype).element_size()
+    inputs = (row.B * row.Hq * row.L + 2 * row.B * row.Hkv * row.S) * row.D * elem / 2 ** 20
+    lines = [f"## Peak extra memory: {row.describe()}", ""]
+    for impl, r in res.items():
+        lines.append(f"- {impl}: " + ("failed" if r is None else
+                                      f"forward {r[0]:.0f} MiB, forward+backward {r[1]:.0f} MiB"))
+    return lines + [(f"- (outputs and gradients included; the inputs are {inputs:.0f} MiB, one L x S float32 matrix "
+                     f"would be {row.L * row.S * 4 / 2 ** 20:.0f} MiB per head)"), ""]
+
+
+@suite(name="cpu", device="cpu", devices=("cpu",), options=_cpu_options, passes=("fwd", "fwd+bwd"),
+       measures="The fused CPU kernels (FLASH_ATTENTION, sdpax's default there) on the grid of LLM shapes (16/16 and "
+                "GQA 32/8 heads, L 512-4096, d64/d128, plain and causal), encoder padding masks, a dense mask, "
+                "decode (L 1 and 4 against 1k-16k keys) and odd sizes, float32 and bfloat16, forward and forward + "
+                "backward (decode: forward), against torch's default and torch forced to FLASH_ATTENTION. "
+                "GFLOP/s (decode: GB/s of K and V) and geometric means. The default grid takes about 15 minutes on "
+                "2 cores; --quick a minute or two; --full is the whole grid (L = 4096).",
+       columns=("group", "B", "Hq/Hkv", "L", "S", "D", "kind", "dtype", "pass", "sdpax ms", "torch ms",
+                "torch flash ms", "ratio", "ratio vs flash", "sdpax GFLOP/s (decode: GB/s)"))
+def run_cpu(args, rows):
+    torch.set_num_threads(args.threads)
+    timer = C.Timer("cpu", args.budget or 2.0, min_reps=3, max_reps=200)
+    tb = _torch_backends()
+    extra = []
+    if args.peaks:
+        extra += _peaks()
+    if args.memory:
+        extra += _memory(args.threads)
+    results = []
+    for row in rows:
+        for pass_ in ("fwd",) if row.decode else ("fwd", "fwd+bwd"):
+            inp = C.make_inputs(row, "cpu", requires_grad=pass_ != "fwd")
+            chosen = sdpax.explain(inp.q, inp.k, inp.v, **inp.ours).backend
+            if chosen != SDPBackend.FLASH_ATTENTION:
+                print(f"  {row.name}: sdpax would run {chosen.name}, not FLASH_ATTENTION; skipped", file=sys.stderr)
+                continue
+            calls = {"sdpax": C.sdpax_call(inp), "torch": C.torch_call(inp),
+                     "torch flash": C.torch_call(inp, [tb.FLASH_ATTENTION])}
+            t = timer({n: C.forward(c) if pass_ == "fwd" else C.forward_backward(c, inp) for n, c in calls.items()})
+            results.append({"row": row, "pass_": pass_, "t": t})
+            _progress(f"{row.name:<34} {pass_:<7} sdpax {t['sdpax'] * 1e3:9.2f} ms  torch {t['torch'] * 1e3:9.2f} ms"
+                      f"  {C.ratio(t['torch'], t['sdpax'])}  (vs forced flash {C.ratio(t['torch flash'], t['sdpax'])})")
+    table = []
+    for r in results:
+        row, t = r["row"], r["t"]
+        table.append([row.group, row.B, f"{row.Hq}/{row.Hkv}", row.L, row.S, row.D, row.kind,
+                      C.DTYPE_NAMES[row.dtype], r["pass_"], _ms(t["sdpax"]), _ms(t["torch"]), _ms(t["torch flash"]),
+                      C.ratio(t["torch"], t["sdpax"]).rstrip("x"), C.ratio(t["torch flash"], t["sdpax"]).rstrip("x"),
+                      f"{C.throughput(row, r['pass_'], t['sdpax']) / 1e9:.0f}"])
+    extra = ["", *extra, *_cpu_summary(results), "",
+             ("times: medians of interleaved rounds (sdpax, torch default, torch forced FLASH_ATTENTION); "
+              "ratio = torch / sdpax (> 1: sdpax faster)")]
+    return C.markdown_table(SUITES["cpu"].columns, table), extra
+
+
+def _ms(seconds) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def _cpu_summary(results) -> list:
+    """Geometric means of torch time / sdpax time: by pass, decode, masked, and per dtype."""
+    def gm(keep):
+        v = C.geomean([r["t"]["torch"] / r["t"]["sdpax"] for r in results if keep(r["row"], r["pass_"])])
+        return "n/a" if v is None else f"{v:.2f}"
+    lowest = min((r["t"]["torch"] / r["t"]["sdpax"] for r in results if r["pass_"] == "fwd"), default=float("nan"))
+    lines = ["## Summary (torch time / sdpax time, geometric means)", "",
+             (f"- forward {gm(lambda row, p: p == 'fwd')} (lowest row {lowest:.2f}), forward+backward "
+              f"{gm(lambda row, p: p == 'fwd+bwd')}, decode {gm(lambda row, p: row.decode)}, masked "
+              f"{gm(lambda row, p: row.kind in C.MASKED)}")]
+    for dt in (C.F32, C.BF16):
+        lines.append(f"- {C.DTYPE_NAMES[dt]} (decode excluded): forward "
+                     f"{gm(lambda row, p, dt=dt: row.dtype == dt and p == 'fwd' and not row.decode)}, "
+                     f"forward+backward {gm(lambda row, p, dt=dt: row.dtype == dt and p == 'fwd+bwd')}")
+    return lines
+
+
+# ---- cuda ----
+
+def _require_cuda_main_loop(what: str) -> bool:
+    if C.has_main_loop_override():
+        return True
+    print(f"this sdpax has no sdpax.cuda_main_loop: the {what} column is left out", file=sys.stderr)
+    return False
+
+
+@suite(name="cuda", device="cuda", devices=("cuda",), passes=("fwd", "fwd+bwd"),
+       measures="The fused CUDA kernels on 16k tokens of hidden size 2048 at d64/d128 and L 1k/4k/16k (plain and "
+                "causal), d256, a bool (B,1,L,S) and a padding (B,1,1,S) mask, GQA and sinks each beside the same "
+                "shape without, a decode step and float32 (split TF32); forward and forward + backward against "
+                "torch's default (cuDNN for bf16 on an H100) and torch forced to FLASH_ATTENTION (FA2). TFLOP/s "
+                "(decode: time and TB/s of K and V). About 75 s on an H100; --quick: the L = 4096 rows.",
+       columns=("shape", "pass", "sdpax backend", "sdpax TFLOP/s", "torch default", "torch FA2", "vs default",
+                "vs FA2"))
+def run_cuda(args, rows):
+    device = args.device
+    timer = C.Timer(device, args.budget or 1.0, min_reps=10, max_reps=1000)
+    tb = _torch_backends()
+    table = []
+    for row in rows:
+        inp = C.make_inputs(row, device, requires_grad=True)
+        backend = sdpax.explain(inp.q, inp.k, inp.v, **inp.ours).backend.name
+        for pass_ in ("fwd",) if row.decode else ("fwd", "fwd+bwd"):
+            calls = {"sdpax": C.sdpax_call(inp)}
+            if inp.theirs is not None:
+                calls.update({"torch": C.torch_call(inp), "fa2": C.torch_call(inp, [tb.FLASH_ATTENTION])})
+            t = timer({n: C.forward(c) if pass_ == "fwd" else C.forward_backward(c, inp) for n, c in calls.items()})
+            line = [row.name, pass_, backend] + [C.rate(row, pass_, t.get(n), device) for n in ("sdpax", "torch", "fa2")]
+            line += [C.ratio(t.get("torch"), t["sdpax"]), C.ratio(t.get("fa2"), t["sdpax"])]
+            table.append(line)
+            _progress(" | ".join(str(x) for x in line))
+        del inp
+        _free(device)
+    return C.markdown_table(SUITES["cuda"].columns, table), [
+        "", ("TFLOP/s: 4 B H L S D per forward (visible pairs only when causal), x3.5 for forward + backward; "
+             "ratios: torch time / sdpax time (> 1: sdpax faster)")]
+
+
+# ---- cuda-sm90 ----
+
+@suite(name="cuda-sm90", device="cuda", devices=("cuda",),
+       measures="Forward only: sdpax's default CUDA main loop (on an sm90a build on compute capability 9, the Hopper "
+                "wgmma loop wherever the variant table lists one) against its mma.sync loop, selected with "
+                "sdpax.cuda_main_loop(forward='mma'), beside torch's default and torch forced to FLASH_ATTENTION "
+                "(FA2), and the relative difference of the two sdpax loops' outputs (dropout rows draw the same "
+                "elements in both). --full adds the general kind's other paths (additive masks, dropout, d64 "
+                "masks, fp16).",
+       columns=("shape", "sdpax auto TFLOP/s", "sdpax mma.sync", "torch default", "torch FA2", "auto vs mma.sync",
+                "auto vs FA2", "auto vs default", "rel diff auto / mma.sync"))
+def run_cuda_sm90(args, rows):
+    device = args.device
+    timer = C.Timer(device, args.budget or 1.0, min_reps=10, max_reps=1000)
+    tb = _torch_backends()
+    loops = _require_cuda_main_loop("mma.sync")
+    table = []
+    for row in rows:
+        inp = C.make_inputs(row, device)
+        ours = C.sdpax_call(inp)
+        calls = {"auto": C.forward(ours)}
+        if loops:
+            mma = C.main_loop(forward="mma")
+            calls["mma"] = C.forward(partial(_within, mma, ours))
+        if inp.theirs is not None:
+            calls.update({"torch": C.forward(C.torch_call(inp)),
+                          "fa2": C.forward(C.torch_call(inp, [tb.FLASH_ATTENTION]))})
+        diff = "n/a"
+        if loops:
+            torch.manual_seed(0)  # the same dropout draws for both loops
+            o_auto = calls["auto"]()
+            torch.manual_seed(0)
+            diff = f"{C.rel_diff([o_auto], [calls['mma']()]):.1e}"
+            del o_auto
+        t = timer(calls)
+        line = [row.name] + [C.rate(row, "fwd", t.get(n), device) for n in ("auto", "mma", "torch", "fa2")]
+        line += [C.ratio(t.get(n), t["auto"]) for n in ("mma", "fa2", "torch")] + [diff]
+        table.append(line)
+        _progress(" | ".join(str(x) for x in line))
+        del inp, calls
+        _free(device)
+    return C.markdown_table(SUITES["cuda-sm90"].columns, table), [
+        "", "TFLOP/s: 4 B H L S D (visible pairs only when causal); 'auto vs X' = X's time / auto's time"]
+
+
+def _pair(e) -> str:
+    return "n/a" if e is None else f"{e[0]:.2e} / {e[1]:.2e}"
+
+
+def _within(context_factory, call):
+    with context_factory():
+        return call()
+
+
+# ---- cuda-bwd-parts ----
+
+def _bwd_parts_options(group):
+    group.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile of each row")
+    group.add_argument("--once", action="store_true",
+                       help="run one sdpax backward per row and time nothing (for ncu / nsys)")
+
+
+@suite(name="cuda-bwd-parts", device="cuda", devices=("cuda",), options=_bwd_parts_options, passes=("bwd",),
+       measures="The backward alone (one forward, then torch.autograd.grad(retain_graph=True) repeated; it includes "
+                "the Delta pre-pass and the dQ finish): sdpax's default main loop, its mma.sync loop "
+                "(sdpax.cuda_main_loop(backward='mma')) and its deterministic mode "
+                "(torch.use_deterministic_algorithms: dQ by its own pass, no atomics), against torch's FA2 (torch's "
+                "default for masked rows, which FA2 does not take), with the relative difference of the gradients; "
+                "then a per-kernel profile of sdpax's backward per row. Rows: plain and causal d64/d128 (d256 by "
+                "default, not --quick), the general kind (bool, padding, all-true padding, dropout) at d64/d128 "
+                "(d256 with --full).",
+       columns=("shape", "sdpax ms", "sdpax TFLOP/s", "mma.sync", "vs mma.sync", "rel diff mma.sync",
+                "deterministic", "vs deterministic", "rel diff deterministic", "torch", "vs torch",
+                "rel diff torch"))
+def run_cuda_bwd_parts(args, rows):
+    device = args.device
+    timer = C.Timer(device, args.budget or 1.0, min_reps=10, max_reps=1000)
+    tb = _torch_backends()
+    loops = not args.once and _require_cuda_main_loop("mma.sync")
+    table = []
+    for row in rows:
+        inp = C.make_inputs(row, device, requires_grad=True)
+        # Each column runs its own forward: the same seed gives each the same dropout draws.
+        torch.manual_seed(0)
+        fns = {"sdpax": C.backward_only(C.sdpax_call(inp), inp)}
+        if args.once:
+            fns["sdpax"]()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            _progress(f"{row.name}: one backward")
+            continue
+        if loops:
+            torch.manual_seed(0)
+            fns["mma"] = C.backward_only(C.sdpax_call(inp), inp, around=C.main_loop(backward="mma"))
+        torch.manual_seed(0)
+        fns["det"] = C.backward_only(C.sdpax_call(inp), inp, around=C.deterministic_algorithms)
+        torch_name = None
+        if inp.theirs is not None:
+            masked = "attn_mask" in inp.theirs
+            torch_name = "default" if masked else "FA2"
+            torch_bwd = _backward_or_none(C.torch_call(inp, None if masked else [tb.FLASH_ATTENTION]), inp)
+            if torch_bwd is not None:
+                fns["torch"] = torch_bwd
+        grads = {n: fn() for n, fn in fns.items()}
+        t = timer(fns)
+        # dropout: torch drops other elements than sdpax, so its gradients are not comparable
+        diffs = {n: f"{C.rel_diff(grads['sdpax'], g):.2e}" for n, g in grads.items()
+                 if not (n == "torch" and row.kind == "dropout")}
+        line = [row.name, f"{t['sdpax'] * 1e3:.3f}"] + [C.rate(row, "bwd", t.get(n), device) for n in ("sdpax", "mma")]
+        line += [C.ratio(t.get("mma"), t["sdpax"]), diffs.get("mma", "n/a"), C.rate(row, "bwd", t.get("det"), device),
+                 C.ratio(t.get("det"), t["sdpax"]), diffs.get("det", "n/a"),
+                 C.rate(row, "bwd", t.get("torch"), device) + (f" ({torch_name})" if torch_name else ""),
+                 C.ratio(t.get("torch"), t["sdpax"]), diffs.get("torch", "n/a")]
+        table.append(line)
+        _progress(" | ".join(str(x) for x in line))
+        if not args.no_profile:
+            _profile(row.name, fns["sdpax"], device)
+        del inp, fns, grads
+        _free(device)
+    if args.once:
+        return "(--once: nothing timed)", []
+    return C.markdown_table(SUITES["cuda-bwd-parts"].columns, table), [
+        "", ("TFLOP/s: 2.5 x 4 B H L S D (visible pairs only when causal; masks count dense); 'vs X' = X's time / "
+             "sdpax's time; rel diff: max over dq, dk, dv of ||sdpax - X|| / ||X||")]
+
+
+def _backward_or_none(call, inp):
+    """C.backward_only, or None (with a note) where the forward is refused (a torch backend that cannot take the
+    row)."""
+    try:
+        return C.backward_only(call, inp)
+    except RuntimeError as e:
+        print(f"    torch: not timed ({str(e).splitlines()[0][:110]})", file=sys.stderr)
+        return None
+
+
+def _profile(name, fn, device, calls=5, top=8):
+    """Prints the kernels of `calls` calls of fn, the most expensive first (time per call)."""
+    acts = [torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "device_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"  -- {name}: sdpax backward, us per call ({calls} calls)")
+    for ev in sorted(prof.key_averages(), key=lambda e: -getattr(e, key))[:top]:
+        print(f"     {getattr(ev, key) / calls:10.1f}  {ev.key[:100]}")
+
+
+# ---- cuda-mask-bwd ----
+
+@suite(name="cuda-mask-bwd", device="cuda", devices=("cuda",), passes=("bwd", "fwd+bwd"),
+       measures="What a bool (B,1,L,S) mask of random halves and a padding (B,1,1,S) mask cost the CUDA backward, "
+                "beside the same shape without a mask: the backward alone and forward + backward of sdpax and of "
+                "torch's default on the same masks, d128 and d64, L = S = 4096. TFLOP/s count dense FLOPs.",
+       columns=("shape", "sdpax bwd TFLOP/s", "torch bwd", "bwd vs torch", "sdpax fwd+bwd TFLOP/s", "torch fwd+bwd",
+                "fwd+bwd vs torch"))
+def run_cuda_mask_bwd(args, rows):
+    device = args.device
+    timer = C.Timer(device, args.budget or 1.0, min_reps=10, max_reps=1000)
+    table = []
+    for row in rows:
+        inp = C.make_inputs(row, device, requires_grad=True)
+        ours, theirs = C.sdpax_call(inp), C.torch_call(inp)
+        bwd = {"sdpax": C.backward_only(ours, inp)}
+        torch_bwd = _backward_or_none(theirs, inp)
+        if torch_bwd is not None:
+            bwd["torch"] = torch_bwd
+        tb = timer(bwd)
+        tf = timer({"sdpax": C.forward_backward(ours, inp), "torch": C.forward_backward(theirs, inp)})
+        line = [row.name, C.rate(row, "bwd", tb["sdpax"], device), C.rate(row, "bwd", tb.get("torch"), device),
+                C.ratio(tb.get("torch"), tb["sdpax"]), C.rate(row, "fwd+bwd", tf["sdpax"], device),
+                C.rate(row, "fwd+bwd", tf["torch"], device), C.ratio(tf["torch"], tf["sdpax"])]
+        table.append(line)
+        _progress(" | ".join(str(x) for x in line))
+        del inp
+        _free(device)
+    return C.markdown_table(SUITES["cuda-mask-bwd"].columns, table), [
+        "", "TFLOP/s: 4 B H L S D per forward, x2.5 for the backward alone, x3.5 for forward + backward"]
+
+
+# ---- fp32-accuracy ----
+
+_TENSORS = ("out", "dq", "dk", "dv")
+
+
+@suite(name="fp32-accuracy", device="cuda", devices=("cuda", "cpu"), passes=("fwd+bwd",),
+       measures="float32 accuracy against float64 (out, dq, dk, dv; max-relative and RMS-relative errors): sdpax "
+                "FLASH_ATTENTION (on CUDA the split-TF32 kernels) next to torch's own float32 attention, its MATH "
+                "backend with TF32 off (the baseline) and its default backend; the last columns are sdpax's errors "
+                "over torch MATH's, and the summary gives the worst ratio per tensor. B 2, H 4, L = S in 128, 1024, "
+                "4096, head dims 64, 128, 256, no mask / causal / bool / additive. Runs on CPU too (--device cpu).",
+       columns=("case", "tensor", "sdpax max / rms", "torch MATH max / rms", "torch default max / rms",
+                "sdpax/MATH max", "sdpax/MATH rms"))
+def run_fp32_accuracy(args, rows):
+    device = args.device
+    tb = _torch_backends()
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    # torch's float32 baselines must be true float32: no TF32 in cuBLAS or cuDNN.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    table, worst = [], {n: [0.0, 0.0, ""] for n in _TENSORS}
+    try:
+        for row in rows:
+            inp = C.make_inputs(row, device, requires_grad=True)
+            leaves = [t.detach().double().requires_grad_() for t in (inp.q, inp.k, inp.v)]
+            out = C.reference(*leaves, **inp.ref)
+            ref = [out.detach(), *torch.autograd.grad(out, leaves, inp.dout.double())]
+            del out, leaves
+            errs = {}
+            for col, call in (("sdpax", C.sdpax_call(inp, SDPBackend.FLASH_ATTENTION)),
+                              ("math", C.torch_call(inp, [tb.MATH])), ("default", C.torch_call(inp))):
+                try:
+                    got = call()
+                    got = [got.detach(), *torch.autograd.grad(got, (inp.q, inp.k, inp.v), inp.dout)]
+                    errs[col] = [C.rel_errors(x, r) for x, r in zip(got, ref)]
+                except RuntimeError as e:  # a call that backend cannot make
+                    print(f"  {row.name} {col}: {str(e).splitlines()[0][:100]}", file=sys.stderr)
+                    errs[col] = None
+            for i, n in enumerate(_TENSORS):
+                o, m = errs["sdpax"], errs["math"]
+                d = errs["default"][i] if errs["default"] else None
+                r_max = o[i][0] / m[i][0] if o and m and m[i][0] > 0 else float("nan")
+                r_rms = o[i][1] / m[i][1] if o and m and m[i][1] > 0 else float("nan")
+                if r_max > worst[n][0]:
+                    worst[n][0], worst[n][2] = r_max, row.name
+                worst[n][1] = max(worst[n][1], r_rms) if not math.isnan(r_rms) else worst[n][1]
+                table.append([row.name, n, _pair(o[i] if o else None), _pair(m[i] if m else None), _pair(d),
+                              f"{r_max:.2f}", f"{r_rms:.2f}"])
+                _progress(" | ".join(str(x) for x in table[-1]))
+            del inp, ref
+            _free(device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    extra = ["", "worst sdpax / torch MATH ratio over all cases (max-relative, at; RMS-relative):"]
+    extra += [f"- {n}: {w[0]:.2f} ({w[2]}); {w[1]:.2f}" for n, w in worst.items()]
+    return C.markdown_table(SUITES["fp32-accuracy"].columns, table), extra
+
+
+# ---- cp-speed-model ----
+
+def _cp_options(group):
+    group.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8], help="simulated world sizes P")
+
+
+def _pair_calls(q, k, v, world, causal):
+    """Every rank's (query chunk, key chunk) kernel calls of sdpax.distributed's forward, without the merges."""
+    import sdpax.distributed as cp
+    from sdpax import _ops
+    qs, ks, vs = ([cp.shard_of(t, r, world) for r in range(world)] for t in (q, k, v))
+    scale = 1 / math.sqrt(q.shape[-1])
+    plans = [cp._Plan(qs[r], ks[r], vs[r], causal, scale, q.shape[1] != k.shape[1], None, r, world)
+             for r in range(world)]
+
+    def run():
+        for r, plan in enumerate(plans):
+            for owner in range(world):
+                for r0, c0, pair in plan.pairs(owner):
+                    for rows, keys, c in pair.calls:
+                        rs, kk = slice(r0 + rows.start, r0 + rows.stop), slice(c0 + keys.start, c0 + keys.stop)
+                        _ops.fwd(qs[r][..., rs, :], ks[owner][..., kk, :], vs[owner][..., kk, :], None, 0.0, c,
+                                 plan.scale, plan.gqa, None, None, int(plan.backend))
+    return run
+
+
+@suite(name="cp-speed-model", device="cuda", devices=("cuda", "cpu"), options=_cp_options,
+       measures="Context parallelism's speed model on one device: the per-pair kernel calls of sdpax.distributed "
+                "for P ranks (the kernel work P GPUs would share), all run here one after another, and the whole "
+                "simulated forward (calls + log-sum-exp merges, sdpax.distributed.simulate), against one dense sdpax "
+                "call and one dense torch call on the whole sequence (same inputs, same process). Exchanges are "
+                "not timed.",
+       columns=("shape", "P", "sdpax dense ms", "dense TFLOP/s", "torch dense ms", "dense vs torch", "pairs ms",
+                "pairs / dense", "simulated ms", "simulated / dense"))
+def run_cp_speed_model(args, rows):
+    import sdpax.distributed as cp
+    device = args.device
+    timer = C.Timer(device, args.budget or 5.0, min_reps=3, max_reps=50)
+    table = []
+    for row in rows:
+        inp = C.make_inputs(row, device)
+        causal = row.kind == "causal"
+        gqa = row.Hq != row.Hkv
+        for world in args.ranks:
+            if row.L % (2 * world) or row.S % (2 * world):
+                print(f"  {row.name}: L and S must be multiples of 2P = {2 * world}; P = {world} skipped",
+                      file=sys.stderr)
+                continue
+            fns = {"dense": C.forward(C.sdpax_call(inp)), "torch": C.forward(C.torch_call(inp)),
+                   "pairs": C.forward(_pair_calls(inp.q, inp.k, inp.v, world, 1 if causal else 0)),
+                   "sim": C.forward(partial(cp.simulate, inp.q, inp.k, inp.v, world, is_causal=causal,
+                                            enable_gqa=gqa))}
+            t = timer(fns)
+            line = [row.name, world, _ms(t["dense"]), C.rate(row, "fwd", t["dense"], device), _ms(t["torch"]),
+                    C.ratio(t["torch"], t["dense"]), _ms(t["pairs"]), _share(t["pairs"], t["dense"]), _ms(t["sim"]),
+                    _share(t["sim"], t["dense"])]
+            table.append(line)
+            _progress(" | ".join(str(x) for x in line))
+        del inp
+        _free(device)
+    return C.markdown_table(SUITES["cp-speed-model"].columns, table), [
+        "", "TFLOP/s: 4 B Hq L S D (visible pairs only when causal); 'dense vs torch' = torch time / sdpax time"]
+
+
+def _share(part, whole) -> str:
+    return "n/a" if part is None or whole is None else f"{part / whole:.3f}"
+
+
+def describe_rows(suite_: Suite, rows, device) -> str:
+    """The --dry-run listing: each row's shape and work per pass."""
+    unit = "TFLOP" if device == "cuda" else "GFLOP"
+    scale = 1e12 if device == "cuda" else 1e9
+    lines = []
+    for r in rows:
+        work = ", ".join(f"{p} {C.flops(r, p) / scale:.3g} {unit}" for p in suite_.passes)
+        if r.decode:
+            work += f", K/V {C.kv_bytes(r) / 2 ** 20:.0f} MiB"
+        lines.append(f"  {r.name:<40} {r.describe():<58} {work}")
+    return "\n".join(lines)
+
