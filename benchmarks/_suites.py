@@ -230,7 +230,8 @@ def _peaks() -> list:
     else:
         lines.append("- no AVX-512 on this CPU: the FMA / BF16 loops were not run")
     rates = []
-    for dt in (C.F32, C.BF16):
+    # Without AVX512-BF16 or AMX, torch multiplies bfloat16 in a scalar loop: minutes, and no peak worth knowing.
+    for dt in (C.F32, C.BF16) if flags & {"avx512_bf16", "amx_bf16"} else (C.F32,):
         a, b = torch.randn(2048, 2048).to(dt), torch.randn(2048, 2048).to(dt)
         t = C.Timer("cpu", 1.0, min_reps=5, max_reps=20)({"mm": partial(torch.matmul, a, b)})["mm"]
         rates.append(f"{C.DTYPE_NAMES[dt]} {2 * 2048 ** 3 / t / 1e9:.0f} GFLOP/s")
@@ -379,7 +380,8 @@ def run_cuda(args, rows):
             if inp.theirs is not None:
                 calls.update({"torch": C.torch_call(inp), "fa2": C.torch_call(inp, [tb.FLASH_ATTENTION])})
             t = timer({n: C.forward(c) if pass_ == "fwd" else C.forward_backward(c, inp) for n, c in calls.items()})
-            line = [row.name, pass_, backend] + [C.rate(row, pass_, t.get(n), device) for n in ("sdpax", "torch", "fa2")]
+            line = [row.name, pass_, backend]
+            line += [C.rate(row, pass_, t.get(n), device) for n in ("sdpax", "torch", "fa2")]
             line += [C.ratio(t.get("torch"), t["sdpax"]), C.ratio(t.get("fa2"), t["sdpax"])]
             table.append(line)
             _progress(" | ".join(str(x) for x in line))
