@@ -4,8 +4,18 @@ import itertools
 import pytest
 import torch
 
-from helpers import (DEVICES, LOWER_RIGHT, UPPER_LEFT, assert_grads_close, backends_for, grad_magnitude, make_qkv,
-                     reference, run, torch_errors)
+from helpers import (
+    DEVICES,
+    LOWER_RIGHT,
+    UPPER_LEFT,
+    assert_grads_close,
+    backends_for,
+    grad_magnitude,
+    make_qkv,
+    reference,
+    run,
+    torch_errors,
+)
 from sdpax import SDPBackend
 from sdpax._select import LIMITS
 from sdpax.attention.bias import causal_lower_right

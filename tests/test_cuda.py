@@ -25,6 +25,7 @@ from helpers import (
     torch_errors,
 )
 from sdpax import SDPBackend, sdpa_kernel
+from sdpax.attention.bias import causal_lower_right
 
 pytestmark = [
     pytest.mark.cuda,
@@ -127,7 +128,7 @@ def check_case(B, Hq, Hkv, L, S, E, Ev, dtype, mask_kind=None, causal=0, sinks=F
     if causal == 1:
         kw["is_causal"] = True
     elif causal == 2:
-        kw["attn_mask"] = sdpax.attention.bias.causal_lower_right(L, S)
+        kw["attn_mask"] = causal_lower_right(L, S)
     if mask is not None:
         kw["attn_mask"] = mask
     with contextlib.nullcontext() if backward else torch.no_grad(), _deterministic(deterministic):

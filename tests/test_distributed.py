@@ -1,6 +1,6 @@
-"""sdpax.distributed: context-parallel attention on 2 and 4 gloo ranks (processes on this machine), forward and
-backward, against single-process sdpax on the gathered tensors and the float64 reference; the pair decomposition
-of a causal chunk pair checked exhaustively against the mask it stands for."""
+"""sdpax.distributed: context-parallel attention on 2 and 4 gloo ranks (processes on this machine) and simulated
+ranks, forward and backward on the gathered tensors, by the suite's one rule against the float64 reference; the
+pair decomposition of a causal chunk pair checked exhaustively against the mask it stands for."""
 from __future__ import annotations
 
 import itertools
@@ -12,9 +12,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import sdpax
 import sdpax.distributed as cp
-from helpers import DEVICES, FLOOR, LOWER_RIGHT, UPPER_LEFT, assert_close_rel, causal_allowed, err, reference
+from helpers import (
+    DEVICES,
+    LOWER_RIGHT,
+    UPPER_LEFT,
+    assert_close_rel,
+    assert_grads_close,
+    causal_allowed,
+    grad_magnitude,
+    reference,
+    torch_errors,
+)
 from sdpax.attention.bias import causal_lower_right
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
@@ -38,7 +47,7 @@ CASES = [
 
 
 def _full_inputs(case, seed):
-    name, dtype, qs, ks, ev, causal, gqa, sinks, mask_kind, strategy = case
+    _, dtype, qs, ks, ev, _, _, sinks, mask_kind, _ = case
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda s: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)
     q, k, v = rnd(qs), rnd(ks), rnd((*ks[:-1], ev))
@@ -51,18 +60,6 @@ def _full_inputs(case, seed):
         mask = torch.randn((ks[0], 1, 1, ks[-2]), generator=gen).to(dtype)
     gout = rnd((*qs[:-1], ev))
     return q, k, v, s, mask, gout
-
-
-def _single(case, q, k, v, s, mask, gout):
-    """Single-process sdpax on the full tensors: (out, dq, dk, dv, dsinks)."""
-    causal, gqa = case[5], case[6]
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)] + (
-        [s.detach().clone().requires_grad_()] if s is not None else [])
-    L, S = q.shape[-2], k.shape[-2]
-    am = mask if mask is not None else (causal_lower_right(L, S) if causal == LOWER_RIGHT else None)
-    out = sdpax.scaled_dot_product_attention(*leaves[:3], attn_mask=am, is_causal=causal == UPPER_LEFT,
-                                             enable_gqa=gqa, sinks=leaves[3] if s is not None else None)
-    return (out.detach(), *torch.autograd.grad(out, leaves, gout))
 
 
 def _worker(rank, world, init_file, cases, errors):
@@ -84,7 +81,7 @@ def _worker(rank, world, init_file, cases, errors):
             got = [cp.unshard(out_l.detach(), -2)] + [cp.unshard(g, -2) for g in grads_l[:3]] + list(grads_l[3:])
             if rank == 0:
                 errors.put((case[0], _compare(case, got, q, k, v, s, mask, gout)))
-    except Exception as e:  # noqa: BLE001  (reported to the test in the parent process)
+    except Exception as e:  # reported to the test in the parent process, then raised
         errors.put((f"rank {rank}", repr(e)))
         raise
     finally:
@@ -92,25 +89,25 @@ def _worker(rank, world, init_file, cases, errors):
 
 
 def _compare(case, got, q, k, v, s, mask, gout):
-    """'' if the distributed result matches single-process sdpax within the suite's rule, else a message."""
-    dtype, causal = case[1], case[5]
-    want = _single(case, q, k, v, s, mask, gout)
+    """'' if the distributed result (out, dq, dk, dv[, dsinks]) is within the suite's rule of the float64 reference,
+    else a message."""
+    dtype, causal, gqa = case[1], case[5], case[6]
     rq, rk, rv = (t.double().requires_grad_() for t in (q, k, v))
     rs = s.double().requires_grad_() if s is not None else None
     ref = reference(rq, rk, rv, mask=mask, causal=causal, sinks=rs)
-    ref_all = [ref.detach()] + list(torch.autograd.grad(ref, [rq, rk, rv] + ([rs] if rs is not None else []),
-                                                        gout.double()))
+    ref_all = [ref.detach(), *torch.autograd.grad(ref, [rq, rk, rv] + ([rs] if rs is not None else []),
+                                                  gout.double())]
+    t_err, t_grads = torch_errors(q, k, v, mask=mask, causal=causal, sinks=s, gqa=gqa, gout=gout)
+    like = [ref, q, k, v] + ([s] if s is not None else [])
     names = ["out", "dq", "dk", "dv", "dsinks"]
-    for name, g, w, r in zip(names, got, want, ref_all):
-        if g.shape != w.shape or g.dtype != w.dtype:
-            return f"{name}: {tuple(g.shape)} {g.dtype} vs {tuple(w.shape)} {w.dtype}"
-        # the single-device error sets the scale; the sharded result must be as close to float64
-        try:
-            coarser = max((dtype, g.dtype), key=FLOOR.get)
-            assert_close_rel(g, r, err(w, r), coarser, k=4, what=name,
-                             magnitude=gout.abs().max().item() * v.abs().max().item() * v.shape[-1] ** 0.5)
-        except AssertionError as e:
-            return str(e)
+    for name, g, t in zip(names, got, like):
+        if g.shape != t.shape or g.dtype != (dtype if name == "out" else t.dtype):
+            return f"{name}: {tuple(g.shape)} {g.dtype} vs {tuple(t.shape)} {t.dtype}"
+    try:
+        assert_close_rel(got[0], ref_all[0], t_err, dtype, what="out")
+        assert_grads_close(names[1:len(got)], got[1:], ref_all[1:], t_grads, dtype, grad_magnitude(gout, got[0]))
+    except AssertionError as e:
+        return str(e)
     return ""
 
 

@@ -71,8 +71,7 @@ def test_raw_op_checks_too():
 
 def test_no_backend_can_run_lists_reasons():
     q, k, v = qkv(dtype=torch.float64)
-    with sdpax.sdpa_kernel(sdpax.SDPBackend.FLASH_ATTENTION):
-        with pytest.raises(RuntimeError) as e:
-            sdpa(q, k, v)
+    with sdpax.sdpa_kernel(sdpax.SDPBackend.FLASH_ATTENTION), pytest.raises(RuntimeError) as e:
+        sdpa(q, k, v)
     msg = str(e.value)
     assert "no enabled backend" in msg and "FLASH_ATTENTION" in msg and "MATH (disabled by sdpa_kernel)" in msg

@@ -15,8 +15,16 @@ import pytest
 import torch
 
 import sdpax
-from helpers import (DEVICES, LOWER_RIGHT, UPPER_LEFT, assert_close_rel, assert_grads_close, grad_magnitude,
-                     reference, torch_errors)
+from helpers import (
+    DEVICES,
+    LOWER_RIGHT,
+    UPPER_LEFT,
+    assert_close_rel,
+    assert_grads_close,
+    grad_magnitude,
+    reference,
+    torch_errors,
+)
 from sdpax import SDPBackend
 from sdpax.attention.bias import causal_lower_right, causal_upper_left
 
@@ -55,15 +63,15 @@ def calls(draw, device):
     # Which dims of (lead..., Hq, L, S) the mask has (1 where it broadcasts), and how many leading dims it drops.
     full = (*q_shape[:-1], S)
     mask_shape = tuple(n if draw(st.booleans()) else 1 for n in full)[draw(st.integers(0, len(full) - 2)):]
-    return dict(
-        dtype=dtype, q_shape=q_shape, k_shape=k_shape, v_shape=v_shape, gqa=group > 1, kind=kind,
-        mask_shape=mask_shape, layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
-        scale=draw(st.sampled_from([None, None, 0.0, 0.3, -0.7, 2.5])),
-        sinks=rank >= 3 and draw(st.booleans()),
-        dropout_p=draw(st.sampled_from([0.0, 0.0, 0.0, 0.25])),
-        grad=draw(st.booleans()), math_only=draw(st.booleans()), data_seed=draw(st.integers(0, 2 ** 31 - 1)),
-        device=device,
-    )
+    return {
+        "dtype": dtype, "q_shape": q_shape, "k_shape": k_shape, "v_shape": v_shape, "gqa": group > 1, "kind": kind,
+        "mask_shape": mask_shape, "layout": draw(st.sampled_from(["contiguous", "transposed", "strided"])),
+        "scale": draw(st.sampled_from([None, None, 0.0, 0.3, -0.7, 2.5])),
+        "sinks": rank >= 3 and draw(st.booleans()),
+        "dropout_p": draw(st.sampled_from([0.0, 0.0, 0.0, 0.25])),
+        "grad": draw(st.booleans()), "math_only": draw(st.booleans()), "data_seed": draw(st.integers(0, 2 ** 31 - 1)),
+        "device": device,
+    }
 
 
 def _tensor(shape, layout, dtype, device, gen):
@@ -122,8 +130,8 @@ def _check(c):
     if c["grad"]:
         for t in leaves:
             t.requires_grad_()
-    kw = dict(attn_mask=attn_mask, dropout_p=p, is_causal=is_causal, scale=c["scale"], enable_gqa=c["gqa"],
-              sinks=sinks)
+    kw = {"attn_mask": attn_mask, "dropout_p": p, "is_causal": is_causal, "scale": c["scale"],
+          "enable_gqa": c["gqa"], "sinks": sinks}
     choice = sdpax.explain(q, k, v, **kw).backend
     torch.manual_seed(c["data_seed"])
     with sdpax.sdpa_kernel(SDPBackend.MATH if c["math_only"] else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):

@@ -6,8 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import (DEVICES, LOWER_RIGHT, UPPER_LEFT, assert_close_rel, backends_for, causal_allowed, err,
-                     make_qkv, reference, run, torch_equivalent, torch_errors)
+from helpers import (
+    DEVICES,
+    LOWER_RIGHT,
+    UPPER_LEFT,
+    assert_close_rel,
+    backends_for,
+    causal_allowed,
+    err,
+    make_qkv,
+    reference,
+    run,
+    torch_equivalent,
+    torch_errors,
+)
 from sdpax.attention.bias import CausalBias, CausalVariant, causal_lower_right
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -23,9 +35,9 @@ def _case(idx: int, dtype, L: int, S: int):
     if L * S * E > 511 * 511 * 72 and dtype == torch.float64:
         E = 32  # keep the float64 points cheap; large E is covered in lower precision
     Ev = E if idx % 4 else [24, 40, 96][idx % 3]
-    return dict(rank=rank, E=E, Ev=Ev, mask=MASKS[idx % len(MASKS)], gqa=["none", "gqa", "mqa"][(idx // 2) % 3],
-                sinks=idx % 5 == 0, layout="blhe" if rank == 4 and idx % 6 == 1 else "bhle",
-                scale=0.3 if idx % 4 == 3 else None)
+    return {"rank": rank, "E": E, "Ev": Ev, "mask": MASKS[idx % len(MASKS)],
+            "gqa": ["none", "gqa", "mqa"][(idx // 2) % 3], "sinks": idx % 5 == 0,
+            "layout": "blhe" if rank == 4 and idx % 6 == 1 else "bhle", "scale": 0.3 if idx % 4 == 3 else None}
 
 
 GRID = [(i, dt, L, S) for i, (dt, (L, S)) in enumerate(itertools.product(DTYPES, itertools.product(LENGTHS, LENGTHS)))]

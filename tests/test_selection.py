@@ -20,10 +20,9 @@ def test_default_priority():
 
 
 def test_context_restores_also_on_exception():
-    with pytest.raises(KeyError):
-        with sdpa_kernel(SDPBackend.MATH):
-            assert enabled() == (SDPBackend.MATH,)
-            raise KeyError
+    with pytest.raises(KeyError), sdpa_kernel(SDPBackend.MATH):
+        assert enabled() == (SDPBackend.MATH,)
+        raise KeyError
     assert enabled() == (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
 
 
@@ -37,9 +36,8 @@ def test_list_and_priority_and_torch_enum():
         with sdpa_kernel([TorchBackend.FLASH_ATTENTION]):
             assert enabled() == (SDPBackend.FLASH_ATTENTION,)
         assert enabled() == (SDPBackend.MATH,)
-    with pytest.raises(ValueError, match="no backend"):
-        with sdpa_kernel(TorchBackend.EFFICIENT_ATTENTION):
-            pass
+    with pytest.raises(ValueError, match="no backend"), sdpa_kernel(TorchBackend.EFFICIENT_ATTENTION):
+        pass
 
 
 def test_thread_local():
@@ -126,9 +124,8 @@ def test_repeated_calls_follow_the_context():
             torch.testing.assert_close(sdpax.scaled_dot_product_attention(q, q, q), want)
     d = q.double()
     sdpax.scaled_dot_product_attention(d, d, d)  # float64 runs on MATH: cached as such
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        with pytest.raises(RuntimeError, match="no enabled backend"):
-            sdpax.scaled_dot_product_attention(d, d, d)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), pytest.raises(RuntimeError, match="no enabled backend"):
+        sdpax.scaled_dot_product_attention(d, d, d)
 
 
 def test_inference_call_has_no_graph():
