@@ -20,6 +20,8 @@ from pathlib import Path
 import sdpax
 import torch
 from sdpax.attention.bias import causal_lower_right
+from torch.nn.attention import sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 DTYPE_NAMES = {F32: "fp32", BF16: "bf16", F16: "fp16", torch.float64: "fp64"}
@@ -410,9 +412,6 @@ def sdpax_call(inp: Inputs, backend=None):
 def torch_call(inp: Inputs, backends=None):
     """torch's F.scaled_dot_product_attention on the row: its default selection, or only `backends` (a list of
     torch.nn.attention.SDPBackend)."""
-    from torch.nn.attention import sdpa_kernel
-    from torch.nn.functional import scaled_dot_product_attention
-
     def call():
         with sdpa_kernel(backends) if backends is not None else contextlib.nullcontext():
             return scaled_dot_product_attention(inp.q, inp.k, inp.v, **inp.theirs)

@@ -20,6 +20,7 @@ import _common as C
 import sdpax
 import torch
 from sdpax import SDPBackend
+from torch.nn.attention import SDPBackend as TorchBackend
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,12 +34,7 @@ class Suite:
     columns: tuple  # its table's columns (--dry-run lists them)
     run: Callable
     options: Callable | None = None  # adds the suite's own arguments to an argparse group
-    tag: str = ""  # the SHAPES tag of its rows (default: the name)
     passes: tuple = ("fwd",)  # for --dry-run's work column
-
-    @property
-    def rows_tag(self) -> str:
-        return self.tag or self.name
 
 
 SUITES: dict = {}
@@ -49,11 +45,6 @@ def suite(**kw):
         SUITES[kw["name"]] = Suite(run=fn, **kw)
         return fn
     return register
-
-
-def _torch_backends():
-    from torch.nn.attention import SDPBackend as TorchBackend
-    return TorchBackend
 
 
 def _progress(line: str) -> None:
@@ -296,7 +287,6 @@ def _memory(threads: int) -> list:
 def run_cpu(args, rows):
     torch.set_num_threads(args.threads)
     timer = C.Timer("cpu", args.budget or 2.0, min_reps=3, max_reps=200)
-    tb = _torch_backends()
     extra = []
     if args.peaks:
         extra += _peaks()
@@ -311,7 +301,7 @@ def run_cpu(args, rows):
                 print(f"  {row.name}: sdpax would run {chosen.name}, not FLASH_ATTENTION; skipped", file=sys.stderr)
                 continue
             calls = {"sdpax": C.sdpax_call(inp), "torch": C.torch_call(inp),
-                     "torch flash": C.torch_call(inp, [tb.FLASH_ATTENTION])}
+                     "torch flash": C.torch_call(inp, [TorchBackend.FLASH_ATTENTION])}
             t = timer({n: C.forward(c) if pass_ == "fwd" else C.forward_backward(c, inp) for n, c in calls.items()})
             results.append({"row": row, "pass_": pass_, "t": t})
             _progress(f"{row.name:<34} {pass_:<7} sdpax {t['sdpax'] * 1e3:9.2f} ms  torch {t['torch'] * 1e3:9.2f} ms"
@@ -370,7 +360,6 @@ def _require_cuda_main_loop(what: str) -> bool:
 def run_cuda(args, rows):
     device = args.device
     timer = C.Timer(device, args.budget or 1.0, min_reps=10, max_reps=1000)
-    tb = _torch_backends()
     table = []
     for row in rows:
         inp = C.make_inputs(row, device, requires_grad=True)
@@ -378,7 +367,7 @@ def run_cuda(args, rows):
         for pass_ in ("fwd",) if row.decode else ("fwd", "fwd+bwd"):
             calls = {"sdpax": C.sdpax_call(inp)}
             if inp.theirs is not None:
-                calls.update({"torch": C.torch_call(inp), "fa2": C.torch_call(inp, [tb.FLASH_ATTENTION])})
+                calls.update({"torch": C.torch_call(inp), "fa2": C.torch_call(inp, [TorchBackend.FLASH_ATTENTION])})
             t = timer({n: C.forward(c) if pass_ == "fwd" else C.forward_backward(c, inp) for n, c in calls.items()})
             line = [row.name, pass_, backend]
             line += [C.rate(row, pass_, t.get(n), device) for n in ("sdpax", "torch", "fa2")]
@@ -406,7 +395,6 @@ def run_cuda(args, rows):
 def run_cuda_sm90(args, rows):
     device = args.device
     timer = C.Timer(device, args.budget or 1.0, min_reps=10, max_reps=1000)
-    tb = _torch_backends()
     loops = _require_cuda_main_loop("mma.sync")
     table = []
     for row in rows:
@@ -418,7 +406,7 @@ def run_cuda_sm90(args, rows):
             calls["mma"] = C.forward(partial(_within, mma, ours))
         if inp.theirs is not None:
             calls.update({"torch": C.forward(C.torch_call(inp)),
-                          "fa2": C.forward(C.torch_call(inp, [tb.FLASH_ATTENTION]))})
+                          "fa2": C.forward(C.torch_call(inp, [TorchBackend.FLASH_ATTENTION]))})
         diff = "n/a"
         if loops:
             torch.manual_seed(0)  # the same dropout draws for both loops
@@ -469,7 +457,6 @@ def _bwd_parts_options(group):
 def run_cuda_bwd_parts(args, rows):
     device = args.device
     timer = C.Timer(device, args.budget or 1.0, min_reps=10, max_reps=1000)
-    tb = _torch_backends()
     loops = not args.once and _require_cuda_main_loop("mma.sync")
     table = []
     for row in rows:
@@ -492,7 +479,7 @@ def run_cuda_bwd_parts(args, rows):
         if inp.theirs is not None:
             masked = "attn_mask" in inp.theirs
             torch_name = "default" if masked else "FA2"
-            torch_bwd = _backward_or_none(C.torch_call(inp, None if masked else [tb.FLASH_ATTENTION]), inp)
+            torch_bwd = _backward_or_none(C.torch_call(inp, None if masked else [TorchBackend.FLASH_ATTENTION]), inp)
             if torch_bwd is not None:
                 fns["torch"] = torch_bwd
         grads = {n: fn() for n, fn in fns.items()}
@@ -561,11 +548,11 @@ def run_cuda_mask_bwd(args, rows):
         torch_bwd = _backward_or_none(theirs, inp)
         if torch_bwd is not None:
             bwd["torch"] = torch_bwd
-        tb = timer(bwd)
-        tf = timer({"sdpax": C.forward_backward(ours, inp), "torch": C.forward_backward(theirs, inp)})
-        line = [row.name, C.rate(row, "bwd", tb["sdpax"], device), C.rate(row, "bwd", tb.get("torch"), device),
-                C.ratio(tb.get("torch"), tb["sdpax"]), C.rate(row, "fwd+bwd", tf["sdpax"], device),
-                C.rate(row, "fwd+bwd", tf["torch"], device), C.ratio(tf["torch"], tf["sdpax"])]
+        t_bwd = timer(bwd)
+        t_both = timer({"sdpax": C.forward_backward(ours, inp), "torch": C.forward_backward(theirs, inp)})
+        line = [row.name, C.rate(row, "bwd", t_bwd["sdpax"], device), C.rate(row, "bwd", t_bwd.get("torch"), device),
+                C.ratio(t_bwd.get("torch"), t_bwd["sdpax"]), C.rate(row, "fwd+bwd", t_both["sdpax"], device),
+                C.rate(row, "fwd+bwd", t_both["torch"], device), C.ratio(t_both["torch"], t_both["sdpax"])]
         table.append(line)
         _progress(" | ".join(str(x) for x in line))
         del inp
@@ -589,7 +576,6 @@ _TENSORS = ("out", "dq", "dk", "dv")
                 "sdpax/MATH max", "sdpax/MATH rms"))
 def run_fp32_accuracy(args, rows):
     device = args.device
-    tb = _torch_backends()
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     # torch's float32 baselines must be true float32: no TF32 in cuBLAS or cuDNN.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -603,7 +589,7 @@ def run_fp32_accuracy(args, rows):
             del out, leaves
             errs = {}
             for col, call in (("sdpax", C.sdpax_call(inp, SDPBackend.FLASH_ATTENTION)),
-                              ("math", C.torch_call(inp, [tb.MATH])), ("default", C.torch_call(inp))):
+                              ("math", C.torch_call(inp, [TorchBackend.MATH])), ("default", C.torch_call(inp))):
                 try:
                     got = call()
                     got = [got.detach(), *torch.autograd.grad(got, (inp.q, inp.k, inp.v), inp.dout)]

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         return 0
     suite = SUITES[known.suite]
     args = _parser(suite).parse_args(argv)
-    rows = C.select(suite.rows_tag, args.tier, args.device, args.only)
+    rows = C.select(suite.name, args.tier, args.device, args.only)
     if args.dry_run:
         print(f"suite {suite.name} on {args.device}: {len(rows)} rows\n{describe_rows(suite, rows, args.device)}")
         print("columns: " + " | ".join(suite.columns))
