@@ -23,9 +23,6 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 DEBUG = os.environ.get("SDPAX_DEBUG", "0") == "1"
 
-# The fused FLASH_ATTENTION kernels in this source tree: device -> dtypes they run. Written into the generated
-# build config (CUDA only when the CUDA kernels are compiled); the backend selector reads it from there.
-FLASH_KERNELS = {"cpu": ["float32", "bfloat16", "float16"], "cuda": ["float32", "bfloat16", "float16"]}  # float64: MATH
 
 
 def _cpu_flags():
@@ -85,7 +82,7 @@ def _gencode(archs):
 
 def _load_variants():
     import importlib.util
-    spec = importlib.util.spec_from_file_location("sdpax_cuda_variants", CSRC / "cuda" / "variants.py")
+    spec = importlib.util.spec_from_file_location("sdpax_variants", CSRC / "variants.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -96,8 +93,12 @@ def main():
     with_cuda = _want_cuda()
     archs = _cuda_archs() if with_cuda else []
 
+    # The table of kernels and limits (csrc/variants.py) generates headers for every build and, with CUDA, one
+    # translation unit per kernel variant. cuda/plan.cpp (the launch plan) is plain C++ in every build.
+    variants = _load_variants()
+    generated = variants.generate(CSRC / "gen", with_cuda)
     sources = sorted(str(p.relative_to(ROOT)) for d in ("", "common", "math", "cpu")
-                     for p in (CSRC / d).glob("*.cpp"))
+                     for p in (CSRC / d).glob("*.cpp")) + ["csrc/cuda/plan.cpp", "csrc/cuda/plan_op.cpp"]
     # No -std flag: torch.utils.cpp_extension adds the standard this torch needs (C++17, C++20 from torch 2.14).
     cxx = ["-O0" if DEBUG else "-O3", "-fopenmp", "-Wall", "-Wno-unused-function"] + isa_flags
     if DEBUG:
@@ -108,10 +109,8 @@ def main():
     ext_kwargs = dict(name="sdpax._C", include_dirs=include_dirs, py_limited_api=True)
 
     if with_cuda:
-        # One translation unit per kernel variant, generated from the table in csrc/cuda/variants.py.
-        variants = _load_variants()
-        generated = variants.generate(CSRC / "cuda" / "gen")
-        sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.c*"))
+        sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.c*")
+                    if p.name not in ("plan.cpp", "plan_op.cpp"))
         sources += sorted(str(p.relative_to(ROOT)) for p in generated)
         nvcc = ["-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
                 "-DSDPAX_WITH_CUDA"] + _gencode(archs)
@@ -130,7 +129,8 @@ def main():
         f"WITH_CUDA = {with_cuda!r}\n"
         f"CUDA_ARCHS = {archs!r}\n"
         f"CPU_ISA = {isa!r}\n"
-        f"FLASH_KERNELS = {({d: v for d, v in FLASH_KERNELS.items() if d != 'cuda' or with_cuda})!r}\n"
+        f"FLASH_KERNELS = {variants.flash_kernels(with_cuda)!r}\n"
+        f"FLASH_LIMITS = {variants.flash_limits()!r}\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"DEBUG = {DEBUG!r}\n"
     )

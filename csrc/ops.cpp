@@ -8,7 +8,8 @@
 //   sinks     optional (Hq,) logits that join each row's softmax denominator and carry no value
 //   rng       {seed, offset} int64 on the query's device, read only when dropout_p > 0; the keep/drop decision is
 //             a Philox function of (seed, offset, batch*head, i, j), so bwd regenerates the fwd mask
-//   backend   0 MATH, 1 FLASH_ATTENTION (the fused kernel of the input's device)
+//   backend   bits 0-3: 0 MATH, 1 FLASH_ATTENTION (the fused kernel of the input's device); bits 4-8: the CUDA
+//             main loops sdpax.cuda_main_loop asks for (common/op_args.h)
 #include <torch/library.h>
 
 TORCH_LIBRARY(sdpax, m) {
@@ -24,4 +25,9 @@ TORCH_LIBRARY(sdpax, m) {
       "Tensor grad_sinks)");
   // The dropout keep mask (bool, (bh, L, S)) that every backend applies for this rng; for tests and debugging.
   m.def("dropout_keep_mask(Tensor rng, int bh, int L, int S, float dropout_p) -> Tensor");
+  // The launch plan of a CUDA FLASH_ATTENTION call on a described device (csrc/cuda/plan_op.cpp); explain() and
+  // the plan's tests read it.
+  m.def(
+      "cuda_plan(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, int causal, "
+      "bool enable_gqa, int backend, bool mask_grad, bool deterministic, int[] device) -> int[]");
 }

@@ -15,9 +15,26 @@ bool is_float_type(at::ScalarType t) {
 
 }  // namespace
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
-                  const std::optional<at::Tensor>& sinks, bool enable_gqa, const std::optional<at::Tensor>& rng) {
+BackendChoice decode_backend(int64_t id) {
+  const int64_t backend = id & 0xf, fwd_loop = (id >> 4) & 3, bwd_loop = (id >> 6) & 3;
+  TORCH_CHECK(id >= 0 && id < (1 << 9) && (backend == 0 || backend == 1) && fwd_loop < 3 && bwd_loop < 3,
+              "sdpax: unknown backend id ", num(id),
+              " (bits 0-3: 0 MATH, 1 FLASH_ATTENTION; bits 4-5 / 6-7: the forward / backward CUDA main loop, 0 auto, "
+              "1 sm90, 2 mma; bit 8: strict)");
+  BackendChoice b;
+  b.backend = static_cast<Backend>(backend);
+  b.fwd_loop = static_cast<MainLoop>(fwd_loop);
+  b.bwd_loop = static_cast<MainLoop>(bwd_loop);
+  b.strict = (id >> 8) & 1;
+  return b;
+}
+
+void check_inputs(const FwdArgs& a) {
+  const at::Tensor &q = a.q, &k = a.k, &v = a.v;
+  const std::optional<at::Tensor>&mask = a.mask, &sinks = a.sinks, &rng = a.rng;
+  const double dropout_p = a.dropout_p;
+  const int64_t causal = a.causal;
+  const bool enable_gqa = a.enable_gqa;
   TORCH_CHECK(q.dim() >= 2 && k.dim() >= 2 && v.dim() >= 2,
               "Expected query, key, and value to all be  at least 2 dimensional, but got query.dim: ", num(q.dim()),
               " key.dim: ", num(k.dim()), " and value.dim: ", num(v.dim()), " instead.");
@@ -88,16 +105,15 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
-void check_bwd_inputs(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
-                      const at::Tensor& v, const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
-                      const std::optional<at::Tensor>& sinks, bool enable_gqa, const std::optional<at::Tensor>& rng) {
-  check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "sdpax: grad_out shape ", shape(grad_out.sizes()),
-              " does not match the output shape ", shape(out.sizes()));
+void check_inputs(const BwdArgs& a) {
+  check_inputs(a.f);
+  TORCH_CHECK(a.grad_out.sizes() == a.out.sizes(), "sdpax: grad_out shape ", shape(a.grad_out.sizes()),
+              " does not match the output shape ", shape(a.out.sizes()));
 }
 
-Canonical canonicalize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& mask) {
+Canonical canonicalize(const FwdArgs& a) {
+  const at::Tensor &q = a.q, &k = a.k, &v = a.v;
+  const std::optional<at::Tensor>& mask = a.mask;
   Canonical c;
   const int64_t r = q.dim();
   c.L = q.size(-2);
@@ -126,8 +142,10 @@ Canonical canonicalize(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tensor& k4, const at::Tensor& v4,
-                       const std::optional<at::Tensor>& sinks_f32, double dropout_p, int64_t causal, double scale,
-                       const std::optional<at::Tensor>& rng) {
+                       const std::optional<at::Tensor>& sinks_f32, const FwdArgs& a) {
+  const double dropout_p = a.dropout_p, scale = a.scale;
+  const int64_t causal = a.causal;
+  const std::optional<at::Tensor>& rng = a.rng;
   AttnParams p;
   p.batch = c.B;
   p.hq = c.Hq;

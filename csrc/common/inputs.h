@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <optional>
 
+#include "common/op_args.h"
 #include "common/params.h"
 
 namespace sdpax {
@@ -15,24 +16,17 @@ struct Canonical {
 };
 
 // Throws c10::Error with a message naming the problem when the call is invalid.
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
-                  const std::optional<at::Tensor>& sinks, bool enable_gqa, const std::optional<at::Tensor>& rng);
-
+void check_inputs(const FwdArgs& a);
 // check_inputs plus the backward's own argument: grad_out must have the output's shape.
-void check_bwd_inputs(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
-                      const at::Tensor& v, const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
-                      const std::optional<at::Tensor>& sinks, bool enable_gqa, const std::optional<at::Tensor>& rng);
+void check_inputs(const BwdArgs& a);
 
-Canonical canonicalize(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& mask);
+Canonical canonicalize(const FwdArgs& a);
 
 // The kernel-facing description of a call: shapes, pointers and strides of the 4-D q/k/v given (the canonical
 // views, or aligned copies a kernel asked for) and of c.mask, plus the scalar arguments. Outputs and backward
 // fields are left to the caller. sinks_f32: the sinks as contiguous float32, if any.
 AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tensor& k4, const at::Tensor& v4,
-                       const std::optional<at::Tensor>& sinks_f32, double dropout_p, int64_t causal, double scale,
-                       const std::optional<at::Tensor>& rng);
+                       const std::optional<at::Tensor>& sinks_f32, const FwdArgs& a);
 
 // The sinks as the contiguous float32 tensor make_params points at (kept alive by the caller), if any.
 std::optional<at::Tensor> sinks_f32(const std::optional<at::Tensor>& sinks);

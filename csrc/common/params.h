@@ -19,6 +19,10 @@ enum class ScalarKind : int { Float = 0, Double = 1, BFloat16 = 2, Half = 3, Boo
 // Backend ids as they travel through the op schema (the Python SDPBackend enum uses the same numbers).
 enum class Backend : int64_t { Math = 0, Flash = 1 };
 
+// The CUDA main loop a call asks for (sdpax.cuda_main_loop): Auto lets the launch plan choose; Sm90 and Mma pin
+// the Hopper (wgmma) or the mma.sync loop where the plan has that choice.
+enum class MainLoop : int { Auto = 0, Sm90 = 1, Mma = 2 };
+
 struct Strides4 {
   int64_t b, h, r, c;  // batch, head, row, column
 };

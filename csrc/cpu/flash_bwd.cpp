@@ -334,7 +334,7 @@ void bwd(const AttnParams& p) {
 
 }  // namespace
 
-void flash_bwd(const AttnParams& p) {
+void run_bwd(const AttnParams& p) {
   dispatch_dtype(p.dtype, [&](auto t, auto c) {
     bwd<decltype(t), decltype(c)>(p);
   });

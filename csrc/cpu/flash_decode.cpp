@@ -114,7 +114,7 @@ void decode(const AttnParams& p) {
 
 }  // namespace
 
-void flash_decode(const AttnParams& p) {
+void run_decode(const AttnParams& p) {
   dispatch_dtype(p.dtype, [&](auto t, auto c) {
     decode<decltype(t), decltype(c)>(p);
   });

@@ -76,7 +76,7 @@ struct FwdKernel {
 
 }  // namespace
 
-void flash_fwd(const AttnParams& p) {
+void run_fwd(const AttnParams& p) {
   const uint64_t id = next_call_id();
   dispatch_dtype(p.dtype, [&](auto t, auto c) {
     FwdKernel<decltype(t), decltype(c)>(p, id)();

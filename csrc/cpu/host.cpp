@@ -4,6 +4,7 @@
 
 #include "common/inputs.h"
 #include "cpu/kernel.h"
+#include "gen/limits.h"
 
 namespace sdpax::cpu {
 
@@ -11,24 +12,23 @@ namespace {
 
 void check_flash(const at::Tensor& q, const Canonical& c) {
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "sdpax: FLASH_ATTENTION on CPU supports float32, bfloat16 and float16, got ", q.scalar_type(),
+              "sdpax: FLASH_ATTENTION on CPU supports ", kDtypes, ", got ", q.scalar_type(),
               " (float64 runs on MATH)");
-  TORCH_CHECK(c.E > 0 && c.Ev > 0 && c.E <= 256 && c.Ev <= 256,
-              "sdpax: FLASH_ATTENTION on CPU supports head dims from 1 to 256, got ",
-              num(c.E), " / ", num(c.Ev));
+  TORCH_CHECK(std::min(c.E, c.Ev) >= kMinHeadDim && std::max(c.E, c.Ev) <= kMaxHeadDim &&
+                  c.E % kHeadDimMultiple == 0 && c.Ev % kHeadDimMultiple == 0,
+              "sdpax: FLASH_ATTENTION on CPU supports head dims from ", num(kMinHeadDim), " to ", num(kMaxHeadDim),
+              ", got ", num(c.E), " / ", num(c.Ev));
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
-                                             double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
-                                             const std::optional<at::Tensor>& rng) {
-  check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
-  const Canonical c = canonicalize(q, k, v, mask);
+std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
+  check_inputs(a);
+  const at::Tensor& q = a.q;
+  const Canonical c = canonicalize(a);
   check_flash(q, c);
-  const auto sinks_f = sinks_f32(sinks);
-  AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, dropout_p, causal, scale, rng);
+  const auto sinks_f = sinks_f32(a.sinks);
+  AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, a);
   at::Tensor out = at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
   at::Tensor lse = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
   bind_forward(p, out, lse);
@@ -42,30 +42,28 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
         lse.fill_(-std::numeric_limits<float>::infinity());
       }
     } else if (c.L <= kDecodeMaxL) {
-      flash_decode(p);
+      run_decode(p);
     } else {
-      sdpax::cpu::flash_fwd(p);
+      run_fwd(p);
     }
   }
   return {uncanonical(out, q, c.Ev), uncanonical(lse, q, -1)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
-    int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
-    const std::optional<at::Tensor>& rng, bool mask_grad) {
-  check_bwd_inputs(grad_out, out, q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
-  TORCH_CHECK(!(mask_grad && mask && mask->scalar_type() != at::kBool),
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(const BwdArgs& a) {
+  check_inputs(a);
+  const at::Tensor &q = a.f.q, &k = a.f.k, &v = a.f.v, &grad_out = a.grad_out, &out = a.out, &lse = a.lse;
+  const std::optional<at::Tensor>&mask = a.f.mask, &sinks = a.f.sinks;
+  TORCH_CHECK(!(a.mask_grad && mask && mask->scalar_type() != at::kBool),
               "sdpax: the gradient of attn_mask is computed by the MATH backend only; FLASH_ATTENTION cannot "
               "produce it");
-  const Canonical c = canonicalize(q, k, v, mask);
+  const Canonical c = canonicalize(a.f);
   check_flash(q, c);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == c.B * c.Hq * c.L,
               "sdpax: lse must be the float32 log-sum-exp of the forward, shape ",
               shape(q.sizes().slice(0, q.dim() - 1)));
   const auto sinks_f = sinks_f32(sinks);
-  AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, dropout_p, causal, scale, rng);
+  AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, a.f);
   // Kernel inputs from the forward: viewed 4-D, copied only if the caller passed non-viewable layouts.
   const at::Tensor out4 = out.reshape({c.B, c.Hq, c.L, c.Ev});
   const at::Tensor dout4 = grad_out.to(q.scalar_type()).reshape({c.B, c.Hq, c.L, c.Ev});
@@ -84,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
     dk.zero_();
     dv.zero_();
   } else if (dq.numel() + dk.numel() + dv.numel() > 0) {
-    sdpax::cpu::flash_bwd(p);
+    run_bwd(p);
   }
   at::Tensor dsinks = sinks ? dsinks_bh.sum(0).to(sinks->scalar_type()) : at::empty({0}, q.options());
   return {uncanonical(dq, q, c.E), dk.reshape(k.sizes()), dv.reshape(v.sizes()), at::empty({0}, q.options()),

@@ -1,20 +1,14 @@
-// The CPU FLASH_ATTENTION entry points with the signatures of sdpax::math::fwd / bwd (see common/dispatch.h).
+// The CPU FLASH_ATTENTION host entries (see csrc/dispatch.h): tensors in, AttnParams to the kernels (kernel.h).
 #pragma once
 #include <ATen/ATen.h>
-#include <optional>
+
 #include <tuple>
+
+#include "common/op_args.h"
 
 namespace sdpax::cpu {
 
-std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
-                                             double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
-                                             const std::optional<at::Tensor>& rng);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
-    int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
-    const std::optional<at::Tensor>& rng, bool mask_grad);
+std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(const BwdArgs& a);
 
 }  // namespace sdpax::cpu

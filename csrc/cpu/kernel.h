@@ -6,15 +6,15 @@
 namespace sdpax::cpu {
 
 // Tiled online-softmax forward: fills p.out and p.lse.
-void flash_fwd(const AttnParams& p);
+void run_fwd(const AttnParams& p);
 
 // Short query lengths (L <= kDecodeMaxL): reads K/V once per KV head for all query rows of its group, splitting
 // the key sequence across threads when there are few KV heads, and merges the pieces by log-sum-exp.
 constexpr int64_t kDecodeMaxL = 8;
-void flash_decode(const AttnParams& p);
+void run_decode(const AttnParams& p);
 
 // FA2-style backward: recomputes P from p.lse, Delta = rowsum(dO * O); fills p.dq, p.dk, p.dv and (with sinks)
 // the per-(batch, head) terms p.dsinks_bh. p.out and p.lse are the forward's outputs.
-void flash_bwd(const AttnParams& p);
+void run_bwd(const AttnParams& p);
 
 }  // namespace sdpax::cpu

@@ -1,7 +1,7 @@
 // CPU registrations: MATH or the fused CPU kernels (FLASH_ATTENTION), chosen by the backend id of the call.
 #include <torch/library.h>
 
-#include "common/dispatch.h"
+#include "dispatch.h"
 #include "cpu/host.h"
 
 TORCH_LIBRARY_IMPL(sdpax, CPU, m) {

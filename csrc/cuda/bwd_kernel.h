@@ -24,6 +24,7 @@
 #pragma once
 #include "cuda/mask.h"
 #include "cuda/mma.h"
+#include "cuda/tiles.h"
 
 namespace sdpax {
 namespace cuda {
@@ -64,22 +65,16 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const __grid_constant__ 
 template <class T, int D, bool kGeneral>
 struct BwdCfg {
   static constexpr bool kF32 = sizeof(T) == 4;
-  // 8 warps x 16 keys: dQ atomics per flop fall as 1 / kBN. float at d128: 4 warps, so that K, V and the Q / dO
-  // buffers (twice the bytes) stay within 136 KB, which an sm80 block can have.
-  static constexpr int kWarps = kF32 && D > 64 ? 4 : 8;
+  static constexpr int kWarps = tiles::bwd_warps(kF32, D);
   // dK and dV of 16 keys over D columns cost each thread D float registers: 256 at D = 256, more than a thread
   // has. Above 128 two warps share 16 keys and each keeps half the columns; both compute the same S^T and dP^T
   // (their reduction runs over all D), which costs 2 of the 5 matrix products twice.
-  static constexpr int kColSplit = D > 128 ? 2 : 1;
+  static constexpr int kColSplit = tiles::bwd_col_split(D);
   static constexpr int kKeyWarps = kWarps / kColSplit;
   static constexpr int kDc = D / kColSplit;                      // dK/dV columns per warp
-  static constexpr int kBN = kKeyWarps * 16;                     // keys per block (16 per key warp)
-  // Queries per inner step. Each step re-reads the warp's K and V fragments and Q / dO from shared memory and
-  // crosses two block barriers: 64 rows halve both per flop (plain d128: 177 -> 197 TFLOP/s backward alone, at
-  // the cost of 255 registers and a 76-byte spill). The general kind at d128 keeps 32 (64 would spill 144 bytes
-  // on top of its mask and dropout state; not measured). 128 rows at d64 spilled and gained 2%; float tiles are
-  // twice the bytes and keep 32.
-  static constexpr int kBM = kF32 ? 32 : D <= 64 || (D <= 128 && !kGeneral) ? 64 : 32;
+  static constexpr int kBN = tiles::bwd_bn(kF32, D);             // keys per block (16 per key warp)
+  static_assert(kBN == kKeyWarps * 16, "tiles.h: 16 keys per key warp");
+  static constexpr int kBM = tiles::bwd_bm(kF32, D, kGeneral ? BwdKind::General : BwdKind::Plain);
   static constexpr int kThreads = kWarps * 32;
   // K, V, 2 x (Q, dO), dS^T; lse and Delta
   static constexpr int kSmem = (2 * kBN * D + 4 * kBM * D + kBN * kBM) * static_cast<int>(sizeof(T)) + 2 * 2 * kBM * 4;
@@ -395,10 +390,11 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
 template <class T, int D>
 struct BwdDqCfg {
   static constexpr int kWarps = 4;
-  static constexpr int kBM = kWarps * 16;          // query rows per block (16 per warp)
+  static constexpr int kBM = tiles::kBwdDqBM;          // query rows per block (16 per warp)
+  static_assert(kBM == kWarps * 16, "tiles.h: 16 rows per warp");
   // keys per tile; 32 at D = 256 keeps S, dP and dQ in registers; float tiles (twice the bytes) take 32 keys so
   // that the block stays within the 163 KB an sm80 block can have
-  static constexpr int kBN = D <= 128 && sizeof(T) == 2 ? 64 : 32;
+  static constexpr int kBN = tiles::bwd_dq_bn(sizeof(T) == 4, D);
   static constexpr int kThreads = kWarps * 32;
   // Q, dO, then two stages of (K, V)
   static constexpr int kSmem = (2 * kBM * D + 2 * 2 * kBN * D) * static_cast<int>(sizeof(T));

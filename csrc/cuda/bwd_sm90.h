@@ -39,6 +39,7 @@
 #pragma once
 #include "cuda/mask.h"
 #include "cuda/mma.h"
+#include "cuda/tiles.h"
 #include "cuda/wgmma.h"
 
 #include <cuda.h>  // CUtensorMap (a plain 128-byte struct; no driver call is made from here)
@@ -54,13 +55,6 @@ struct BwdTmaMaps {
   CUtensorMap q, dout, k, v, mask;
 };
 
-// Whether the general kind of the sm90 backward takes this call: a bool mask with contiguous keys and 16-byte
-// aligned rows, heads and batches (any broadcast), no dropout, no mask gradient (a bool mask has none). Other
-// general calls run bwd_wide.h (launch.cu).
-__host__ __device__ inline bool bwd_sm90_general_ok(const AttnParams& p) {
-  return p.mask_kind == MaskKind::Bool && p.dropout_p == 0.0 && p.dmask == nullptr && p.mask_st.c == 1 &&
-         reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 && (p.mask_st.r | p.mask_st.h | p.mask_st.b) % 16 == 0;
-}
 
 template <int D, bool kGeneral>
 struct BwdSm90Cfg {
@@ -68,8 +62,8 @@ struct BwdSm90Cfg {
   static_assert(D != 256 || !kGeneral, "d256: the plain kind only (bwd_sm90_consumer_d256)");
   // Keys per block: two consumer warpgroups of 64 (d64 / d128); d256: 64 keys shared by both consumers, each
   // holding dK / dV of half the head dim (bwd_sm90_consumer_d256).
-  static constexpr int kBN = D == 256 ? 64 : 128;
-  static constexpr int kBM = 64;   // queries per step: the n of S^T / dP^T and the k extent of dK / dV
+  static constexpr int kBN = tiles::bwd_sm90_bn(D);
+  static constexpr int kBM = tiles::kBwdSm90BM;   // queries per step: the n of S^T / dP^T and the k extent of dK / dV
   static constexpr int kConsumers = 256;
   static constexpr int kThreads = kConsumers + 128;
   // setmaxnreg moves registers between the warpgroups inside the block's launch allocation, 168 per thread (65536 / 384

@@ -45,21 +45,22 @@ namespace cuda {
 template <class T, int D, bool kGeneral>
 struct BwdWideCfg {
   // launch_impl.h runs bwd_wide_kernel instead of bwd_kernel where this holds (both kinds).
-  static constexpr bool kUse = sizeof(T) == 2 && (D <= 128 || D == 256);
-  static constexpr int kWarps = 8;
+  static constexpr bool kUse = tiles::bwd_wide(sizeof(T) == 4, D);
+  static constexpr int kWarps = tiles::kBwdWideWarps;
   static constexpr int kThreads = kWarps * 32;
   // Keys per block. dK + dV of a block cost 2 BN D / 256 float registers per thread: 128 at d128 with 128 keys;
   // d256 takes 64 keys for the same 128 (FlashAttention-2's d256 tile), so its S^T / dP^T and dK / dV warp tiles
   // keep 32 keys (2 key warps) and split the other side 4 ways.
-  static constexpr int kBN = D <= 128 ? 128 : 64;
+  static constexpr int kBN = tiles::bwd_wide_bn(D);
   static constexpr int kKeyWarps = kBN / 32;             // S^T / dP^T and dK / dV: warps along the keys
   static constexpr int kColWarps = kWarps / kKeyWarps;   // and along the queries (S^T) / columns (dK, dV)
   // Queries per step. Registers at the S^T / dP^T products: dK + dV accumulators 32 x D / kColWarps x 2 per thread
   // (128 at d128 and d256, 64 at d64) plus S^T and dP^T of 32 x WQ (BM at d128 64 -> 64, d64 128 -> 128, d256 64
   // -> 32): ~192 at most. The general kind at d64 keeps 64 (128 spilled 332 bytes with its mask bits and dropout
   // state). d256: K, V (2 x 32 KB), 2 x (Q, dO) (4 x 32 KB), P^T / dS^T (2 x 8 KB) = 208 KB of 227.
-  static constexpr int kBM = D <= 64 && !kGeneral ? 128 : 64;
+  static constexpr int kBM = tiles::bwd_wide_bm(D, kGeneral ? BwdKind::General : BwdKind::Plain);
   static constexpr int kWQ = kBM / kColWarps;          // S^T / dP^T queries per warp
+  static_assert(kWQ == tiles::bwd_wide_warp_rows(D, kGeneral ? BwdKind::General : BwdKind::Plain), "tiles.h");
   static constexpr int kMaskRows = kWQ;                // rows per slot of a row-broadcast mask's gradient
   static constexpr int kDc = D / kColWarps;            // dK / dV columns per warp
   static constexpr int kQRows = kBM / 32;              // dQ: warps along rows (32 rows each)

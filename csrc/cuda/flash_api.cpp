@@ -10,6 +10,7 @@
 
 #include "common/inputs.h"
 #include "cuda/launch.h"
+#include "gen/limits.h"
 #include "math/math.h"
 
 namespace sdpax {
@@ -29,12 +30,13 @@ at::Tensor vector_ready(const at::Tensor& t) {
 
 void check_supported(const at::Tensor& q, int64_t E, int64_t Ev) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf || q.scalar_type() == at::kFloat,
-              "sdpax: the CUDA FLASH_ATTENTION kernels take float32, bfloat16 or float16 inputs, got ",
-              q.scalar_type(), "; use the MATH backend");
-  TORCH_CHECK(E > 0 && Ev > 0 && E % 8 == 0 && Ev % 8 == 0 && std::max(E, Ev) <= 256,
-              "sdpax: the CUDA FLASH_ATTENTION kernels need head dims that are positive multiples of 8 and at most "
-              "256, got ",
-              num(E), " and ", num(Ev), "; use the MATH backend");
+              "sdpax: the CUDA FLASH_ATTENTION kernels take ", kDtypes, " inputs, got ", q.scalar_type(),
+              "; use the MATH backend");
+  TORCH_CHECK(std::min(E, Ev) >= kMinHeadDim && E % kHeadDimMultiple == 0 && Ev % kHeadDimMultiple == 0 &&
+                  std::max(E, Ev) <= kMaxHeadDim,
+              "sdpax: the CUDA FLASH_ATTENTION kernels need head dims that are multiples of ", num(kHeadDimMultiple),
+              " from ", num(kMinHeadDim), " to ", num(kMaxHeadDim), ", got ", num(E), " and ", num(Ev),
+              "; use the MATH backend");
 }
 
 // The float mask's gradient is dS summed over the dims the mask is broadcast along. The kernel writes dS into a
@@ -78,7 +80,7 @@ MaskGrad plan_mask_grad(const Canonical& c, const at::Tensor& q, const at::Tenso
     p.dmask_st = strides4(g.buf.expand({c.B, c.Hq, c.L, c.S}));
     p.dmask_atomic = true;
   } else {
-    const int64_t bm = bwd_tile_rows(std::max(c.E, c.Ev), p.dtype);
+    const int64_t bm = bwd_mask_rows(std::max(c.E, c.Ev), p.dtype);
     g.buf = at::zeros({c.B, c.Hq, g.bcast[2] ? (c.L + bm - 1) / bm : c.L, c.S}, f32);
     p.dmask_st = strides4(g.buf);
   }
@@ -100,26 +102,23 @@ at::Tensor fold_mask_grad(const MaskGrad& g, const at::Tensor& q, const at::Tens
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
-                                             double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
-                                             const std::optional<at::Tensor>& rng) {
-  check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
-  const Canonical c = canonicalize(q, k, v, mask);
+std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
+  check_inputs(a);
+  const at::Tensor& q = a.q;
+  const Canonical c = canonicalize(a);
   check_supported(q, c.E, c.Ev);
   // Empty inputs (no rows, or no keys: every row is 0 and its lse -inf, or its sink) have nothing to tile; MATH
-  // computes them from the same arguments, as the backward below does.
-  if (c.B * c.Hq * c.L == 0 || c.S == 0)
-    return math::fwd(q, k, v, mask, dropout_p, causal, scale, enable_gqa, sinks, rng);
+  // computes them from the same arguments, as the backward below does (the plan says so: FwdLoop::None).
+  if (c.B * c.Hq * c.L == 0 || c.S == 0) return math::fwd(a);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor q4 = vector_ready(c.q), k4 = vector_ready(c.k), v4 = vector_ready(c.v);
-  const std::optional<at::Tensor> sinks_f = sinks_f32(sinks);
+  const std::optional<at::Tensor> sinks_f = sinks_f32(a.sinks);
   at::Tensor out = at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
   at::Tensor lse = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
 
-  AttnParams p = make_params(c, q4, k4, v4, sinks_f, dropout_p, causal, scale, rng);
+  AttnParams p = make_params(c, q4, k4, v4, sinks_f, a);
   bind_forward(p, out, lse);
-  const FwdPlan plan = plan_fwd(p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const FwdPlan plan = plan_fwd(p, current_device(), a.backend.fwd_loop, a.backend.strict);
   p.num_splits = plan.num_splits;
   at::Tensor o_partial, lse_partial;
   if (p.num_splits > 1) {
@@ -132,17 +131,14 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tens
   return {uncanonical(out, q, c.Ev), uncanonical(lse, q, -1)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
-    int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
-    const std::optional<at::Tensor>& rng, bool mask_grad) {
-  check_bwd_inputs(grad_out, out, q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
-  const Canonical c = canonicalize(q, k, v, mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(const BwdArgs& a) {
+  check_inputs(a);
+  const at::Tensor &q = a.f.q, &k = a.f.k, &v = a.f.v, &grad_out = a.grad_out, &out = a.out, &lse = a.lse;
+  const std::optional<at::Tensor>&mask = a.f.mask, &sinks = a.f.sinks;
+  const Canonical c = canonicalize(a.f);
   check_supported(q, c.E, c.Ev);
   // Empty inputs are computed by MATH from the same saved tensors.
-  if (c.B * c.Hq * c.L == 0 || c.S == 0)
-    return math::bwd(grad_out, q, k, v, mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks, rng, mask_grad);
+  if (c.B * c.Hq * c.L == 0 || c.S == 0) return math::bwd(a);
   const c10::cuda::CUDAGuard guard(q.device());
   // torch.use_deterministic_algorithms(True): bitwise-reproducible gradients (no float atomics).
   const bool deterministic = at::globalContext().deterministicAlgorithms();
@@ -159,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   if (deterministic) dq = at::empty({c.B, c.Hq, c.L, c.E}, q.options());
   else dq_accum = at::empty({c.B, c.Hq, c.L, c.E}, q.options().dtype(at::kFloat));  // zeroed by the Delta pre-pass
 
-  AttnParams p = make_params(c, q4, k4, v4, sinks_f, dropout_p, causal, scale, rng);
+  AttnParams p = make_params(c, q4, k4, v4, sinks_f, a.f);
   bind_forward(p, o4, lse_f);
   bind_backward(p, do4, dk, dv);
   p.deterministic = deterministic;
@@ -169,10 +165,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   } else {
     p.dq_accum = dq_accum.data_ptr<float>();
   }
-  const bool wants_dmask = mask_grad && mask && mask->scalar_type() != at::kBool;
+  const bool wants_dmask = a.mask_grad && mask && mask->scalar_type() != at::kBool;
   MaskGrad mg;
   if (wants_dmask) mg = plan_mask_grad(c, q, *mask, deterministic, p);
-  C10_CUDA_CHECK(launch_bwd(p, delta.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  const BwdPlan plan = plan_bwd(p, current_device(), a.f.backend.bwd_loop, a.f.backend.strict);
+  C10_CUDA_CHECK(launch_bwd(p, plan, delta.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
 
   if (!deterministic) {
     dq = q.scalar_type() == at::kFloat ? dq_accum : at::empty(dq_accum.sizes(), q.options());

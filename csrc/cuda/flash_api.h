@@ -1,23 +1,17 @@
-// Host glue of the CUDA FLASH_ATTENTION backend: tensors in, AttnParams to the kernels (cuda/launch.h).
+// Host glue of the CUDA FLASH_ATTENTION backend (see csrc/dispatch.h): tensors in, AttnParams and the launch plan
+// to the kernels (cuda/launch.h).
 #pragma once
 #include <ATen/ATen.h>
 
-#include <optional>
 #include <tuple>
+
+#include "common/op_args.h"
 
 namespace sdpax {
 namespace cuda {
 
-std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
-                                             double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
-                                             const std::optional<at::Tensor>& rng);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
-    int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
-    const std::optional<at::Tensor>& rng, bool mask_grad);
+std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(const BwdArgs& a);
 
 }  // namespace cuda
 }  // namespace sdpax

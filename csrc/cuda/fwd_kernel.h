@@ -6,35 +6,29 @@
 // m16n8k16 per step for 16-bit inputs, split TF32 for float) with P kept in registers. K/V tiles stream through a two-stage cp.async pipeline: the next visible tile loads while the current
 // one computes.
 //
-// Variants: element type T (bfloat16, float16, float), head-dim bucket D (E, Ev <= D, padded with zeros in shared memory) and kKind:
-//   0 plain    no mask, no dropout (causal, sinks, GQA, scale are run-time)
-//   1 general  attention mask and/or dropout
-//   2 decode   plain, for at most 16 rows per (batch, kv head) (decode, GQA groups of L = 1): one-warp blocks of 16
+// Variants: element type T (bfloat16, float16, float), head-dim bucket D (E, Ev <= D, padded with zeros in shared
+// memory) and kKind (tiles.h):
+//   Plain    no mask, no dropout (causal, sinks, GQA, scale are run-time)
+//   General  attention mask and/or dropout
+//   Decode   plain, for at most 16 rows per (batch, kv head) (decode, GQA groups of L = 1): one-warp blocks of 16
 //              rows, so that many blocks share a multiprocessor and keep enough K/V loads in flight; combined with
 //              the split-key launch it streams K/V at close to the memory bandwidth.
 #pragma once
 #include "cuda/mask.h"
 #include "cuda/mma.h"
+#include "cuda/tiles.h"
 
 namespace sdpax {
 namespace cuda {
 
-template <class T, int D, int kKind>
+template <class T, int D, FwdKind kKind>
 struct FwdCfg {
   static constexpr bool kF32 = sizeof(T) == 4;
-  // 4 warps, so that two blocks share a multiprocessor and hide each other's barriers and load latency (decode: 1).
-  static constexpr int kWarps = kKind == 2 ? 1 : 4;
-  // 16-row m-tiles per warp. float tiles take twice the shared memory and split operands twice the registers:
-  // two m-tiles only at d64.
-  static constexpr int kMT = kKind == 2 ? 1 : (D <= (kF32 ? 64 : 128) ? 2 : 1);
-  static constexpr int kBM = kWarps * 16 * kMT;
-  // Keys per tile. d128: 64 for the plain variant (measured +5% over 32 on the H100); the mask/dropout variant keeps
-  // 32, which holds its spills down (64 measured 6% slower there). d256: 32 keeps two stages of K/V in 96 KB.
-  // float: half the keys where the tiles would otherwise not fit (d128: 96 KB, two blocks per multiprocessor;
-  // d256: 16 keys, 128 KB, which the 163 KB of an sm80 block also holds).
-  static constexpr int kBN16 = kKind == 2 ? 32 : (D == 64 ? 64 : (D == 128 && kKind == 0 ? 64 : 32));
-  static constexpr int kBN32 = D == 64 ? (kKind == 0 ? 64 : 32) : (D == 128 ? 32 : 16);
-  static constexpr int kBN = kF32 ? kBN32 : kBN16;
+  static constexpr int kWarps = tiles::fwd_warps(kKind);
+  static constexpr int kMT = tiles::fwd_m_tiles(kF32, D, kKind);  // 16-row m-tiles per warp
+  static constexpr int kBM = tiles::fwd_bm(kF32, D, kKind);
+  static constexpr int kBN = tiles::fwd_bn(kF32, D, kKind);
+  static_assert(kBM == kWarps * 16 * kMT, "tiles.h: rows per block are the warps' m-tiles");
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kStages = 2;  // K/V tiles in flight: tile j + 1 loads while tile j computes
   static constexpr int kMaskBytes = kBM * kBN;  // one stage of a staged bool mask tile
@@ -42,10 +36,10 @@ struct FwdCfg {
 };
 
 // Blocks: one per (m block, batch * kv head), ordered so that the heaviest causal blocks start first.
-template <class T, int D, int kKind>
+template <class T, int D, FwdKind kKind>
 __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(const __grid_constant__ AttnParams p) {
   using Cfg = FwdCfg<T, D, kKind>;
-  constexpr bool kGeneral = kKind == 1;
+  constexpr bool kGeneral = kKind == FwdKind::General;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, MT = Cfg::kMT, NT = Cfg::kThreads;
   using QTile = SmemTile<BM, D, T>;
   using KTile = SmemTile<BN, D, T>;
@@ -372,8 +366,8 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
 // the sum, the weights go to shared memory, then threads take output columns (c = tid % 128) and split halves
 // (tid / 128) so the partial outputs are read coalesced with many loads in flight. A decode row has up to 128
 // splits: one warp per row walking them in sequence left the merge latency-bound (about three times the
-// attention kernel itself at B = 1, S = 32k).
-constexpr int kMaxSplits = 128;
+// attention kernel itself at B = 1, S = 32k). At most tiles::kMaxSplits splits.
+constexpr int kMaxSplits = tiles::kMaxSplits;
 
 __device__ __forceinline__ float block_reduce_256(float x, bool is_max, float* red) {
   for (int o = 16; o > 0; o >>= 1) {

@@ -23,6 +23,7 @@
 #pragma once
 #include "cuda/mask.h"
 #include "cuda/mma.h"
+#include "cuda/tiles.h"
 #include "cuda/wgmma.h"
 
 #include <cuda.h>  // CUtensorMap (a plain 128-byte struct; no driver call is made from here)
@@ -50,19 +51,19 @@ struct FwdSm90Work {
   int mask_tma;  // the mask map is encoded: row blocks within one head load their mask tile by one tensor copy
 };
 
-template <int D, int kKind>
+template <int D, FwdKind kKind>
 struct FwdSm90Cfg {
-  static constexpr bool kGeneral = kKind == 1;
+  static_assert(kKind == FwdKind::Plain || kKind == FwdKind::General,
+                "the sm90 main loop implements the plain and general kinds");
+  static constexpr bool kGeneral = kKind == FwdKind::General;
   static constexpr int kWG = 2;  // warpgroups of 64 rows
-  static constexpr int kBM = 64 * kWG;
-  // Keys per tile: the n of S's wgmma and the k extent of P V. 64-key tiles (the general kind until 2026-11-22)
+  static constexpr int kBM = tiles::kFwdSm90BM;
+  static_assert(kBM == 64 * kWG, "tiles.h: one 64-row slice per consumer warpgroup");
+  // Keys per tile: the n of S's wgmma and the k extent of P V (tiles.h). 128 keys rather than 64: 64-key tiles
   // halve the tensor work per tile while the per-tile costs stay, and S's wgmma n64 reads Q from shared memory as
-  // fast as it computes.
-  // At d256 64-key tiles: Q is 64 KB and a 128-key K or V stage 64 KB, so 128-key
-  // tiles leave room for one stage of each; with 64 keys, two stages of each fit (64 + 4 x 32 KB; the general kind
-  // adds 2 x 2 KB of packed mask and 3 x 8 KB of scan slots: 220 KB), and the registers of a consumer thread hold
-  // O (128) + S (32) + P (16) instead of 128 + 64 + 32.
-  static constexpr int kBN = D == 256 ? 64 : 128;
+  // fast as it computes. d256 (64 keys): 64 + 4 x 32 KB of Q and K/V stages; the general kind adds 2 x 2 KB of
+  // packed mask and 3 x 8 KB of scan slots, 220 KB.
+  static constexpr int kBN = tiles::fwd_sm90_bn(D);
   // The consumer warpgroups plus a producer warpgroup: one thread of it streams K/V through the bulk tensor copy
   // engine (TMA); with a staged mask, all of it loads the mask tile first and drops tiles no row may see.
   static constexpr int kConsumers = 128 * kWG;
@@ -101,7 +102,7 @@ struct FwdSm90Cfg {
   static_assert(kSmem <= 227 * 1024, "shared memory per block");
 };
 
-template <class T, int D, int kKind>
+template <class T, int D, FwdKind kKind>
 __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
     fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ FwdTmaMaps maps,
                     const __grid_constant__ FwdSm90Work work) {
@@ -111,7 +112,6 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   using KTile = typename Cfg::KTile;
   constexpr bool kGeneral = Cfg::kGeneral;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kConsumers, kStages = Cfg::kStages;
-  static_assert(kKind == 0 || kKind == 1, "the sm90 main loop implements the plain and general kinds");
   constexpr int kPathDefault = 0, kPathDropout = 1, kPathElementwise = 2;  // softmax paths (main_loop below)
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t sQ = (smem_u32(smem) + 1023u) & ~1023u;

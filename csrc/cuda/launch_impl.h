@@ -8,7 +8,7 @@
 namespace sdpax {
 namespace cuda {
 
-template <class T, int D, int kKind>
+template <class T, int D, FwdKind kKind>
 cudaError_t run_fwd(const AttnParams& p, cudaStream_t stream) {
   using Cfg = FwdCfg<T, D, kKind>;
   auto kernel = fwd_kernel<T, D, kKind>;

@@ -63,7 +63,7 @@ bool encode_mask_map(CUtensorMap* map, const AttnParams& p, int keys, int rows) 
 
 }  // namespace
 
-template <class T, int D, int kKind>
+template <class T, int D, FwdKind kKind>
 cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   using Cfg = FwdSm90Cfg<D, kKind>;
   auto kernel = fwd_sm90_kernel<T, D, kKind>;

@@ -1,7 +1,7 @@
 // CUDA registrations: MATH stays available (backend 0); FLASH_ATTENTION (backend 1) runs the fused kernels.
 #include <torch/library.h>
 
-#include "common/dispatch.h"
+#include "dispatch.h"
 #include "cuda/flash_api.h"
 
 TORCH_LIBRARY_IMPL(sdpax, CUDA, m) {

@@ -104,12 +104,13 @@ at::Tensor dropout_keep_mask(const at::Tensor& rng, int64_t bh, int64_t L, int64
   return r.ge(static_cast<int64_t>(dropout_threshold(dropout_p)));
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
-                                       double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
-                                       const std::optional<at::Tensor>& rng) {
-  check_inputs(q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
-  const Canonical c = canonicalize(q, k, v, mask);
+std::tuple<at::Tensor, at::Tensor> fwd(const FwdArgs& a) {
+  check_inputs(a);
+  const at::Tensor& q = a.q;
+  const std::optional<at::Tensor>&sinks = a.sinks, &rng = a.rng;
+  const double dropout_p = a.dropout_p, scale = a.scale;
+  const int64_t causal = a.causal;
+  const Canonical c = canonicalize(a);
   const auto acc = acc_type(q);
   at::Tensor s = scores(c, c.q.to(acc), c.k.to(acc), scale, causal);
 
@@ -121,13 +122,14 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   return {uncanonical(o.to(q.scalar_type()), q, c.Ev), uncanonical(lse, q, -1)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse, double dropout_p,
-    int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
-    const std::optional<at::Tensor>& rng, bool mask_grad) {
-  check_bwd_inputs(grad_out, out, q, k, v, mask, dropout_p, causal, sinks, enable_gqa, rng);
-  const Canonical c = canonicalize(q, k, v, mask);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const BwdArgs& a) {
+  check_inputs(a);
+  const at::Tensor &q = a.f.q, &k = a.f.k, &v = a.f.v, &grad_out = a.grad_out;
+  const std::optional<at::Tensor>&mask = a.f.mask, &sinks = a.f.sinks, &rng = a.f.rng;
+  const double dropout_p = a.f.dropout_p, scale = a.f.scale;
+  const int64_t causal = a.f.causal;
+  const bool mask_grad = a.mask_grad;
+  const Canonical c = canonicalize(a.f);
   const auto acc = acc_type(q);
   const int64_t G = group_size(c);
   at::Tensor qf = c.q.to(acc), kf = c.k.to(acc), vf = c.v.to(acc);

@@ -2,7 +2,7 @@
 // composite implementation is the only backend there.
 #include <torch/library.h>
 
-#include "common/dispatch.h"
+#include "dispatch.h"
 
 TORCH_LIBRARY_IMPL(sdpax, CompositeExplicitAutograd, m) {
   m.impl("fwd", &sdpax::fwd_entry<nullptr>);

@@ -8,10 +8,11 @@ from . import _ops  # noqa: F401  (loads the extension and registers fake kernel
 from . import attention, functional
 from ._errors import AttentionError
 from ._patch import is_patched, patch, unpatch
+from ._plan import cuda_main_loop
 from .attention import SDPBackend, explain, sdpa_kernel
 from .functional import scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
 __all__ = ["scaled_dot_product_attention", "functional", "attention", "SDPBackend", "sdpa_kernel", "explain",
-           "patch", "unpatch", "is_patched", "build_config", "AttentionError"]
+           "patch", "unpatch", "is_patched", "build_config", "AttentionError", "cuda_main_loop"]

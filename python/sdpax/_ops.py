@@ -11,6 +11,7 @@ from . import _composite
 fwd = torch.ops.sdpax.fwd.default
 bwd = torch.ops.sdpax.bwd.default
 dropout_keep_mask = torch.ops.sdpax.dropout_keep_mask.default
+cuda_plan = torch.ops.sdpax.cuda_plan.default
 
 
 def lse_dtype(query: torch.Tensor) -> torch.dtype:

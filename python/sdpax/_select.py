@@ -49,28 +49,36 @@ class DeviceLimits:
     """Extra limits of one device's kernel of a backend."""
 
     head_dim_multiple: int = 1
+    min_head_dim: int = 0
+    max_head_dim: int | None = None
     deterministic_backward: bool = True
     why_nondeterministic: str = ""
     mask_grad: bool | None = None  # overrides the backend's Limits.mask_grad on this device (None: keep it)
     zero_scale: bool = True  # whether the kernels take scale == 0
 
 
-# CUDA: rows are copied with 16-byte vector loads. The fused backward covers every head dim of the forward, computes
-# the float mask gradient, and has a deterministic mode (its own dQ pass, no atomics; csrc/cuda/bwd_kernel.h).
-# scale == 0 (every score 0) gave NaN gradients from the CUDA backward in the property-based fuzz; until the
-# kernels are fixed for it, MATH computes such calls.
-_CUDA_FLASH = DeviceLimits(head_dim_multiple=8, mask_grad=True, zero_scale=False)
+# What each device's fused kernels take beyond the table's dtypes and head dims (csrc/variants.py, through the
+# build config). CUDA: the fused backward computes the float mask gradient and has a deterministic mode (its own
+# dQ pass, no atomics). scale == 0 (every score 0) gave NaN gradients from the CUDA backward in the property-based
+# fuzz; until the kernels are fixed for it, MATH computes such calls.
+_FLASH_EXTRA = {"cuda": {"mask_grad": True, "zero_scale": False}}
 
 
-# Fused kernels are listed per device as they are built; a device missing here gets a reason naming it.
-_FLASH_DEVICES: dict = {}
+def _flash_limits() -> Limits:
+    """FLASH_ATTENTION's limits, from the kernels this build contains (the table in csrc/variants.py, written into
+    the build config by setup.py). A device missing there gets a reason naming it. Head dim 0 is an empty dot
+    product (every score 0): MATH's business, not a tile loop's; the table starts every device at 1 or more."""
+    devices = {device: tuple(getattr(torch, d) for d in dtypes)
+               for device, dtypes in getattr(_build_config, "FLASH_KERNELS", {}).items()}
+    per_device = {device: DeviceLimits(head_dim_multiple=lim["head_dim_multiple"], min_head_dim=lim["min_head_dim"],
+                                       max_head_dim=lim["max_head_dim"], **_FLASH_EXTRA.get(device, {}))
+                  for device, lim in getattr(_build_config, "FLASH_LIMITS", {}).items()}
+    return Limits(devices=devices, mask_grad=False, note="fused tiled kernels", per_device=per_device)
+
 
 LIMITS = {
     SDPBackend.MATH: Limits(devices=None, note="composite ATen implementation, any device"),
-    # Head dim 0 is an empty dot product (every score 0, the output the mean of v, or no output columns at all):
-    # MATH's business, not a tile loop's.
-    SDPBackend.FLASH_ATTENTION: Limits(devices=_FLASH_DEVICES, min_head_dim=1, max_head_dim=256, mask_grad=False,
-                                       note="fused tiled kernels", per_device={"cuda": _CUDA_FLASH}),
+    SDPBackend.FLASH_ATTENTION: _flash_limits(),
 }
 
 
@@ -113,6 +121,12 @@ def reasons(backend: SDPBackend, call: Call) -> list[str]:
     if call.mask_requires_grad and not mask_grad:
         out.append("attn_mask requires grad (the mask gradient is computed by MATH only)")
     if dev is not None:
+        if min(call.head_dim, call.value_head_dim) < dev.min_head_dim:
+            out.append(f"head dims ({call.head_dim}, {call.value_head_dim}) must be at least {dev.min_head_dim} on "
+                       f"{call.device.type}")
+        if dev.max_head_dim is not None and max(call.head_dim, call.value_head_dim) > dev.max_head_dim:
+            out.append(f"head dim {max(call.head_dim, call.value_head_dim)} exceeds {dev.max_head_dim} on "
+                       f"{call.device.type}")
         m = dev.head_dim_multiple
         if m > 1 and (call.head_dim % m or call.value_head_dim % m):
             out.append(f"head dims ({call.head_dim}, {call.value_head_dim}) must be multiples of {m} on "
@@ -129,6 +143,17 @@ def reasons(backend: SDPBackend, call: Call) -> list[str]:
 class _State(threading.local):
     def __init__(self):
         self.stack = []  # entries: tuple of enabled backends in priority order
+        self.loop_bits = 0  # the CUDA main loops of sdpax.cuda_main_loop, as bits of the op's backend id
+
+
+def loop_bits() -> int:
+    """The bits 4-8 of the op's backend id (csrc/common/op_args.h) that the innermost cuda_main_loop sets."""
+    return _state.loop_bits
+
+
+def set_loop_bits(bits: int) -> int:
+    previous, _state.loop_bits = _state.loop_bits, bits
+    return previous
 
 
 _state = _State()
@@ -177,9 +202,12 @@ class Explanation:
     backend: SDPBackend | None
     enabled: tuple
     reasons: dict = field(default_factory=dict)  # backend -> list of reasons (empty list: it could run)
+    plan: object = None  # CUDA FLASH_ATTENTION: the launch plan (sdpax._plan.CudaPlan) the call would run
 
     def __str__(self) -> str:
         lines = [f"chosen: {self.backend.name if self.backend is not None else 'none'}"]
+        if self.plan is not None:
+            lines.append(f"  plan: {self.plan}")
         for b, rs in self.reasons.items():
             state = "enabled" if b in self.enabled else "disabled by sdpa_kernel"
             lines.append(f"  {b.name} ({state}): " + ("can run" if not rs else "; ".join(rs)))
@@ -219,12 +247,3 @@ def select_cached(fields: tuple) -> SDPBackend:
         _SELECT_CACHE[key] = backend
     return backend
 
-
-def _register_built_kernels() -> None:
-    """Fused kernels present in this build (the C++ side registers them; this mirrors it as data)."""
-    fused = getattr(_build_config, "FLASH_KERNELS", {})
-    for device, dtypes in fused.items():
-        _FLASH_DEVICES[device] = tuple(getattr(torch, d) for d in dtypes)
-
-
-_register_built_kernels()

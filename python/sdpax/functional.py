@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from . import _causal, _ops, _select
+from . import _causal, _ops, _plan, _select
 from ._errors import AttentionError
 
 __all__ = ["scaled_dot_product_attention"]
@@ -121,7 +121,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         # The seed and offset come from torch's generator for the query's device, so torch.manual_seed makes
         # dropout reproducible; they stay on the device (CUDA-graph safe) and backward reuses them.
         rng = torch.randint(-(2 ** 63), 2 ** 63 - 1, (2,), dtype=torch.int64, device=query.device)
-    args = (query, key, value, mask, float(dropout_p), causal, scale, bool(enable_gqa), sinks, rng, int(backend))
+    # The backend id carries the CUDA main loops of sdpax.cuda_main_loop (bits 4-8): the backward reads them too.
+    args = (query, key, value, mask, float(dropout_p), causal, scale, bool(enable_gqa), sinks, rng,
+            int(backend) | _select.loop_bits())
     if fields[5] or compiling:  # Call.needs_grad
         return _ops.fwd(*args)[0]
     # No gradient can be taken: skip the Python autograd wrapper (torch.library's register_autograd), which would
@@ -133,5 +135,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
             sinks=None) -> _select.Explanation:
     """Which backend scaled_dot_product_attention would use for these arguments, and why each other would not."""
-    mask, _, scale = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
-    return _select.explain_call(_call_features(query, value, mask, key, sinks, scale))
+    mask, causal, scale = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
+    call = _call_features(query, value, mask, key, sinks, scale)
+    ex = _select.explain_call(call)
+    if ex.backend == _select.SDPBackend.FLASH_ATTENTION and query.device.type == "cuda":
+        ex.plan = _plan.cuda_plan(query, key, value, mask, dropout_p, causal, enable_gqa,
+                                  mask_grad=call.mask_requires_grad, deterministic=call.deterministic_grad)
+    return ex

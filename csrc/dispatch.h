@@ -1,0 +1,52 @@
+// Per-device entry points of the sdpax ops. The backend id in the schema is chosen by the Python selector
+// (python/sdpax/_select.py, which also explains why a backend cannot run); here it only routes to MATH or to the
+// device's fused kernel. A device without a fused kernel passes nullptr and refuses FLASH with a reason.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "common/op_args.h"
+#include "math/math.h"
+
+namespace sdpax {
+
+using FwdResult = std::tuple<at::Tensor, at::Tensor>;
+using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using FwdFn = FwdResult (*)(const FwdArgs&);
+using BwdFn = BwdResult (*)(const BwdArgs&);
+
+inline BackendChoice checked_backend(int64_t id, bool have_flash, const at::Tensor& q) {
+  const BackendChoice b = decode_backend(id);
+  TORCH_CHECK(b.backend == Backend::Math || have_flash, "sdpax: FLASH_ATTENTION has no ", q.device().str(),
+              " kernel in this build");
+  return b;
+}
+
+template <FwdFn Flash>
+FwdResult fwd_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal, double scale,
+                    bool enable_gqa, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& rng,
+                    int64_t backend) {
+  const FwdArgs a{q, k, v, mask, dropout_p, causal, scale, enable_gqa, sinks, rng,
+                  checked_backend(backend, Flash != nullptr, q)};
+  if constexpr (Flash != nullptr) {
+    if (a.backend.backend == Backend::Flash) return Flash(a);
+  }
+  return math::fwd(a);
+}
+
+template <BwdFn Flash>
+BwdResult bwd_entry(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
+                    double dropout_p, int64_t causal, double scale, bool enable_gqa,
+                    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& rng, int64_t backend,
+                    bool mask_grad) {
+  const BwdArgs a{{q, k, v, mask, dropout_p, causal, scale, enable_gqa, sinks, rng,
+                   checked_backend(backend, Flash != nullptr, q)},
+                  grad_out, out, lse, mask_grad};
+  if constexpr (Flash != nullptr) {
+    if (a.f.backend.backend == Backend::Flash) return Flash(a);
+  }
+  return math::bwd(a);
+}
+
+}  // namespace sdpax
