@@ -171,9 +171,9 @@ __device__ __forceinline__ void bwd_sm90_store_dkdv(const AttnParams& p, const f
 // products are split by queries: consumer w computes S^T = K Q^T and dP^T = V dO^T of queries 32w..32w+31
 // (m64n32, k = 256) and stores its half of P^T and of dS^T (16-bit, [key][query], 128-byte swizzle, double
 // buffered); after one barrier of both, dV / dK read P^T / dS^T from there as K-major A (wgmma_ss_tb) and dQ reads
-// dS^T transposed (wgmma_ss_tt), all in one wgmma group. (The first version computed S^T / dP^T of all 64 queries
-// in both consumers, P^T / dS^T as register A fragments: 14.7 instead of 10.5 MFLOP of wgmma per step, 252 vs
-// 256 TFLOP/s at L4k, NOTES-cuda.md.) Registers per thread: dK + dV 128 + S^T / dP^T 32, then 128 + dQ 64.
+// dS^T transposed (wgmma_ss_tt), all in one wgmma group. (S^T / dP^T of all 64 queries in both consumers, with
+// P^T / dS^T as register A fragments, is 14.7 instead of 10.5 MFLOP of wgmma per step, and measured slower.)
+// Registers per thread: dK + dV 128 + S^T / dP^T 32, then 128 + dQ 64.
 // Issuing the next tile's S^T before this tile's dQ atomics (dQ 64 live) made ptxas serialize the wgmma for lack
 // of registers (C7512, 256-byte spill).
 template <class T, class Cfg>
@@ -728,7 +728,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
     if (!my_dq) continue;
 
     // dQ rows i0 + 16 wwarp + g + 8 hf, columns dq_c0 + 8 nn + 2t: float2 atomics. (float4 atomics after one
-    // shuffle per 8 columns halve the atomic instructions but not the L2 sectors; measured slower, see NOTES-cuda.md.)
+    // shuffle per 8 columns halve the atomic instructions but not the L2 sectors; measured slower.)
     bwd_sm90_add_dq<8>(p, dq, static_cast<int64_t>(b) * p.hq + h, i0 + wwarp * 16, dq_c0, g, t);
   }
 

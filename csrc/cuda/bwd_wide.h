@@ -2,7 +2,7 @@
 //
 // bwd_kernel (bwd_kernel.h) gives each warp 16 keys for the whole block and keeps P^T / dS^T in registers between
 // the products; every 16-key warp then re-reads all of Q and dO from shared memory per step, and the kernel is
-// bound by shared-memory reads and their latency (NOTES-cuda.md, "Backward speed"). Here the products of one step
+// bound by shared-memory reads and their latency (csrc/README.md). Here the products of one step
 // use different warp tiles, each as square as the 8 warps allow, and P^T and dS^T travel through shared memory:
 //   S^T, dP^T (BN x BM):   BN/32 (keys) x 8/(BN/32) (queries) warps of 32 keys x WQ queries
 //   dV, dK    (BN x D):    BN/32 (keys) x 8/(BN/32) (columns) warps of 32 keys x DC columns (register accumulators)

@@ -472,8 +472,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
   // With a positive scale (every real call: 1 / sqrt(E) by default) the tests and the row max run on the unscaled
   // S and the scale enters the exponent's FFMA: max(s c) = c max(s) exactly for c > 0 (rounding is monotone), and
   // -inf c = -inf. That saves an FMUL per element (and the select no longer waits for one): the bool-mask
-  // consumers ran 619 instructions per tile and warp against 496 without a mask, 64 of them this FMUL (ncu,
-  // NOTES-cuda.md). A zero, negative or NaN scale (-inf 0 is NaN; a negative scale reverses the max) scales first.
+  // consumers ran 619 instructions per tile and warp against 496 without a mask, 64 of them this FMUL (ncu). A zero, negative or NaN scale (-inf 0 is NaN; a negative scale reverses the max) scales first.
   const bool raw_scale = scale_log2 > 0.f;
   auto softmax = [&](const int kPath, float (&s)[BN / 2], int tile, const uint32_t (&bits)[2][4],
                      float (&alpha)[2]) {
@@ -488,7 +487,7 @@ __global__ void __launch_bounds__(FwdSm90Cfg<D, kKind>::kThreads, 1)
     // This tile's per-element test (the elementwise path also scales to log2 units and adds the bias). The kind of
     // test is chosen once per tile and warp (uniform branches around straight-line code): a test chosen inside the
     // element loop put branches and reconvergence points between the elements, and ptxas then ran them one after
-    // another (SASS of s7: ~10 instructions and a BSSY/BSYNC per element, ~2400 static instructions per 64-key
+    // another (in the SASS: ~10 instructions and a BSSY/BSYNC per element, ~2400 static instructions per 64-key
     // tile; the plain kind's tile is ~450 for 128 keys).
     if (kPath == kPathElementwise) {
       // Masks read from global memory element by element (additive, or bool rows not 16-byte aligned). The row
