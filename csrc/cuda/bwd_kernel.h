@@ -23,7 +23,7 @@
 // broadcast over keys needs no writes: its gradient has a closed form, see flash_api.cpp.)
 #pragma once
 #include "cuda/mask.h"
-#include "cuda/mma.h"
+#include "cuda/prims/mma.h"
 #include "cuda/tiles.h"
 
 namespace sdpax {

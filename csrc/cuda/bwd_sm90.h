@@ -38,9 +38,11 @@
 // (bwd_sm90_consumer_d256): both consumers see all 64 keys and split dK / dV / dQ by head-dim halves.
 #pragma once
 #include "cuda/mask.h"
-#include "cuda/mma.h"
+#include "cuda/prims/mma.h"
 #include "cuda/tiles.h"
-#include "cuda/wgmma.h"
+#include "cuda/prims/sync.h"
+#include "cuda/prims/tma.h"
+#include "cuda/prims/wgmma.h"
 
 #include <cuda.h>  // CUtensorMap (a plain 128-byte struct; no driver call is made from here)
 

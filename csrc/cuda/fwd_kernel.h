@@ -15,7 +15,7 @@
 //              the split-key launch it streams K/V at close to the memory bandwidth.
 #pragma once
 #include "cuda/mask.h"
-#include "cuda/mma.h"
+#include "cuda/prims/mma.h"
 #include "cuda/tiles.h"
 
 namespace sdpax {

@@ -22,9 +22,11 @@
 // compute capability 9.x when the build contains sm_90a (launch.cu).
 #pragma once
 #include "cuda/mask.h"
-#include "cuda/mma.h"
+#include "cuda/prims/mma.h"
 #include "cuda/tiles.h"
-#include "cuda/wgmma.h"
+#include "cuda/prims/sync.h"
+#include "cuda/prims/tma.h"
+#include "cuda/prims/wgmma.h"
 
 #include <cuda.h>  // CUtensorMap (a plain 128-byte struct; no driver call is made from here)
 

@@ -7,7 +7,7 @@
 #include <algorithm>
 
 #include "cuda/launch.h"
-#include "cuda/mma.h"  // pack2
+#include "cuda/prims/mma.h"  // pack2
 #include "gen/dispatch.h"
 
 namespace sdpax {

@@ -1,8 +1,7 @@
 // Hopper (sm90a) warpgroup building blocks: wgmma.mma_async with fp32 accumulators in registers, shared-memory
 // matrix descriptors for the 128-byte-swizzled tile layout, and the fences that order them. Used only by the sm90
-// main loops (fwd_sm90.h, bwd_sm90.h); the sm80 kernels keep mma.h. Every instruction here exists only on sm_90a, so the
-// bodies compile to nothing on other targets (SDPAX_SM90A_DEVICE), and the host launches these kernels only on a
-// compute-capability-9 device of a build that contains sm_90a code (launch.cu).
+// main loops (fwd_sm90.h, bwd_sm90.h); the sm80 kernels keep mma.h. Every instruction here exists only on sm_90a, so
+// the bodies compile to nothing on other targets (arch.h).
 //
 // Facts relied on (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
 // - A warpgroup is 4 consecutive warps starting at a warp index divisible by 4; each wgmma is issued by all 128.
@@ -29,9 +28,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define SDPAX_SM90A_DEVICE 1
-#endif
+#include "cuda/prims/arch.h"
 
 namespace sdpax {
 namespace cuda {
@@ -55,95 +52,6 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lead_byte
          (static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
 }
 
-// Whether a setmaxnreg split (consumer warpgroups at `consumer_regs`, one producer warpgroup at `producer_regs`) fits
-// the registers a block of `threads` gets at launch under __launch_bounds__(threads, 1): 65536 / threads rounded down
-// to a multiple of 8, per thread. setmaxnreg.inc waits until the registers it asks for are free in the block's pool,
-// so a split above the allocation never returns (the kernel hangs).
-constexpr bool setmaxnreg_fits(int threads, int consumers, int consumer_regs, int producer_regs) {
-  return consumers * consumer_regs + (threads - consumers) * producer_regs <= threads * (65536 / threads / 8 * 8);
-}
-
-// mbarriers (shared-memory 64-bit barriers with a phase bit and a transaction count) and the bulk tensor copy
-// engine (TMA): the producer arms a stage's "full" barrier with the bytes it will receive and issues the copies, which
-// complete the transaction; consumers wait on the phase parity; "empty" barriers carry the release back.
-#ifdef SDPAX_SM90A_DEVICE
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Returns once the phase of the given parity has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// One box of a 4-D tensor map (coordinates innermost first) into shared memory, completing on `bar`.
-__device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* map, uint32_t bar, int c0, int c1, int c2,
-                                            int c3) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
-      "[%6];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
-      : "memory");
-}
-// Barrier among `count` threads (a multiple of 32) under id `id` (0 is __syncthreads'), so that the consumer
-// warpgroups can synchronize without the producer warp.
-__device__ __forceinline__ void named_barrier(int id, int count) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-// Barrier as above that also returns whether `pred` was true in any participating thread.
-__device__ __forceinline__ bool named_barrier_or(int id, int count, bool pred) {
-  uint32_t r;
-  asm volatile(
-      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbarrier.red.or.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
-      : "=r"(r)
-      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(count)
-      : "memory");
-  return r != 0;
-}
-// Barrier as above that returns whether `pred` was true in every participating thread.
-__device__ __forceinline__ bool named_barrier_and(int id, int count, bool pred) {
-  uint32_t r;
-  asm volatile(
-      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbarrier.red.and.pred q, %2, %3, p;\nselp.u32 %0, 1, 0, q;\n}\n"
-      : "=r"(r)
-      : "r"(static_cast<uint32_t>(pred)), "r"(id), "r"(count)
-      : "memory");
-  return r != 0;
-}
-// Register budget per thread of the executing warpgroup (takes effect only under a launch-bound register cap).
-template <int N>
-__device__ __forceinline__ void setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-template <int N>
-__device__ __forceinline__ void setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-#else
-template <int N>
-__device__ __forceinline__ void setmaxnreg_inc() {}
-template <int N>
-__device__ __forceinline__ void setmaxnreg_dec() {}
-__device__ __forceinline__ void mbar_init(uint32_t, int) {}
-__device__ __forceinline__ void mbar_init_fence() {}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t, uint32_t) {}
-__device__ __forceinline__ void mbar_arrive(uint32_t) {}
-__device__ __forceinline__ void mbar_wait(uint32_t, uint32_t) {}
-__device__ __forceinline__ void tma_load_4d(uint32_t, const void*, uint32_t, int, int, int, int) {}
-__device__ __forceinline__ void named_barrier(int, int) {}
-__device__ __forceinline__ bool named_barrier_or(int, int, bool pred) { return pred; }
-__device__ __forceinline__ bool named_barrier_and(int, int, bool pred) { return pred; }
-#endif
 
 #ifdef SDPAX_SM90A_DEVICE
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
