@@ -40,7 +40,7 @@ SM90_DTYPES = ("bf16", "fp16")
 SM90_FWD = {64: ("plain", "general"), 128: ("plain", "general"), 256: ("plain", "general")}
 SM90_BWD = {64: ("plain", "general"), 128: ("plain", "general"), 256: ("plain",)}
 # Header that defines each pass's run_<pass> template.
-LAUNCH_HEADERS = {"fwd": "cuda/launch_impl.h", "bwd": "cuda/launch_impl.h", "fwd_sm90": "cuda/launch_sm90.h",
+LAUNCH_HEADERS = {"fwd": "cuda/launch_fwd.h", "bwd": "cuda/launch_bwd.h", "fwd_sm90": "cuda/launch_fwd_sm90.h",
                   "bwd_sm90": "cuda/launch_bwd_sm90.h"}
 KIND_TYPE = {"fwd": "FwdKind", "fwd_sm90": "FwdKind", "bwd": "bool", "bwd_sm90": "bool"}
 

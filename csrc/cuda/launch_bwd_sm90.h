@@ -3,7 +3,8 @@
 #pragma once
 #include "cuda/bwd_kernel.h"  // bwd_delta_kernel: the Delta pre-pass is the same for every main loop
 #include "cuda/bwd_sm90.h"
-#include "cuda/launch_sm90.h"  // encode_map (tensor maps with the 128-byte swizzle)
+#include "cuda/launch.h"
+#include "cuda/tensor_maps.h"
 
 namespace sdpax {
 namespace cuda {

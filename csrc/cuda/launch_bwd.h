@@ -1,27 +1,12 @@
-// Launch code of one variant; included only by the generated per-variant translation units.
+// Launch of one mma.sync backward variant (the Delta pre-pass, bwd_wide.h or bwd_kernel.h, and in deterministic
+// mode the dQ pass); included only by the generated per-variant translation units (csrc/variants.py).
 #pragma once
 #include "cuda/bwd_kernel.h"
 #include "cuda/bwd_wide.h"
-#include "cuda/fwd_kernel.h"
 #include "cuda/launch.h"
 
 namespace sdpax {
 namespace cuda {
-
-template <class T, int D, FwdKind kKind>
-cudaError_t run_fwd(const AttnParams& p, cudaStream_t stream) {
-  using Cfg = FwdCfg<T, D, kKind>;
-  auto kernel = fwd_kernel<T, D, kKind>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
-  if (err != cudaSuccess) return err;
-  const int64_t rows = (p.hq / p.hkv) * p.L;
-  const int64_t m_blocks = (rows + Cfg::kBM - 1) / Cfg::kBM;
-  const dim3 grid(static_cast<unsigned>(m_blocks * p.batch * p.hkv), 1, static_cast<unsigned>(p.num_splits));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess || p.num_splits == 1) return err;
-  return launch_merge<T>(p, stream);
-}
 
 template <class T, int D, bool kGeneral>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
