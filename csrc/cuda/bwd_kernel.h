@@ -22,45 +22,13 @@
 // rows is first summed over the rows of a query tile inside the warp; other broadcasts use float atomics. (A mask
 // broadcast over keys needs no writes: its gradient has a closed form, see flash_api.cpp.)
 #pragma once
+#include "cuda/bwd/epilogue.h"
 #include "cuda/mask.h"
 #include "cuda/prims/mma.h"
 #include "cuda/tiles.h"
 
 namespace sdpax {
 namespace cuda {
-
-template <class T>
-__global__ void __launch_bounds__(256) bwd_delta_kernel(const __grid_constant__ AttnParams p, float* delta) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  const int64_t rows = p.batch * p.hq * p.L;
-  if (row >= rows) return;
-  const int64_t bh = row / p.L, i = row % p.L, b = bh / p.hq, h = bh % p.hq;
-  const T* o = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
-  const T* d = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + i * p.dout_st.r;
-  float acc = 0.f;
-  constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
-  if (p.out_st.c == 1 && p.dout_st.c == 1 && p.Ev % kVec == 0 && reinterpret_cast<uintptr_t>(o) % 16 == 0 &&
-      reinterpret_cast<uintptr_t>(d) % 16 == 0) {
-    // Rows of 16-byte aligned vectors (the usual case): one load per 16 bytes instead of one per element.
-    for (int64_t c = lane * kVec; c < p.Ev; c += 32 * kVec) {
-      const uint4 ov = *reinterpret_cast<const uint4*>(o + c), dv = *reinterpret_cast<const uint4*>(d + c);
-      const T* oe = reinterpret_cast<const T*>(&ov);
-      const T* de = reinterpret_cast<const T*>(&dv);
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) acc += to_float(oe[e]) * to_float(de[e]);
-    }
-  } else {
-    for (int64_t c = lane; c < p.Ev; c += 32) acc += to_float(o[c * p.out_st.c]) * to_float(d[c * p.dout_st.c]);
-  }
-#pragma unroll
-  for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-  if (lane == 0) delta[row] = acc;
-  if (p.dq_accum != nullptr) {
-    float* dq = p.dq_accum + row * p.E;
-    for (int64_t c = lane; c < p.E; c += 32) dq[c] = 0.f;
-  }
-}
 
 template <class T, int D, bool kGeneral>
 struct BwdCfg {
@@ -263,39 +231,7 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
     }
 
     // Mask gradient: dS itself (rows past L and keys past S hold 0 and are not written).
-    if (has_dmask) {
-      const int64_t base = b * p.dmask_st.b + h * p.dmask_st.h;
-      if (p.dmask_tile_rows) {
-        // Broadcast over rows: sum this tile's BM rows of each key (4 lanes x BM / 4 values) before one write.
-        float part[2] = {0.f, 0.f};
-#pragma unroll
-        for (int n = 0; n < BM / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) part[e >> 1] += dpt[n][e];
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          part[hf] = warp_sum4(part[hf]);
-          const int j = key[hf];
-          if (t == 0 && j < S) {
-            float* dst = p.dmask + base + int64_t(i0 / BM) * p.dmask_st.r + int64_t(j) * p.dmask_st.c;
-            if (p.dmask_atomic) atomicAdd(dst, part[hf]);
-            else *dst = part[hf];
-          }
-        }
-      } else {
-#pragma unroll
-        for (int n = 0; n < BM / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = i0 + n * 8 + 2 * t + (e & 1), j = key[e >> 1];
-            if (i < L && j < S) {
-              float* dst = p.dmask + base + int64_t(i) * p.dmask_st.r + int64_t(j) * p.dmask_st.c;
-              if (p.dmask_atomic) atomicAdd(dst, dpt[n][e]);
-              else *dst = dpt[n][e];
-            }
-          }
-      }
-    }
+    if (has_dmask) store_dmask_keys16<BM>(p, dpt, b, h, i0, key[0], t);
 
     // dV += P_drop^T dO, dK += dS^T Q (A operands straight from the C fragments).
 #pragma unroll
@@ -348,43 +284,14 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
             mma(acc_dq[2 * dn + 1], a, bb, 1);
           }
         }
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int i = i0 + mt * 16 + hf * 8 + g;
-          if (i >= L) continue;
-          float* dq = p.dq_accum + (bh * p.L + i) * p.E;
-#pragma unroll
-          for (int dn = 0; dn < kCols / 8; ++dn) {
-            const int c = c_begin + dn * 8 + 2 * t;
-            if (c < E) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-              atomicAdd(reinterpret_cast<float2*>(dq + c), make_float2(acc_dq[dn][hf * 2], acc_dq[dn][hf * 2 + 1]));
-#else
-              atomicAdd(dq + c, acc_dq[dn][hf * 2]);
-              atomicAdd(dq + c + 1, acc_dq[dn][hf * 2 + 1]);
-#endif
-            }
-          }
-        }
+        add_dq_checked<kCols / 8>(p, acc_dq, bh, i0 + mt * 16, c_begin, g, t);
       }
     }
   }
   cp_async_wait<0>();
 
   // dK (scaled) and dV of this warp's 16 keys.
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int j = key[hf];
-    if (j >= S) continue;
-    T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + static_cast<int64_t>(hk) * p.dk_st.h + int64_t(j) * p.dk_st.r;
-    T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + static_cast<int64_t>(hk) * p.dv_st.h + int64_t(j) * p.dv_st.r;
-#pragma unroll
-    for (int dn = 0; dn < DC / 8; ++dn) {
-      const int c = ch * DC + dn * 8 + 2 * t;
-      if (c < E) st2<T>(dk + c, acc_dk[dn][hf * 2] * p.scale, acc_dk[dn][hf * 2 + 1] * p.scale);
-      if (c < Ev) st2<T>(dv + c, acc_dv[dn][hf * 2], acc_dv[dn][hf * 2 + 1]);
-    }
-  }
+  store_dkdv<T, DC / 8>(p, acc_dk, acc_dv, b, hk, key[0], ch * DC, t);
 }
 
 template <class T, int D>

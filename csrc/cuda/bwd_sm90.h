@@ -37,6 +37,7 @@
 // Head dim 256 (plain kind only): 64-key blocks, the same producer, and its own consumer loop
 // (bwd_sm90_consumer_d256): both consumers see all 64 keys and split dK / dV / dQ by head-dim halves.
 #pragma once
+#include "cuda/bwd/epilogue.h"
 #include "cuda/mask.h"
 #include "cuda/prims/mma.h"
 #include "cuda/tiles.h"
@@ -118,54 +119,6 @@ struct BwdSm90Cfg {
 // 16-byte slot of consumer thread x in each quarter of a stage's mask (see kBitsBytes): bit 2 flipped in odd warps,
 // so that the producer's stores of one phase (lanes t = 0..3 of two adjacent warps) hit 8 different bank groups.
 __device__ __forceinline__ int mask_slot(int x) { return x ^ ((x >> 3) & 4); }
-
-// dQ of one consumer warp from its m64 accumulator: rows i_w + g and i_w + g + 8 (i_w: the warp's first row),
-// columns c0 + 8 nn + 2t (nn < NN), float2 atomics into dq_accum of (batch, head) bh. A warp whose 16 rows and
-// 8 NN columns are all in bounds adds without tests.
-template <int NN>
-__device__ __forceinline__ void bwd_sm90_add_dq(const AttnParams& p, const float (&dq)[4 * NN], int64_t bh, int i_w,
-                                                int c0, int g, int t) {
-  const int L = static_cast<int>(p.L), E = static_cast<int>(p.E);
-  const int i_q = i_w + g;
-  float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c0 + 2 * t;
-  auto add = [&](auto guarded) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      if (decltype(guarded)::value && i_q + 8 * hf >= L) continue;
-      float* d = dq0 + hf * 8 * p.E;
-#pragma unroll
-      for (int nn = 0; nn < NN; ++nn) {
-        if (decltype(guarded)::value && c0 + nn * 8 + 2 * t >= E) continue;
-        atomicAdd(reinterpret_cast<float2*>(d + nn * 8), make_float2(dq[nn * 4 + hf * 2], dq[nn * 4 + hf * 2 + 1]));
-      }
-    }
-  };
-  if (i_w + 16 <= L && c0 + 8 * NN <= E)
-    add(std::false_type{});
-  else
-    add(std::true_type{});
-}
-
-// dK (scaled) and dV of one consumer thread's keys j and j + 8 (past S: not stored), columns c0 + 8 nn + 2t
-// (nn < NN), from the accumulators of wgmma m64nN.
-template <class T, int NN>
-__device__ __forceinline__ void bwd_sm90_store_dkdv(const AttnParams& p, const float (&acc_dk)[4 * NN],
-                                                    const float (&acc_dv)[4 * NN], int b, int hk, int j, int c0,
-                                                    int t) {
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int jj = j + 8 * hf;
-    if (jj >= p.S) continue;
-    T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + static_cast<int64_t>(hk) * p.dk_st.h + int64_t(jj) * p.dk_st.r;
-    T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + static_cast<int64_t>(hk) * p.dv_st.h + int64_t(jj) * p.dv_st.r;
-#pragma unroll
-    for (int nn = 0; nn < NN; ++nn) {
-      const int c = c0 + nn * 8 + 2 * t;
-      if (c < p.E) st2<T>(dk + c, acc_dk[nn * 4 + hf * 2] * p.scale, acc_dk[nn * 4 + hf * 2 + 1] * p.scale);
-      if (c < p.Ev) st2<T>(dv + c, acc_dv[nn * 4 + hf * 2], acc_dv[nn * 4 + hf * 2 + 1]);
-    }
-  }
-}
 
 // Consumer warpgroups at head dim 256. dK + dV of 64 keys x 256 columns are 256 floats per thread of one
 // warpgroup, so the block holds 64 keys and both consumers see all of them: consumer w keeps dK / dV columns
@@ -302,11 +255,11 @@ __device__ __forceinline__ void bwd_sm90_consumer_d256(const AttnParams& p, uint
     if (lane == 0) mbar_arrive(bar_empty0 + 8 * st);  // this warp is done with the stage
 
     // dQ rows i0 + 16 wwarp + g + 8 hf, columns c0 + 8 nn + 2t: float2 atomics.
-    bwd_sm90_add_dq<16>(p, dq, static_cast<int64_t>(b) * p.hq + h, i0 + wwarp * 16, c0, g, t);
+    add_dq_rows16<16>(p, dq, static_cast<int64_t>(b) * p.hq + h, i0 + wwarp * 16, c0, g, t);
   }
 
   // dK (scaled) and dV of this thread's keys, columns c0..
-  bwd_sm90_store_dkdv<T, 16>(p, acc_dk, acc_dv, b, hk, j0 + key_r, c0, t);
+  store_dkdv<T, 16>(p, acc_dk, acc_dv, b, hk, j0 + key_r, c0, t);
 #endif
 }
 
@@ -731,11 +684,11 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
 
     // dQ rows i0 + 16 wwarp + g + 8 hf, columns dq_c0 + 8 nn + 2t: float2 atomics. (float4 atomics after one
     // shuffle per 8 columns halve the atomic instructions but not the L2 sectors; measured slower.)
-    bwd_sm90_add_dq<8>(p, dq, static_cast<int64_t>(b) * p.hq + h, i0 + wwarp * 16, dq_c0, g, t);
+    add_dq_rows16<8>(p, dq, static_cast<int64_t>(b) * p.hq + h, i0 + wwarp * 16, dq_c0, g, t);
   }
 
   // dK (scaled) and dV of this thread's keys.
-  bwd_sm90_store_dkdv<T, D / 8>(p, acc_dk, acc_dv, b, hk, j0 + key_r, 0, t);
+  store_dkdv<T, D / 8>(p, acc_dk, acc_dv, b, hk, j0 + key_r, 0, t);
 #endif
 }
 

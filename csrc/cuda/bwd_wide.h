@@ -37,6 +37,7 @@
 #pragma once
 #include <type_traits>
 
+#include "cuda/bwd/epilogue.h"
 #include "cuda/bwd_kernel.h"
 
 namespace sdpax {
@@ -484,50 +485,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     else exp_pass(std::false_type{});
 
     // Mask gradient: dS itself (rows past L and keys past S hold 0 and are not written).
-    if (has_dmask) {
-      const int64_t base = b * p.dmask_st.b + h * p.dmask_st.h;
-      // Broadcast over rows: this warp's WQ rows of each key (4 lanes x WQ / 4 values), one write per slot; a
-      // half-step wholly past L has no slot (deterministic mode sizes the scratch to ceil(L / WQ) slots).
-      if (p.dmask_tile_rows && i0 + wn * WQ < L) {
-        const int slot = (i0 + wn * WQ) / WQ;
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            float part = 0.f;
-#pragma unroll
-            for (int n = 0; n < WQ / 8; ++n)
-#pragma unroll
-              for (int c = 0; c < 2; ++c) part += dpt[mt][n][2 * hf + c];
-            part = warp_sum4(part);
-            const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
-            if (t == 0 && j < S) {
-              float* dst = p.dmask + base + int64_t(slot) * p.dmask_st.r + int64_t(j) * p.dmask_st.c;
-              if (p.dmask_atomic) atomicAdd(dst, part);
-              else *dst = part;
-            }
-          }
-      } else if (!p.dmask_tile_rows) {
-#pragma unroll
-        for (int n = 0; n < WQ / 8; ++n)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
-            if (i >= L) continue;
-            float* row = p.dmask + base + int64_t(i) * p.dmask_st.r;
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-              for (int hf = 0; hf < 2; ++hf) {
-                const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
-                if (j >= S) continue;
-                float* dst = row + int64_t(j) * p.dmask_st.c;
-                if (p.dmask_atomic) atomicAdd(dst, dpt[mt][n][2 * hf + c]);
-                else *dst = dpt[mt][n][2 * hf + c];
-              }
-          }
-      }
-    }
+    if (has_dmask) store_dmask_keys32<WQ>(p, dpt, b, h, i0 + wn * WQ, j0 + wk * 32 + g, t);
 
     // P^T and dS^T to shared memory (16-bit, as the A operands of dV / dK and, transposed, of dQ).
 #pragma unroll
@@ -597,32 +555,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
             }
           }
         }
-        // Rows i_q + 8 r (r = 2 mt + hf), columns c_begin + 2t + 8 dn: one pointer, offsets of whole rows. A warp
-        // whose rows and columns are all in bounds adds without tests (no branch around each atomic).
-        const int i_q = i0 + qm * 32 + g;
-        float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c_begin + 2 * t;
-        auto add_dq = [&](auto guarded) {
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              if (decltype(guarded)::value && i_q + mt * 16 + hf * 8 >= L) continue;
-              float* dq = dq0 + (2 * mt + hf) * dq_row8;
-#pragma unroll
-              for (int dn = 0; dn < QC / 8; ++dn) {
-                if (decltype(guarded)::value && dn >= dq_cols) continue;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-                atomicAdd(reinterpret_cast<float2*>(dq + dn * 8),
-                          make_float2(acc_dq[mt][dn][hf * 2], acc_dq[mt][dn][hf * 2 + 1]));
-#else
-                atomicAdd(dq + dn * 8, acc_dq[mt][dn][hf * 2]);
-                atomicAdd(dq + dn * 8 + 1, acc_dq[mt][dn][hf * 2 + 1]);
-#endif
-              }
-            }
-        };
-        if (i_q + 24 < L && dq_cols == QC / 8) add_dq(std::false_type{});
-        else add_dq(std::true_type{});
+        add_dq_rows32<QC / 8>(p, acc_dq, bh, i0 + qm * 32 + g, c_begin, t, dq_cols, dq_row8);
       }
     }
   }
@@ -630,20 +563,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
 
   // dK (scaled) and dV of this warp's 32 keys and DC columns.
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
-      if (j >= S) continue;
-      T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + static_cast<int64_t>(hk) * p.dk_st.h + int64_t(j) * p.dk_st.r;
-      T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + static_cast<int64_t>(hk) * p.dv_st.h + int64_t(j) * p.dv_st.r;
-#pragma unroll
-      for (int dn = 0; dn < DC / 8; ++dn) {
-        const int c = wn * DC + dn * 8 + 2 * t;
-        if (c < E) st2<T>(dk + c, acc_dk[mt][dn][hf * 2] * p.scale, acc_dk[mt][dn][hf * 2 + 1] * p.scale);
-        if (c < Ev) st2<T>(dv + c, acc_dv[mt][dn][hf * 2], acc_dv[mt][dn][hf * 2 + 1]);
-      }
-    }
+  for (int mt = 0; mt < 2; ++mt) store_dkdv<T, DC / 8>(p, acc_dk[mt], acc_dv[mt], b, hk, j0 + wk * 32 + mt * 16 + g, wn * DC, t);
 }
 
 }  // namespace cuda

@@ -11,9 +11,7 @@ namespace cuda {
 template <class T, int D, bool kGeneral>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
   using Cfg = BwdCfg<T, D, kGeneral>;
-  const int64_t all_rows = p.batch * p.hq * p.L;
-  bwd_delta_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(p, const_cast<float*>(p.delta));
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_bwd_delta<T>(p, stream);
   if (err != cudaSuccess) return err;
   // Main loop: the wide-tile kernel where its table says so (bwd_wide.h), else bwd_kernel. Both take one block
   // per (key block, batch * kv head).

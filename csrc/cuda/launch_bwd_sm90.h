@@ -1,7 +1,6 @@
 // Launch code of one sm90 backward variant; included only by the generated per-variant translation units
 // (bwd_sm90_*.cu, from csrc/cuda/variants.py).
 #pragma once
-#include "cuda/bwd_kernel.h"  // bwd_delta_kernel: the Delta pre-pass is the same for every main loop
 #include "cuda/bwd_sm90.h"
 #include "cuda/launch.h"
 #include "cuda/tensor_maps.h"
@@ -24,9 +23,7 @@ cudaError_t run_bwd_sm90(const AttnParams& p, cudaStream_t stream) {
   if (kGeneral && p.mask_kind == MaskKind::Bool && p.mask_st.r != 0 &&
       !encode_mask_map(&maps.mask, p, Cfg::kBN, Cfg::kBM))
     return cudaErrorNotSupported;
-  const int64_t all_rows = p.batch * p.hq * p.L;
-  bwd_delta_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(p, const_cast<float*>(p.delta));
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_bwd_delta<T>(p, stream);
   if (err != cudaSuccess) return err;
   auto kernel = bwd_sm90_kernel<T, D, kGeneral>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);

@@ -2,7 +2,7 @@
 // per-variant translation units (csrc/variants.py).
 #pragma once
 #include "cuda/fwd_kernel.h"  // launch_merge: the split-key merge is the same for both main loops
-#include "cuda/fwd_sm90.h"
+#include "cuda/fwd/sm90_kernel.h"
 #include "cuda/launch.h"
 #include "cuda/tensor_maps.h"
 
