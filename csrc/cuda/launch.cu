@@ -47,7 +47,8 @@ __global__ void __launch_bounds__(256) dq_finish_kernel(const float4* __restrict
     if constexpr (sizeof(T) == 4) {
       reinterpret_cast<float4*>(dq)[i] = make_float4(a.x * scale, a.y * scale, a.z * scale, a.w * scale);
     } else {
-      reinterpret_cast<uint2*>(dq)[i] = make_uint2(pack2<T>(a.x * scale, a.y * scale), pack2<T>(a.z * scale, a.w * scale));
+      reinterpret_cast<uint2*>(dq)[i] =
+          make_uint2(pack2<T>(a.x * scale, a.y * scale), pack2<T>(a.z * scale, a.w * scale));
     }
   }
 }
@@ -61,8 +62,12 @@ cudaError_t launch_dq_finish(const float* dq_accum, void* dq, ScalarKind dtype, 
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>((n4 + 255) / 256, int64_t(1) << 20));
   const float4* acc = reinterpret_cast<const float4*>(dq_accum);
   switch (dtype) {
-    case ScalarKind::Float: dq_finish_kernel<float><<<grid, 256, 0, stream>>>(acc, static_cast<float*>(dq), n4, scale); break;
-    case ScalarKind::Half: dq_finish_kernel<__half><<<grid, 256, 0, stream>>>(acc, static_cast<__half*>(dq), n4, scale); break;
+    case ScalarKind::Float:
+      dq_finish_kernel<float><<<grid, 256, 0, stream>>>(acc, static_cast<float*>(dq), n4, scale);
+      break;
+    case ScalarKind::Half:
+      dq_finish_kernel<__half><<<grid, 256, 0, stream>>>(acc, static_cast<__half*>(dq), n4, scale);
+      break;
     case ScalarKind::BFloat16:
       dq_finish_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(acc, static_cast<__nv_bfloat16*>(dq), n4, scale);
       break;

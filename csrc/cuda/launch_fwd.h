@@ -1,7 +1,8 @@
-// Launch of one mma.sync forward variant (fwd_kernel.h, and the split-key merge); included only by the generated
-// per-variant translation units (csrc/variants.py).
+// Launch of one mma.sync forward variant (fwd/mma_kernel.h, and the split-key merge, fwd/merge.h); included only
+// by the generated per-variant translation units (csrc/variants.py).
 #pragma once
-#include "cuda/fwd_kernel.h"
+#include "cuda/fwd/mma_kernel.h"
+#include "cuda/fwd/merge.h"
 #include "cuda/launch.h"
 
 namespace sdpax {

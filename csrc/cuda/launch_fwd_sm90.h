@@ -1,7 +1,7 @@
 // Launch of one Hopper forward variant (fwd_sm90.h, and the split-key merge); included only by the generated
 // per-variant translation units (csrc/variants.py).
 #pragma once
-#include "cuda/fwd_kernel.h"  // launch_merge: the split-key merge is the same for both main loops
+#include "cuda/fwd/merge.h"
 #include "cuda/fwd/sm90_kernel.h"
 #include "cuda/launch.h"
 #include "cuda/tensor_maps.h"

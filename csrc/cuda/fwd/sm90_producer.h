@@ -26,7 +26,8 @@ struct FwdSm90Producer {
   const int ptid;  // thread index in the producer warpgroup
   int n = 0;       // tiles published
 
-  __device__ __forceinline__ explicit FwdSm90Producer(Block& block) : k(block), p(block.p), ptid(block.tid - Block::NT) {}
+  __device__ __forceinline__ explicit FwdSm90Producer(Block& block)
+      : k(block), p(block.p), ptid(block.tid - Block::NT) {}
 
   // One thread: K of `tile` into K stage st, completing its full barrier.
   __device__ __forceinline__ void publish_k(int tile, int st) {
@@ -247,7 +248,8 @@ __device__ __forceinline__ void FwdSm90Producer<T, D, kKind>::run_staged_mask() 
     // Slot (slot + 2) % 3 last held tile - 1, which every thread read before its arrival at that tile's barrier.
     scan.prefetch(tile + 2, slot == 0 ? 2 : slot - 1);
     cp_async_wait<2>();  // this tile's chunks are in; the next two may be in flight
-    if (scan.tma) mbar_wait(k.bar_scan0 + 8 * slot, ((tile - k.t_begin) / 3) & 1);  // its ((tile - t_begin) / 3)-th fill
+    // By tensor copy: the ((tile - t_begin) / 3)-th fill of the slot.
+    if (scan.tma) mbar_wait(k.bar_scan0 + 8 * slot, ((tile - k.t_begin) / 3) & 1);
     // The one shared row was loaded by eight threads: wait for theirs. (The slot is refilled only after the
     // end-of-tile barrier below, which every thread passes after reading it.)
     if (scan.one_row) named_barrier(kBarProducerRow, 128);

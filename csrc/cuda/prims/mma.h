@@ -15,8 +15,8 @@
 //     tensor cores' float32 accumulation is not round-to-nearest (published measurements: addends aligned to the
 //     largest exponent, c included, and truncated), so chaining every mma through c costs a same-signed fraction of
 //     an ulp of |c| per mma; over the long chains (O += P V over the keys, dV and dK over the queries, and also S
-//     and dP over the head dim) that reached 4x torch's float32 error at L = 128 and 29x at L = 4096. With a fresh accumulator the truncation is relative to one step's partial sum
-//     and c sees round-to-nearest adds only: measured 0.3-1.2x torch's RMS error, for about 4 FADD per 6 mma.
+//     and dP over the head dim) that reached 4x torch's float32 error at L = 128 and 29x at L = 4096. With a fresh
+//     accumulator the truncation is relative to one step's partial sum and c sees round-to-nearest adds only: measured 0.3-1.2x torch's RMS error, for about 4 FADD per 6 mma.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4), which the rest of the code relies on:
 //   A 16x16 (row-major):  a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 2t+8..)  a3 (g+8, 2t+8..)

@@ -1,19 +1,21 @@
-// FlashAttention-2-style forward kernel (tensor cores through mma.sync) and the split-key merge.
+// FlashAttention-2-style forward (tensor cores through mma.sync), every architecture.
 //
 // One block computes BM rows of one (batch, kv head). With GQA the G query heads that share a kv head are packed
 // into the row dimension (row r -> head hk*G + r / L, position r % L), so K/V tiles are loaded once for the whole
 // group and never copied. Each warp owns kMT x 16 rows; S = Q K^T and O += P V run on tensor cores (mma.h: one
-// m16n8k16 per step for 16-bit inputs, split TF32 for float) with P kept in registers. K/V tiles stream through a two-stage cp.async pipeline: the next visible tile loads while the current
-// one computes.
+// m16n8k16 per step for 16-bit inputs, split TF32 for float) with P kept in registers. K/V tiles stream through a
+// two-stage cp.async pipeline: the next visible tile loads while the current one computes.
 //
 // Variants: element type T (bfloat16, float16, float), head-dim bucket D (E, Ev <= D, padded with zeros in shared
 // memory) and kKind (tiles.h):
 //   Plain    no mask, no dropout (causal, sinks, GQA, scale are run-time)
 //   General  attention mask and/or dropout
 //   Decode   plain, for at most 16 rows per (batch, kv head) (decode, GQA groups of L = 1): one-warp blocks of 16
-//              rows, so that many blocks share a multiprocessor and keep enough K/V loads in flight; combined with
-//              the split-key launch it streams K/V at close to the memory bandwidth.
+//            rows, so that many blocks share a multiprocessor and keep enough K/V loads in flight; combined with
+//            the split-key launch it streams K/V at close to the memory bandwidth.
 #pragma once
+#include "cuda/fwd/epilogue.h"
+#include "cuda/fwd/softmax.h"
 #include "cuda/mask.h"
 #include "cuda/prims/mma.h"
 #include "cuda/tiles.h"
@@ -34,6 +36,117 @@ struct FwdCfg {
   static constexpr int kMaskBytes = kBM * kBN;  // one stage of a staged bool mask tile
   static constexpr int kSmem = (kBM + 2 * kStages * kBN) * D * static_cast<int>(sizeof(T)) + kStages * kMaskBytes;
 };
+
+// S = Q K^T of one key tile for this warp's MT m-tiles (Q at sQ, K at sK, both SmemTile layouts). Full head-dim
+// bucket: columns past E are zero in shared memory, and branch-free loops let the compiler hoist the ldmatrix of
+// step kk + 1 above the mma of step kk.
+template <class T, int D, int BM, int BN, int MT>
+__device__ __forceinline__ void fwd_mma_qk(float (&acc_s)[MT][BN / 8][4], uint32_t sQ, uint32_t sK, int warp,
+                                           int lane) {
+  using QTile = SmemTile<BM, D, T>;
+  using KTile = SmemTile<BN, D, T>;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    FragA<T> a[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) QTile::lda(a[mt], sQ, warp * 16 * MT + mt * 16, kk * 16, lane);
+#pragma unroll
+    for (int np = 0; np < BN / 16; ++np) {
+      FragB<T> bb;
+      KTile::ldb(bb, sK, np * 16, kk * 16, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma(acc_s[mt][2 * np], a[mt], bb, 0);
+        mma(acc_s[mt][2 * np + 1], a[mt], bb, 1);
+      }
+    }
+  }
+}
+
+// O += P V of one key tile: P from the S accumulators (rounded to T: the C fragments are the A fragments), V at sV.
+template <class T, int D, int BN, int MT>
+__device__ __forceinline__ void fwd_mma_pv(float (&acc_o)[MT][D / 8][4], const float (&acc_s)[MT][BN / 8][4],
+                                           uint32_t sV, int lane) {
+  using KTile = SmemTile<BN, D, T>;
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    FragA<T> a[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) a_from_c(a[mt], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
+#pragma unroll
+    for (int dn = 0; dn < D / 16; ++dn) {
+      FragB<T> bb;
+      KTile::ldb_t(bb, sV, kk * 16, dn * 16, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma(acc_o[mt][2 * dn], a[mt], bb, 0);
+        mma(acc_o[mt][2 * dn + 1], a[mt], bb, 1);
+      }
+    }
+  }
+}
+
+// Scale, mask and online softmax of row half hf of one m-tile's S (s = acc_s[mt]) for the key tile starting at j0:
+// s then holds P (dropout applied), the row's running max m and sum l move on, and its output o (acc_o[mt]) is
+// rescaled. Elementwise tests only where some element of the tile can fail them (need_elem). With a mask, bits
+// holds the row's allowed elements (bit 2n + e: key j0 + 8n + 2t + e) and mask_off its offset in the mask.
+template <int D, int BN>
+__device__ __forceinline__ void fwd_mma_softmax_row(float (&s)[BN / 8][4], float (&o)[D / 8][4], int hf, float& m,
+                                                    float& l, const AttnParams& p, int j0, int t, float scale_log2,
+                                                    bool has_mask, bool need_elem, uint64_t bits, int64_t mask_off,
+                                                    int lim, bool has_dropout, const Dropout& drop, int64_t b, int h,
+                                                    int i) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float x = s[n][hf * 2 + e] * scale_log2;
+      if (has_mask) {
+        const int j = j0 + n * 8 + 2 * t + e;
+        if (!((bits >> (n * 2 + e)) & 1)) {
+          x = -INFINITY;
+        } else if (p.mask_kind == MaskKind::Additive) {
+          x += mask_bias(p, mask_off + j * p.mask_st.c) * kLog2e;
+        }
+      } else if (need_elem) {
+        if (j0 + n * 8 + 2 * t + e >= lim) x = -INFINITY;
+      }
+      s[n][hf * 2 + e] = x;
+      mx = fmaxf(mx, x);
+    }
+  }
+  mx = warp_max4(mx);
+  float alpha;
+  const float m_use = softmax_rescale(m, mx, alpha);
+  l *= alpha;
+  // Once the running max settles, alpha is 1 for the whole warp: skip the O rescale.
+  if (__any_sync(0xffffffffu, alpha != 1.f)) {
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      o[dn][hf * 2] *= alpha;
+      o[dn][hf * 2 + 1] *= alpha;
+    }
+  }
+  float rs = 0.f;
+#pragma unroll
+  for (int n = 0; n < BN / 8; ++n) {
+    const float p0 = exp2f(s[n][hf * 2] - m_use);
+    const float p1 = exp2f(s[n][hf * 2 + 1] - m_use);
+    rs += p0 + p1;
+    if (has_dropout) {
+      const int64_t bh = b * p.hq + h;
+      const float2 k2 =
+          drop.pair(static_cast<uint32_t>(bh), static_cast<uint32_t>(i), static_cast<uint32_t>(j0 + n * 8 + 2 * t));
+      s[n][hf * 2] = p0 * k2.x;
+      s[n][hf * 2 + 1] = p1 * k2.y;
+    } else {
+      s[n][hf * 2] = p0;
+      s[n][hf * 2 + 1] = p1;
+    }
+  }
+  l += rs;
+}
 
 // Blocks: one per (m block, batch * kv head), ordered so that the heaviest causal blocks start first.
 template <class T, int D, FwdKind kKind>
@@ -143,11 +256,7 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      // A sink is one more logit in the denominator: start the running max at it with weight 1 (counted once).
-      m_run[mt][hf] = with_sinks ? p.sinks[row_h[mt][hf]] * kLog2e : -INFINITY;
-      l_run[mt][hf] = with_sinks && t == 0 ? 1.f : 0.f;
-    }
+    for (int hf = 0; hf < 2; ++hf) softmax_start(p, row_h[mt][hf], with_sinks, t, m_run[mt][hf], l_run[mt][hf]);
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn)
 #pragma unroll
@@ -209,110 +318,22 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
       for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_s[mt][n][e] = 0.f;
-    if (warp_active && !skip) {
-      // Full head-dim bucket: columns past E are zero in shared memory, and branch-free loops let the compiler
-      // hoist the ldmatrix of step kk + 1 above the mma of step kk.
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        FragA<T> a[MT];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) QTile::lda(a[mt], sQ, warp * 16 * MT + mt * 16, kk * 16, lane);
-#pragma unroll
-        for (int np = 0; np < BN / 16; ++np) {
-          FragB<T> bb;
-          KTile::ldb(bb, sK, np * 16, kk * 16, lane);
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            mma(acc_s[mt][2 * np], a[mt], bb, 0);
-            mma(acc_s[mt][2 * np + 1], a[mt], bb, 1);
-          }
-        }
-      }
-    }
+    if (warp_active && !skip) fwd_mma_qk<T, D, BM, BN, MT>(acc_s, sQ, sK, warp, lane);
 
     // Scale, mask, online softmax. Elementwise tests only where some element of the tile can fail them.
     const int j0 = tile * BN;
     const bool need_elem = has_mask || j0 + BN > n_full;
     if (warp_active && !skip) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          float mx = -INFINITY;
-#pragma unroll
-          for (int n = 0; n < BN / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float s = acc_s[mt][n][hf * 2 + e] * scale_log2;
-              if (has_mask) {
-                const int j = j0 + n * 8 + 2 * t + e;
-                if (!((bits >> ((mt * 2 + hf) * (BN / 4) + n * 2 + e)) & 1)) {
-                  s = -INFINITY;
-                } else if (p.mask_kind == MaskKind::Additive) {
-                  s += mask_bias(p, row_mask[mt][hf] + j * p.mask_st.c) * kLog2e;
-                }
-              } else if (need_elem) {
-                if (j0 + n * 8 + 2 * t + e >= row_lim[mt][hf]) s = -INFINITY;
-              }
-              acc_s[mt][n][hf * 2 + e] = s;
-              mx = fmaxf(mx, s);
-            }
-          }
-          mx = warp_max4(mx);
-          const float m_new = fmaxf(m_run[mt][hf], mx);
-          // Fully-masked-so-far guard: with every logit -inf, shift by 0 so exp2 gives 0 rather than NaN.
-          const float m_use = m_new == -INFINITY ? 0.f : m_new;
-          const float alpha = exp2f(m_run[mt][hf] - m_use);
-          m_run[mt][hf] = m_new;
-          l_run[mt][hf] *= alpha;
-          // Once the running max settles, alpha is 1 for the whole warp: skip the O rescale.
-          if (__any_sync(0xffffffffu, alpha != 1.f)) {
-#pragma unroll
-            for (int dn = 0; dn < D / 8; ++dn) {
-              acc_o[mt][dn][hf * 2] *= alpha;
-              acc_o[mt][dn][hf * 2 + 1] *= alpha;
-            }
-          }
-          float rs = 0.f;
-#pragma unroll
-          for (int n = 0; n < BN / 8; ++n) {
-            const float p0 = exp2f(acc_s[mt][n][hf * 2] - m_use);
-            const float p1 = exp2f(acc_s[mt][n][hf * 2 + 1] - m_use);
-            rs += p0 + p1;
-            if (has_dropout) {
-              const int64_t bh = b * p.hq + row_h[mt][hf];
-              const float2 k2 = drop.pair(static_cast<uint32_t>(bh), static_cast<uint32_t>(row_i[mt][hf]),
-                                          static_cast<uint32_t>(j0 + n * 8 + 2 * t));
-              acc_s[mt][n][hf * 2] = p0 * k2.x;
-              acc_s[mt][n][hf * 2 + 1] = p1 * k2.y;
-            } else {
-              acc_s[mt][n][hf * 2] = p0;
-              acc_s[mt][n][hf * 2 + 1] = p1;
-            }
-          }
-          l_run[mt][hf] += rs;
-        }
-      }
+        for (int hf = 0; hf < 2; ++hf)
+          fwd_mma_softmax_row<D, BN>(acc_s[mt], acc_o[mt], hf, m_run[mt][hf], l_run[mt][hf], p, j0, t, scale_log2,
+                                     has_mask, need_elem, bits >> ((mt * 2 + hf) * (BN / 4)), row_mask[mt][hf],
+                                     row_lim[mt][hf], has_dropout, drop, b, row_h[mt][hf], row_i[mt][hf]);
     }
 
-    if (warp_active && !skip) {
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        FragA<T> a[MT];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) a_from_c(a[mt], acc_s[mt][2 * kk], acc_s[mt][2 * kk + 1]);
-#pragma unroll
-        for (int dn = 0; dn < D / 16; ++dn) {
-          FragB<T> bb;
-          KTile::ldb_t(bb, sV, kk * 16, dn * 16, lane);
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            mma(acc_o[mt][2 * dn], a[mt], bb, 0);
-            mma(acc_o[mt][2 * dn + 1], a[mt], bb, 1);
-          }
-        }
-      }
-    }
+    if (warp_active && !skip) fwd_mma_pv<T, D, BN, MT>(acc_o, acc_s, sV, lane);
     __syncthreads();  // every warp is done with this stage: refill it with the tile after next
     int tile_after = tile_next < t_end ? next_tile(tile_next + 1, bits) : t_end;
     if (tile_after < t_end) load_tile(tile_after, stage);
@@ -327,109 +348,11 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
 
   // Epilogue: normalise, write the output (or this split's partial) and the log-sum-exp.
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const float l = warp_sum4(l_run[mt][hf]);
-      if (!row_ok[mt][hf]) continue;
-      // A row with no allowed key (and no sink) has l = 0: output 0 and lse -inf, never NaN.
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const float m_use = m_run[mt][hf] == -INFINITY ? 0.f : m_run[mt][hf];
-      const float lse = l > 0.f ? (m_use + log2f(l)) * kLn2 : -INFINITY;
-      const int64_t bh = b * p.hq + row_h[mt][hf];
-      const int i = row_i[mt][hf];
-      if (p.num_splits == 1) {
-        T* out = static_cast<T*>(p.out) + b * p.out_st.b + row_h[mt][hf] * p.out_st.h + i * p.out_st.r;
-#pragma unroll
-        for (int dn = 0; dn < D / 8; ++dn) {
-          const int c = dn * 8 + 2 * t;
-          if (c < Ev) st2<T>(out + c, acc_o[mt][dn][hf * 2] * inv, acc_o[mt][dn][hf * 2 + 1] * inv);
-        }
-        if (t == 0) p.lse[bh * p.L + i] = lse;
-      } else {
-        const int64_t prow = (static_cast<int64_t>(blockIdx.z) * p.batch * p.hq + bh) * p.L + i;
-        float* out = p.o_partial + prow * Ev;
-#pragma unroll
-        for (int dn = 0; dn < D / 8; ++dn) {
-          const int c = dn * 8 + 2 * t;
-          if (c < Ev)
-            *reinterpret_cast<float2*>(out + c) = make_float2(acc_o[mt][dn][hf * 2] * inv, acc_o[mt][dn][hf * 2 + 1] * inv);
-        }
-        if (t == 0) p.lse_partial[prow] = lse;
-      }
-    }
-  }
-}
-
-// Merge of the split-key partials: lse = log(sum_s exp(lse_s) + exp(sink)), out = sum_s exp(lse_s - lse) out_s.
-// One block per (batch * head, row) (grid-stride): thread s holds split s's lse, block reductions give the max and
-// the sum, the weights go to shared memory, then threads take output columns (c = tid % 128) and split halves
-// (tid / 128) so the partial outputs are read coalesced with many loads in flight. A decode row has up to 128
-// splits: one warp per row walking them in sequence left the merge latency-bound (about three times the
-// attention kernel itself at B = 1, S = 32k). At most tiles::kMaxSplits splits.
-constexpr int kMaxSplits = tiles::kMaxSplits;
-
-__device__ __forceinline__ float block_reduce_256(float x, bool is_max, float* red) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const float y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = is_max ? fmaxf(x, y) : x + y;
-  }
-  const int warp = threadIdx.x >> 5;
-  __syncthreads();  // red may still be read from the previous reduction
-  if ((threadIdx.x & 31) == 0) red[warp] = x;
-  __syncthreads();
-  x = red[0];
-  for (int w = 1; w < 8; ++w) x = is_max ? fmaxf(x, red[w]) : x + red[w];
-  return x;
-}
-
-template <class T>
-__global__ void __launch_bounds__(256) merge_splits_kernel(const __grid_constant__ AttnParams p) {
-  __shared__ float red[8];
-  __shared__ float weight[kMaxSplits];
-  __shared__ float half_acc[128];
-  const int64_t rows = p.batch * p.hq * p.L;
-  const int ns = p.num_splits;
-  const int t = threadIdx.x;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t bh = row / p.L, i = row % p.L, b = bh / p.hq, h = bh % p.hq;
-    const float ls = t < ns ? p.lse_partial[t * rows + row] : -INFINITY;
-    const float sink = p.sinks ? p.sinks[h] : -INFINITY;
-    const float mx = fmaxf(block_reduce_256(ls, true, red), sink);
-    float lse = -INFINITY;
-    if (mx != -INFINITY) {
-      const float part = ls != -INFINITY ? __expf(ls - mx) : 0.f;
-      const float sum = block_reduce_256(part, false, red) + (sink != -INFINITY ? __expf(sink - mx) : 0.f);
-      lse = mx + __logf(sum);
-    }
-    if (t < ns) weight[t] = (lse != -INFINITY && ls != -INFINITY) ? __expf(ls - lse) : 0.f;
-    __syncthreads();
-    T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
-    const int half = t >> 7;
-    for (int c0 = 0; c0 < p.Ev; c0 += 128) {
-      const int c = c0 + (t & 127);
-      float acc = 0.f;
-      if (c < p.Ev) {
-        const float* src = p.o_partial + row * p.Ev + c;
-#pragma unroll 8
-        for (int s = half; s < ns; s += 2) acc += weight[s] * src[static_cast<int64_t>(s) * rows * p.Ev];
-      }
-      if (half == 1) half_acc[t & 127] = acc;
-      __syncthreads();
-      if (half == 0 && c < p.Ev) out[c] = from_float<T>(acc + half_acc[t]);
-      __syncthreads();
-    }
-    if (t == 0) p.lse[row] = lse;
-  }
-}
-
-// Launches the merge after a split-key forward.
-template <class T>
-inline cudaError_t launch_merge(const AttnParams& p, cudaStream_t stream) {
-  const int64_t all_rows = p.batch * p.hq * p.L;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(all_rows, int64_t(1) << 20));
-  merge_splits_kernel<T><<<grid, 256, 0, stream>>>(p);
-  return cudaGetLastError();
+    for (int hf = 0; hf < 2; ++hf)
+      fwd_store_row<T, D>(p, b, row_h[mt][hf], row_i[mt][hf], row_ok[mt][hf], m_run[mt][hf], l_run[mt][hf], t,
+                          [&](int dn, int e) { return acc_o[mt][dn][hf * 2 + e]; });
 }
 
 }  // namespace cuda
