@@ -5,8 +5,6 @@ the mma.sync backward of the same build, chosen with sdpax.cuda_main_loop. On a 
 check the mma.sync loops. Every check is the suite's one oracle and rule (helpers.py, through test_cuda.check_case).
 Skips cleanly without a GPU or a CUDA build.
 """
-import contextlib
-
 import pytest
 import torch
 
@@ -45,15 +43,13 @@ def test_long_masked_forward(mask_kind, E, L, S):
                seed=L + E)
 
 
-def _bwd_sm90(on):
-    """The backward main loop for the duration. on: the Hopper loop, and on a Hopper device strictly (a call whose
-    plan says sm90 fails instead of silently running the mma.sync loop when its tensor maps cannot be encoded); off
-    a Hopper device the default choice (the mma.sync loop). Off: the mma.sync loop."""
+def _bwd_sm90(on, strict=True):
+    """The backward main loop for the duration (sdpax.cuda_main_loop). on: the Hopper loop where the launch plan can
+    run it, strictly on a Hopper device (a call it cannot run, or whose tensor maps cannot be encoded, fails instead
+    of silently running the mma.sync loop); elsewhere the plan's mma.sync loop. Off: the mma.sync loop."""
     if not on:
         return sdpax.cuda_main_loop(backward="mma")
-    if torch.cuda.get_device_capability()[0] == 9:
-        return sdpax.cuda_main_loop(backward="sm90", strict=True)
-    return contextlib.nullcontext()
+    return sdpax.cuda_main_loop(backward="sm90", strict=strict and torch.cuda.get_device_capability()[0] == 9)
 
 
 BWD_LENGTHS = [(1, 1), (7, 7), (97, 97), (1025, 1025), (97, 1025), (1025, 97), (7, 300)]
@@ -97,8 +93,9 @@ def test_sm90_backward_matches_mma_sync(layout, dtype, E, causal):
 
 
 def test_sm90_backward_deterministic_falls_back():
-    # Deterministic mode keeps the mma.sync backward (the sm90 loop adds dQ by atomics): bitwise repeatable.
-    with _bwd_sm90(True):
+    # Deterministic mode keeps the mma.sync backward (the sm90 loop adds dQ by atomics): bitwise repeatable. Asked
+    # for the Hopper loop without strict, which would refuse the call.
+    with _bwd_sm90(True, strict=False):
         a = check_case(1, 4, 2, 300, 300, 128, 128, torch.bfloat16, causal=1, deterministic=True, seed=3)
         b = check_case(1, 4, 2, 300, 300, 128, 128, torch.bfloat16, causal=1, deterministic=True, seed=3)
     for x, y in zip(a.grads, b.grads):
