@@ -131,9 +131,8 @@ def test_cuda_main_loop_is_per_thread_and_checked():
         t.start()
         t.join()
     assert seen == ["sm90 (wgmma)"]
-    with pytest.raises(ValueError, match="forward must be one of"):
-        with sdpax.cuda_main_loop(forward="wgmma"):
-            pass
+    with pytest.raises(ValueError, match="forward must be one of"), sdpax.cuda_main_loop(forward="wgmma"):
+        pass
 
 
 def test_cuda_main_loop_leaves_cpu_calls_alone():
