@@ -147,3 +147,15 @@ def test_backend_ids_outside_the_layout_are_refused():
     q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
     with pytest.raises(RuntimeError, match="unknown backend id"):
         torch.ops.sdpax.fwd(q, k, v, None, 0.0, 0, 1.0, False, None, None, 1 | (3 << 4))
+
+
+def test_explain_shows_the_plan_of_cuda_calls_only():
+    q = torch.randn(1, 2, 16, 64)
+    assert sdpax.explain(q, q, q).plan is None
+    if not torch.cuda.is_available():
+        return
+    q = q.to("cuda", bf16)
+    ex = sdpax.explain(q, q, q, is_causal=True)
+    assert ex.plan is not None and "plan: forward" in str(ex)
+    with sdpax.cuda_main_loop(forward="mma"):
+        assert sdpax.explain(q, q, q).plan.forward_loop == "mma.sync"
