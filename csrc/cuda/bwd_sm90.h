@@ -259,7 +259,7 @@ __device__ __forceinline__ void bwd_sm90_consumer_d256(const AttnParams& p, uint
   }
 
   // dK (scaled) and dV of this thread's keys, columns c0..
-  store_dkdv<T, 16>(p, acc_dk, acc_dv, b, hk, j0 + key_r, c0, t);
+  store_dkdv<T, 16>(p, acc_dk, acc_dv, b, hk, j0 + key_r, c0, t, p.S, p.E, p.Ev);
 #endif
 }
 
@@ -688,7 +688,7 @@ __global__ void __launch_bounds__(BwdSm90Cfg<D, kGeneral>::kThreads, 1)
   }
 
   // dK (scaled) and dV of this thread's keys.
-  store_dkdv<T, D / 8>(p, acc_dk, acc_dv, b, hk, j0 + key_r, 0, t);
+  store_dkdv<T, D / 8>(p, acc_dk, acc_dv, b, hk, j0 + key_r, 0, t, p.S, p.E, p.Ev);
 #endif
 }
 

@@ -485,7 +485,50 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     else exp_pass(std::false_type{});
 
     // Mask gradient: dS itself (rows past L and keys past S hold 0 and are not written).
-    if (has_dmask) store_dmask_keys32<WQ>(p, dpt, b, h, i0 + wn * WQ, j0 + wk * 32 + g, t);
+    if (has_dmask) {
+      const int64_t base = b * p.dmask_st.b + h * p.dmask_st.h;
+      // Broadcast over rows: this warp's WQ rows of each key (4 lanes x WQ / 4 values), one write per slot; a
+      // half-step wholly past L has no slot (deterministic mode sizes the scratch to ceil(L / WQ) slots).
+      if (p.dmask_tile_rows && i0 + wn * WQ < L) {
+        const int slot = (i0 + wn * WQ) / WQ;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float part = 0.f;
+#pragma unroll
+            for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+              for (int c = 0; c < 2; ++c) part += dpt[mt][n][2 * hf + c];
+            part = warp_sum4(part);
+            const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
+            if (t == 0 && j < S) {
+              float* dst = p.dmask + base + int64_t(slot) * p.dmask_st.r + int64_t(j) * p.dmask_st.c;
+              if (p.dmask_atomic) atomicAdd(dst, part);
+              else *dst = part;
+            }
+          }
+      } else if (!p.dmask_tile_rows) {
+#pragma unroll
+        for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
+            if (i >= L) continue;
+            float* row = p.dmask + base + int64_t(i) * p.dmask_st.r;
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+              for (int hf = 0; hf < 2; ++hf) {
+                const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
+                if (j >= S) continue;
+                float* dst = row + int64_t(j) * p.dmask_st.c;
+                if (p.dmask_atomic) atomicAdd(dst, dpt[mt][n][2 * hf + c]);
+                else *dst = dpt[mt][n][2 * hf + c];
+              }
+          }
+      }
+    }
 
     // P^T and dS^T to shared memory (16-bit, as the A operands of dV / dK and, transposed, of dQ).
 #pragma unroll
@@ -555,7 +598,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
             }
           }
         }
-        add_dq_rows32<QC / 8>(p, acc_dq, bh, i0 + qm * 32 + g, c_begin, t, dq_cols, dq_row8);
+        add_dq_rows32<QC / 8>(p, acc_dq, bh, i0 + qm * 32 + g, c_begin, t, dq_cols, dq_row8, L);
       }
     }
   }
@@ -563,7 +606,8 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
 
   // dK (scaled) and dV of this warp's 32 keys and DC columns.
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) store_dkdv<T, DC / 8>(p, acc_dk[mt], acc_dv[mt], b, hk, j0 + wk * 32 + mt * 16 + g, wn * DC, t);
+  for (int mt = 0; mt < 2; ++mt)
+    store_dkdv<T, DC / 8>(p, acc_dk[mt], acc_dv[mt], b, hk, j0 + wk * 32 + mt * 16 + g, wn * DC, t, S, E, Ev);
 }
 
 }  // namespace cuda

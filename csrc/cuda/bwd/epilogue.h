@@ -6,10 +6,6 @@
 //                   are written once, in the input dtype, without atomics.
 //   dQ              float atomics into dq_accum (unscaled dS K), one pair of columns per atomic where the hardware
 //                   has float2 atomics (sm90); launch_dq_finish scales and rounds dq_accum afterwards.
-//   dmask           the float mask gradient dS: straight to its element when each mask element has one writer
-//                   (a full-shape mask, or the per-writer scratch of deterministic mode, summed by the host), float
-//                   atomics for other broadcasts; a mask broadcast over rows is first summed over a slot of rows of
-//                   each key inside the warp (one write per slot and key).
 // Accumulator layout: an m16 x n(8 NN) product as a thread holds it (mma.sync tiles as float[NN][4], a wgmma m64 warp
 // slice as float[4 NN]): element (row g + 8 hf, column 8 nn + 2t + x) at acc_at(acc, nn, 2 hf + x), with g = lane / 4
 // and t = lane % 4. In the key-major products (S^T, dP^T, dK, dV) rows are keys.
@@ -71,11 +67,11 @@ __device__ __forceinline__ float acc_at(const float (&acc)[N], int nn, int e) {
 }
 
 // dK (scaled) and dV of keys j and j + 8 (the accumulators' rows g and g + 8; keys past S are not stored), columns
-// c0 + 8 nn + 2t for nn < NN (past E / Ev: not stored).
-template <class T, int NN, class Acc>
+// c0 + 8 nn + 2t for nn < NN (past E / Ev: not stored). The helpers of this file test against the caller's sizes
+// (its int copies, or p's own fields, bound by reference: read where tested).
+template <class T, int NN, class Acc, class Int>
 __device__ __forceinline__ void store_dkdv(const AttnParams& p, const Acc& dk, const Acc& dv, int64_t b, int hk,
-                                           int j, int c0, int t) {
-  const int S = static_cast<int>(p.S), E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+                                           int j, int c0, int t, const Int& S, const Int& E, const Int& Ev) {
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int jj = j + 8 * hf;
@@ -105,8 +101,7 @@ __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
 // element tested against L and E (bwd_kernel).
 template <int NN>
 __device__ __forceinline__ void add_dq_checked(const AttnParams& p, const float (&acc)[NN][4], int64_t bh, int i_w,
-                                               int c0, int g, int t) {
-  const int L = static_cast<int>(p.L), E = static_cast<int>(p.E);
+                                               int c0, int g, int t, int L, int E) {
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int i = i_w + hf * 8 + g;
@@ -142,8 +137,7 @@ __device__ __forceinline__ void add_dq_rows32_tests(const float (&acc)[2][NN][4]
 }
 template <int NN>
 __device__ __forceinline__ void add_dq_rows32(const AttnParams& p, const float (&acc)[2][NN][4], int64_t bh, int i_q,
-                                              int c0, int t, int n_cols, int64_t row8) {
-  const int L = static_cast<int>(p.L);
+                                              int c0, int t, int n_cols, int64_t row8, int L) {
   float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c0 + 2 * t;
   if (i_q + 24 < L && n_cols == NN) add_dq_rows32_tests<false>(acc, dq0, i_q, L, n_cols, row8);
   else add_dq_rows32_tests<true>(acc, dq0, i_q, L, n_cols, row8);
@@ -176,91 +170,6 @@ __device__ __forceinline__ void add_dq_rows16(const AttnParams& p, const float (
     add_dq_rows16_tests<false, NN>(p, dq, dq0, i_q, c0, t);
   else
     add_dq_rows16_tests<true, NN>(p, dq, dq0, i_q, c0, t);
-}
-
-// One element of the mask gradient.
-__device__ __forceinline__ void dmask_put(const AttnParams& p, float* dst, float v) {
-  if (p.dmask_atomic) atomicAdd(dst, v);
-  else *dst = v;
-}
-
-// A mask broadcast over rows: key j's gradient summed over row slot `slot`, from the partial sums of lanes
-// t = 0..3 (same g); lane t = 0 writes it (keys past S: nothing).
-__device__ __forceinline__ void dmask_put_key_sum(const AttnParams& p, int64_t base, int slot, int j, float part,
-                                                  int t) {
-  part = warp_sum4(part);
-  if (t == 0 && j < static_cast<int>(p.S))
-    dmask_put(p, p.dmask + base + int64_t(slot) * p.dmask_st.r + int64_t(j) * p.dmask_st.c, part);
-}
-
-// Mask gradient of a 16-key warp tile of dS^T (bwd_kernel): keys j, j + 8, queries i0 + 8 n + 2t (+1) of (batch b,
-// head h); rows past L and keys past S are not written. Row-broadcast masks: one slot per query tile of BM rows.
-template <int BM>
-__device__ __forceinline__ void store_dmask_keys16(const AttnParams& p, const float (&ds)[BM / 8][4], int64_t b,
-                                                   int h, int i0, int j, int t) {
-  const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
-  const int64_t base = b * p.dmask_st.b + h * p.dmask_st.h;
-  if (p.dmask_tile_rows) {
-    // This tile's BM rows of each key: 4 lanes x BM / 4 values, then one write.
-    float part[2] = {0.f, 0.f};
-#pragma unroll
-    for (int n = 0; n < BM / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) part[e >> 1] += ds[n][e];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) dmask_put_key_sum(p, base, i0 / BM, j + 8 * hf, part[hf], t);
-  } else {
-#pragma unroll
-    for (int n = 0; n < BM / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = i0 + n * 8 + 2 * t + (e & 1), jj = j + 8 * (e >> 1);
-        if (i < L && jj < S)
-          dmask_put(p, p.dmask + base + int64_t(i) * p.dmask_st.r + int64_t(jj) * p.dmask_st.c, ds[n][e]);
-      }
-  }
-}
-
-// Mask gradient of a 32-key x WQ-query warp tile of dS^T (bwd_wide): keys j + 16 mt + 8 hf, queries
-// i_w + 8 n + 2t + c of (batch b, head h). Row-broadcast masks: the S^T tile of a key is split over two query warps,
-// so the slot is this warp's WQ rows (BwdWideCfg::kMaskRows; a slot wholly past L is not written), summed in a fixed
-// order (own rows, then the 4 t lanes): deterministic mode stays bitwise repeatable without a cross-warp pass.
-template <int WQ>
-__device__ __forceinline__ void store_dmask_keys32(const AttnParams& p, const float (&ds)[2][WQ / 8][4], int64_t b,
-                                                   int h, int i_w, int j, int t) {
-  const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
-  const int64_t base = b * p.dmask_st.b + h * p.dmask_st.h;
-  if (p.dmask_tile_rows && i_w < L) {
-    const int slot = i_w / WQ;
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        float part = 0.f;
-#pragma unroll
-        for (int n = 0; n < WQ / 8; ++n)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) part += ds[mt][n][2 * hf + c];
-        dmask_put_key_sum(p, base, slot, j + mt * 16 + hf * 8, part, t);
-      }
-  } else if (!p.dmask_tile_rows) {
-#pragma unroll
-    for (int n = 0; n < WQ / 8; ++n)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int i = i_w + n * 8 + 2 * t + c;
-        if (i >= L) continue;
-        float* row = p.dmask + base + int64_t(i) * p.dmask_st.r;
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int jj = j + mt * 16 + hf * 8;
-            if (jj >= S) continue;
-            dmask_put(p, row + int64_t(jj) * p.dmask_st.c, ds[mt][n][2 * hf + c]);
-          }
-      }
-  }
 }
 
 }  // namespace cuda
