@@ -20,24 +20,12 @@ std::vector<int64_t> cuda_plan(const at::Tensor& q, const at::Tensor& k, const a
                                at::IntArrayRef device) {
   TORCH_CHECK(device.size() == 3, "sdpax: cuda_plan's device is {compute capability major, SMs, has sm_90a}");
   const std::optional<at::Tensor> none;
-  const FwdArgs a{q, k, v, mask, dropout_p, causal, 1.0, enable_gqa, none, none, decode_backend(backend)};
+  // The params as the host entry builds them (without dropout: there is no rng to point at), then what the plan
+  // reads beyond them.
+  const FwdArgs a{q, k, v, mask, 0.0, causal, 1.0, enable_gqa, none, none, decode_backend(backend)};
   const Canonical c = canonicalize(a);
-  AttnParams p;  // what the plan reads: shapes, dtype, the mask's kind, pointer and strides, dropout, determinism
-  p.batch = c.B;
-  p.hq = c.Hq;
-  p.hkv = c.Hkv;
-  p.L = c.L;
-  p.S = c.S;
-  p.E = c.E;
-  p.Ev = c.Ev;
-  p.dtype = scalar_kind(q.scalar_type());
-  if (c.mask) {
-    p.mask_kind = c.mask->scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
-    p.mask = c.mask->data_ptr();
-    p.mask_st = strides4(*c.mask);
-  }
+  AttnParams p = make_params(c, c.q, c.k, c.v, none, a);
   p.dropout_p = dropout_p;
-  p.causal = static_cast<Causal>(causal);
   p.deterministic = deterministic;
   static float dmask_marker;  // only compared with nullptr: a float mask's gradient is wanted
   if (mask_grad && c.mask && c.mask->scalar_type() != at::kBool) p.dmask = &dmask_marker;

@@ -230,6 +230,37 @@ struct FwdSm90Consumer {
     }
   }
 
+  // The first tile of a pipeline (in K stage st; no P V to overlap with): S, the release of its K stage, softmax.
+  template <int kPath>
+  __device__ __forceinline__ void first(float (&s)[BN / 2], uint32_t (&pa)[BN / 16][4], float (&alpha)[2], int st,
+                                        int tile, const uint32_t (&bits)[2][4]) {
+    wgmma_fence();
+    issue_s(s, st);
+    wgmma_wait<0>();
+    reg_fence(s);
+    release(st, -1);
+    softmax<kPath>(s, tile, bits, alpha);
+    to_a(s, pa);
+  }
+  // One steady-state step: S(nxt) = Q K(st)^T and O += P(cur) V(cur) issued together, the softmax of S(nxt) while
+  // P V runs on the tensor cores, then the release of K(st) and V(cur). The caller rescales O and rounds P.
+  template <int kPath>
+  __device__ __forceinline__ void step(float (&s)[BN / 2], uint32_t (&pa)[BN / 16][4], float (&alpha)[2], int st,
+                                       int cur, int n, int tile, const uint32_t (&bits)[2][4]) {
+    mbar_wait(k.bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);  // published before K(nxt): almost always in
+    wgmma_fence();
+    issue_s(s, st);
+    issue_pv(pa, cur);
+    wgmma_commit();
+    wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
+    reg_fence(s);
+    softmax<kPath>(s, tile, bits, alpha);
+    wgmma_wait<0>();
+    reg_fence(acc_o);
+    reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
+    release(st, cur);
+  }
+
   template <int kPath>
   __device__ __forceinline__ void main_loop();
   __device__ __forceinline__ void run_blocks();
@@ -395,30 +426,13 @@ __device__ __forceinline__ void FwdSm90Consumer<T, D, kKind>::main_loop() {
   float alpha[2];
   uint32_t bits[2][4] = {};
   if (k.mask_staged) mask_bits(cur, bits);
-  wgmma_fence();
-  issue_s(s, cur);
-  wgmma_wait<0>();
-  reg_fence(s);
-  release(cur, -1);
-  softmax<kPath>(s, tile, bits, alpha);
-  to_a(s, pa);
+  first<kPath>(s, pa, alpha, cur, tile, bits);
   for (++n;; ++n) {
     const int st = cur + 1 == kStages ? 0 : cur + 1;
     tile = next_tile(n, st, n);
     if (tile < 0) break;
     if (k.mask_staged) mask_bits(st, bits);
-    mbar_wait(k.bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);  // published before K(nxt): almost always in
-    wgmma_fence();
-    issue_s(s, st);
-    issue_pv(pa, cur);
-    wgmma_commit();
-    wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
-    reg_fence(s);
-    softmax<kPath>(s, tile, bits, alpha);
-    wgmma_wait<0>();
-    reg_fence(acc_o);
-    reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
-    release(st, cur);
+    step<kPath>(s, pa, alpha, st, cur, n, tile, bits);
     rescale_o(alpha);
     to_a(s, pa);
     cur = st;
@@ -465,13 +479,7 @@ __device__ __forceinline__ void FwdSm90Consumer<T, D, kKind>::run_blocks() {
   bool e_ok[2] = {false, false};
   float e_m[2] = {0.f, 0.f}, e_l[2] = {0.f, 0.f};
   mbar_wait(k.bar_full0, 0);
-  wgmma_fence();
-  issue_s(s, 0);
-  wgmma_wait<0>();
-  reg_fence(s);
-  release(0, -1);
-  softmax<kPathDefault>(s, k.t_begin, no_bits, alpha);
-  to_a(s, pa);
+  first<kPathDefault>(s, pa, alpha, 0, k.t_begin, no_bits);
   int cur = 0, i = 1;  // stage of the pending P V; index of the next tile in its row block
   int n = 1;           // published index of the next tile
   for (;; ++n, ++i) {
@@ -500,18 +508,7 @@ __device__ __forceinline__ void FwdSm90Consumer<T, D, kKind>::run_blocks() {
     }
     const int tile = k.t_begin + i;
     mbar_wait(k.bar_full0 + 8 * st, (n / kStages) & 1);
-    mbar_wait(k.bar_vfull0 + 8 * cur, ((n - 1) / kStages) & 1);
-    wgmma_fence();
-    issue_s(s, st);
-    issue_pv(pa, cur);
-    wgmma_commit();
-    wgmma_wait<1>();  // S(nxt) done; P(cur) V(cur) may still run
-    reg_fence(s);
-    softmax<kPathDefault>(s, tile, no_bits, alpha);
-    wgmma_wait<0>();
-    reg_fence(acc_o);
-    reg_fence_u32(pa);
-    release(st, cur);
+    step<kPathDefault>(s, pa, alpha, st, cur, n, tile, no_bits);
     if (fresh) {
       epilogue(e_b, e_h, e_i, e_ok, e_m, e_l);
       zero_o();
