@@ -23,6 +23,7 @@
 // broadcast over keys needs no writes: its gradient has a closed form, see flash_api.cpp.)
 #pragma once
 #include "cuda/bwd/epilogue.h"
+#include "cuda/bwd/load.h"
 #include "cuda/mask.h"
 #include "cuda/prims/mma.h"
 #include "cuda/tiles.h"
@@ -56,7 +57,6 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
   using KTile = SmemTile<BN, D, T>;
   using QTile = SmemTile<BM, D, T>;
   using STile = SmemTile<BN, BM, T>;
-  constexpr int kVec = KTile::kVec;  // elements per 16-byte copy
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sK = smem_u32(smem);
   const uint32_t sV = sK + KTile::kBytes;
@@ -73,58 +73,17 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
   const int G = static_cast<int>(p.hq / p.hkv);
   const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
-  const int n_blocks = (S + BN - 1) / BN;
-  const int n_block = static_cast<int>(blockIdx.x % n_blocks);
-  const int64_t bhk = blockIdx.x / n_blocks;
-  const int64_t b = bhk / p.hkv;
-  const int hk = static_cast<int>(bhk % p.hkv);
-  const int j0 = n_block * BN;
-
-  // Query rows that can see key j0 or later: i + 1 + shift > j0 under causal alignment.
-  int i_begin = 0;
-  if (p.causal != Causal::None) {
-    const int64_t shift = p.causal == Causal::LowerRight ? p.S - p.L : 0;
-    const int64_t first = static_cast<int64_t>(j0) - shift;
-    i_begin = static_cast<int>(first < 0 ? 0 : (first > L ? L : first));
-  }
-  const int q_first = i_begin / BM;
-  const int q_tiles = (L + BM - 1) / BM - q_first;
-  const int steps = q_tiles > 0 ? G * q_tiles : 0;
+  const BwdKeyBlock<BN, BM> blk(p, G, L, S);
+  const int64_t b = blk.b;
+  const int hk = blk.hk, j0 = blk.j0, steps = blk.steps;
   const int last_key = min(j0 + BN, S) - 1;
 
   // K and V of this block, zero-filled past S and past E / Ev.
-  auto load_rows = [&](uint32_t dst, const void* base, int64_t off, const Strides4& st, int r0, int nrows,
-                       int valid_rows, int cols, auto tile) {
-    using Tile = decltype(tile);
-    const T* src0 = static_cast<const T*>(base) + off;
-    for (int idx = tid; idx < nrows * (D / kVec); idx += NT) {
-      const int r = idx / (D / kVec), c = idx % (D / kVec);
-      const bool ok = r0 + r < valid_rows && c * kVec < cols;
-      cp_async16(dst + Tile::offset(r, c), ok ? src0 + static_cast<int64_t>(r0 + r) * st.r + c * kVec : src0, ok);
-    }
-  };
+  const BwdRowCopy<T, D, NT, false> copy(tid);
   const int64_t k_off = b * p.k_st.b + static_cast<int64_t>(hk) * p.k_st.h;
   const int64_t v_off = b * p.v_st.b + static_cast<int64_t>(hk) * p.v_st.h;
-  load_rows(sK, p.k, k_off, p.k_st, j0, BN, S, E, KTile{});
-  load_rows(sV, p.v, v_off, p.v_st, j0, BN, S, Ev, KTile{});
-
-  auto step_head = [&](int step) { return hk * G + step / q_tiles; };
-  auto step_i0 = [&](int step) { return (q_first + step % q_tiles) * BM; };
-  auto load_q = [&](int step, int buf) {
-    const int h = step_head(step), i0 = step_i0(step);
-    const uint32_t q_dst = sQ0 + buf * 2 * QTile::kBytes;
-    load_rows(q_dst, p.q, b * p.q_st.b + static_cast<int64_t>(h) * p.q_st.h, p.q_st, i0, BM, L, E, QTile{});
-    load_rows(q_dst + QTile::kBytes, p.dout, b * p.dout_st.b + static_cast<int64_t>(h) * p.dout_st.h, p.dout_st,
-              i0, BM, L, Ev, QTile{});
-    // lse and Delta of the same rows travel in the same cp.async group (0 past L; those rows are masked anyway).
-    const int64_t row0 = (b * p.hq + h) * p.L + i0;
-    for (int r = tid; r < BM; r += NT) {
-      const bool ok = i0 + r < L;
-      cp_async4(smem_u32(sLse + buf * BM + r), ok ? p.lse + row0 + r : p.lse, ok);
-      cp_async4(smem_u32(sDelta + buf * BM + r), ok ? p.delta + row0 + r : p.delta, ok);
-    }
-  };
-  if (steps > 0) load_q(0, 0);
+  load_kv_rows<KTile, BN>(copy, p, sK, k_off, v_off, j0, S, E, Ev);
+  if (steps > 0) load_q_step<QTile, BM, NT>(copy, p, blk, 0, 0, sQ0, sLse, sDelta, L, E, Ev);
   cp_async_commit();
 
   Dropout drop{};
@@ -148,11 +107,11 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
 
   for (int step = 0; step < steps; ++step) {
     const int buf = step & 1;
-    const int h = step_head(step), i0 = step_i0(step);
+    const int h = blk.head(step), i0 = blk.row0(step);
     const int64_t bh = b * p.hq + h;
     cp_async_wait<0>();
     __syncthreads();
-    if (step + 1 < steps) load_q(step + 1, buf ^ 1);
+    if (step + 1 < steps) load_q_step<QTile, BM, NT>(copy, p, blk, step + 1, buf ^ 1, sQ0, sLse, sDelta, L, E, Ev);
     cp_async_commit();
 
     // Elementwise tests (causal / bounds / mask) only where some element of the tile can fail them.
@@ -347,7 +306,6 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kThreads;
   using QTile = SmemTile<BM, D, T>;
   using KTile = SmemTile<BN, D, T>;
-  constexpr int kVec = KTile::kVec;  // elements per 16-byte copy
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sQ = smem_u32(smem);
   const uint32_t sdO = sQ + QTile::kBytes;
@@ -367,26 +325,12 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
   const int n_full = i0 + BM <= L ? row_limit(p, i0) : 0;          // keys visible to all of its rows
   const int n_tiles = (n_end + BN - 1) / BN;
 
-  auto load_rows = [&](uint32_t dst, const void* base, int64_t off, const Strides4& st, int r0, int nrows,
-                       int valid_rows, int cols, auto tile) {
-    using Tile = decltype(tile);
-    const T* src0 = static_cast<const T*>(base) + off;
-    for (int idx = tid; idx < nrows * (D / kVec); idx += NT) {
-      const int r = idx / (D / kVec), c = idx % (D / kVec);
-      const bool ok = r0 + r < valid_rows && c * kVec < cols;
-      cp_async16(dst + Tile::offset(r, c), ok ? src0 + static_cast<int64_t>(r0 + r) * st.r + c * kVec : src0, ok);
-    }
-  };
-  load_rows(sQ, p.q, b * p.q_st.b + int64_t(h) * p.q_st.h, p.q_st, i0, BM, L, E, QTile{});
-  load_rows(sdO, p.dout, b * p.dout_st.b + int64_t(h) * p.dout_st.h, p.dout_st, i0, BM, L, Ev, QTile{});
+  const BwdRowCopy<T, D, NT, false> copy(tid);
+  copy.template rows<QTile>(sQ, p.q, b * p.q_st.b + int64_t(h) * p.q_st.h, p.q_st, i0, BM, L, E);
+  copy.template rows<QTile>(sdO, p.dout, b * p.dout_st.b + int64_t(h) * p.dout_st.h, p.dout_st, i0, BM, L, Ev);
   const int64_t k_off = b * p.k_st.b + int64_t(hk) * p.k_st.h;
   const int64_t v_off = b * p.v_st.b + int64_t(hk) * p.v_st.h;
-  auto load_kv = [&](int tile, int stage) {
-    const uint32_t dst = sKV0 + stage * 2 * KTile::kBytes;
-    load_rows(dst, p.k, k_off, p.k_st, tile * BN, BN, S, E, KTile{});
-    load_rows(dst + KTile::kBytes, p.v, v_off, p.v_st, tile * BN, BN, S, Ev, KTile{});
-  };
-  if (n_tiles > 0) load_kv(0, 0);
+  if (n_tiles > 0) load_kv_stage<KTile, BN>(copy, p, sKV0, k_off, v_off, 0, 0, S, E, Ev);
   cp_async_commit();
 
   Dropout drop{};
@@ -418,7 +362,7 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
     const int stage = tile & 1;
     cp_async_wait<0>();
     __syncthreads();
-    if (tile + 1 < n_tiles) load_kv(tile + 1, stage ^ 1);
+    if (tile + 1 < n_tiles) load_kv_stage<KTile, BN>(copy, p, sKV0, k_off, v_off, tile + 1, stage ^ 1, S, E, Ev);
     cp_async_commit();
     const uint32_t sK = sKV0 + stage * 2 * KTile::kBytes, sV = sK + KTile::kBytes;
     const int j0 = tile * BN;

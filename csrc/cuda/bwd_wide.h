@@ -38,6 +38,7 @@
 #include <type_traits>
 
 #include "cuda/bwd/epilogue.h"
+#include "cuda/bwd/load.h"
 #include "cuda/bwd_kernel.h"
 
 namespace sdpax {
@@ -88,7 +89,6 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   using KTile = SmemTile<BN, D, T>;
   using QTile = SmemTile<BM, D, T>;
   using PTile = SmemTile<BN, BM, T>;  // P^T and dS^T: rows = keys, columns = queries
-  constexpr int kVec = KTile::kVec;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sK = smem_u32(smem);
   const uint32_t sV = sK + KTile::kBytes;
@@ -106,96 +106,35 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   const int G = static_cast<int>(p.hq / p.hkv);
   const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
-  const int n_blocks = (S + BN - 1) / BN;
-  const int n_block = static_cast<int>(blockIdx.x % n_blocks);
-  const int64_t bhk = blockIdx.x / n_blocks;
-  const int64_t b = bhk / p.hkv;
-  const int hk = static_cast<int>(bhk % p.hkv);
-  const int j0 = n_block * BN;
-
-  // Query rows that can see key j0 or later: i + 1 + shift > j0 under causal alignment.
-  int i_begin = 0;
-  if (p.causal != Causal::None) {
-    const int64_t shift = p.causal == Causal::LowerRight ? p.S - p.L : 0;
-    const int64_t first = static_cast<int64_t>(j0) - shift;
-    i_begin = static_cast<int>(first < 0 ? 0 : (first > L ? L : first));
-  }
-  // row_limit(p, i) = min(i + lim_shift, S) for every kind of alignment.
-  const int64_t lim_shift = p.causal == Causal::None ? p.S
-                            : 1 + (p.causal == Causal::LowerRight ? p.S - p.L : 0);
-  const int q_first = i_begin / BM;
-  const int q_tiles = (L + BM - 1) / BM - q_first;
-  const int steps = q_tiles > 0 ? G * q_tiles : 0;
+  const BwdKeyBlock<BN, BM> blk(p, G, L, S);
+  const int64_t b = blk.b;
+  const int hk = blk.hk, j0 = blk.j0, q_tiles = blk.q_tiles, steps = blk.steps;
+  const int64_t lim_shift = blk.lim_shift;
   const int last_key = min(j0 + BN, S) - 1;
 
-  // Tile loads: thread tid copies 16-byte chunk tid % kCpr of rows tid / kCpr + k * kRowsPer (fixed per thread,
-  // so the loop unrolls and the swizzled offsets are constants apart).
-  constexpr int kCpr = D / kVec, kRowsPer = NT / kCpr;
-  static_assert(NT % kCpr == 0 && kRowsPer % 8 == 0 && BM % kRowsPer == 0 && BN % kRowsPer == 0, "tile loads");
-  const int ld_r = tid / kCpr, ld_c = tid % kCpr;
-  auto load_rows = [&](uint32_t dst, const void* base, int64_t off, const Strides4& st, int r0, int nrows,
-                       int valid_rows, int cols, auto tile) {
-    using Tile = decltype(tile);
-    const T* src0 = static_cast<const T*>(base) + off + static_cast<int64_t>(r0) * st.r;
-    const bool col_ok = ld_c * kVec < cols;
-#pragma unroll
-    for (int k = 0; k < Tile::kBytes / (NT * 16); ++k) {
-      const int r = ld_r + k * kRowsPer;
-      const bool ok = col_ok && r0 + r < valid_rows;
-      cp_async16(dst + Tile::offset(r, ld_c), ok ? src0 + static_cast<int64_t>(r) * st.r + ld_c * kVec : src0, ok);
-    }
-    (void)nrows;
-  };
+  // K and V of the block, zero-filled past S and past E / Ev.
+  using Copy = BwdRowCopy<T, D, NT, true>;
+  static_assert(BM % Copy::kRowsPer == 0 && BN % Copy::kRowsPer == 0, "tile loads");
+  const Copy copy(tid);
   const int64_t k_off = b * p.k_st.b + static_cast<int64_t>(hk) * p.k_st.h;
   const int64_t v_off = b * p.v_st.b + static_cast<int64_t>(hk) * p.v_st.h;
-  load_rows(sK, p.k, k_off, p.k_st, j0, BN, S, E, KTile{});
-  load_rows(sV, p.v, v_off, p.v_st, j0, BN, S, Ev, KTile{});
+  load_kv_rows<KTile, BN>(copy, p, sK, k_off, v_off, j0, S, E, Ev);
 
-  auto step_head = [&](int step) { return hk * G + step / q_tiles; };
-  auto step_i0 = [&](int step) { return (q_first + step % q_tiles) * BM; };
-  auto load_q = [&](int step, int buf) {
-    const int h = step_head(step), i0 = step_i0(step);
-    const uint32_t q_dst = sQ0 + buf * 2 * QTile::kBytes;
-    load_rows(q_dst, p.q, b * p.q_st.b + static_cast<int64_t>(h) * p.q_st.h, p.q_st, i0, BM, L, E, QTile{});
-    load_rows(q_dst + QTile::kBytes, p.dout, b * p.dout_st.b + static_cast<int64_t>(h) * p.dout_st.h, p.dout_st,
-              i0, BM, L, Ev, QTile{});
-    const int64_t row0 = (b * p.hq + h) * p.L + i0;
-    for (int r = tid; r < BM; r += NT) {
-      const bool ok = i0 + r < L;
-      cp_async4(smem_u32(sLse + buf * BM + r), ok ? p.lse + row0 + r : p.lse, ok);
-      cp_async4(smem_u32(sDelta + buf * BM + r), ok ? p.delta + row0 + r : p.delta, ok);
-    }
-  };
   // A mask broadcast over query rows (a padding mask, (B, 1|H, 1, S)) is tested on one row: its allowed keys depend
   // only on the head, so each thread keeps its 4 key bits spread over its rows (`row_allowed`), refreshed once per
   // head, and the block-wide skip vote runs once per head (per step only on tiles that cross a causal / bounds
   // limit). No shared copy, no per-step mask reads for the test.
   const bool row_bcast = kGeneral && p.mask_kind != MaskKind::None && p.mask_st.r == 0;
-  // Bool mask through shared memory (see the top): contiguous keys, 16-byte aligned rows, heads and batches. The
-  // 16-byte chunk c of tile row r is stored at chunk c ^ ((r >> 1) & 3): the 4 rows 2t + c' a warp's lanes read in
-  // one byte load (t = 0..3) then fall in 4 different 16-byte bank groups (unswizzled, rows 256 bytes apart hit the
-  // same banks: a 4-way conflict on each of the 32 loads per thread and step).
+  // Bool mask through shared memory (see the top and load_mask_tile): contiguous keys, 16-byte aligned rows, heads
+  // and batches.
   const bool mask_smem = kGeneral && !row_bcast && p.mask_kind == MaskKind::Bool && p.mask_st.c == 1 &&
                          (reinterpret_cast<uintptr_t>(p.mask) & 15) == 0 &&
                          ((p.mask_st.r | p.mask_st.h | p.mask_st.b) & 15) == 0;
-  auto load_mask = [&](int step, int buf) {
-    const int h = step_head(step), i0 = step_i0(step);
-    const unsigned char* m0 = static_cast<const unsigned char*>(p.mask) + b * p.mask_st.b + h * p.mask_st.h;
-    const uint32_t dst0 = smem_u32(sMaskTile) + buf * BM * BN;
-#pragma unroll
-    for (int k = 0; k < BM * BN / 16 / NT; ++k) {
-      const int idx = tid + k * NT, r = idx / (BN / 16), cc = idx % (BN / 16);
-      const int i = i0 + r, j = j0 + cc * 16;
-      const int bytes = i < L ? max(0, min(16, S - j)) : 0;
-      cp_async16_partial(dst0 + r * BN + ((cc ^ ((r >> 1) & 3)) << 4),
-                         bytes > 0 ? m0 + int64_t(i) * p.mask_st.r + j : p.mask, bytes);
-    }
-  };
   static_assert(!kGeneral || ((BM * BN / 16) % NT == 0 && (BN / 16 == 8 || BN / 16 == 4) && WQ % 8 == 0),
                 "mask tile copy (the chunk swizzle needs 4 or 8 chunks per row)");
   if (steps > 0) {
-    load_q(0, 0);
-    if (mask_smem) load_mask(0, 0);
+    load_q_step<QTile, BM, NT>(copy, p, blk, 0, 0, sQ0, sLse, sDelta, L, E, Ev);
+    if (mask_smem) load_mask_tile<BM, BN, NT>(p, blk, 0, 0, sMaskTile, L, S, tid);
   }
   cp_async_commit();
 
@@ -241,14 +180,14 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
 
   for (int step = 0; step < steps; ++step) {
     const int buf = step & 1;
-    const int h = step_head(step), i0 = step_i0(step);
+    const int h = blk.head(step), i0 = blk.row0(step);
     const int64_t bh = b * p.hq + h;
     // Also orders the previous step's reads of P^T / dS^T before this step's stores.
     cp_async_wait<0>();
     __syncthreads();
     if (step + 1 < steps) {
-      load_q(step + 1, buf ^ 1);
-      if (mask_smem) load_mask(step + 1, buf ^ 1);
+      load_q_step<QTile, BM, NT>(copy, p, blk, step + 1, buf ^ 1, sQ0, sLse, sDelta, L, E, Ev);
+      if (mask_smem) load_mask_tile<BM, BN, NT>(p, blk, step + 1, buf ^ 1, sMaskTile, L, S, tid);
     }
     cp_async_commit();
 
