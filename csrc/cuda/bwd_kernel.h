@@ -190,39 +190,7 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
     }
 
     // Mask gradient: dS itself (rows past L and keys past S hold 0 and are not written).
-    if (has_dmask) {
-      const int64_t base = b * p.dmask_st.b + h * p.dmask_st.h;
-      if (p.dmask_tile_rows) {
-        // Broadcast over rows: sum this tile's BM rows of each key (4 lanes x BM / 4 values) before one write.
-        float part[2] = {0.f, 0.f};
-#pragma unroll
-        for (int n = 0; n < BM / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) part[e >> 1] += dpt[n][e];
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          part[hf] = warp_sum4(part[hf]);
-          const int j = key[hf];
-          if (t == 0 && j < S) {
-            float* dst = p.dmask + base + int64_t(i0 / BM) * p.dmask_st.r + int64_t(j) * p.dmask_st.c;
-            if (p.dmask_atomic) atomicAdd(dst, part[hf]);
-            else *dst = part[hf];
-          }
-        }
-      } else {
-#pragma unroll
-        for (int n = 0; n < BM / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = i0 + n * 8 + 2 * t + (e & 1), j = key[e >> 1];
-            if (i < L && j < S) {
-              float* dst = p.dmask + base + int64_t(i) * p.dmask_st.r + int64_t(j) * p.dmask_st.c;
-              if (p.dmask_atomic) atomicAdd(dst, dpt[n][e]);
-              else *dst = dpt[n][e];
-            }
-          }
-      }
-    }
+    if (has_dmask) store_dmask_keys16<BM>(p, dpt, b, h, i0, key[0], key[1], t, L, S);
 
     // dV += P_drop^T dO, dK += dS^T Q (A operands straight from the C fragments).
 #pragma unroll

@@ -24,29 +24,29 @@
 //            memory instead of waiting on 32 scattered global byte loads per thread before the block barrier
 //            (that wait made bwd_kernel's general kind 3-4x slower than its plain kind). Other masks are read
 //            in place through their broadcast strides.
-//   dropout  the keep function of common/philox.h: one Philox call gives the words of 4 consecutive keys of one
-//            row, and the 4 lanes g = 4k..4k+3 (same t) hold exactly those 4 keys of the same rows. So each of the
-//            4 lanes computes one Philox for one of 4 (row, key group) pairs it shares with the others, turns the
-//            4 words into 4 keep bits, and two shuffles hand every lane the 16 bits: 1 Philox per 4 elements where
-//            bwd_kernel spends one per element.
+//   dropout  one Philox call per 4 elements, shared by 4 lanes through shuffles (wide_exp_pass).
 //   dmask    dS (float, before rounding) per element, or (mask broadcast over rows) summed over the WQ rows of
-//            this warp's half of the step: the S^T tile of a key is split over the 2 query warps, so the row slot
-//            of the sum is a WQ-row slot (BwdWideCfg::kMaskRows, which bwd_tile_rows reports for the scratch of
-//            deterministic mode): one writer per slot and key, summed in a fixed order (own rows, then the 4 t
-//            lanes), so deterministic mode stays bitwise repeatable without a cross-warp pass.
+//            this warp's half of the step (store_dmask_keys32).
+// Roles: cuda/bwd/block.h (the block's keys and query steps), load.h (cp.async loads), wide_scores.h (mask, causal,
+// exp2, dropout, dS^T), wide_mainloop.h (the products), epilogue.h (dQ atomics, dK / dV and mask-gradient stores).
 #pragma once
 #include <type_traits>
 
+#include "cuda/bwd/block.h"
 #include "cuda/bwd/epilogue.h"
 #include "cuda/bwd/load.h"
-#include "cuda/bwd_kernel.h"
+#include "cuda/bwd/wide_mainloop.h"
+#include "cuda/bwd/wide_scores.h"
+#include "cuda/mask.h"
+#include "cuda/prims/mma.h"
+#include "cuda/tiles.h"
 
 namespace sdpax {
 namespace cuda {
 
 template <class T, int D, bool kGeneral>
 struct BwdWideCfg {
-  // launch_impl.h runs bwd_wide_kernel instead of bwd_kernel where this holds (both kinds).
+  // launch_bwd.h runs bwd_wide_kernel instead of bwd_kernel where this holds (both kinds).
   static constexpr bool kUse = tiles::bwd_wide(sizeof(T) == 4, D);
   static constexpr int kWarps = tiles::kBwdWideWarps;
   static constexpr int kThreads = kWarps * 32;
@@ -148,11 +148,10 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   const int m4 = g & 3;  // this lane's key within its group of 4 (dropout)
   // Allowed bits of the mask pass (one per element a thread holds: WQ of them).
   using MaskBits = std::conditional_t<(WQ <= 32), uint32_t, uint64_t>;
-  constexpr MaskBits kAllBits = ~MaskBits(0) >> (8 * sizeof(MaskBits) - WQ);      // every element
-  constexpr MaskBits kRowBits = (MaskBits(1) << ((WQ / 8) * 2 - 1) << 1) - 1;  // the 2 WQ / 8 bits of one key
-  MaskBits row_allowed = 0;  // row-broadcast mask: this head's bits (kRowBits per allowed key)
+  constexpr MaskBits kAllBits = ~MaskBits(0) >> (8 * sizeof(MaskBits) - WQ);  // every element
+  MaskBits row_allowed = 0;  // row-broadcast mask: this head's bits (2 WQ / 8 per allowed key)
   bool head_any = false;     // row-broadcast mask: some key of the block is allowed for this head
-  // Swizzled bool mask tile: this lane's byte of row wn * WQ + 2t, chunk 2 wk + mt (see load_mask).
+  // Swizzled bool mask tile: this lane's byte of row wn * WQ + 2t, chunk 2 wk + mt (see load_mask_tile).
   const unsigned char* m_tile_lane[2] = {
       sMaskTile + (wn * WQ + 2 * t) * BN + (((2 * wk) ^ t) << 4) + g,
       sMaskTile + (wn * WQ + 2 * t) * BN + (((2 * wk + 1) ^ t) << 4) + g};
@@ -199,61 +198,17 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     if (has_mask) {
       if (row_bcast) {
         if (step % q_tiles == 0) {  // a new head: this thread's 4 keys, spread over its rows; one vote per head
-          const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
-          row_allowed = 0;
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const int j = j0 + wk * 32 + q * 8 + g;
-            if (j < S && mask_bias(p, m_off + int64_t(j) * p.mask_st.c) != -INFINITY)
-              row_allowed |= kRowBits << (q * (WQ / 8) * 2);
-          }
+          wide_row_bits<WQ>(row_allowed, p, b, h, j0, wk, g, S);
           head_any = __syncthreads_or(row_allowed != 0);
         }
         allowed = row_allowed;
         if (!cross && !head_any) continue;
       } else if (mask_smem) {
-        // Row r = wn * WQ + n * 8 + 2t + c of the swizzled tile has ((r >> 1) & 3) == t (WQ a multiple of 8).
-        const unsigned char* m0 = m_tile_lane[0] + buf * BM * BN, *m1 = m_tile_lane[1] + buf * BM * BN;
-#pragma unroll
-        for (int n = 0; n < WQ / 8; ++n)
-#pragma unroll
-          for (int c = 0; c < 2; ++c)
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-              for (int hf = 0; hf < 2; ++hf)
-                if ((mt ? m1 : m0)[(n * 8 + c) * BN + hf * 8] != 0)
-                  allowed |= MaskBits(1) << ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c);
+        wide_tile_bits_smem<BM, BN, WQ>(allowed, m_tile_lane, buf);
       } else {  // in place through the broadcast strides
-        const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
-#pragma unroll
-        for (int n = 0; n < WQ / 8; ++n)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
-            const int64_t r_off = m_off + int64_t(i) * p.mask_st.r;
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-              for (int hf = 0; hf < 2; ++hf) {
-                const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
-                if ((!cross || (i < L && j < S)) && mask_bias(p, r_off + int64_t(j) * p.mask_st.c) != -INFINITY)
-                  allowed |= MaskBits(1) << ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c);
-              }
-          }
+        wide_tile_bits_global<WQ>(allowed, p, cross, b, h, i0, j0, wk, wn, g, t, L, S);
       }
-      if (cross) {  // fold causal / bounds in: keys j < row_limit(i), rows i < L
-#pragma unroll
-        for (int n = 0; n < WQ / 8; ++n)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
-            const int lim = i < L ? row_limit(p, i) : 0;
-#pragma unroll
-            for (int q = 0; q < 4; ++q)
-              if (j0 + wk * 32 + q * 8 + g >= lim) allowed &= ~(MaskBits(1) << (((q * (WQ / 8) + n) * 2) + c));
-          }
-      }
+      if (cross) wide_fold_limits<WQ>(allowed, p, i0, j0, wk, wn, g, t, L);
       if ((!row_bcast || cross) && !__syncthreads_or(allowed != 0)) continue;
     }
     const uint32_t q_buf = buf * 2 * QTile::kBytes;  // dO is QTile::kBytes after Q
@@ -267,276 +222,52 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
       for (int n = 0; n < WQ / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) st[mt][n][e] = dpt[mt][n][e] = 0.f;
-    auto product = [&](float (&c)[2][WQ / 8][4], uint32_t a_base, uint32_t b_base) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        FragA<T> a[2];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt].r, KTile::moved(a_base, mt * 16, 2 * kk));
-#pragma unroll
-        for (int np = 0; np < WQ / 16; ++np) {
-          FragB<T> bb;
-          ldmatrix_x4(bb.r, QTile::moved(b_base, np * 16, 2 * kk));
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            mma(c[mt][2 * np], a[mt], bb, 0);
-            mma(c[mt][2 * np + 1], a[mt], bb, 1);
-          }
-        }
-      }
-    };
-    // Both products in one k loop (Cfg::kFuseSdP): the same instructions per product, twice the independent chains.
-    auto product2 = [&]() {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        FragA<T> a[2], av[2];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          ldmatrix_x4(a[mt].r, KTile::moved(lane_k, mt * 16, 2 * kk));
-          ldmatrix_x4(av[mt].r, KTile::moved(lane_k, mt * 16, 2 * kk) + KTile::kBytes);
-        }
-#pragma unroll
-        for (int np = 0; np < WQ / 16; ++np) {
-          FragB<T> bq, bd;
-          ldmatrix_x4(bq.r, QTile::moved(lane_q + q_buf, np * 16, 2 * kk));
-          ldmatrix_x4(bd.r, QTile::moved(lane_q + q_buf, np * 16, 2 * kk) + QTile::kBytes);
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            mma(st[mt][2 * np], a[mt], bq, 0);
-            mma(st[mt][2 * np + 1], a[mt], bq, 1);
-            mma(dpt[mt][2 * np], av[mt], bd, 0);
-            mma(dpt[mt][2 * np + 1], av[mt], bd, 1);
-          }
-        }
-      }
-    };
     if constexpr (Cfg::kFuseSdP) {
-      product2();
+      wide_product2<T, KTile, QTile, D, WQ>(st, dpt, lane_k, lane_q, q_buf);
     } else {
-      product(st, lane_k, lane_q + q_buf);
-      product(dpt, lane_k + KTile::kBytes, lane_q + q_buf + QTile::kBytes);
+      wide_product<T, KTile, QTile, D, WQ>(st, lane_k, lane_q + q_buf);
+      wide_product<T, KTile, QTile, D, WQ>(dpt, lane_k + KTile::kBytes, lane_q + q_buf + QTile::kBytes);
     }
 
-    // Causal / bounds: S^T = -inf where key j is past row i's limit (rows past L see no key; they are zero-padded).
-    // Only tiles that cross a limit pay for the tests. With a mask, S^T becomes S^T * scale * log2(e) + bias *
-    // log2(e) here (-inf where not allowed), and the exp2 below skips its own scaling.
-    // Each kind of mask has its own loop (a block-uniform branch around it): one loop with a per-element choice
-    // is if-converted and every element would issue the additive path's address arithmetic and loads too.
-    auto mask_pass = [&](auto bias_of) {
-#pragma unroll
-      for (int n = 0; n < WQ / 8; ++n)
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              float& x = st[mt][n][2 * hf + c];
-              x = (allowed >> ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c)) & 1
-                      ? x * scale_log2 + bias_of(n, c, mt, hf)
-                      : -INFINITY;
-            }
-    };
-    // exp2 below: S^T * pscale - lse2 (the mask pass has applied the scale where it ran).
+    // Mask and causal / bounds limits on S^T, one loop per mask kind (wide_scores.h). Only tiles that cross a limit
+    // pay for its tests. With a mask, S^T becomes S^T scale log2(e) + bias log2(e) (-inf where not allowed), and the
+    // exp2 below skips its own scaling: exp2(S^T pscale - lse2).
     float pscale = has_mask ? 1.f : scale_log2;
     if (bool_mask) {
       // A thread whose elements are all allowed (padding masks inside the valid length, mostly-true masks) skips
       // the pass: the exp2 scales as in the plain kind.
       if (allowed == kAllBits) pscale = scale_log2;
-      else mask_pass([&](int, int, int, int) { return 0.f; });
+      else wide_mask_pass<WQ>(st, allowed, scale_log2, WideNoBias{});
     } else if (row_bcast) {  // additive, broadcast over rows: one bias per key of this thread (in L1 after the test)
-      const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
       float key_bias[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-        if ((row_allowed >> (q * (WQ / 8) * 2)) & 1)
-          key_bias[q] = mask_bias(p, m_off + int64_t(j0 + wk * 32 + q * 8 + g) * p.mask_st.c) * kLog2e;
-      mask_pass([&](int, int, int mt, int hf) { return key_bias[mt * 2 + hf]; });
+      wide_key_bias<WQ>(key_bias, p, b, h, j0, wk, g, row_allowed);
+      wide_mask_pass<WQ>(st, allowed, scale_log2, WideKeyBias{key_bias});
     } else if (has_mask) {  // additive: read where allowed
       const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
-      mask_pass([&](int n, int c, int mt, int hf) {
-        const int i = i0 + wn * WQ + n * 8 + 2 * t + c, j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
-        return mask_bias(p, m_off + int64_t(i) * p.mask_st.r + int64_t(j) * p.mask_st.c) * kLog2e;
-      });
+      wide_mask_pass<WQ>(st, allowed, scale_log2, WideElemBias<WQ>{p, m_off, i0, wn, t, j0, wk, g});
     } else if (cross) {
-#pragma unroll
-      for (int n = 0; n < WQ / 8; ++n)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
-          const int64_t lim = i < L ? min(i + lim_shift, static_cast<int64_t>(S)) : 0;
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf)
-              if (j0 + wk * 32 + mt * 16 + hf * 8 + g >= lim) st[mt][n][2 * hf + c] = -INFINITY;
-        }
+      wide_apply_limits<WQ>(st, i0, j0, wk, wn, g, t, L, S, lim_shift);
     }
 
-    // P^T = exp2(S^T * scale - lse), dS^T = P^T o (dP^T - Delta) (one FFMA before the exp2). Dropout: st becomes
-    // P_drop^T = P^T * keep (for dV) and dS^T = P^T o (dP^T * keep - Delta).
-    // The dropout and no-dropout versions are separate loops (a block-uniform branch; see mask_pass).
-    auto exp_pass = [&](auto with_dropout) {
-      constexpr bool kDrop = decltype(with_dropout)::value;
-#pragma unroll
-    for (int n = 0; n < WQ / 8; ++n) {
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        // Keep bits of this (n, mt): bit 4 q + w is word w of pair q = 2 hf + c, computed by lane m4 = q.
-        uint32_t keep_bits = 0;
-        if (kDrop) {
-          const int i = i0 + wn * WQ + n * 8 + 2 * t + (m4 & 1);
-          const int j4 = (j0 + wk * 32 + mt * 16 + (m4 >> 1) * 8 + (g & ~3)) >> 2;
-          uint32_t r[4];
-          dropout_words(drop.seed, drop.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
-                        static_cast<uint32_t>(j4), r);
-          uint32_t nib = 0;
-#pragma unroll
-          for (int w = 0; w < 4; ++w) nib |= (r[w] >= drop.threshold ? 1u : 0u) << w;
-          keep_bits = nib << (4 * m4);
-          keep_bits |= __shfl_xor_sync(0xffffffffu, keep_bits, 4);
-          keep_bits |= __shfl_xor_sync(0xffffffffu, keep_bits, 8);
-        }
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int r = wn * WQ + n * 8 + 2 * t + c;
-          // A row with no allowed key has lse = -inf: its P must be 0, not exp2(-inf + inf); +inf here gives 0.
-          const float lse = sLse[buf * BM + r], delta = sDelta[buf * BM + r];
-          const float lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int e = 2 * hf + c;
-            const float pr = exp2f(st[mt][n][e] * pscale - lse2);
-            if (kDrop) {
-              const float keep = (keep_bits >> (4 * (2 * hf + c) + m4)) & 1 ? drop.scale : 0.f;
-              st[mt][n][e] = pr * keep;
-              dpt[mt][n][e] = pr * (dpt[mt][n][e] * keep - delta);
-            } else {
-              st[mt][n][e] = pr;
-              dpt[mt][n][e] = pr * (dpt[mt][n][e] - delta);
-            }
-          }
-        }
-      }
-    }
-    };
-    if (has_dropout) exp_pass(std::true_type{});
-    else exp_pass(std::false_type{});
+    // P^T (P_drop^T with dropout: st, for dV) and dS^T (dpt), one loop with dropout and one without.
+    if (has_dropout) wide_exp_pass<true, BM, WQ>(st, dpt, pscale, i0, wn, t, m4, j0, wk, g, drop, bh, sLse, sDelta, buf);
+    else wide_exp_pass<false, BM, WQ>(st, dpt, pscale, i0, wn, t, m4, j0, wk, g, drop, bh, sLse, sDelta, buf);
 
     // Mask gradient: dS itself (rows past L and keys past S hold 0 and are not written).
-    if (has_dmask) {
-      const int64_t base = b * p.dmask_st.b + h * p.dmask_st.h;
-      // Broadcast over rows: this warp's WQ rows of each key (4 lanes x WQ / 4 values), one write per slot; a
-      // half-step wholly past L has no slot (deterministic mode sizes the scratch to ceil(L / WQ) slots).
-      if (p.dmask_tile_rows && i0 + wn * WQ < L) {
-        const int slot = (i0 + wn * WQ) / WQ;
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            float part = 0.f;
-#pragma unroll
-            for (int n = 0; n < WQ / 8; ++n)
-#pragma unroll
-              for (int c = 0; c < 2; ++c) part += dpt[mt][n][2 * hf + c];
-            part = warp_sum4(part);
-            const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
-            if (t == 0 && j < S) {
-              float* dst = p.dmask + base + int64_t(slot) * p.dmask_st.r + int64_t(j) * p.dmask_st.c;
-              if (p.dmask_atomic) atomicAdd(dst, part);
-              else *dst = part;
-            }
-          }
-      } else if (!p.dmask_tile_rows) {
-#pragma unroll
-        for (int n = 0; n < WQ / 8; ++n)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
-            if (i >= L) continue;
-            float* row = p.dmask + base + int64_t(i) * p.dmask_st.r;
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-              for (int hf = 0; hf < 2; ++hf) {
-                const int j = j0 + wk * 32 + mt * 16 + hf * 8 + g;
-                if (j >= S) continue;
-                float* dst = row + int64_t(j) * p.dmask_st.c;
-                if (p.dmask_atomic) atomicAdd(dst, dpt[mt][n][2 * hf + c]);
-                else *dst = dpt[mt][n][2 * hf + c];
-              }
-          }
-      }
-    }
+    if (has_dmask) store_dmask_keys32<WQ>(p, dpt, b, h, i0 + wn * WQ, j0 + wk * 32, g, t, L, S);
 
     // P^T and dS^T to shared memory (16-bit, as the A operands of dV / dK and, transposed, of dQ).
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int kk = 0; kk < WQ / 16; ++kk) {
-        FragA<T> ap, as;
-        a_from_c(ap, st[mt][2 * kk], st[mt][2 * kk + 1]);
-        a_from_c(as, dpt[mt][2 * kk], dpt[mt][2 * kk + 1]);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        stmatrix_x4(ap.r, PTile::moved(lane_ps, mt * 16, 2 * kk));
-        stmatrix_x4(as.r, PTile::moved(lane_ps, mt * 16, 2 * kk) + PTile::kBytes);
-#else
-        PTile::sta(ap, sP, wk * 32 + mt * 16, wn * WQ + kk * 16, lane);
-        PTile::sta(as, sS, wk * 32 + mt * 16, wn * WQ + kk * 16, lane);
-#endif
-      }
+    wide_store_pds<T, PTile, WQ>(st, dpt, lane_ps, sP, sS, wk, wn, lane);
     __syncthreads();
 
     // dV += P^T dO, dK += dS^T Q on this warp's 32 keys x DC columns.
-#pragma unroll
-    for (int kk = 0; kk < BM / 16; ++kk) {
-      FragA<T> ap[2], as[2];
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        ldmatrix_x4(ap[mt].r, PTile::moved(lane_pa, mt * 16, 2 * kk));
-        ldmatrix_x4(as[mt].r, PTile::moved(lane_pa, mt * 16, 2 * kk) + PTile::kBytes);
-      }
-#pragma unroll
-      for (int dn = 0; dn < DC / 16; ++dn) {
-        FragB<T> bd, bq;
-        ldmatrix_x4_trans(bd.r, QTile::moved(lane_qt + q_buf, kk * 16, 2 * dn) + QTile::kBytes);
-        ldmatrix_x4_trans(bq.r, QTile::moved(lane_qt + q_buf, kk * 16, 2 * dn));
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          mma(acc_dv[mt][2 * dn], ap[mt], bd, 0);
-          mma(acc_dv[mt][2 * dn + 1], ap[mt], bd, 1);
-          mma(acc_dk[mt][2 * dn], as[mt], bq, 0);
-          mma(acc_dk[mt][2 * dn + 1], as[mt], bq, 1);
-        }
-      }
-    }
+    wide_dkdv<T, PTile, QTile, BM, DC>(acc_dv, acc_dk, lane_pa, lane_qt, q_buf);
 
     // dQ (BM x E) += dS (BM x BN) K (BN x E) on 32 rows x QC columns per warp, then float2 atomics.
     if (dq_atomic) {
       if (c_begin < E) {
         float acc_dq[2][QC / 8][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-          for (int dn = 0; dn < QC / 8; ++dn)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc_dq[mt][dn][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-          FragA<T> a[2];
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) ldmatrix_x4_trans(a[mt].r, PTile::moved(lane_st, kk * 16, 2 * mt));
-#pragma unroll
-          for (int dn = 0; dn < QC / 16; ++dn) {
-            FragB<T> bk;
-            ldmatrix_x4_trans(bk.r, KTile::moved(lane_kt, kk * 16, 2 * dn));
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-              mma(acc_dq[mt][2 * dn], a[mt], bk, 0);
-              mma(acc_dq[mt][2 * dn + 1], a[mt], bk, 1);
-            }
-          }
-        }
+        wide_dq<T, PTile, KTile, BN, QC>(acc_dq, lane_st, lane_kt);
         add_dq_rows32<QC / 8>(p, acc_dq, bh, i0 + qm * 32 + g, c_begin, t, dq_cols, dq_row8, L);
       }
     }

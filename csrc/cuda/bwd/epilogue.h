@@ -172,5 +172,88 @@ __device__ __forceinline__ void add_dq_rows16(const AttnParams& p, const float (
     add_dq_rows16_tests<true, NN>(p, dq, dq0, i_q, c0, t);
 }
 
+// One element of the mask gradient.
+__device__ __forceinline__ void dmask_put(const AttnParams& p, float* dst, float v) {
+  if (p.dmask_atomic) atomicAdd(dst, v);
+  else *dst = v;
+}
+
+// A mask broadcast over rows: key j's gradient summed over row slot `slot`, from the partial sums of lanes
+// t = 0..3 (same g); lane t = 0 writes it (keys past S: nothing).
+__device__ __forceinline__ void dmask_put_key_sum(const AttnParams& p, int64_t base, int slot, int j, float part,
+                                                  int t, int S) {
+  part = warp_sum4(part);
+  if (t == 0 && j < S) dmask_put(p, p.dmask + base + int64_t(slot) * p.dmask_st.r + int64_t(j) * p.dmask_st.c, part);
+}
+
+// Mask gradient of a 16-key warp tile of dS^T (bwd_kernel): keys j_lo and j_hi = j_lo + 8, queries i0 + 8 n + 2t
+// (+1) of (batch b, head h); rows past L and keys past S are not written. A row-broadcast mask: one slot per query
+// tile of BM rows, this tile's rows of each key summed first (4 lanes x BM / 4 values).
+template <int BM>
+__device__ __forceinline__ void store_dmask_keys16(const AttnParams& p, const float (&ds)[BM / 8][4], int64_t b, int h,
+                                                   int i0, int j_lo, int j_hi, int t, int L, int S) {
+  const int64_t base = b * p.dmask_st.b + h * p.dmask_st.h;
+  if (p.dmask_tile_rows) {
+    float part[2] = {0.f, 0.f};
+#pragma unroll
+    for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) part[e >> 1] += ds[n][e];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) dmask_put_key_sum(p, base, i0 / BM, hf ? j_hi : j_lo, part[hf], t, S);
+  } else {
+#pragma unroll
+    for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + n * 8 + 2 * t + (e & 1), j = (e >> 1) ? j_hi : j_lo;
+        if (i < L && j < S)
+          dmask_put(p, p.dmask + base + int64_t(i) * p.dmask_st.r + int64_t(j) * p.dmask_st.c, ds[n][e]);
+      }
+  }
+}
+
+// Mask gradient of a 32-key x WQ-query warp tile of dS^T (bwd_wide): keys j_w + 16 mt + 8 hf + g, queries
+// i_w + 8 n + 2t + c of (batch b, head h). A row-broadcast mask: the S^T tile of a key is split over two query
+// warps, so a slot is this warp's WQ rows (BwdWideCfg::kMaskRows; a slot wholly past L has none: deterministic mode
+// sizes the scratch to ceil(L / WQ) slots), summed in a fixed order (own rows, then the 4 t lanes): deterministic
+// mode stays bitwise repeatable without a cross-warp pass.
+template <int WQ>
+__device__ __forceinline__ void store_dmask_keys32(const AttnParams& p, const float (&ds)[2][WQ / 8][4], int64_t b,
+                                                   int h, int i_w, int j_w, int g, int t, int L, int S) {
+  const int64_t base = b * p.dmask_st.b + h * p.dmask_st.h;
+  if (p.dmask_tile_rows && i_w < L) {
+    const int slot = i_w / WQ;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float part = 0.f;
+#pragma unroll
+        for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) part += ds[mt][n][2 * hf + c];
+        dmask_put_key_sum(p, base, slot, j_w + mt * 16 + hf * 8 + g, part, t, S);
+      }
+  } else if (!p.dmask_tile_rows) {
+#pragma unroll
+    for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int i = i_w + n * 8 + 2 * t + c;
+        if (i >= L) continue;
+        float* row = p.dmask + base + int64_t(i) * p.dmask_st.r;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int j = j_w + mt * 16 + hf * 8 + g;
+            if (j >= S) continue;
+            dmask_put(p, row + int64_t(j) * p.dmask_st.c, ds[mt][n][2 * hf + c]);
+          }
+      }
+  }
+}
+
 }  // namespace cuda
 }  // namespace sdpax
