@@ -1,0 +1,174 @@
+"""sdpax as a Hugging Face transformers attention backend.
+
+    import sdpax.integrations.transformers as sdpax_hf
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=sdpax_hf.ATTN_IMPLEMENTATION)
+    model.set_attn_implementation(sdpax_hf.ATTN_IMPLEMENTATION)       # or switch an existing model
+
+Importing this module registers two functions under `ATTN_IMPLEMENTATION`:
+
+- `build_mask`, in transformers' `AttentionMaskInterface`: the mask a model builds once per forward (without this
+  registration transformers hands a custom backend no mask at all). It returns None where the pattern is the
+  layer's plain causal (or bidirectional) one, so that the fused causal path runs; the padding alone as a
+  `(B, 1, 1, S)` bool mask where that is all there is; and otherwise the bool mask transformers' "sdpa" backend
+  would build. The decision is taken from the arguments (mask function, offsets, padding), never by reading a
+  materialised mask.
+- `attention_forward`, in `AttentionInterface`: every attention layer's call, mapped onto
+  `sdpax.scaled_dot_product_attention` (see `attention_forward` for what maps to what).
+
+The name is not "sdpax": transformers treats any implementation whose name contains "sdpa" as torch's SDPA and
+refuses it for models that declare no SDPA support (Gemma 2, gpt-oss).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    bidirectional_mask_function,
+    causal_mask_function,
+    prepare_padding_mask,
+    sdpa_mask,
+)
+from transformers.utils import logging
+from transformers.utils.import_utils import is_torchdynamo_exporting, is_tracing
+
+from .._causal import CausalBiasBase
+from .._errors import AttentionError
+from ..attention.bias import causal_lower_right, causal_upper_left
+from ..functional import scaled_dot_product_attention
+
+__all__ = ["ATTN_IMPLEMENTATION", "attention_forward", "build_mask"]
+
+ATTN_IMPLEMENTATION = "sdp_ax"
+
+logger = logging.get_logger(__name__)
+
+
+def _values_unreadable(*tensors) -> bool:
+    """Whether deciding from these tensors' values is ruled out now (compile, export, jit, CUDA graph capture)."""
+    if is_torchdynamo_exporting() or is_tracing():
+        return True
+    return any(is_tracing(t) for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _all_real(padding, kv_offset: int, n: int) -> bool:
+    """Whether keys [0, n) of this call are all real tokens (not padding)."""
+    return padding is None or bool(padding[:, kv_offset:kv_offset + n].all())
+
+
+def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
+               attention_mask=None, local_size=None, allow_is_causal_skip=True, allow_is_bidirectional_skip=False,
+               **kwargs):
+    """The mask of one forward, in the form `attention_forward` reads (transformers' mask-interface signature).
+
+    None means: no pattern beyond the layer's own causality, with the causal triangle aligned bottom-right (query i
+    sees keys j <= i + S - L, what a KV cache needs; the same as upper-left when L == S). transformers' "sdpa" mask
+    uses None differently (upper-left when S > L), so its skips are never taken here: a mask is either recognised
+    below or materialised in full by `sdpa_mask` with every skip disabled.
+
+    transformers sets `allow_is_causal_skip` / `allow_is_bidirectional_skip` only when the mask function is its
+    plain causal / bidirectional one (or the sliding / chunked variant, which comes with `local_size`): overlays,
+    packed sequences and block masks turn them off. A sliding window or chunk can only be ignored while the keys
+    are fewer than the window (transformers' own rule); past that it is materialised (sdpax has no sliding-window
+    kernel yet).
+    """
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    plain_function = local_size is not None or mask_function in (causal_mask_function, bidirectional_mask_function)
+    window_applies = local_size is not None and kv_length >= local_size
+    readable = plain_function and not window_applies and not _values_unreadable(padding, q_offset)
+    if readable and allow_is_causal_skip:
+        d = int(q_offset) - int(kv_offset)  # query i sees keys j <= i + d
+        if d == kv_length - q_length and _all_real(padding, kv_offset, kv_length):
+            return None
+        if d == 0 and q_length < kv_length and _all_real(padding, kv_offset, q_length):
+            # Static-cache prefill: upper-left, the cache's empty slots lying past the queries. One (1, 1, L, S)
+            # mask for the batch (generate() makes the mask contiguous, so a mark on it would not survive).
+            return causal_upper_left(q_length, kv_length)._materialize(kwargs.get("device"))[None, None]
+    elif readable and allow_is_bidirectional_skip:
+        if _all_real(padding, kv_offset, kv_length):
+            return None
+        return padding[:, kv_offset:kv_offset + kv_length][:, None, None, :]
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+
+
+def _causal_mask(L: int, S: int):
+    """The bottom-right causal triangle as sdpax's arguments: (attn_mask, is_causal)."""
+    if L == 1 and S >= 1:
+        return None, False  # the one query is the last position: it sees every key
+    if L == S:
+        return None, True
+    return causal_lower_right(L, S), False
+
+
+def _sliding_causal_mask(L: int, S: int, window: int, device) -> torch.Tensor:
+    """transformers' sliding window (key j visible from query i when i - window < j <= i) with bottom-right
+    positions, as a bool (L, S) mask."""
+    i = torch.arange(L, device=device).unsqueeze(1) + (S - L)
+    j = torch.arange(S, device=device).unsqueeze(0)
+    return (j <= i) & (j > i - window)
+
+
+def _with_position_bias(bias, mask, is_causal: bool, query):
+    """An additive mask: the position bias (T5-style models) where the mask allows, -inf elsewhere."""
+    if is_causal:  # L == S
+        mask = causal_upper_left(query.shape[-2], query.shape[-2])
+    if isinstance(mask, CausalBiasBase):
+        mask = mask._materialize(query.device)
+    if mask is None:
+        out = bias
+    elif mask.dtype == torch.bool:
+        out = torch.where(mask, bias, -math.inf)
+    else:
+        out = bias + mask
+    return out if out.dtype in (torch.float32, query.dtype) else out.to(query.dtype)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      sliding_window=None, softcap=None, s_aux=None, position_bias=None, **kwargs):
+    """One attention layer on sdpax: query (B, Hq, L, E), key/value (B, H, S, E/Ev) -> ((B, L, Hq, Ev), None).
+
+    - GQA/MQA: `enable_gqa=True` when Hq != H (K/V are not repeated).
+    - `scaling` -> `scale`; `dropout` -> `dropout_p` (the models pass 0 outside training).
+    - `s_aux` (gpt-oss' attention sinks, one logit per query head joining each row's softmax denominator, not
+      scaled) -> `sinks`.
+    - The mask from `build_mask`: None in a causal layer -> `is_causal=True` when L == S, the fused bottom-right
+      triangle `causal_lower_right(L, S)` when a KV cache makes L < S, nothing for a single query; None in a
+      bidirectional layer -> nothing; a mask (padding, sliding window, packed sequences; bool or additive) ->
+      `attn_mask` as it is.
+    - `position_bias` (T5-style relative bias) -> an additive mask, the mask's pattern as -inf (bias gradient kept).
+    - `sliding_window`: sdpax has no sliding-window kernel yet. The layer's window is already in the bool mask that
+      transformers builds for it (correct, but a materialised mask, not the fused causal path); a layer called with
+      no mask and more keys than its window gets that mask built here.
+    - `softcap` (Gemma 2's logit softcapping) is not supported: an error, never silently ignored.
+    """
+    if softcap is not None:
+        raise AttentionError(
+            f"sdpax: attention logit softcapping (softcap={softcap}, in {type(module).__name__}) is not supported by "
+            f"sdpax yet, so attn_implementation={ATTN_IMPLEMENTATION!r} cannot run this model; use "
+            "attn_implementation=\"eager\" for now")
+    if kwargs.get("output_attentions", False):
+        logger.warning_once(f"{ATTN_IMPLEMENTATION!r} attention (sdpax) does not return attention weights "
+                            "(output_attentions=True); use attn_implementation=\"eager\" for them.")
+    L, S = query.shape[-2], key.shape[-2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask, use_causal = attention_mask, False
+    if mask is None:
+        if causal and sliding_window is not None and S > sliding_window:
+            mask = _sliding_causal_mask(L, S, sliding_window, query.device)
+        elif causal:
+            mask, use_causal = _causal_mask(L, S)
+    elif mask.dtype != torch.bool and mask.dtype not in (torch.float32, query.dtype):
+        mask = mask.to(query.dtype)  # sdpax takes additive masks in float32 or the query's dtype
+    if position_bias is not None:
+        mask, use_causal = _with_position_bias(position_bias, mask, use_causal, query), False
+    out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=use_causal,
+                                       scale=scaling, enable_gqa=query.shape[-3] != key.shape[-3], sinks=s_aux)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, build_mask)
