@@ -32,9 +32,9 @@ assert sorted(d[2] for d in DTYPES.values()) == sorted(FLASH["cuda"]["dtypes"])
 # Kinds per pass -> the C++ template argument (cuda/tiles.h: FwdKind; the backward's kGeneral).
 FWD_KINDS = {"plain": "FwdKind::Plain", "general": "FwdKind::General", "decode": "FwdKind::Decode"}
 BWD_KINDS = {"plain": "false", "general": "true"}
-# The mma.sync loops (fwd_kernel.h; bwd_wide.h / bwd_kernel.h) have every dtype, head dim and kind.
-# The Hopper loops (fwd_sm90.h, bwd_sm90.h): 16-bit dtypes; per head dim, the kinds they implement. The plan runs
-# one of them instead of the mma.sync variant of the same (dtype, head dim, kind) on compute capability 9 with
+# The mma.sync loops (fwd/mma_kernel.h; bwd/wide_kernel.h / bwd/mma_kernel.h) have every dtype, head dim and kind. The
+# Hopper loops (fwd/sm90_kernel.h, bwd/sm90_kernel.h): 16-bit dtypes; per head dim, the kinds they implement. The plan
+# runs one of them instead of the mma.sync variant of the same (dtype, head dim, kind) on compute capability 9 with
 # sm_90a code in the build; the backward's general kind only where bwd_sm90_general_ok holds (cuda/plan.cpp).
 SM90_DTYPES = ("bf16", "fp16")
 SM90_FWD = {64: ("plain", "general"), 128: ("plain", "general"), 256: ("plain", "general")}

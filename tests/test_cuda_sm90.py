@@ -1,6 +1,6 @@
-"""Shapes that give the Hopper forward main loop (csrc/cuda/fwd_sm90.h) many key tiles and query blocks: several
+"""Shapes that give the Hopper forward main loop (csrc/cuda/fwd/sm90_kernel.h) many key tiles and query blocks: several
 128-row blocks per head, GQA groups packed across block edges, both causal alignments with L != S, partial last
-tiles, masks (the general kind). The Hopper backward main loop (csrc/cuda/bwd_sm90.h) against float64 and against
+tiles, masks (the general kind). The Hopper backward main loop (csrc/cuda/bwd/sm90_kernel.h) against float64 and against
 the mma.sync backward of the same build, chosen with sdpax.cuda_main_loop. On a non-Hopper GPU the same cases
 check the mma.sync loops. Every check is the suite's one oracle and rule (helpers.py, through test_cuda.check_case).
 Skips cleanly without a GPU or a CUDA build.

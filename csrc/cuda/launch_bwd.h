@@ -1,8 +1,8 @@
-// Launch of one mma.sync backward variant (the Delta pre-pass, bwd_wide.h or bwd_kernel.h, and in deterministic
-// mode the dQ pass); included only by the generated per-variant translation units (csrc/variants.py).
+// Launch of one mma.sync backward variant (the Delta pre-pass, bwd/wide_kernel.h or bwd/mma_kernel.h, and in
+// deterministic mode the dQ pass); included only by the generated per-variant translation units (csrc/variants.py).
 #pragma once
-#include "cuda/bwd_kernel.h"
-#include "cuda/bwd_wide.h"
+#include "cuda/bwd/mma_kernel.h"
+#include "cuda/bwd/wide_kernel.h"
 #include "cuda/launch.h"
 
 namespace sdpax {
@@ -13,7 +13,7 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
   using Cfg = BwdCfg<T, D, kGeneral>;
   cudaError_t err = launch_bwd_delta<T>(p, stream);
   if (err != cudaSuccess) return err;
-  // Main loop: the wide-tile kernel where its table says so (bwd_wide.h), else bwd_kernel. Both take one block
+  // Main loop: the wide-tile kernel where its table says so (bwd/wide_kernel.h), else bwd_kernel. Both take one block
   // per (key block, batch * kv head).
   if constexpr (BwdWideCfg<T, D, kGeneral>::kUse) {
     using WCfg = BwdWideCfg<T, D, kGeneral>;

@@ -1,7 +1,7 @@
 // Launch code of one sm90 backward variant; included only by the generated per-variant translation units
 // (bwd_sm90_*.cu, from csrc/cuda/variants.py).
 #pragma once
-#include "cuda/bwd_sm90.h"
+#include "cuda/bwd/sm90_kernel.h"
 #include "cuda/launch.h"
 #include "cuda/tensor_maps.h"
 

@@ -1,4 +1,4 @@
-// Launch of one Hopper forward variant (fwd_sm90.h, and the split-key merge); included only by the generated
+// Launch of one Hopper forward variant (fwd/sm90_kernel.h, and the split-key merge); included only by the generated
 // per-variant translation units (csrc/variants.py).
 #pragma once
 #include "cuda/fwd/merge.h"
@@ -24,12 +24,12 @@ cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   // One row block per thread block; or (kMulti, enough work) a persistent grid of one block per SM walking pairs of
   // row blocks (FwdSm90Work): equal causal work per pair, so the round robin stays balanced.
   FwdSm90Work work{static_cast<int>(m_blocks * p.batch * p.hkv), 0, 0};
-  // The general kind's staged bool mask by tensor copies (fwd_sm90.h; if the map cannot be encoded, by cp.async).
+  // The general kind's staged bool mask by tensor copies (fwd/sm90_kernel.h; if the map cannot be encoded, by cp.async).
   if (Cfg::kGeneral && Cfg::kBN == 128 && p.mask_kind == MaskKind::Bool && p.mask_st.c == 1 && p.mask_st.r != 0 &&
       reinterpret_cast<uintptr_t>(p.mask) % 16 == 0 && (p.mask_st.r | p.mask_st.h | p.mask_st.b) % 16 == 0)
     work.mask_tma = encode_mask_map(&maps.mask, p, Cfg::kBN, Cfg::kBM);
   int64_t blocks = work.units;
-  // Every row block of a persistent block must see a key (fwd_sm90.h): not so for lower-right causal rows
+  // Every row block of a persistent block must see a key (fwd/sm90_kernel.h): not so for lower-right causal rows
   // i < L - S.
   const bool all_see_keys = p.S > 0 && !(p.causal == Causal::LowerRight && p.L > p.S);
   if (Cfg::kMulti && p.num_splits == 1 && m_blocks >= 2 && all_see_keys) {

@@ -19,9 +19,9 @@ struct DeviceInfo {
   bool build_sm90a = false;  // the build contains sm_90a code (the wgmma loops)
 };
 
-// Forward main loops: Mma (fwd_kernel.h, every architecture) and Sm90 (fwd_sm90.h, wgmma + TMA).
+// Forward main loops: Mma (fwd/mma_kernel.h, every architecture) and Sm90 (fwd/sm90_kernel.h, wgmma + TMA).
 enum class FwdLoop : int { Mma = 0, Sm90 = 1 };
-// Backward main loops: Mma (bwd_kernel.h), MmaWide (bwd_wide.h, 16-bit inputs), Sm90 (bwd_sm90.h).
+// Backward main loops: Mma (bwd/mma_kernel.h), MmaWide (bwd/wide_kernel.h, 16-bit inputs), Sm90 (bwd/sm90_kernel.h).
 enum class BwdLoop : int { Mma = 0, MmaWide = 1, Sm90 = 2 };
 
 struct FwdPlan {
@@ -54,7 +54,7 @@ BwdPlan plan_bwd(const AttnParams& p, const DeviceInfo& dev, MainLoop loop = Mai
 int bwd_mask_rows(int64_t head_dim, ScalarKind dtype);
 
 // The Hopper backward's general kind takes bool masks with 16-byte aligned rows, without dropout or a mask
-// gradient (bwd_sm90.h); the rest of the general kind runs the mma.sync loops.
+// gradient (bwd/sm90_kernel.h); the rest of the general kind runs the mma.sync loops.
 bool bwd_sm90_general_ok(const AttnParams& p);
 
 }  // namespace cuda

@@ -14,7 +14,7 @@ enum class BwdKind : int { Plain = 0, General = 1 };
 
 namespace tiles {
 
-// ---- mma.sync forward (fwd_kernel.h); f32: float inputs (split TF32), else 16-bit ----
+// ---- mma.sync forward (fwd/mma_kernel.h); f32: float inputs (split TF32), else 16-bit ----
 // 4 warps, so that two blocks share a multiprocessor and hide each other's barriers and load latency (decode: 1).
 constexpr int fwd_warps(FwdKind k) { return k == FwdKind::Decode ? 1 : 4; }
 // 16-row m-tiles per warp. float tiles take twice the shared memory and split operands twice the registers: two
@@ -40,15 +40,15 @@ static_assert(fwd_bm(true, 64, FwdKind::Decode) == kDecodeRows && fwd_bm(false, 
 // split in shared memory).
 constexpr int kMaxSplits = 128;
 
-// ---- Hopper forward (fwd_sm90.h): two consumer warpgroups of 64 rows; plain and general kinds ----
+// ---- Hopper forward (fwd/sm90_kernel.h): two consumer warpgroups of 64 rows; plain and general kinds ----
 constexpr int kFwdSm90BM = 128;
 // d256: 64-key tiles. Q is 64 KB and a 128-key K or V stage 64 KB, so 128-key tiles would leave room for one stage
 // of each; 64 keys fit two stages of each, and a consumer thread holds O (128) + S (32) + P (16) registers
 // instead of 128 + 64 + 32.
 constexpr int fwd_sm90_bn(int d) { return d == 256 ? 64 : 128; }
 
-// ---- mma.sync backward (bwd_kernel.h, bwd_wide.h) ----
-// The wide-key kernel (bwd_wide.h) serves 16-bit inputs; float keeps bwd_kernel.h.
+// ---- mma.sync backward (bwd/mma_kernel.h, bwd/wide_kernel.h) ----
+// The wide-key kernel (bwd/wide_kernel.h) serves 16-bit inputs; float keeps bwd/mma_kernel.h.
 constexpr bool bwd_wide(bool f32, int d) { return !f32 && (d <= 128 || d == 256); }
 // bwd_kernel: 8 warps x 16 keys (dQ atomics per flop fall as 1 / BN); float above d64: 4 warps, so that K, V and
 // the Q / dO buffers (twice the bytes) stay within the 136 KB an sm80 block can have. Above d128 two warps share
@@ -72,11 +72,11 @@ constexpr int bwd_wide_bm(int d, BwdKind k) { return d <= 64 && k == BwdKind::Pl
 constexpr int bwd_wide_warp_rows(int d, BwdKind k) {
   return bwd_wide_bm(d, k) / (kBwdWideWarps / (bwd_wide_bn(d) / 32));
 }
-// Deterministic mode's dQ pass (bwd_kernel.h, bwd_dq_kernel): 4 warps of 16 rows.
+// Deterministic mode's dQ pass (bwd/mma_kernel.h, bwd_dq_kernel): 4 warps of 16 rows.
 constexpr int kBwdDqBM = 64;
 constexpr int bwd_dq_bn(bool f32, int d) { return d <= 128 && !f32 ? 64 : 32; }
 
-// ---- Hopper backward (bwd_sm90.h): two consumer warpgroups of 64 keys (d256: 64 keys shared by both) ----
+// ---- Hopper backward (bwd/sm90_kernel.h): two consumer warpgroups of 64 keys (d256: 64 keys shared by both) ----
 constexpr int kBwdSm90BM = 64;
 constexpr int bwd_sm90_bn(int d) { return d == 256 ? 64 : 128; }
 

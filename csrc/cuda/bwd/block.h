@@ -1,4 +1,4 @@
-// The keys and query tiles of one block of the backward main loops (bwd_kernel.h, bwd_wide.h): one block per
+// The keys and query tiles of one block of the backward main loops (bwd/mma_kernel.h, bwd/wide_kernel.h): one block per
 // (key block of BN keys, batch, kv head). It walks the G query heads of its GQA group and, per head, the query tiles
 // of BM rows that can see one of its keys (tiles wholly above the causal diagonal are never visited): step s is
 // head hk G + s / q_tiles, query tile q_first + s % q_tiles.

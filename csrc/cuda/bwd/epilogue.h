@@ -1,4 +1,4 @@
-// The backward's epilogue, shared by every backward main loop (bwd_kernel.h, bwd_wide.h, bwd_sm90.h):
+// The backward's epilogue, shared by every backward main loop (bwd/mma_kernel.h, bwd/wide_kernel.h, bwd/sm90_kernel.h):
 //   Delta pre-pass  Delta_i = rowsum(dO_i * O_i) (float32), one warp per row, before any main loop; it also zeroes
 //                   the row of dq_accum (when there is one) that the main loop's atomics add into, so no separate
 //                   fill kernel runs.
@@ -68,9 +68,9 @@ __device__ __forceinline__ float acc_at(const float (&acc)[N], int nn, int e) {
 
 // dK (scaled) and dV of keys j and j + 8 (the accumulators' rows g and g + 8; keys past S are not stored), columns
 // c0 + 8 nn + 2t for nn < NN (past E / Ev: not stored). The helpers of this file test against the caller's sizes
-// (its int copies, or p's own fields, bound by reference: read where tested).
-template <class T, int NN, class Acc, class Int>
-__device__ __forceinline__ void store_dkdv(const AttnParams& p, const Acc& dk, const Acc& dv, int64_t b, int hk,
+// (its int copies, or p's own fields, bound by reference: read where tested); b is the batch as the caller keeps it.
+template <class T, int NN, class Acc, class Int, class Batch>
+__device__ __forceinline__ void store_dkdv(const AttnParams& p, const Acc& dk, const Acc& dv, Batch b, int hk,
                                            int j, int c0, int t, const Int& S, const Int& E, const Int& Ev) {
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {

@@ -1,7 +1,7 @@
-// cp.async loads of the mma.sync backward loops (bwd_kernel.h, bwd_wide.h): K / V of the block, the Q / dO / lse /
-// Delta of a query step into one of two buffers (one cp.async group a step ahead of its use), and the general
-// kind's bool mask tile. Tiles land in SmemTile layout (16-byte chunks swizzled by row), zero-filled past the rows
-// and columns the call has, so the products run over the whole head-dim bucket without tests.
+// cp.async loads of the mma.sync backward loops (bwd/mma_kernel.h, bwd/wide_kernel.h): K / V of the block, the Q / dO /
+// lse / Delta of a query step into one of two buffers (one cp.async group a step ahead of its use), and the general
+// kind's bool mask tile. Tiles land in SmemTile layout (16-byte chunks swizzled by row), zero-filled past the rows and
+// columns the call has, so the products run over the whole head-dim bucket without tests.
 #pragma once
 #include "cuda/bwd/block.h"
 #include "cuda/prims/mma.h"
@@ -82,10 +82,10 @@ __device__ __forceinline__ void load_q_step(const Copy& copy, const AttnParams& 
 }
 
 // The BM x BN bytes of a bool mask (contiguous keys, 16-byte aligned rows) that step `step` sees, into buffer buf
-// of a ring at sMask0 (bwd_wide, general kind); rows past L and keys past S are zero-filled (read as masked). The 16-byte chunk
-// c of tile row r is stored at chunk c ^ ((r >> 1) & 3): the 4 rows 2t + c' a warp's lanes read in one byte load
-// (t = 0..3) then fall in 4 different 16-byte bank groups (unswizzled, rows 256 bytes apart hit the same banks: a
-// 4-way conflict on each of the 32 loads per thread and step).
+// of a ring at sMask0 (bwd_wide, general kind); rows past L and keys past S are zero-filled (read as masked). The
+// 16-byte chunk c of tile row r is stored at chunk c ^ ((r >> 1) & 3): the 4 rows 2t + c' a warp's lanes read in
+// one byte load (t = 0..3) then fall in 4 different 16-byte bank groups (unswizzled, rows 256 bytes apart hit the
+// same banks: a 4-way conflict on each of the 32 loads per thread and step).
 template <int BM, int BN, int NT, class Blk>
 __device__ __forceinline__ void load_mask_tile(const AttnParams& p, const Blk& blk, int step, int buf,
                                                const unsigned char* const& sMask0, const int& L, const int& S,
@@ -98,8 +98,8 @@ __device__ __forceinline__ void load_mask_tile(const AttnParams& p, const Blk& b
     const int idx = tid + k * NT, r = idx / (BN / 16), cc = idx % (BN / 16);
     const int i = i0 + r, j = blk.j0 + cc * 16;
     const int bytes = i < L ? max(0, min(16, S - j)) : 0;
-    cp_async16_partial(dst0 + r * BN + ((cc ^ ((r >> 1) & 3)) << 4), bytes > 0 ? m0 + int64_t(i) * p.mask_st.r + j : p.mask,
-                       bytes);
+    const void* src = bytes > 0 ? m0 + int64_t(i) * p.mask_st.r + j : p.mask;
+    cp_async16_partial(dst0 + r * BN + ((cc ^ ((r >> 1) & 3)) << 4), src, bytes);
   }
 }
 

@@ -1,4 +1,4 @@
-// The matrix products of one step of the wide-tile backward loop (bwd_wide.h), each on its own warp tile of the
+// The matrix products of one step of the wide-tile backward loop (bwd/wide_kernel.h), each on its own warp tile of the
 // 8 warps; P^T and dS^T travel between them through shared memory.
 //   S^T, dP^T (BN x BM):  warp (wk, wn) computes 32 keys x WQ queries
 //   dV, dK    (BN x D):   warp (wk, wn) accumulates 32 keys x DC columns in registers for the whole block

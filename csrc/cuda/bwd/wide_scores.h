@@ -1,5 +1,5 @@
-// From S^T and dP^T to P^T and dS^T in the wide-tile backward loop (bwd_wide.h): the general kind's mask (the vote
-// that skips tiles no element of which is allowed, the allowed bits, the additive bias), causal / bounds limits,
+// From S^T and dP^T to P^T and dS^T in the wide-tile backward loop (bwd/wide_kernel.h): the general kind's mask (the
+// vote that skips tiles no element of which is allowed, the allowed bits, the additive bias), causal / bounds limits,
 // P^T = exp2(S^T scale log2(e) - lse log2(e)), dropout (the keep function of common/philox.h) and
 // dS^T = P^T o (dP^T - Delta).
 // Element (mt, n, hf, c) of a thread's S^T / dP^T fragments is key j0 + 32 wk + 16 mt + 8 hf + g, query

@@ -172,7 +172,7 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
 }
 // Bytes of a and b (a's bytes 0..3, b's 4..7) picked by the four 4-bit selectors of sel (prmt's generic form); a
 // selector with bit 3 set gives 0xff or 0 by the picked byte's bit 7 (sign replication). The mask producers use it to
-// pack bytes (fwd_sm90.h) and to widen flags into 16-bit lanes (bwd_sm90.h).
+// pack bytes (fwd/sm90_kernel.h) and to widen flags into 16-bit lanes (bwd/sm90_kernel.h).
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t r;
   asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));

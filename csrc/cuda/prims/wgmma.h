@@ -1,6 +1,6 @@
 // Hopper (sm90a) warpgroup building blocks: wgmma.mma_async with fp32 accumulators in registers, shared-memory
 // matrix descriptors for the 128-byte-swizzled tile layout, and the fences that order them. Used only by the sm90
-// main loops (fwd_sm90.h, bwd_sm90.h); the sm80 kernels keep mma.h. Every instruction here exists only on sm_90a, so
+// main loops (fwd/sm90_kernel.h, bwd/sm90_kernel.h); the sm80 kernels keep mma.h. Every instruction here exists only on sm_90a, so
 // the bodies compile to nothing on other targets (arch.h).
 //
 // Facts relied on (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
@@ -218,7 +218,7 @@ __device__ __forceinline__ void wgmma_ss_tt<64, __half>(float (&d)[32], uint64_t
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(a), "l"(b), "r"(accumulate));
 }
-// n128: dQ at head dim 256, each consumer's 128 columns (bwd_sm90.h).
+// n128: dQ at head dim 256, each consumer's 128 columns (bwd/sm90_kernel.h).
 template <>
 __device__ __forceinline__ void wgmma_ss_tt<128, __nv_bfloat16>(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
   asm volatile(
@@ -238,7 +238,7 @@ __device__ __forceinline__ void wgmma_ss_tt<128, __half>(float (&d)[64], uint64_
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(a), "l"(b), "r"(accumulate));
 }
-// n32: S^T / dP^T of half a query tile at head dim 256 (bwd_sm90.h).
+// n32: S^T / dP^T of half a query tile at head dim 256 (bwd/sm90_kernel.h).
 template <>
 __device__ __forceinline__ void wgmma_ss<32, __nv_bfloat16>(float (&d)[16], uint64_t a, uint64_t b, int accumulate) {
   asm volatile(

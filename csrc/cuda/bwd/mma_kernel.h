@@ -2,7 +2,7 @@
 //
 //   bwd_delta_kernel  Delta_i = rowsum(dO_i * O_i) (float32), one warp per row; it also zeroes the row of dq_accum
 //                     (when there is one) that the main loop's atomics add into: no separate fill kernel.
-//   bwd_kernel        (float32; 16-bit head dims run bwd_wide.h, both kinds)
+//   bwd_kernel        (float32; 16-bit head dims run bwd/wide_kernel.h, both kinds)
 //                     one block per (key block, batch * kv head). Each warp owns 16 keys and works on transposed
 //                     scores, so the key-indexed gradients stay in registers for the whole block (head dims above
 //                     128: two warps share 16 keys, each keeping half of the dK/dV columns, see BwdCfg):

@@ -1,6 +1,6 @@
 // Backward main loop with wide warp tiles: 16-bit operands, head dims 64, 128 and 256, plain and general kind.
 //
-// bwd_kernel (bwd_kernel.h) gives each warp 16 keys for the whole block and keeps P^T / dS^T in registers between
+// bwd_kernel (bwd/mma_kernel.h) gives each warp 16 keys for the whole block and keeps P^T / dS^T in registers between
 // the products; every 16-key warp then re-reads all of Q and dO from shared memory per step, and the kernel is
 // bound by shared-memory reads and their latency (csrc/README.md). Here the products of one step
 // use different warp tiles, each as square as the 8 warps allow, and P^T and dS^T travel through shared memory:
@@ -250,8 +250,10 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     }
 
     // P^T (P_drop^T with dropout: st, for dV) and dS^T (dpt), one loop with dropout and one without.
-    if (has_dropout) wide_exp_pass<true, BM, WQ>(st, dpt, pscale, i0, wn, t, m4, j0, wk, g, drop, bh, sLse, sDelta, buf);
-    else wide_exp_pass<false, BM, WQ>(st, dpt, pscale, i0, wn, t, m4, j0, wk, g, drop, bh, sLse, sDelta, buf);
+    if (has_dropout)
+      wide_exp_pass<true, BM, WQ>(st, dpt, pscale, i0, wn, t, m4, j0, wk, g, drop, bh, sLse, sDelta, buf);
+    else
+      wide_exp_pass<false, BM, WQ>(st, dpt, pscale, i0, wn, t, m4, j0, wk, g, drop, bh, sLse, sDelta, buf);
 
     // Mask gradient: dS itself (rows past L and keys past S hold 0 and are not written).
     if (has_dmask) store_dmask_keys32<WQ>(p, dpt, b, h, i0 + wn * WQ, j0 + wk * 32, g, t, L, S);
