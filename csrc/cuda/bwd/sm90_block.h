@@ -166,6 +166,13 @@ struct BwdSm90Block {
   // The generic pointer of shared-memory address addr.
   __device__ __forceinline__ unsigned char* ptr(uint32_t addr) const { return smem + (addr - smem_u32(smem)); }
 
+  // This warp is done with stage st (its Q / dO / lse / Delta): one of the 8 arrivals (one per consumer warp) the
+  // stage's empty barrier waits for.
+  __device__ __forceinline__ void release_stage(int st, int lane) const {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar_empty0 + 8 * st);
+  }
+
   // Thread 0, before anyone waits on them.
   __device__ __forceinline__ void init_barriers() const {
     for (int st = 0; st < kStages; ++st) {

@@ -51,6 +51,17 @@ __device__ __forceinline__ void bwd_sm90_scores(float (&s)[N / 2], float (&dp)[N
   reg_fence(dp);
 }
 
+// dQ (64 x N) += dS (64 x BN) K (BN x N): dS^T and K^T both read transposed (MN-major), one wgmma per 16 keys;
+// the caller fences and commits.
+template <int N, class T, int BN>
+__device__ __forceinline__ void bwd_sm90_dq(float (&dq)[N / 2], uint64_t ds_desc, uint64_t kt_desc) {
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    const uint32_t off = (kk * 16 * 128) >> 4;
+    wgmma_ss_tt<N, T>(dq, ds_desc + off, kt_desc + off, kk > 0);
+  }
+}
+
 // Causal / bounds on a query tile that crosses them (some key of the block reaches past its first row's limit, or
 // past S: K is zero-filled there, S^T = 0, and P would not be): S^T = -inf where key j + 8 hf (the thread's
 // accumulator rows) is at or past the limit min(i + lim_shift, S) of query i = i_w + 8 nn + 2t + e (its columns).
@@ -199,11 +210,7 @@ struct BwdSm90Consumer {
       if (my_dq) {
         wgmma_fence();
         const uint32_t ds_off = ((n & 1) * DsTile::kBytes) >> 4;
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-          const uint32_t off = (kk * 16 * 128) >> 4;
-          wgmma_ss_tt<64, T>(dq, ds_desc + ds_off + off, kt_desc + off, kk > 0);
-        }
+        bwd_sm90_dq<64, T, BN>(dq, ds_desc + ds_off, kt_desc);
         wgmma_commit();
       }
       wgmma_wait<0>();
@@ -212,8 +219,7 @@ struct BwdSm90Consumer {
       reg_fence(dq);
       reg_fence_u32(pa);
       reg_fence_u32(da);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(blk.bar_empty0 + 8 * st);  // this warp is done with the stage's Q / dO / lse / Delta
+      blk.release_stage(st, lane);
       if (!my_dq) continue;
 
       // dQ rows i0 + 16 wwarp + g + 8 hf, columns dq_c0 + 8 nn + 2t: float2 atomics. (float4 atomics after one

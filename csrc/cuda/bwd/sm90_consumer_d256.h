@@ -110,18 +110,13 @@ struct BwdSm90ConsumerD256 {
         wgmma_ss_tb<128, T>(acc_dv, pt_desc + aoff, qt_desc + boff + (QTile::kBytes >> 4), 1);
         wgmma_ss_tb<128, T>(acc_dk, dsk_desc + aoff, qt_desc + boff, 1);
       }
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        const uint32_t off = (kk * 16 * 128) >> 4;
-        wgmma_ss_tt<128, T>(dq, ds_desc + buf_off + off, kt_desc + off, kk > 0);
-      }
+      bwd_sm90_dq<128, T, BN>(dq, ds_desc + buf_off, kt_desc);
       wgmma_commit();
       wgmma_wait<0>();
       reg_fence(acc_dv);
       reg_fence(acc_dk);
       reg_fence(dq);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(blk.bar_empty0 + 8 * st);  // this warp is done with the stage
+      blk.release_stage(st, lane);
 
       // dQ rows i0 + 16 wwarp + g + 8 hf, columns c0 + 8 nn + 2t: float2 atomics.
       add_dq_rows16<16>(p, dq, static_cast<int64_t>(blk.b) * p.hq + h, i0 + wwarp * 16, c0, g, t);
