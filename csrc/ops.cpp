@@ -10,18 +10,19 @@
 //             a Philox function of (seed, offset, batch*head, i, j), so bwd regenerates the fwd mask
 //   backend   bits 0-3: 0 MATH, 1 FLASH_ATTENTION (the fused kernel of the input's device); bits 4-8: the CUDA
 //             main loops sdpax.cuda_main_loop asks for (common/op_args.h)
+//   softcap   0: none; c > 0: scaled scores s -> c tanh(s / c) before the mask and causal limit (not the sinks)
 #include <torch/library.h>
 
 TORCH_LIBRARY(sdpax, m) {
   m.def(
       "fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, int causal, float scale, "
-      "bool enable_gqa, Tensor? sinks, Tensor? rng, int backend) -> (Tensor out, Tensor lse)");
+      "bool enable_gqa, Tensor? sinks, Tensor? rng, int backend, float softcap=0.0) -> (Tensor out, Tensor lse)");
   // grad_mask is returned only when mask_grad is set and attn_mask is additive (else an empty tensor);
   // grad_sinks is empty when sinks is None.
   m.def(
       "bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, Tensor lse, "
       "float dropout_p, int causal, float scale, bool enable_gqa, Tensor? sinks, Tensor? rng, int backend, "
-      "bool mask_grad) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_mask, "
+      "bool mask_grad, float softcap=0.0) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_mask, "
       "Tensor grad_sinks)");
   // The dropout keep mask (bool, (bh, L, S)) that every backend applies for this rng; for tests and debugging.
   m.def("dropout_keep_mask(Tensor rng, int bh, int L, int S, float dropout_p) -> Tensor");

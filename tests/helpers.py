@@ -8,7 +8,9 @@ The rule, `assert_close_rel`: a result computed in `dtype` passes when
     err(result, reference) <= K * err(torch in the same dtype, reference) + FLOOR[dtype] * max(1, |reference|, m)
 
 err is the max absolute difference (`err`); torch's error is measured on the same inputs by `torch_errors` (torch's
-F.scaled_dot_product_attention, every sdpax feature but dropout expressed in torch's terms by `torch_equivalent`);
+F.scaled_dot_product_attention, every sdpax feature but dropout expressed in torch's terms by `torch_equivalent`;
+a score softcap, which torch's function cannot express, by the definition evaluated in that dtype with torch ops,
+what an eager model computes);
 the floor is what rounding the result itself to dtype costs, relative to the larger of the result's size and m, the
 size of intermediates rounded to dtype on the way where torch's error does not see them (`grad_magnitude`).
 """
@@ -63,10 +65,11 @@ def causal_allowed(L: int, S: int, variant: int, device="cpu") -> torch.Tensor:
 
 
 def reference(q, k, v, mask=None, causal=0, scale=None, sinks=None, keep=None, dropout_p=0.0,
-              compute=torch.float64, return_lse=False):
+              compute=torch.float64, return_lse=False, softcap=None):
     """Attention from the definition, in float64: the oracle. Differentiable in every tensor argument.
 
-    keep: bool (..., Hq, L, S) dropout keep mask (or None). return_lse: also the row log-sum-exp of the scaled scores
+    keep: bool (..., Hq, L, S) dropout keep mask (or None). softcap: scaled scores s become softcap * tanh(s /
+    softcap) before the mask (Gemma 2). return_lse: also the row log-sum-exp of the scaled scores
     (sinks included; -inf for a row with no allowed key and no sink), as sdpax.fwd returns it.
     compute: another dtype gives what plain attention in that dtype itself gets: the matrix products in `compute`,
     the softmax in float32 (for float32 on CUDA: cuBLAS float32 products as long as TF32 is off)."""
@@ -80,6 +83,8 @@ def reference(q, k, v, mask=None, causal=0, scale=None, sinks=None, keep=None, d
     if scale is None:  # head dim 0: every score is an empty sum (0); any finite scale keeps it 0
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
     s = (q @ k.transpose(-2, -1)).to(acc) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     allowed = torch.ones_like(s, dtype=torch.bool)
     if causal:
         allowed = allowed & causal_allowed(L, S, causal, q.device)
@@ -192,7 +197,7 @@ def torch_equivalent(q, k, v, mask=None, causal=0, scale=None, sinks=None, gqa=F
         return _TORCH_SDPA(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
 
 
-def torch_errors(q, k, v, mask=None, causal=0, scale=None, sinks=None, gqa=False, gout=None):
+def torch_errors(q, k, v, mask=None, causal=0, scale=None, sinks=None, gqa=False, gout=None, softcap=None):
     """torch's own error in q's dtype on this call (without dropout) against the float64 reference: the output's,
     and with gout (the output's gradient) also [dq, dk, dv]'s; else []. Where torch's result is NaN (rows some torch
     versions leave NaN) it is not counted; an empty call has error 0."""
@@ -203,8 +208,12 @@ def torch_errors(q, k, v, mask=None, causal=0, scale=None, sinks=None, gqa=False
     sinks = sinks.detach() if sinks is not None else None
     leaves = [t.detach().requires_grad_(grad) for t in (q, k, v)]
     ref_leaves = [t.detach().double().requires_grad_(grad) for t in (q, k, v)]
-    theirs = torch_equivalent(*leaves, mask=mask, causal=causal, scale=scale, sinks=sinks, gqa=gqa)
-    ref = reference(*ref_leaves, mask=mask, causal=causal, scale=scale, sinks=sinks)
+    if softcap is None:
+        theirs = torch_equivalent(*leaves, mask=mask, causal=causal, scale=scale, sinks=sinks, gqa=gqa)
+    else:
+        theirs = reference(*leaves, mask=mask, causal=causal, scale=scale, sinks=sinks, compute=q.dtype,
+                           softcap=softcap)
+    ref = reference(*ref_leaves, mask=mask, causal=causal, scale=scale, sinks=sinks, softcap=softcap)
     if not grad:
         return err_where_finite(theirs, ref), []
     grads = torch.autograd.grad(theirs, leaves, gout.to(theirs.dtype))

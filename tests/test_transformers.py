@@ -52,6 +52,12 @@ def gpt_oss():  # attention sinks, a sliding-window layer and a full one, mixtur
     return model
 
 
+def gemma2():  # logit softcapping (small cap, so the tanh bends), alternating sliding-window and full layers
+    cfg = transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=8, attn_logit_softcapping=2.0,
+                                    query_pre_attn_scalar=16)
+    return transformers.Gemma2ForCausalLM(cfg)
+
+
 def bert():  # bidirectional, learned absolute positions
     cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, max_position_embeddings=64)
@@ -128,7 +134,7 @@ def check_parity(factory, inputs, live, grads=True):
         assert_close_rel(g, ref_grads[name], err(eager_grads[name], ref_grads[name]), torch.float32, what=name)
 
 
-@pytest.mark.parametrize("factory", [llama, qwen2, mistral, gpt_oss], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("factory", [llama, qwen2, mistral, gpt_oss, gemma2], ids=lambda f: f.__name__)
 def test_causal_lm_parity(factory):
     ids, mask = batch(2, 20)  # left padding on the second row; 20 keys exceed the 8-token sliding windows
     check_parity(factory, dict(input_ids=ids, attention_mask=mask), mask.bool())
@@ -196,7 +202,8 @@ def _greedy(model, impl, **kwargs):
 
 
 @pytest.mark.parametrize("factory,cache", [(llama, "dynamic"), (llama, "static"), (mistral, "dynamic"),
-                                           (gpt_oss, "dynamic")], ids=lambda x: getattr(x, "__name__", x))
+                                           (gpt_oss, "dynamic"), (gemma2, "dynamic")],
+                         ids=lambda x: getattr(x, "__name__", x))
 def test_generate_greedy_matches_eager(factory, cache):
     model = build(factory)
     ids, mask = batch(2, 12)
@@ -230,21 +237,20 @@ def test_training_with_dropout():
         assert loss(0).item() == loss(1).item()  # no dropout outside training
 
 
-def test_softcap_is_refused():
-    cfg = transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=8, attn_logit_softcapping=50.0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME)  # accepted by name
-    with pytest.raises(sdpax.AttentionError, match=r"softcap.*eager"):
-        model(input_ids=batch(2, 6)[0])
-    cfg.attn_logit_softcapping = None  # without softcapping, Gemma 2 runs (and matches eager)
-    torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM(cfg).eval()
-    ids = batch(2, 12)[0]
+def test_softcap_reaches_sdpax(monkeypatch):
+    """Gemma 2's softcap is passed to sdpax as the softcap argument (the fused kernels on CPU), not dropped."""
+    seen = []
+    real = hf.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("softcap"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(hf, "scaled_dot_product_attention", spy)
+    model = build(gemma2)
+    model.set_attn_implementation(NAME)
     with torch.no_grad():
-        model.set_attn_implementation("eager")
-        expected = model(input_ids=ids).logits
-        model.set_attn_implementation(NAME)
-        got = model(input_ids=ids).logits
-    assert_close_rel(got, expected, 0.0, torch.float32, what="gemma2 logits")
+        model(input_ids=batch(2, 6)[0])
+    assert seen == [2.0] * model.config.num_hidden_layers
 
 
 def test_registration_and_from_pretrained(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 #include "common/inputs.h"
 
+#include <cmath>
 #include <cstdio>
 #include <string>
 
@@ -70,6 +71,8 @@ void check_inputs(const FwdArgs& a) {
                 ") must be divisible by the number of key/value heads (", num(hk), ")");
   }
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "sdpax: dropout_p must be in [0, 1], got ", num(dropout_p));
+  TORCH_CHECK(a.softcap >= 0.0 && std::isfinite(a.softcap),
+              "sdpax: softcap must be a finite number > 0 (0: none), got ", num(a.softcap));
   TORCH_CHECK(causal >= 0 && causal <= 2, "sdpax: causal must be 0 (none), 1 (upper-left) or 2 (lower-right), got ",
               num(causal));
   if (mask) {
@@ -169,6 +172,7 @@ AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tenso
   }
   p.causal = static_cast<Causal>(causal);
   p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(a.softcap);
   p.sinks = sinks_f32 ? sinks_f32->data_ptr<float>() : nullptr;
   p.dropout_p = dropout_p;
   p.rng = dropout_p > 0.0 ? rng->data_ptr<int64_t>() : nullptr;

@@ -32,6 +32,7 @@ struct FwdArgs {
   const std::optional<at::Tensor>& sinks;
   const std::optional<at::Tensor>& rng;
   BackendChoice backend;
+  double softcap = 0.0;  // 0: none; else scores s -> softcap * tanh(s / softcap) before the mask
 };
 
 struct BwdArgs {

@@ -84,6 +84,10 @@ struct AttnParams {
   Strides4 dmask_st{};
   bool dmask_tile_rows = false;
   bool dmask_atomic = false;
+
+  // Score softcap: scores s = scale q.k become softcap * tanh(s / softcap) before the mask and causal limit; 0:
+  // none. Kept last so that the CUDA kernels, which do not take softcapped calls, see the same layout.
+  float softcap = 0.f;
 };
 
 // First key column that query row i may not see under the causal alignment (keys [0, limit) are visible).

@@ -91,7 +91,8 @@ struct BwdKernel {
 
   // One key row of the transposed tile: P^T = exp(S^T * scale + bias + key_bias - lse) (zero before column r0, the
   // causal start; lse2 is the log-sum-exp in log2 units), P_drop^T = P^T * keep factors, dS^T = P^T * (dP^T *
-  // factors - Delta), written as C with zero padding up to Mp.
+  // factors - Delta), written as C with zero padding up to Mp. With a softcap S^T is the capped score and dS^T is
+  // taken through the cap: times 1 - t^2, t = S^T * scale / softcap (softcap_tile).
   void grad_row(const float* srow, const float* dprow, const float* bias, float key_bias, const float* f,
                 const float* lse2, const float* delta, int64_t r0, int64_t M, int64_t Mp, C* prow, C* dsrow) const {
     std::fill(prow, prow + r0, C(0.f));
@@ -99,6 +100,8 @@ struct BwdKernel {
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512 vs = _mm512_set1_ps(p.scale * kLog2e), vl2e = _mm512_set1_ps(kLog2e);
     const __m512 vkb = _mm512_set1_ps(key_bias * kLog2e);
+    const bool capped = p.softcap > 0.f;
+    const __m512 vt = _mm512_set1_ps(capped ? p.scale / p.softcap : 0.f), vone = _mm512_set1_ps(1.f);
     auto run = [&](auto hw_tag) {
       constexpr bool kHw = decltype(hw_tag)::value;
       // (P_drop^T, dS^T) of rows [r, r + 16) in lanes k.
@@ -116,6 +119,10 @@ struct BwdKernel {
           dp = _mm512_mul_ps(dp, fv);
         }
         ds = _mm512_mul_ps(pr, _mm512_sub_ps(dp, _mm512_maskz_loadu_ps(k, delta + r)));
+        if (capped) {
+          const __m512 t = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, srow + r), vt);
+          ds = _mm512_mul_ps(ds, _mm512_fnmadd_ps(t, t, vone));
+        }
       };
       int64_t r = r0;
       for (; r + 32 <= M; r += 32) {  // full chunks: no tail mask, paired conversions
@@ -144,7 +151,8 @@ struct BwdKernel {
       const float pr = std::exp2(x);
       const float fr = f ? f[r] : 1.f;
       prow[r] = static_cast<C>(pr * fr);
-      dsrow[r] = static_cast<C>(pr * (dprow[r] * fr - delta[r]));
+      const float t = p.softcap > 0.f ? srow[r] * p.scale / p.softcap : 0.f;
+      dsrow[r] = static_cast<C>(pr * (dprow[r] * fr - delta[r]) * (1.f - t * t));
     }
 #endif
     std::fill(prow + M, prow + Mp, C(0.f));
@@ -177,6 +185,7 @@ struct BwdKernel {
     float* dpt = loc.dpt.get<float>(kBlockN * kBlockM);
     gemm(n, M, Ep, ka, Ep, loc.qtb.get<C>(0) + off, M, st, kBlockM, false);
     gemm(n, M, Evp, va, Evp, loc.dotb.get<C>(0) + off, M, dpt, kBlockM, false);
+    if (p.softcap > 0.f) softcap_tile(st, n, M, kBlockM, p.scale, p.softcap);
 
     float* fbuf = nullptr;
     if (drop.on) {

@@ -152,6 +152,7 @@ struct FwdMainloop {
         ensure_packed(loc, b, hkv, t);
         gemm(M, n, Ep, qa, Ep, kt_tile(loc, t), width, s, bn, false);
       }
+      if (p.softcap > 0.f) softcap_tile(s, M, n, bn, p.scale, p.softcap);
       for (int64_t r = 0; r < M; ++r) {
         const int64_t i = loc.row_i[r];
         const int64_t lim = std::clamp<int64_t>(causal_limit(p.causal, i, p.L, p.S) - j0, 0, n);

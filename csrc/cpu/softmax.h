@@ -216,6 +216,29 @@ inline Vec fast_exp(const Vec& x) { return x.exp_u20(); }
 
 #endif
 
+// Score softcap on a tile of raw products q.k (rows x n, row stride ld), in place: s -> (cap / scale) tanh(s scale
+// / cap), so that the softmax's own scaling by `scale` yields cap tanh(s scale / cap) (the softcap of the scaled
+// score; masks and the causal limit apply after it). tanh(y) = 1 - 2 / (e^2y + 1) is exact at the saturated ends
+// (e^2y = inf or 0) and within a few float32 ulps of 1 in absolute terms near 0, below the scores' own rounding.
+// The backward reads the capped score back: d(cap tanh(y)) / d(scale s) = 1 - t^2 with t = s_capped scale / cap.
+inline void softcap_tile(float* s, int64_t rows, int64_t n, int64_t ld, float scale, float cap) {
+  if (scale == 0.f) return;  // every scaled score is 0, capped or not
+  const Vec two_y(2.f * scale / cap), back(cap / scale), one(1.f), two(2.f);
+  const int64_t w = Vec::size();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = s + r * ld;
+    int64_t j = 0;
+    for (; j + w <= n; j += w) {
+      const Vec t = one - two / (fast_exp(Vec::loadu(x + j) * two_y) + one);
+      (t * back).store(x + j);
+    }
+    if (j < n) {
+      const Vec t = one - two / (fast_exp(Vec::loadu(x + j, n - j) * two_y) + one);
+      (t * back).store(x + j, n - j);
+    }
+  }
+}
+
 // One row of a score tile. s[0, n) holds raw q.k products; columns >= lim are masked (causal), the row's mask
 // (bool or additive in natural-log units, or none) is applied after scaling; scale2 = scale * log2 e. Updates the running max m (log2
 // units) and denominator l, writes the probabilities (times the dropout factors drop, if any) to pout[0, npad)

@@ -37,12 +37,19 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 // the empty head dimension, and 1 avoids dividing by zero.
 int64_t group_size(const Canonical& c) { return c.Hkv > 0 ? c.Hq / c.Hkv : 1; }
 
-// Scaled scores with the mask and causal alignment applied: (B, Hq, L, S) in the accumulation dtype.
-// GQA: the G query heads of a group are folded into the row dimension, so K is never repeated.
-at::Tensor scores(const Canonical& c, const at::Tensor& qf, const at::Tensor& kf, double scale, int64_t causal) {
+// Scaled (and softcapped) scores with the mask and causal alignment applied: (B, Hq, L, S) in the accumulation
+// dtype. GQA: the G query heads of a group are folded into the row dimension, so K is never repeated.
+// cap_grad (softcap > 0 only): d(softcap tanh(s / softcap)) / ds = 1 - tanh^2, for the backward.
+at::Tensor scores(const Canonical& c, const at::Tensor& qf, const at::Tensor& kf, double scale, int64_t causal,
+                  double softcap, at::Tensor* cap_grad = nullptr) {
   const int64_t G = group_size(c);
   at::Tensor s = at::matmul(qf.reshape({c.B, c.Hkv, G * c.L, c.E}), kf.transpose(-2, -1));
   s = s.mul_(scale).view({c.B, c.Hq, c.L, c.S});
+  if (softcap > 0.0) {
+    s.div_(softcap).tanh_();
+    if (cap_grad) *cap_grad = at::rsub(s.square(), 1.0);
+    s.mul_(softcap);
+  }
   if (c.mask) {
     if (c.mask->scalar_type() == at::kBool) {
       s.masked_fill_(c.mask->logical_not(), -kInf);
@@ -112,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const FwdArgs& a) {
   const int64_t causal = a.causal;
   const Canonical c = canonicalize(a);
   const auto acc = acc_type(q);
-  at::Tensor s = scores(c, c.q.to(acc), c.k.to(acc), scale, causal);
+  at::Tensor s = scores(c, c.q.to(acc), c.k.to(acc), scale, causal, a.softcap);
 
   auto [p, lse] = softmax_with_sinks(c, s, sinks);
   if (dropout_p > 0.0) p.mul_(keep_for(c, *rng, dropout_p)).mul_(dropout_scale(dropout_p));
@@ -134,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const
   const int64_t G = group_size(c);
   at::Tensor qf = c.q.to(acc), kf = c.k.to(acc), vf = c.v.to(acc);
   // MATH recomputes the softmax from the scores (the saved lse is for the fused kernels): it is the reference.
-  auto [p, lse4] = softmax_with_sinks(c, scores(c, qf, kf, scale, causal), sinks);
+  at::Tensor cap_grad;
+  auto [p, lse4] = softmax_with_sinks(c, scores(c, qf, kf, scale, causal, a.f.softcap, &cap_grad), sinks);
   at::Tensor dout = grad_out.reshape({c.B, c.Hkv, G * c.L, c.Ev}).to(acc);
 
   at::Tensor keep;
@@ -146,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const
   if (dropout_p > 0.0) dp.mul_(keep).mul_(dscale);
   at::Tensor delta = (p * dp).sum(-1, /*keepdim=*/true);  // = rowsum(dO * O) before rounding O
   at::Tensor ds = p.mul_(dp.sub_(delta));                   // p is not needed after this
-  at::Tensor ds3 = ds.view({c.B, c.Hkv, G * c.L, c.S});
+  // The mask is added after the cap: its gradient is ds; q and k see ds through the cap's derivative.
+  at::Tensor ds3 = (cap_grad.defined() ? ds * cap_grad : ds).view({c.B, c.Hkv, G * c.L, c.S});
   at::Tensor dq = at::matmul(ds3, kf).mul_(scale).view({c.B, c.Hq, c.L, c.E});
   at::Tensor dk = at::matmul(ds3.transpose(-2, -1), qf.reshape({c.B, c.Hkv, G * c.L, c.E})).mul_(scale);
 

@@ -8,7 +8,8 @@ as a function autograd can differentiate again:
 - `sdpax::bwd` called with inputs that require grad (its Autograd kernel): `gradients()` on the given `out` and
   `lse`, which is exactly what the op computes, as a function of every input.
 
-Same semantics as the ops (csrc/ops.cpp): scale multiplies q.k^T, sinks join the denominator unscaled and carry no
+Same semantics as the ops (csrc/ops.cpp): scale multiplies q.k^T, a softcap c > 0 maps the scaled score s to
+c tanh(s / c) before the mask, sinks join the denominator unscaled and carry no
 value, a row with no allowed key gives 0, dropout applies the Philox keep mask of `rng`, GQA folds the query group
 into the row dimension (K and V are not repeated). Work runs in float32 (float64 for float64 inputs); results
 come back in the inputs' dtypes.
@@ -49,9 +50,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scores(sh: _Shape, q4, k4, mask, causal: int, scale: float):
-    """Scaled, masked scores (B, Hq, L, S); disallowed entries are -inf."""
+def _scores(sh: _Shape, q4, k4, mask, causal: int, scale: float, softcap: float = 0.0):
+    """Scaled (and softcapped), masked scores (B, Hq, L, S); disallowed entries are -inf."""
     s = (sh.grouped(q4) @ k4.transpose(-2, -1)).reshape(sh.B, sh.Hq, sh.L, sh.S) * scale
+    if softcap > 0.0:
+        s = torch.tanh(s / softcap) * softcap
     if mask is not None:
         m = sh.mask4(mask)
         s = s.masked_fill(~m, -math.inf) if m.dtype == torch.bool else s + m.to(s.dtype)
@@ -77,12 +80,12 @@ def _keep(sh: _Shape, rng, dropout_p: float, dtype):
     return keep.view(sh.B, sh.Hq, sh.L, sh.S).to(dtype) / (1.0 - dropout_p)
 
 
-def forward(query, key, value, attn_mask, dropout_p, causal, scale, sinks, rng):
+def forward(query, key, value, attn_mask, dropout_p, causal, scale, sinks, rng, softcap=0.0):
     """(out, lse) of the attention, differentiable in query, key, value, an additive mask and sinks."""
     sh = _Shape(query, key, value)
     acc = acc_dtype(query.dtype)
     q4, k4, v4 = sh.four(query, sh.Hq).to(acc), sh.four(key, sh.Hkv).to(acc), sh.four(value, sh.Hkv).to(acc)
-    s = _scores(sh, q4, k4, attn_mask, causal, scale)
+    s = _scores(sh, q4, k4, attn_mask, causal, scale, softcap)
     # The shift only keeps exp in range; softmax does not depend on it, so it carries no gradient.
     shift = s.detach().amax(-1) if sh.S > 0 else s.new_full((sh.B, sh.Hq, sh.L), -math.inf)
     if sinks is not None:
@@ -104,16 +107,18 @@ def forward(query, key, value, attn_mask, dropout_p, causal, scale, sinks, rng):
     return out, lse.reshape(sh.q_shape[:-1])
 
 
-def gradients(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, sinks, rng, mask_grad):
+def gradients(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, sinks, rng, mask_grad,
+              softcap=0.0):
     """(dq, dk, dv, dmask, dsinks) as sdpax::bwd defines them, from the forward's out and lse (P = exp(s - lse),
-    Delta = rowsum(dO * O)); differentiable in every tensor argument."""
+    Delta = rowsum(dO * O)); differentiable in every tensor argument. With a softcap, q and k see dS through the
+    cap's derivative 1 - tanh^2; the mask (added after the cap) sees dS itself."""
     sh = _Shape(query, key, value)
     acc = acc_dtype(query.dtype)
     q4, k4, v4 = sh.four(query, sh.Hq).to(acc), sh.four(key, sh.Hkv).to(acc), sh.four(value, sh.Hkv).to(acc)
     do4 = sh.four(grad_out, sh.Hq).to(acc)
     lse4 = lse.reshape(sh.B, sh.Hq, sh.L).to(acc)
     lse4 = torch.where(lse4 == -math.inf, 0.0, lse4)  # rows with no allowed key: every s is -inf, P is 0
-    s = _scores(sh, q4, k4, attn_mask, causal, scale)
+    s = _scores(sh, q4, k4, attn_mask, causal, scale, softcap)
     p = torch.exp(s - lse4.unsqueeze(-1))
     keep = _keep(sh, rng, dropout_p, acc)
     p_used = p if keep is None else p * keep
@@ -123,8 +128,12 @@ def gradients(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
         dp = dp * keep
     delta = (do4 * sh.four(out, sh.Hq).to(acc)).sum(-1, keepdim=True)
     ds = p * (dp - delta)
-    dq = (sh.grouped(ds) @ k4) * scale
-    dk = (sh.grouped(ds).transpose(-2, -1) @ sh.grouped(q4)) * scale
+    ds_qk = ds
+    if softcap > 0.0:
+        t = torch.tanh((sh.grouped(q4) @ k4.transpose(-2, -1)).reshape(ds.shape) * (scale / softcap))
+        ds_qk = ds * (1.0 - t * t)
+    dq = (sh.grouped(ds_qk) @ k4) * scale
+    dk = (sh.grouped(ds_qk).transpose(-2, -1) @ sh.grouped(q4)) * scale
     empty = query.new_empty((0,))
     dmask = empty
     if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool:

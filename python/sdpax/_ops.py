@@ -20,7 +20,7 @@ def lse_dtype(query: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("sdpax::fwd")
-def _fwd_fake(query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, sinks, rng, backend):
+def _fwd_fake(query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, sinks, rng, backend, softcap=0.0):
     out = query.new_empty((*query.shape[:-1], value.shape[-1]))
     lse = query.new_empty(query.shape[:-1], dtype=lse_dtype(query))
     return out, lse
@@ -28,7 +28,7 @@ def _fwd_fake(query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa
 
 @torch.library.register_fake("sdpax::bwd")
 def _bwd_fake(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks, rng,
-              backend, mask_grad):
+              backend, mask_grad, softcap=0.0):
     grad_mask = (attn_mask.new_empty(attn_mask.shape)
                  if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool
                  else query.new_empty((0,)))
@@ -43,29 +43,30 @@ def _keep_fake(rng, bh, L, S, dropout_p):
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, sinks, rng, backend = inputs
+    query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, sinks, rng, backend, softcap = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(query, key, value, attn_mask, out, lse, sinks, rng)
-    ctx.args = (dropout_p, causal, scale, enable_gqa, backend)
+    ctx.args = (dropout_p, causal, scale, enable_gqa, backend, softcap)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     query, key, value, attn_mask, out, lse, sinks, rng = ctx.saved_tensors
-    dropout_p, causal, scale, enable_gqa, backend = ctx.args
+    dropout_p, causal, scale, enable_gqa, backend, softcap = ctx.args
     mask_grad = bool(ctx.needs_input_grad[3])
     if _differentiated(grad_out, query, key, value, attn_mask, sinks):
         # create_graph=True: the gradient must be differentiable in the inputs, so it is computed from a
         # recomputed forward (out and lse as functions of q, k, v) rather than by the first-order kernels.
-        re_out, re_lse = _composite.forward(query, key, value, attn_mask, dropout_p, causal, scale, sinks, rng)
+        re_out, re_lse = _composite.forward(query, key, value, attn_mask, dropout_p, causal, scale, sinks, rng,
+                                            softcap)
         grads = _composite.gradients(grad_out, query, key, value, attn_mask, re_out, re_lse, dropout_p, causal,
-                                     scale, sinks, rng, mask_grad)
+                                     scale, sinks, rng, mask_grad, softcap)
     else:
         grads = bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks,
-                    rng, backend, mask_grad)
+                    rng, backend, mask_grad, softcap)
     dq, dk, dv, dmask, dsinks = grads
     return (dq, dk, dv, dmask if mask_grad else None, None, None, None, None,
-            dsinks if sinks is not None else None, None, None)
+            dsinks if sinks is not None else None, None, None, None)
 
 
 def _differentiated(*tensors) -> bool:
@@ -77,15 +78,15 @@ torch.library.register_autograd("sdpax::fwd", _backward, setup_context=_setup_co
 
 
 def _bwd_autograd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks,
-                  rng, backend, mask_grad):
+                  rng, backend, mask_grad, softcap=0.0):
     """sdpax::bwd at the Autograd key: differentiable through the composite when a gradient of the gradient is
     being recorded, the kernels of the chosen backend otherwise."""
     if _differentiated(grad_out, query, key, value, attn_mask, out, lse, sinks):
         return _composite.gradients(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale,
-                                    sinks, rng, mask_grad)
+                                    sinks, rng, mask_grad, softcap)
     with torch._C._AutoDispatchBelowAutograd():
         return bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks,
-                   rng, backend, mask_grad)
+                   rng, backend, mask_grad, softcap)
 
 
 _lib = torch.library.Library("sdpax", "IMPL")  # noqa: TOR901 (a Python kernel at the Autograd key)

@@ -62,7 +62,7 @@ def _check(query, key, value, attn_mask, dropout_p, sinks):
             raise RuntimeError(f"sdpax: {name} must be on the query's device {query.device}, got {t.device}")
 
 
-def _call_key(query, value, attn_mask, key=None, sinks=None, scale=None) -> tuple:
+def _call_key(query, value, attn_mask, key=None, sinks=None, scale=None, softcap=0.0) -> tuple:
     """The fields of _select.Call for this call, in order: a plain tuple is what the selection cache hashes, and
     building the frozen dataclass on every call cost more than the rest of the selection."""
     grad_mode = torch.is_grad_enabled()
@@ -71,11 +71,20 @@ def _call_key(query, value, attn_mask, key=None, sinks=None, scale=None) -> tupl
                                 or (key is not None and key.requires_grad)
                                 or (sinks is not None and sinks.requires_grad))
     return (query.device, query.dtype, query.shape[-1], value.shape[-1], mask_grad, needs_grad,
-            needs_grad and torch.are_deterministic_algorithms_enabled(), scale == 0.0)
+            needs_grad and torch.are_deterministic_algorithms_enabled(), scale == 0.0, softcap > 0.0)
 
 
-def _call_features(query, value, attn_mask, key=None, sinks=None, scale=None) -> _select.Call:
-    return _select.Call(*_call_key(query, value, attn_mask, key, sinks, scale))
+def _call_features(query, value, attn_mask, key=None, sinks=None, scale=None, softcap=0.0) -> _select.Call:
+    return _select.Call(*_call_key(query, value, attn_mask, key, sinks, scale, softcap))
+
+
+def _softcap(softcap) -> float:
+    """The op's softcap argument: 0.0 for None, else a finite number > 0."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 < softcap < math.inf:
+        raise AttentionError(f"sdpax: softcap must be None or a finite number > 0, got {softcap!r}")
+    return float(softcap)
 
 
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks):
@@ -106,14 +115,17 @@ def default_scale(query, scale) -> float:
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
-                                 enable_gqa=False, sinks=None):
+                                 enable_gqa=False, sinks=None, softcap=None):
     """softmax(q @ k^T * scale + bias) @ v, with torch.nn.functional.scaled_dot_product_attention's API.
 
     Extra: ``sinks`` (shape ``(Hq,)``, not scaled) adds exp(sinks[h]) to each row's softmax denominator.
+    ``softcap`` (a number > 0; Gemma 2's logit softcapping) maps each scaled score s to softcap * tanh(s / softcap)
+    before the mask and the causal limit apply.
     A row with no allowed key yields zeros (never NaN). See the README for the full semantics.
     """
     mask, causal, scale = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
-    fields = _call_key(query, value, mask, key, sinks, scale)
+    cap = _softcap(softcap)
+    fields = _call_key(query, value, mask, key, sinks, scale, cap)
     compiling = torch.compiler.is_compiling()
     backend = _select.select(_select.Call(*fields)) if compiling else _select.select_cached(fields)
     rng = None
@@ -123,7 +135,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         rng = torch.randint(-(2 ** 63), 2 ** 63 - 1, (2,), dtype=torch.int64, device=query.device)
     # The backend id carries the CUDA main loops of sdpax.cuda_main_loop (bits 4-8): the backward reads them too.
     args = (query, key, value, mask, float(dropout_p), causal, scale, bool(enable_gqa), sinks, rng,
-            int(backend) | _select.loop_bits())
+            int(backend) | _select.loop_bits(), cap)
     if fields[5] or compiling:  # Call.needs_grad
         return _ops.fwd(*args)[0]
     # No gradient can be taken: skip the Python autograd wrapper (torch.library's register_autograd), which would
@@ -133,10 +145,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
-            sinks=None) -> _select.Explanation:
+            sinks=None, softcap=None) -> _select.Explanation:
     """Which backend scaled_dot_product_attention would use for these arguments, and why each other would not."""
     mask, causal, scale = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
-    call = _call_features(query, value, mask, key, sinks, scale)
+    call = _call_features(query, value, mask, key, sinks, scale, _softcap(softcap))
     ex = _select.explain_call(call)
     if ex.backend == _select.SDPBackend.FLASH_ATTENTION and query.device.type == "cuda":
         ex.plan = _plan.cuda_plan(query, key, value, mask, dropout_p, causal, enable_gqa,

@@ -35,7 +35,6 @@ from transformers.utils import logging
 from transformers.utils.import_utils import is_torchdynamo_exporting, is_tracing
 
 from .._causal import CausalBiasBase
-from .._errors import AttentionError
 from ..attention.bias import causal_lower_right, causal_upper_left
 from ..functional import scaled_dot_product_attention
 
@@ -143,13 +142,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     - `sliding_window`: sdpax has no sliding-window kernel yet. The layer's window is already in the bool mask that
       transformers builds for it (correct, but a materialised mask, not the fused causal path); a layer called with
       no mask and more keys than its window gets that mask built here.
-    - `softcap` (Gemma 2's logit softcapping) is not supported: an error, never silently ignored.
+    - `softcap` (Gemma 2's logit softcapping, applied to the scaled scores before the mask) -> `softcap`.
     """
-    if softcap is not None:
-        raise AttentionError(
-            f"sdpax: attention logit softcapping (softcap={softcap}, in {type(module).__name__}) is not supported by "
-            f"sdpax yet, so attn_implementation={ATTN_IMPLEMENTATION!r} cannot run this model; use "
-            "attn_implementation=\"eager\" for now")
     if kwargs.get("output_attentions", False):
         logger.warning_once(f"{ATTN_IMPLEMENTATION!r} attention (sdpax) does not return attention weights "
                             "(output_attentions=True); use attn_implementation=\"eager\" for them.")
@@ -166,7 +160,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if position_bias is not None:
         mask, use_causal = _with_position_bias(position_bias, mask, use_causal, query), False
     out = scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=use_causal,
-                                       scale=scaling, enable_gqa=query.shape[-3] != key.shape[-3], sinks=s_aux)
+                                       scale=scaling, enable_gqa=query.shape[-3] != key.shape[-3], sinks=s_aux,
+                                       softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 
 

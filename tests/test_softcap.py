@@ -1,0 +1,166 @@
+"""Score softcap (`softcap=c`: scaled scores s -> c * tanh(s / c) before the mask, Gemma 2's logit softcapping):
+forward and backward of every backend that takes it against the float64 reference, by the suite's rule (torch's
+function cannot express a softcap: the same-dtype comparison is the definition evaluated in that dtype); gradcheck
+and second-order gradients in float64; the reason on devices whose kernels lack it; argument errors."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import sdpax
+from helpers import (
+    DEVICES,
+    LOWER_RIGHT,
+    UPPER_LEFT,
+    assert_close_rel,
+    assert_grads_close,
+    assert_lse_close,
+    grad_magnitude,
+    make_qkv,
+    needs_cuda,
+    reference,
+    run,
+    torch_errors,
+)
+from sdpax import SDPBackend
+from sdpax.attention.bias import causal_lower_right
+
+CASES = list(itertools.product([torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                               [(1, 7), (5, 300), (129, 129), (300, 129)],
+                               ["none", "bool_pad", "add_full", "causal_ul", "causal_lr"]))
+
+
+def _backends(q, k, v, **kwargs):
+    """The backends that take this call (explain() gives no reason against them)."""
+    ex = sdpax.explain(q, k, v, **kwargs)
+    return [b for b in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION) if not ex.reasons[b]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,LS,feature", CASES, ids=[f"{str(d)[6:]}-L{L}-S{S}-{f}" for d, (L, S), f in CASES])
+def test_softcap_forward_backward(dtype, LS, feature, device):
+    L, S = LS
+    idx = CASES.index((dtype, LS, feature))
+    gen = torch.Generator().manual_seed(100 + idx)
+    E = [32, 64, 128][idx % 3]
+    gqa = idx % 2 == 1
+    # Scores of a few times the cap, so the tanh is in its curved part and saturated for some keys.
+    q, k, v = make_qkv((2, 4, L, E), (2, 2 if gqa else 4, S, E), E, dtype, device, gen)
+    q, k = (q.double() * 3).to(dtype).requires_grad_(), (k.double() * 3).to(dtype).requires_grad_()
+    v.requires_grad_()
+    cap = [5.0, 30.0, 2.5][idx % 3]
+    sinks = torch.randn(4, generator=gen, dtype=torch.float32).to(device).requires_grad_() if idx % 4 == 3 else None
+    mask, causal, kwargs = None, 0, {}
+    if feature == "bool_pad":
+        mask = (torch.rand(2, 1, 1, S, generator=gen) > 0.2).to(device)
+        kwargs["attn_mask"] = mask
+    elif feature == "add_full":
+        mask = torch.randn(2, 4, L, S, generator=gen).to(device=device, dtype=dtype)
+        kwargs["attn_mask"] = mask
+    elif feature == "causal_ul":
+        causal, kwargs["is_causal"] = UPPER_LEFT, True
+    elif feature == "causal_lr":
+        causal, kwargs["attn_mask"] = LOWER_RIGHT, causal_lower_right(L, S)
+    kwargs.update(enable_gqa=gqa, sinks=sinks, softcap=cap)
+    gout = torch.randn((2, 4, L, E), generator=gen).to(device=device, dtype=dtype)
+
+    leaves = [q, k, v] + ([sinks] if sinks is not None else [])
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref, ref_lse = reference(*ref_leaves[:3], mask=mask, causal=causal, sinks=ref_leaves[3] if sinks is not None
+                             else None, softcap=cap, return_lse=True)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, gout.double())
+    t_err, t_grad_errs = torch_errors(q, k, v, mask=mask, causal=causal, sinks=sinks, gqa=gqa, gout=gout,
+                                      softcap=cap)
+    names = ["dq", "dk", "dv"] + (["dsinks"] if sinks is not None else [])
+    backends = _backends(q, k, v, **kwargs)
+    assert SDPBackend.MATH in backends
+    for backend in backends:
+        out = run(backend, q, k, v, **kwargs)
+        assert_close_rel(out, ref, t_err, dtype, what=f"{backend.name} out")
+        grads = torch.autograd.grad(out, leaves, gout)
+        assert_grads_close([f"{backend.name} {n}" for n in names], grads, ref_grads, t_grad_errs, dtype,
+                           grad_magnitude(gout, out))
+        if dtype != torch.float64:  # the saved log-sum-exp is float32
+            with torch.no_grad():
+                _, lse = torch.ops.sdpax.fwd(q, k, v, mask, 0.0, causal, 1.0 / math.sqrt(E), gqa, sinks, None,
+                                             int(backend), cap)
+            assert_lse_close(lse, ref_lse, what=f"{backend.name} lse")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softcap_fused_matches_math_with_dropout(device):
+    """Dropout draws the same keep mask with and without a softcap, on every backend."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = make_qkv((2, 2, 70, 32), (2, 2, 90, 32), 32, torch.float32, device, gen, requires_grad=True)
+    rng = torch.tensor([2024, 12], dtype=torch.int64, device=device)
+    outs = {}
+    for b in _backends(q, k, v, softcap=4.0):
+        out = torch.ops.sdpax.fwd(q, k, v, None, 0.3, 0, 0.5, False, None, rng, int(b), 4.0)[0]
+        outs[b] = (out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    ref = outs.pop(SDPBackend.MATH)
+    for b, (out, grads) in outs.items():
+        assert_close_rel(out, ref[0], 0.0, torch.float32, what=f"{b.name} out")
+        for name, g, rg in zip("qkv", grads, ref[1]):
+            assert_close_rel(g, rg, 0.0, torch.float32, what=f"{b.name} d{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softcap_gradcheck_float64(device):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv((1, 4, 5, 6), (1, 2, 7, 6), 5, torch.float64, device, gen, requires_grad=True)
+    mask = torch.randn(1, 4, 5, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    for backend in _backends(q, k, v, attn_mask=mask.detach(), enable_gqa=True, softcap=0.8):
+        def f(q, k, v, mask, sinks, backend=backend):
+            return run(backend, q * 2, k, v, attn_mask=mask, enable_gqa=True, sinks=sinks, softcap=0.8)
+        assert torch.autograd.gradcheck(f, (q, k, v, mask, sinks))
+        assert torch.autograd.gradgradcheck(f, (q, k, v, mask, sinks))
+
+
+def test_softcap_compiles():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = make_qkv((1, 2, 33, 16), (1, 2, 40, 16), 16, torch.float32, "cpu", gen, requires_grad=True)
+
+    def f(q, k, v):
+        return sdpax.scaled_dot_product_attention(q, k, v, softcap=3.0)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, expected = compiled(q, k, v), f(q, k, v)
+    assert torch.equal(out, expected)
+    g, eg = (torch.autograd.grad(o.sum(), (q, k, v)) for o in (out, expected))
+    for a, b in zip(g, eg):
+        assert torch.equal(a, b)
+    args = (q.detach(), k.detach(), v.detach(), None, 0.0, 0, 0.25, False, None, None, 1, 3.0)
+    torch.library.opcheck(torch.ops.sdpax.fwd.default, args)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, math.inf, math.nan, True, "5", torch.tensor(5.0)])
+def test_softcap_argument_errors(bad):
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(sdpax.AttentionError, match="softcap must be None or a finite number > 0"):
+        sdpax.scaled_dot_product_attention(q, q, q, softcap=bad)
+    with pytest.raises(RuntimeError, match="softcap must be a finite number > 0"):
+        torch.ops.sdpax.fwd(q, q, q, None, 0.0, 0, 1.0, False, None, None, 0, -2.0)
+
+
+def test_softcap_none_is_plain_attention():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv((1, 2, 20, 16), (1, 2, 24, 16), 16, torch.float32, "cpu", gen)
+    for b in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+        assert torch.equal(run(b, q, k, v, softcap=None), run(b, q, k, v))
+
+
+@needs_cuda
+def test_softcap_cuda_reason_and_math():
+    """The CUDA kernels have no softcap: explain() says so, FLASH alone refuses with that reason, and the default
+    selection runs MATH on the GPU."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = make_qkv((1, 2, 64, 64), (1, 2, 64, 64), 64, torch.bfloat16, "cuda", gen)
+    ex = sdpax.explain(q, k, v, softcap=10.0)
+    assert ex.backend == SDPBackend.MATH
+    assert any("softcap" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION])
+    with pytest.raises(RuntimeError, match="softcap"):
+        run(SDPBackend.FLASH_ATTENTION, q, k, v, softcap=10.0)
+    ref = reference(q.double(), k.double(), v.double(), softcap=10.0)
+    t_err, _ = torch_errors(q, k, v, softcap=10.0)
+    assert_close_rel(sdpax.scaled_dot_product_attention(q, k, v, softcap=10.0), ref, t_err, torch.bfloat16)
