@@ -166,6 +166,20 @@ struct BwdSm90Block {
   // The generic pointer of shared-memory address addr.
   __device__ __forceinline__ unsigned char* ptr(uint32_t addr) const { return smem + (addr - smem_u32(smem)); }
 
+  // A consumer's wait for the n-th query tile the producer hands out, in stage st = n % kStages: false when the
+  // stream has ended (head -1), else tile is its tile_of_stage entry.
+  __device__ __forceinline__ bool next_tile(int n, int& st, int4& tile) const {
+    st = n % kStages;
+    mbar_wait(bar_full0 + 8 * st, (n / kStages) & 1);
+    tile = tile_of_stage[st];
+    return tile.x >= 0;
+  }
+
+  // Whether the query tile from row i0 crosses the causal limit or the end of the keys somewhere in this block.
+  __device__ __forceinline__ bool crosses(int i0) const {
+    return j0 + BN > S || (p.causal != Causal::None && j0 + BN - 1 >= i0 + lim_shift);
+  }
+
   // This warp is done with stage st (its Q / dO / lse / Delta): one of the 8 arrivals (one per consumer warp) the
   // stage's empty barrier waits for.
   __device__ __forceinline__ void release_stage(int st, int lane) const {

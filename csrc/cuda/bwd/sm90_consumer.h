@@ -171,17 +171,14 @@ struct BwdSm90Consumer {
     const int dq_c0 = kByTurns ? 0 : wg * 64;  // first dQ column of this warpgroup
 
     mbar_wait(blk.bar_kv, 0);
-    for (int n = 0;; ++n) {
-      const int st = n % kStages;
-      const uint32_t stage_off = (st * Cfg::kStageBytes) >> 4;
-      mbar_wait(blk.bar_full0 + 8 * st, (n / kStages) & 1);
-      const int4 tile = blk.tile_of_stage[st];
-      if (tile.x < 0) break;
+    int st;
+    int4 tile;
+    for (int n = 0; blk.next_tile(n, st, tile); ++n) {
       const int h = tile.x, i0 = tile.y;
+      const uint32_t stage_off = (st * Cfg::kStageBytes) >> 4;
       float s[32], dp[32];
       bwd_sm90_scores<64, D, T, KTile, QTile>(s, dp, k_desc, v_desc, q_desc, stage_off);
-      const bool cross = blk.j0 + BN > blk.S || (p.causal != Causal::None && blk.j0 + BN - 1 >= i0 + blk.lim_shift);
-      if (cross) bwd_sm90_limits<8>(s, i0, blk.j0 + key_r, blk.lim_shift, blk.S, t);
+      if (blk.crosses(i0)) bwd_sm90_limits<8>(s, i0, blk.j0 + key_r, blk.lim_shift, blk.S, t);
       uint32_t pa[4][4], da[4][4];
       fragments(pa, da, s, dp, n, st, blk.has_mask && !tile.z);
       store_ds(da, n);

@@ -82,19 +82,16 @@ struct BwdSm90ConsumerD256 {
     const uint64_t kt_desc = sw128_desc(blk.sK + wg * 2 * KTile::kBlockBytes, KTile::kBlockBytes, 1024);
 
     mbar_wait(blk.bar_kv, 0);
-    for (int n = 0;; ++n) {
-      const int st = n % kStages;
-      const uint32_t stage_off = (st * Cfg::kStageBytes) >> 4;
-      mbar_wait(blk.bar_full0 + 8 * st, (n / kStages) & 1);
-      const int4 tile = blk.tile_of_stage[st];
-      if (tile.x < 0) break;
+    int st;
+    int4 tile;
+    for (int n = 0; blk.next_tile(n, st, tile); ++n) {
       const int h = tile.x, i0 = tile.y;
+      const uint32_t stage_off = (st * Cfg::kStageBytes) >> 4;
 
       float s[16], dp[16];
       bwd_sm90_scores<32, 256, T, KTile, QTile>(s, dp, k_desc, v_desc, q_desc, stage_off);
       // Causal / bounds (keys past S: K is zero-filled, S^T = 0); queries i0 + q0 + ...
-      const bool cross = blk.j0 + BN > blk.S || (p.causal != Causal::None && blk.j0 + BN - 1 >= i0 + blk.lim_shift);
-      if (cross) bwd_sm90_limits<4>(s, i0 + q0, blk.j0 + key_r, blk.lim_shift, blk.S, t);
+      if (blk.crosses(i0)) bwd_sm90_limits<4>(s, i0 + q0, blk.j0 + key_r, blk.lim_shift, blk.S, t);
       store_pds(s, dp, n, st);
       fence_proxy_async();                  // the generic-proxy stores above, read by wgmma (async proxy) below
       named_barrier(kBwdBarConsumers, NT);  // both halves of P^T / dS^T are in
