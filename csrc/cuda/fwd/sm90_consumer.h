@@ -147,12 +147,15 @@ struct FwdSm90Consumer {
     reg_fence(acc_o);
     reg_fence_u32(pa);
   }
-  // This warp is done with K stage st (and its mask bits) and, when v_cur >= 0, with V stage v_cur.
+  // This warp is done with K stage st (and its mask bits) and, with kWithV, with V stage v_cur. A compile-time
+  // choice: a run-time test here let ptxas sink both arrivals past the next tile's rescale, so the producer got
+  // its stages back later (d64 forward ~5% slower).
+  template <bool kWithV>
   __device__ __forceinline__ void release(int st, int v_cur) const {
     __syncwarp();
     if (k.lane == 0) {
       mbar_arrive(k.bar_empty0 + 8 * st);
-      if (v_cur >= 0) mbar_arrive(k.bar_vempty0 + 8 * v_cur);
+      if constexpr (kWithV) mbar_arrive(k.bar_vempty0 + 8 * v_cur);
     }
   }
 
@@ -238,7 +241,7 @@ struct FwdSm90Consumer {
     issue_s(s, st);
     wgmma_wait<0>();
     reg_fence(s);
-    release(st, -1);
+    release<false>(st, 0);
     softmax<kPath>(s, tile, bits, alpha);
     to_a(s, pa);
   }
@@ -258,7 +261,7 @@ struct FwdSm90Consumer {
     wgmma_wait<0>();
     reg_fence(acc_o);
     reg_fence_u32(pa);  // the P fragments stay untouched until the wgmma that reads them is complete
-    release(st, cur);
+    release<true>(st, cur);
   }
 
   template <int kPath>
