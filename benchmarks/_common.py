@@ -17,11 +17,12 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-import sdpax
 import torch
-from sdpax.attention.bias import causal_lower_right
 from torch.nn.attention import sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention
+
+import sdpax
+from sdpax.attention.bias import causal_lower_right
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 DTYPE_NAMES = {F32: "fp32", BF16: "bf16", F16: "fp16", torch.float64: "fp64"}

@@ -17,10 +17,11 @@ from functools import partial
 from pathlib import Path
 
 import _common as C
-import sdpax
 import torch
-from sdpax import SDPBackend
 from torch.nn.attention import SDPBackend as TorchBackend
+
+import sdpax
+from sdpax import SDPBackend
 
 HERE = Path(__file__).resolve().parent
 

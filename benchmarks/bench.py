@@ -22,9 +22,10 @@ import sys
 import textwrap
 
 import _common as C
-import sdpax
 import torch
 from _suites import SUITES, describe_rows
+
+import sdpax
 
 
 def _list() -> str:

@@ -7,7 +7,9 @@
 //   scale     multiplies q.k^T; sinks are not scaled
 //   sinks     optional (Hq,) logits that join each row's softmax denominator and carry no value
 //   rng       {seed, offset} int64 on the query's device, read only when dropout_p > 0; the keep/drop decision is
-//             a Philox function of (seed, offset, batch*head, i, j), so bwd regenerates the fwd mask
+//             a Philox function of (seed, offset, batch*head, i, j), so bwd regenerates the fwd mask. Or
+//             {seed, offset, row0, col0}: element (i, j) takes the decision of (i + row0, j + col0), so a call on a
+//             block of a larger problem drops what the whole would (MATH and CPU; sdpax.distributed)
 //   backend   bits 0-3: 0 MATH, 1 FLASH_ATTENTION (the fused kernel of the input's device); bits 4-8: the CUDA
 //             main loops sdpax.cuda_main_loop asks for (common/op_args.h)
 //   softcap   0: none; c > 0: scaled scores s -> c tanh(s / c) before the mask and causal limit (not the sinks)

@@ -62,7 +62,7 @@ def _full_inputs(case, seed):
     return q, k, v, s, mask, gout
 
 
-def _worker(rank, world, init_file, cases, errors):
+def _worker(rank, world, init_file, cases, errors, dropout_p=0.0):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
@@ -74,13 +74,14 @@ def _worker(rank, world, init_file, cases, errors):
             L, S = q.shape[-2], k.shape[-2]
             am = cp.shard(mask, -1) if mask is not None else (causal_lower_right(L, S) if causal == LOWER_RIGHT
                                                                else None)
+            torch.manual_seed(1000 + i)  # with dropout: the first rank's draw is the single-device call's
             out_l = cp.attention(ql, kl, vl, attn_mask=am, is_causal=causal == UPPER_LEFT, enable_gqa=gqa,
-                                 sinks=sl, strategy=case[9])
+                                 sinks=sl, strategy=case[9], dropout_p=dropout_p)
             grads_l = torch.autograd.grad(out_l, [ql, kl, vl] + ([sl] if sl is not None else []),
                                           cp.shard(gout, -2))
             got = [cp.unshard(out_l.detach(), -2)] + [cp.unshard(g, -2) for g in grads_l[:3]] + list(grads_l[3:])
             if rank == 0:
-                errors.put((case[0], _compare(case, got, q, k, v, s, mask, gout)))
+                errors.put((case[0], _compare(case, got, q, k, v, s, mask, gout, dropout_p, 1000 + i)))
     except Exception as e:  # reported to the test in the parent process, then raised
         errors.put((f"rank {rank}", repr(e)))
         raise
@@ -88,13 +89,20 @@ def _worker(rank, world, init_file, cases, errors):
         dist.destroy_process_group()
 
 
-def _compare(case, got, q, k, v, s, mask, gout):
+def _compare(case, got, q, k, v, s, mask, gout, dropout_p=0.0, seed=None):
     """'' if the distributed result (out, dq, dk, dv[, dsinks]) is within the suite's rule of the float64 reference,
-    else a message."""
+    else a message. With dropout the reference drops what a single-device call drops after torch.manual_seed(seed)
+    (torch's error without dropout is the scale)."""
     dtype, causal, gqa = case[1], case[5], case[6]
     rq, rk, rv = (t.double().requires_grad_() for t in (q, k, v))
     rs = s.double().requires_grad_() if s is not None else None
-    ref = reference(rq, rk, rv, mask=mask, causal=causal, sinks=rs)
+    keep = None
+    if dropout_p:
+        torch.manual_seed(seed)
+        rng = torch.randint(-(2 ** 63), 2 ** 63 - 1, (2,), dtype=torch.int64, device=q.device)
+        bh, L, S = q.numel() // (q.shape[-2] * q.shape[-1]), q.shape[-2], k.shape[-2]
+        keep = torch.ops.sdpax.dropout_keep_mask(rng, bh, L, S, dropout_p).view(*q.shape[:-1], S)
+    ref = reference(rq, rk, rv, mask=mask, causal=causal, sinks=rs, keep=keep, dropout_p=dropout_p)
     ref_all = [ref.detach(), *torch.autograd.grad(ref, [rq, rk, rv] + ([rs] if rs is not None else []),
                                                   gout.double())]
     t_err, t_grads = torch_errors(q, k, v, mask=mask, causal=causal, sinks=s, gqa=gqa, gout=gout)
@@ -111,10 +119,10 @@ def _compare(case, got, q, k, v, s, mask, gout):
     return ""
 
 
-def _run(world, cases):
+def _run(world, cases, dropout_p=0.0):
     with tempfile.TemporaryDirectory() as d:
         errors = mp.get_context("spawn").SimpleQueue()
-        mp.spawn(_worker, args=(world, os.path.join(d, "init"), cases, errors), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, os.path.join(d, "init"), cases, errors, dropout_p), nprocs=world, join=True)
         results = []
         while not errors.empty():
             results.append(errors.get())
@@ -126,6 +134,21 @@ def _run(world, cases):
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_matches_single_device(world):
     _run(world, CASES if world > 1 else CASES[:3])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dropout_matches_single_device(world):
+    """Each pair's kernel call draws its decisions at its origin in the global problem (rng {seed, offset, row0,
+    col0}), so the sharded run drops exactly what one device drops: forward and backward."""
+    _run(world, [CASES[i] for i in (1, 2, 3, 7, 8)], dropout_p=0.3)
+
+
+def test_dropout_origin_is_a_block_of_the_whole():
+    rng = torch.tensor([1234, 99], dtype=torch.int64)
+    full = torch.ops.sdpax.dropout_keep_mask(rng, 6, 40, 50, 0.3)
+    for r0, c0 in ((0, 0), (3, 5), (8, 13), (17, 30)):
+        block = torch.ops.sdpax.dropout_keep_mask(torch.cat([rng, torch.tensor([r0, c0])]), 6, 10, 20, 0.3)
+        assert torch.equal(block, full[:, r0:r0 + 10, c0:c0 + 20]), (r0, c0)
 
 
 def test_pair_decomposition_is_the_causal_mask():
@@ -166,6 +189,19 @@ SIM_CASES = [("causal", UPPER_LEFT, False, False, None), ("lower_right_gqa_sinks
 @pytest.mark.parametrize("name,causal,gqa,sinks,mask_kind", SIM_CASES, ids=[c[0] for c in SIM_CASES])
 @pytest.mark.parametrize("world", [1, 3, 8])
 def test_simulated_ranks_match_dense(world, name, causal, gqa, sinks, mask_kind, dtype, device):
+    _simulated_case(world, name, causal, gqa, sinks, mask_kind, dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("world", [2, 3])
+def test_simulated_dropout_matches_dense(world, dtype, device):
+    """Dropout through the simulated ranks; causal pairs cut at the diagonal put origins off the 4-key groups of
+    the Philox words."""
+    _simulated_case(world, "lower_right_gqa_sinks", LOWER_RIGHT, True, True, None, dtype, device, dropout_p=0.25)
+
+
+def _simulated_case(world, name, causal, gqa, sinks, mask_kind, dtype, device, dropout_p=0.0):
     """The ranks' steps run in one process (cp.simulate) give the dense kernel's answer, forward and backward."""
     if dtype == torch.float64 and device == "cpu" and world == 8:
         pytest.skip("covered at smaller world sizes")
@@ -176,8 +212,9 @@ def test_simulated_ranks_match_dense(world, name, causal, gqa, sinks, mask_kind,
         [s.detach().clone().requires_grad_()] if s is not None else [])
     L, S = q.shape[-2], k.shape[-2]
     am = mask if mask is not None else (causal_lower_right(L, S) if causal == LOWER_RIGHT else None)
+    torch.manual_seed(77)
     out = cp.simulate(*leaves[:3], world, attn_mask=am, is_causal=causal == UPPER_LEFT, enable_gqa=gqa,
-                      sinks=leaves[3] if s is not None else None)
+                      sinks=leaves[3] if s is not None else None, dropout_p=dropout_p)
     got = [out.detach()] + list(torch.autograd.grad(out, leaves, gout))
-    msg = _compare(case, got, q, k, v, s, mask, gout)
+    msg = _compare(case, got, q, k, v, s, mask, gout, dropout_p, 77)
     assert not msg, msg

@@ -21,8 +21,8 @@ hf = pytest.importorskip("sdpax.integrations.transformers")
 
 NAME = hf.ATTN_IMPLEMENTATION
 VOCAB = 97
-SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2)
+SMALL = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 def llama():
@@ -137,20 +137,20 @@ def check_parity(factory, inputs, live, grads=True):
 @pytest.mark.parametrize("factory", [llama, qwen2, mistral, gpt_oss, gemma2], ids=lambda f: f.__name__)
 def test_causal_lm_parity(factory):
     ids, mask = batch(2, 20)  # left padding on the second row; 20 keys exceed the 8-token sliding windows
-    check_parity(factory, dict(input_ids=ids, attention_mask=mask), mask.bool())
-    check_parity(factory, dict(input_ids=ids), torch.ones_like(mask, dtype=torch.bool), grads=False)
+    check_parity(factory, {"input_ids": ids, "attention_mask": mask}, mask.bool())
+    check_parity(factory, {"input_ids": ids}, torch.ones_like(mask, dtype=torch.bool), grads=False)
 
 
 def test_bert_padding_parity():
     ids, mask = batch(3, 17, left_pad=(0, 0, 0), right_pad=(0, 5, 11))
-    check_parity(bert, dict(input_ids=ids, attention_mask=mask), mask.bool())
+    check_parity(bert, {"input_ids": ids, "attention_mask": mask}, mask.bool())
 
 
 def test_t5_position_bias_parity():
     ids, mask = batch(2, 15, left_pad=(0, 0), right_pad=(0, 4))
     labels, _ = batch(2, 9, left_pad=(0, 0), seed=3)
     live = torch.ones_like(labels, dtype=torch.bool)
-    check_parity(t5, dict(input_ids=ids, attention_mask=mask, labels=labels), live)
+    check_parity(t5, {"input_ids": ids, "attention_mask": mask, "labels": labels}, live)
 
 
 def test_mask_forms(monkeypatch):
@@ -207,7 +207,7 @@ def _greedy(model, impl, **kwargs):
 def test_generate_greedy_matches_eager(factory, cache):
     model = build(factory)
     ids, mask = batch(2, 12)
-    kwargs = dict(input_ids=ids, attention_mask=mask, cache_implementation=cache)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "cache_implementation": cache}
     expected, got = _greedy(model, "eager", **kwargs), _greedy(model, NAME, **kwargs)
     if not torch.equal(got.sequences, expected.sequences):
         # Only a near-tie of eager's own top two logits may flip a token (float32 rounding differs).

@@ -102,8 +102,8 @@ void check_inputs(const FwdArgs& a) {
                 sinks->scalar_type());
   }
   if (dropout_p > 0.0) {
-    TORCH_CHECK(rng && rng->numel() == 2 && rng->scalar_type() == at::kLong,
-                "sdpax: dropout_p > 0 needs rng, an int64 tensor {seed, offset}");
+    TORCH_CHECK(rng && (rng->numel() == 2 || rng->numel() == 4) && rng->scalar_type() == at::kLong,
+                "sdpax: dropout_p > 0 needs rng, an int64 tensor {seed, offset} or {seed, offset, row0, col0}");
     TORCH_CHECK(rng->device() == q.device(), "sdpax: rng must be on the query's device");
   }
 }
@@ -176,6 +176,10 @@ AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tenso
   p.sinks = sinks_f32 ? sinks_f32->data_ptr<float>() : nullptr;
   p.dropout_p = dropout_p;
   p.rng = dropout_p > 0.0 ? rng->data_ptr<int64_t>() : nullptr;
+  if (dropout_p > 0.0 && rng->numel() == 4 && rng->device().is_cpu()) {
+    p.drop_row0 = p.rng[2];
+    p.drop_col0 = p.rng[3];
+  }
   return p;
 }
 

@@ -88,6 +88,9 @@ struct AttnParams {
   // Score softcap: scores s = scale q.k become softcap * tanh(s / softcap) before the mask and causal limit; 0:
   // none. Kept last so that the CUDA kernels, which do not take softcapped calls, see the same layout.
   float softcap = 0.f;
+  // Dropout origin (rng = {seed, offset, row0, col0}, CPU only): element (bh, i, j) draws the decision of
+  // (bh, i + row0, j + col0), so a call on a block of a larger problem drops what the whole problem would.
+  int64_t drop_row0 = 0, drop_col0 = 0;
 };
 
 // First key column that query row i may not see under the causal alignment (keys [0, limit) are visible).

@@ -306,6 +306,7 @@ inline void mulhilo16(uint32_t m, __m512i x, __m512i& hi, __m512i& lo) {
 struct Dropout {
   bool on = false;
   uint64_t seed = 0, offset = 0, threshold = 0;
+  int64_t row0 = 0, col0 = 0;  // the call's origin in the problem whose decisions it draws (AttnParams)
   float scale = 1.f;
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -335,6 +336,8 @@ struct Dropout {
     if (on) {
       seed = static_cast<uint64_t>(p.rng[0]);
       offset = static_cast<uint64_t>(p.rng[1]);
+      row0 = p.drop_row0;
+      col0 = p.drop_col0;
       threshold = dropout_threshold(p.dropout_p);
       scale = dropout_scale(p.dropout_p);
     }
@@ -342,6 +345,8 @@ struct Dropout {
 
   // f[j - j0] = scale if element (bh, i, j) is kept else 0, for j in [j0, j0 + n).
   void factors(int64_t bh, int64_t i, int64_t j0, int64_t n, float* f) const {
+    i += row0;  // from here on (i, j0) are the problem's coordinates; f stays indexed from j0
+    j0 += col0;
     int64_t j4 = j0 / 4;
 #if defined(CPU_CAPABILITY_AVX512)
     // Sixteen Philox counters (consecutive groups of four keys) per step, the same function as philox.h.

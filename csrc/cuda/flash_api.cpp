@@ -28,9 +28,12 @@ at::Tensor vector_ready(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
-void check_supported(const at::Tensor& q, int64_t E, int64_t Ev, double softcap) {
-  TORCH_CHECK(softcap == 0.0, "sdpax: the CUDA FLASH_ATTENTION kernels have no score softcap yet; use the MATH "
+void check_supported(const FwdArgs& a, int64_t E, int64_t Ev) {
+  const at::Tensor& q = a.q;
+  TORCH_CHECK(a.softcap == 0.0, "sdpax: the CUDA FLASH_ATTENTION kernels have no score softcap yet; use the MATH "
               "backend");
+  TORCH_CHECK(a.dropout_p == 0.0 || a.rng->numel() == 2, "sdpax: the CUDA FLASH_ATTENTION kernels take no dropout "
+              "origin (rng {seed, offset, row0, col0}); use the MATH backend");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf || q.scalar_type() == at::kFloat,
               "sdpax: the CUDA FLASH_ATTENTION kernels take ", kDtypes, " inputs, got ", q.scalar_type(),
               "; use the MATH backend");
@@ -108,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
   check_inputs(a);
   const at::Tensor& q = a.q;
   const Canonical c = canonicalize(a);
-  check_supported(q, c.E, c.Ev, a.softcap);
+  check_supported(a, c.E, c.Ev);
   // Empty inputs (no rows, or no keys: every row is 0 and its lse -inf, or its sink) have nothing to tile; MATH
   // computes them from the same arguments, as the backward below does (the plan says so: FwdLoop::None).
   if (c.B * c.Hq * c.L == 0 || c.S == 0) return math::fwd(a);
@@ -138,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   const at::Tensor &q = a.f.q, &k = a.f.k, &v = a.f.v, &grad_out = a.grad_out, &out = a.out, &lse = a.lse;
   const std::optional<at::Tensor>&mask = a.f.mask, &sinks = a.f.sinks;
   const Canonical c = canonicalize(a.f);
-  check_supported(q, c.E, c.Ev, a.f.softcap);
+  check_supported(a.f, c.E, c.Ev);
   // Empty inputs are computed by MATH from the same saved tensors.
   if (c.B * c.Hq * c.L == 0 || c.S == 0) return math::bwd(a);
   const c10::cuda::CUDAGuard guard(q.device());

@@ -56,13 +56,15 @@ class DeviceLimits:
     mask_grad: bool | None = None  # overrides the backend's Limits.mask_grad on this device (None: keep it)
     zero_scale: bool = True  # whether the kernels take scale == 0
     softcap: bool = True  # whether the kernels take a score softcap
+    dropout_origin: bool = True  # whether the kernels take rng = {seed, offset, row0, col0}
 
 
 # What each device's fused kernels take beyond the table's dtypes and head dims (csrc/variants.py, through the
 # build config). CUDA: the fused backward computes the float mask gradient and has a deterministic mode (its own
 # dQ pass, no atomics). scale == 0 (every score 0) gave NaN gradients from the CUDA backward in the property-based
-# fuzz; until the kernels are fixed for it, MATH computes such calls. The CUDA kernels have no score softcap yet.
-_FLASH_EXTRA = {"cuda": {"mask_grad": True, "zero_scale": False, "softcap": False}}
+# fuzz; until the kernels are fixed for it, MATH computes such calls. The CUDA kernels have no score softcap and no
+# dropout origin yet.
+_FLASH_EXTRA = {"cuda": {"mask_grad": True, "zero_scale": False, "softcap": False, "dropout_origin": False}}
 
 
 def _flash_limits() -> Limits:
@@ -96,6 +98,7 @@ class Call:
     deterministic_grad: bool = False  # torch.use_deterministic_algorithms(True) and a gradient may be taken
     zero_scale: bool = False  # scale == 0
     softcap: bool = False  # a score softcap is asked for
+    dropout_origin: bool = False  # dropout drawn at an origin (a block of a larger problem: sdpax.distributed)
 
 
 def reasons(backend: SDPBackend, call: Call) -> list[str]:
@@ -137,6 +140,9 @@ def reasons(backend: SDPBackend, call: Call) -> list[str]:
             out.append(f"scale 0 is not supported by the {call.device.type} kernels")
         if call.softcap and not dev.softcap:
             out.append(f"softcap is not supported by the {call.device.type} kernels yet")
+        if call.dropout_origin and not dev.dropout_origin:
+            out.append(f"dropout at an origin (context parallelism) is not supported by the {call.device.type} "
+                       "kernels yet")
         if call.deterministic_grad and not dev.deterministic_backward:
             out.append(f"deterministic algorithms are enabled and {dev.why_nondeterministic}")
     return out

@@ -23,8 +23,10 @@ this rank's queries and outputs (GQA-heavy shapes: per-rank memory stays O(L / P
 
 Features: both causal alignments (`is_causal=True` or a `CausalBias` of the global lengths, sdpax's or torch's),
 L != S, GQA, sinks, custom scale, and a key-side mask (bool or additive, size 1 in the query dim, sharded with
-K/V). Dropout is refused with an error: the kernels draw the keep mask from indices local to each call, so a
-sharded run could not drop the elements a single-device run drops.
+K/V), and dropout: every pair's kernel call gets rng = {seed, offset, row0, col0}, its origin in the global
+problem, so it draws the decisions of those elements of the single-device call (the {seed, offset} is drawn on
+the group's first rank and broadcast). The CPU kernels and MATH take an origin; on CUDA such calls run on MATH
+(a reason says so) until the CUDA kernels take one.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import torch.distributed as dist
 
 from . import _causal, _composite, _ops, _select
 from ._errors import AttentionError
-from .functional import _causal_from_bias, _check, default_scale
+from .functional import _causal_from_bias, _check, _draw_rng, default_scale
 
 __all__ = ["attention", "shard", "unshard", "shard_of", "from_shards", "chunk_positions", "choose_strategy", "simulate",
            "ContextParallelAttention"]
@@ -124,8 +126,9 @@ def _rows(t, sl):
 class _Plan:
     """What every pair of this call needs: lengths, causal alignment, scale, backend, the chunks per rank."""
 
-    def __init__(self, query, key, value, causal, scale, enable_gqa, group, rank, world):
+    def __init__(self, query, key, value, causal, scale, enable_gqa, group, rank, world, dropout_p=0.0, rng=None):
         self.group, self.rank, self.world = group, rank, world
+        self.dropout_p, self.rng = float(dropout_p), rng  # rng: {seed, offset}, the same on every rank
         self.L, self.S = query.shape[-2] * world, key.shape[-2] * world
         self.causal = causal
         self.shift = self.S - self.L if causal == _LOWER_RIGHT else 0
@@ -133,7 +136,7 @@ class _Plan:
         self.gqa = enable_gqa
         self.acc = _composite.acc_dtype(query.dtype)
         call = _select.Call(query.device, query.dtype, query.shape[-1], value.shape[-1], False,
-                            zero_scale=scale == 0.0)
+                            zero_scale=scale == 0.0, dropout_origin=self.dropout_p > 0.0)
         self.backend = _select.select(call)
         self.q_chunks = chunk_positions(self.L, self.rank, self.world)
 
@@ -141,41 +144,50 @@ class _Plan:
         return chunk_positions(self.S, owner, self.world)
 
     def pairs(self, owner):
-        """(row offset in this rank's shard, key offset in the owner's shard, _Pair) of every pair with a visible
-        key, for the K/V shard of rank `owner`."""
+        """(row offset in this rank's shard, key offset in the owner's shard, (row, key) offsets in the global
+        sequences, _Pair) of every pair with a visible key, for the K/V shard of rank `owner`."""
         for qi, (qs, lq) in enumerate(self.q_chunks):
             for ki, (ks, lk) in enumerate(self.k_chunks(owner)):
                 pair = _Pair(qs, lq, ks, lk, self.causal, self.shift)
                 if pair.calls:
-                    yield qi * lq, ki * lk, pair
+                    yield qi * lq, ki * lk, (qs, ks), pair
+
+    def call_rng(self, origin, rows, keys):
+        """The rng of one kernel call: {seed, offset, row0, col0} with the call's origin in the global problem, so
+        its dropout decisions are the single-device call's (None without dropout)."""
+        if self.dropout_p == 0.0:
+            return None
+        at = torch.tensor([origin[0] + rows.start, origin[1] + keys.start], dtype=torch.int64)
+        return torch.cat([self.rng, at.to(self.rng.device)])
 
 
 def _forward_block(plan, q, k, v, mask, out_acc, lse_acc, owner):
-    for r0, c0, pair in plan.pairs(owner):
+    for r0, c0, origin, pair in plan.pairs(owner):
         for rows, keys, causal in pair.calls:
             rs = slice(r0 + rows.start, r0 + rows.stop)
             ks = slice(c0 + keys.start, c0 + keys.stop)
             m = None if mask is None else mask[..., ks]
-            o, lse = _ops.fwd(_rows(q, rs), _rows(k, ks), _rows(v, ks), m, 0.0, causal, plan.scale, plan.gqa, None,
-                              None, int(plan.backend))
+            o, lse = _ops.fwd(_rows(q, rs), _rows(k, ks), _rows(v, ks), m, plan.dropout_p, causal, plan.scale,
+                              plan.gqa, None, plan.call_rng(origin, rows, keys), int(plan.backend))
             _merge_into(out_acc[..., rs, :], lse_acc[..., rs], o, lse.to(plan.acc))
 
 
 def _backward_block(plan, q, k, v, mask, out, lse, dout, dq, dk, dv, owner):
     """Adds this K/V block's contributions to dq (this rank's rows) and dk, dv (the block's keys)."""
-    for r0, c0, pair in plan.pairs(owner):
+    for r0, c0, origin, pair in plan.pairs(owner):
         for rows, keys, causal in pair.calls:
             rs = slice(r0 + rows.start, r0 + rows.stop)
             ks = slice(c0 + keys.start, c0 + keys.stop)
             m = None if mask is None else mask[..., ks]
+            rng = plan.call_rng(origin, rows, keys)
             args = (_rows(dout, rs), _rows(q, rs), _rows(k, ks), _rows(v, ks), m, _rows(out, rs),
                     lse[..., rs].contiguous())
             if plan.backend == _select.SDPBackend.MATH:
                 # MATH's own backward recomputes the softmax from the pair's scores alone; the pair's share of the
                 # gradient needs the merged lse and output, which the composite takes as given.
-                g = _composite.gradients(*args, 0.0, causal, plan.scale, None, None, False)
+                g = _composite.gradients(*args, plan.dropout_p, causal, plan.scale, None, rng, False)
             else:
-                g = _ops.bwd(*args, 0.0, causal, plan.scale, plan.gqa, None, None, int(plan.backend), False)
+                g = _ops.bwd(*args, plan.dropout_p, causal, plan.scale, plan.gqa, None, rng, int(plan.backend), False)
             dq[..., rs, :] += g[0].to(dq.dtype)
             dk[..., ks, :] += g[1].to(dk.dtype)
             dv[..., ks, :] += g[2].to(dv.dtype)
@@ -298,10 +310,10 @@ class _ContextParallel(torch.autograd.Function):
         return (dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), dsinks, None, None, None)
 
 
-def _prepare(query, key, value, attn_mask, is_causal, scale, enable_gqa, sinks, world):
+def _prepare(query, key, value, attn_mask, is_causal, scale, enable_gqa, sinks, world, dropout_p=0.0):
     """Checks the arguments of this rank's shards; returns (key-side mask or None, causal id, scale)."""
     mask = attn_mask if attn_mask is not None and not _causal.is_causal_bias(attn_mask) else None
-    _check(query, key, value, mask, 0.0, sinks)
+    _check(query, key, value, mask, dropout_p, sinks)
     L, S = query.shape[-2] * world, key.shape[-2] * world
     causal = _causal_from_bias(attn_mask, L, S) if mask is None and attn_mask is not None else None
     if causal is not None and is_causal:
@@ -330,20 +342,23 @@ def attention(query, key, value, group=None, *, attn_mask=None, is_causal=False,
               sinks=None, dropout_p=0.0, strategy="auto"):
     """Exact attention over sequence-sharded q, k, v (this rank's zig-zag shards); returns this rank's shard of
     the output. attn_mask: None, a CausalBias of the global lengths (sdpax's or torch's), or a key-side mask of
-    this rank's keys (size 1 in the query dim, bool or additive)."""
+    this rank's keys (size 1 in the query dim, bool or additive). dropout_p: the elements a single-device call
+    drops with the generator state of the group's first rank (its {seed, offset} is broadcast)."""
     if not dist.is_available() or not dist.is_initialized():
         raise AttentionError("sdpax.distributed.attention needs an initialised torch.distributed process group")
-    if dropout_p:
-        raise AttentionError("sdpax.distributed.attention: dropout is not supported (the kernels draw the keep "
-                             "mask from indices local to each call, so a sharded run would not drop the elements "
-                             "of a single-device run)")
     world = dist.get_world_size(group)
-    mask, causal, scale = _prepare(query, key, value, attn_mask, is_causal, scale, enable_gqa, sinks, world)
+    mask, causal, scale = _prepare(query, key, value, attn_mask, is_causal, scale, enable_gqa, sinks, world,
+                                   dropout_p)
     if strategy not in ("auto", "ring", "allgather"):
         raise AttentionError(f"sdpax.distributed: strategy must be 'auto', 'ring' or 'allgather', got {strategy!r}")
     if strategy == "auto":
         strategy = choose_strategy(query, key, value, world)
-    plan = _Plan(query, key, value, causal, scale, bool(enable_gqa), group, dist.get_rank(group), world)
+    rng = None
+    if dropout_p > 0.0:
+        rng = _draw_rng(query.device)
+        dist.broadcast(rng, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    plan = _Plan(query, key, value, causal, scale, bool(enable_gqa), group, dist.get_rank(group), world, dropout_p,
+                 rng)
     return _ContextParallel.apply(query, key, value, sinks, mask, plan, strategy)
 
 
@@ -389,7 +404,7 @@ class _Simulated(torch.autograd.Function):
 
 
 def simulate(query, key, value, world: int, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-             sinks=None):
+             sinks=None, dropout_p=0.0):
     """`attention`'s algorithm for `world` ranks run in this process on full-sequence tensors: every rank's shards,
     pairs, kernel calls and merges, with the exchanges replaced by indexing; returns the full output
     (differentiable). For checking and timing the per-pair kernel calls on one device. attn_mask: a CausalBias of
@@ -400,10 +415,11 @@ def simulate(query, key, value, world: int, *, attn_mask=None, is_causal=False, 
     m0 = attn_mask
     if isinstance(attn_mask, torch.Tensor) and not _causal.is_causal_bias(attn_mask):
         m0 = shard_of(attn_mask, 0, world, -1)
-    mask, causal, scale = _prepare(qs, ks, vs, m0, is_causal, scale, enable_gqa, sinks, world)
+    mask, causal, scale = _prepare(qs, ks, vs, m0, is_causal, scale, enable_gqa, sinks, world, dropout_p)
     if mask is not None:
         mask = attn_mask.expand(*query.shape[:-2], 1, key.shape[-2]) if attn_mask.dim() < query.dim() else attn_mask
-    plans = [_Plan(qs, ks, vs, causal, scale, bool(enable_gqa), None, r, world) for r in range(world)]
+    rng = _draw_rng(query.device) if dropout_p > 0.0 else None
+    plans = [_Plan(qs, ks, vs, causal, scale, bool(enable_gqa), None, r, world, dropout_p, rng) for r in range(world)]
     return _Simulated.apply(query, key, value, sinks, mask, plans)
 
 

@@ -106,6 +106,12 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks):
     return attn_mask, causal, default_scale(query, scale)
 
 
+def _draw_rng(device) -> torch.Tensor:
+    """A call's dropout {seed, offset}, from torch's generator for the device, so torch.manual_seed makes dropout
+    reproducible; it stays on the device (CUDA-graph safe) and backward reuses it."""
+    return torch.randint(-(2 ** 63), 2 ** 63 - 1, (2,), dtype=torch.int64, device=device)
+
+
 def default_scale(query, scale) -> float:
     """The scale a call uses: `scale`, or 1 / sqrt(E). Head dim 0: every score is an empty sum, 0 whatever the
     scale, and torch's 1/sqrt(0) would make it 0 * inf, so 1."""
@@ -128,11 +134,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     fields = _call_key(query, value, mask, key, sinks, scale, cap)
     compiling = torch.compiler.is_compiling()
     backend = _select.select(_select.Call(*fields)) if compiling else _select.select_cached(fields)
-    rng = None
-    if dropout_p > 0.0:
-        # The seed and offset come from torch's generator for the query's device, so torch.manual_seed makes
-        # dropout reproducible; they stay on the device (CUDA-graph safe) and backward reuses them.
-        rng = torch.randint(-(2 ** 63), 2 ** 63 - 1, (2,), dtype=torch.int64, device=query.device)
+    rng = _draw_rng(query.device) if dropout_p > 0.0 else None
     # The backend id carries the CUDA main loops of sdpax.cuda_main_loop (bits 4-8): the backward reads them too.
     args = (query, key, value, mask, float(dropout_p), causal, scale, bool(enable_gqa), sinks, rng,
             int(backend) | _select.loop_bits(), cap)
