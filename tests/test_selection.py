@@ -105,6 +105,17 @@ def test_zero_scale_and_head_dim_zero_reasons():
     assert any("at least 1" in r for r in rs) and not any("scale 0" in r for r in rs)
 
 
+@pytest.mark.parametrize("feature,words", [("softcap", "softcap"), ("dropout_origin", "dropout at an origin")])
+def test_cuda_declines_what_only_cpu_fuses(feature, words):
+    """The score softcap and a dropout origin are fused on CPU; the CUDA kernels decline them (MATH runs them)."""
+    for device in ("cuda", "cpu"):
+        call = Call(device=torch.device(device), dtype=torch.bfloat16, head_dim=64, value_head_dim=64,
+                    mask_requires_grad=False, **{feature: True})
+        rs = [r for r in reasons(SDPBackend.FLASH_ATTENTION, call) if "kernel for device type" not in r]
+        assert any(words in r for r in rs) == (device == "cuda"), (device, rs)
+        assert not reasons(SDPBackend.MATH, call)
+
+
 def test_choice_follows_mask_grad():
     q, k, v = _qkv()
     m = torch.randn(5, 6, requires_grad=True)
