@@ -99,30 +99,26 @@ at::Tensor dropout_keep_mask(const at::Tensor& rng, int64_t bh, int64_t L, int64
               "sdpax: rng must be an int64 tensor {seed, offset} or {seed, offset, row0, col0}");
   TORCH_CHECK(bh >= 0 && L >= 0 && S >= 0, "sdpax: dropout_keep_mask sizes must be non-negative");
   auto opts = rng.options();
-  const int64_t S4 = (S + 3) / 4;
   at::Tensor seed = rng.select(0, 0), offset = rng.select(0, 1);
   at::Tensor key0 = seed.bitwise_and(kMask32);
   at::Tensor key1 = seed.bitwise_right_shift(32).bitwise_and(kMask32);
-  if (rng.numel() == 4) {
-    // An origin (row0, col0): element (i, j) takes the decision of (i + row0, j + col0). The origin stays a tensor
-    // (no device sync), so each column gets its own Philox call and keeps the word of its lane (j + col0) % 4.
-    at::Tensor col = at::arange(S, opts).add(rng.select(0, 3));
-    at::Tensor row = at::arange(L, opts).add(rng.select(0, 2)).bitwise_and(kMask32);
-    at::Tensor ctr[4] = {col.div(4, "floor").bitwise_and(kMask32).view({1, 1, S}), row.view({1, L, 1}),
-                         at::arange(bh, opts).view({bh, 1, 1}), offset.bitwise_and(kMask32).view({1, 1, 1})};
-    philox4x32_10(ctr, key0, key1);
-    std::vector<at::Tensor> words;
-    for (auto& w : ctr) words.push_back(w.expand({bh, L, S}));
-    at::Tensor lane = col.remainder(4).view({1, 1, S, 1}).expand({bh, L, S, 1});
-    at::Tensor r = at::stack(words, -1).gather(-1, lane).squeeze(-1);
-    return r.ge(static_cast<int64_t>(dropout_threshold(dropout_p)));
-  }
-  at::Tensor ctr[4] = {at::arange(S4, opts).view({1, 1, S4}), at::arange(L, opts).view({1, L, 1}),
-                       at::arange(bh, opts).view({bh, 1, 1}), offset.bitwise_and(kMask32).view({1, 1, 1})};
+  // One Philox call per group of four keys serves them all. With an origin (row0, col0), element (i, j) takes the
+  // decision of (i + row0, j + col0); the origin stays a tensor (no device sync), so every column gets its own
+  // call and keeps the word of its lane (j + col0) % 4.
+  const bool origin = rng.numel() == 4;
+  const int64_t n_ctr = origin ? S : (S + 3) / 4;
+  at::Tensor col = origin ? at::arange(S, opts).add(rng.select(0, 3)) : at::Tensor();
+  at::Tensor rows = at::arange(L, opts);
+  if (origin) rows = rows.add(rng.select(0, 2)).bitwise_and(kMask32);
+  at::Tensor groups = origin ? col.div(4, "floor").bitwise_and(kMask32) : at::arange(n_ctr, opts);
+  at::Tensor ctr[4] = {groups.view({1, 1, n_ctr}), rows.view({1, L, 1}), at::arange(bh, opts).view({bh, 1, 1}),
+                       offset.bitwise_and(kMask32).view({1, 1, 1})};
   philox4x32_10(ctr, key0, key1);
   std::vector<at::Tensor> words;
-  for (auto& w : ctr) words.push_back(w.expand({bh, L, S4}));
-  at::Tensor r = at::stack(words, -1).view({bh, L, 4 * S4}).narrow(-1, 0, S);
+  for (auto& w : ctr) words.push_back(w.expand({bh, L, n_ctr}));
+  at::Tensor r = at::stack(words, -1);
+  r = origin ? r.gather(-1, col.remainder(4).view({1, 1, S, 1}).expand({bh, L, S, 1})).squeeze(-1)
+             : r.view({bh, L, 4 * n_ctr}).narrow(-1, 0, S);
   return r.ge(static_cast<int64_t>(dropout_threshold(dropout_p)));
 }
 

@@ -51,10 +51,14 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _scores(sh: _Shape, q4, k4, mask, causal: int, scale: float, softcap: float = 0.0):
-    """Scaled (and softcapped), masked scores (B, Hq, L, S); disallowed entries are -inf."""
+    """Scaled (and softcapped), masked scores (B, Hq, L, S), disallowed entries -inf, and the softcap's
+    derivative 1 - tanh^2 (None without a softcap)."""
     s = (sh.grouped(q4) @ k4.transpose(-2, -1)).reshape(sh.B, sh.Hq, sh.L, sh.S) * scale
+    cap_grad = None
     if softcap > 0.0:
-        s = torch.tanh(s / softcap) * softcap
+        t = torch.tanh(s / softcap)
+        cap_grad = 1.0 - t * t
+        s = t * softcap
     if mask is not None:
         m = sh.mask4(mask)
         s = s.masked_fill(~m, -math.inf) if m.dtype == torch.bool else s + m.to(s.dtype)
@@ -63,7 +67,7 @@ def _scores(sh: _Shape, q4, k4, mask, causal: int, scale: float, softcap: float 
         j = torch.arange(sh.S, device=s.device).unsqueeze(0)
         shift = sh.S - sh.L if causal == _LOWER_RIGHT else 0
         s = s.masked_fill(j > i + shift, -math.inf)
-    return s
+    return s, cap_grad
 
 
 def _sink_logits(sh: _Shape, sinks, dtype):
@@ -85,7 +89,7 @@ def forward(query, key, value, attn_mask, dropout_p, causal, scale, sinks, rng, 
     sh = _Shape(query, key, value)
     acc = acc_dtype(query.dtype)
     q4, k4, v4 = sh.four(query, sh.Hq).to(acc), sh.four(key, sh.Hkv).to(acc), sh.four(value, sh.Hkv).to(acc)
-    s = _scores(sh, q4, k4, attn_mask, causal, scale, softcap)
+    s, _ = _scores(sh, q4, k4, attn_mask, causal, scale, softcap)
     # The shift only keeps exp in range; softmax does not depend on it, so it carries no gradient.
     shift = s.detach().amax(-1) if sh.S > 0 else s.new_full((sh.B, sh.Hq, sh.L), -math.inf)
     if sinks is not None:
@@ -118,7 +122,7 @@ def gradients(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
     do4 = sh.four(grad_out, sh.Hq).to(acc)
     lse4 = lse.reshape(sh.B, sh.Hq, sh.L).to(acc)
     lse4 = torch.where(lse4 == -math.inf, 0.0, lse4)  # rows with no allowed key: every s is -inf, P is 0
-    s = _scores(sh, q4, k4, attn_mask, causal, scale, softcap)
+    s, cap_grad = _scores(sh, q4, k4, attn_mask, causal, scale, softcap)
     p = torch.exp(s - lse4.unsqueeze(-1))
     keep = _keep(sh, rng, dropout_p, acc)
     p_used = p if keep is None else p * keep
@@ -128,10 +132,7 @@ def gradients(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
         dp = dp * keep
     delta = (do4 * sh.four(out, sh.Hq).to(acc)).sum(-1, keepdim=True)
     ds = p * (dp - delta)
-    ds_qk = ds
-    if softcap > 0.0:
-        t = torch.tanh((sh.grouped(q4) @ k4.transpose(-2, -1)).reshape(ds.shape) * (scale / softcap))
-        ds_qk = ds * (1.0 - t * t)
+    ds_qk = ds if cap_grad is None else ds * cap_grad
     dq = (sh.grouped(ds_qk) @ k4) * scale
     dk = (sh.grouped(ds_qk).transpose(-2, -1) @ sh.grouped(q4)) * scale
     empty = query.new_empty((0,))

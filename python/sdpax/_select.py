@@ -65,6 +65,10 @@ class DeviceLimits:
 # fuzz; until the kernels are fixed for it, MATH computes such calls. The CUDA kernels have no score softcap and no
 # dropout origin yet.
 _FLASH_EXTRA = {"cuda": {"mask_grad": True, "zero_scale": False, "softcap": False, "dropout_origin": False}}
+# Call features a device's kernels may decline (a DeviceLimits flag of the same name), and the reason given.
+_DECLINABLE = {"zero_scale": "scale 0 is not supported by the {} kernels",
+               "softcap": "softcap is not supported by the {} kernels yet",
+               "dropout_origin": "dropout at an origin (context parallelism) is not supported by the {} kernels yet"}
 
 
 def _flash_limits() -> Limits:
@@ -136,13 +140,8 @@ def reasons(backend: SDPBackend, call: Call) -> list[str]:
         if m > 1 and (call.head_dim % m or call.value_head_dim % m):
             out.append(f"head dims ({call.head_dim}, {call.value_head_dim}) must be multiples of {m} on "
                        f"{call.device.type}")
-        if call.zero_scale and not dev.zero_scale:
-            out.append(f"scale 0 is not supported by the {call.device.type} kernels")
-        if call.softcap and not dev.softcap:
-            out.append(f"softcap is not supported by the {call.device.type} kernels yet")
-        if call.dropout_origin and not dev.dropout_origin:
-            out.append(f"dropout at an origin (context parallelism) is not supported by the {call.device.type} "
-                       "kernels yet")
+        out += [why.format(call.device.type) for feature, why in _DECLINABLE.items()
+                if getattr(call, feature) and not getattr(dev, feature)]
         if call.deterministic_grad and not dev.deterministic_backward:
             out.append(f"deterministic algorithms are enabled and {dev.why_nondeterministic}")
     return out
