@@ -25,9 +25,9 @@ template <FwdFn Flash>
 FwdResult fwd_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal, double scale,
                     bool enable_gqa, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& rng,
-                    int64_t backend, double softcap) {
+                    int64_t backend, double softcap, int64_t window_left, int64_t window_right) {
   const FwdArgs a{q, k, v, mask, dropout_p, causal, scale, enable_gqa, sinks, rng,
-                  checked_backend(backend, Flash != nullptr, q), softcap};
+                  checked_backend(backend, Flash != nullptr, q), softcap, window_left, window_right};
   if constexpr (Flash != nullptr) {
     if (a.backend.backend == Backend::Flash) return Flash(a);
   }
@@ -39,9 +39,9 @@ BwdResult bwd_entry(const at::Tensor& grad_out, const at::Tensor& q, const at::T
                     const std::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
                     double dropout_p, int64_t causal, double scale, bool enable_gqa,
                     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& rng, int64_t backend,
-                    bool mask_grad, double softcap) {
+                    bool mask_grad, double softcap, int64_t window_left, int64_t window_right) {
   const BwdArgs a{{q, k, v, mask, dropout_p, causal, scale, enable_gqa, sinks, rng,
-                   checked_backend(backend, Flash != nullptr, q), softcap},
+                   checked_backend(backend, Flash != nullptr, q), softcap, window_left, window_right},
                   grad_out, out, lse, mask_grad};
   if constexpr (Flash != nullptr) {
     if (a.f.backend.backend == Backend::Flash) return Flash(a);

@@ -13,18 +13,24 @@
 //   backend   bits 0-3: 0 MATH, 1 FLASH_ATTENTION (the fused kernel of the input's device); bits 4-8: the CUDA
 //             main loops sdpax.cuda_main_loop asks for (common/op_args.h)
 //   softcap   0: none; c > 0: scaled scores s -> c tanh(s / c) before the mask and causal limit (not the sinks)
+//   window_left, window_right
+//             a sliding window (-1: unbounded on that side): query i sees keys j with
+//             d(i) - window_left <= j <= d(i) + window_right, d(i) = i (upper-left) or i + S - L (lower-right).
+//             With causal != 0 the window takes the causal alignment and the causal edge is its right edge
+//             (window_right must be -1); with causal = 0 it is lower-right aligned (FlashAttention's convention)
 #include <torch/library.h>
 
 TORCH_LIBRARY(sdpax, m) {
   m.def(
       "fwd(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, int causal, float scale, "
-      "bool enable_gqa, Tensor? sinks, Tensor? rng, int backend, float softcap=0.0) -> (Tensor out, Tensor lse)");
+      "bool enable_gqa, Tensor? sinks, Tensor? rng, int backend, float softcap=0.0, "
+      "int window_left=-1, int window_right=-1) -> (Tensor out, Tensor lse)");
   // grad_mask is returned only when mask_grad is set and attn_mask is additive (else an empty tensor);
   // grad_sinks is empty when sinks is None.
   m.def(
       "bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, Tensor lse, "
       "float dropout_p, int causal, float scale, bool enable_gqa, Tensor? sinks, Tensor? rng, int backend, "
-      "bool mask_grad, float softcap=0.0) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_mask, "
+      "bool mask_grad, float softcap=0.0, int window_left=-1, int window_right=-1) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_mask, "
       "Tensor grad_sinks)");
   // The dropout keep mask (bool, (bh, L, S)) that every backend applies for this rng; for tests and debugging.
   m.def("dropout_keep_mask(Tensor rng, int bh, int L, int S, float dropout_p) -> Tensor");

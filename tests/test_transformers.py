@@ -96,7 +96,8 @@ class Spy:
             if attn_mask is None:
                 kind = None
             elif isinstance(attn_mask, sdpax.attention.bias.CausalBias):
-                kind = attn_mask.variant.name
+                window = attn_mask.window_left
+                kind = attn_mask.variant.name + (f" window {window}" if window >= 0 else "")
             else:
                 kind = tuple(attn_mask.shape)
             self.calls.append((q.shape[-2], k.shape[-2], kind, is_causal))
@@ -187,10 +188,13 @@ def test_mask_forms(monkeypatch):
         model(input_ids=ids, attention_mask=mask)
         assert spy.take() == [(10, 10, (2, 1, 1, 10), False)]
 
-    model = build(mistral)  # 20 keys > the 8-token window: the window's mask, materialised
+    model = build(mistral)  # 20 keys > the 8-token window (keys i - 7 .. i): the fused window
     model.set_attn_implementation(NAME)
+    ids, mask = batch(2, 20)
     with torch.no_grad():
-        model(input_ids=batch(2, 20)[0])
+        model(input_ids=ids)
+        assert spy.take() == [(20, 20, "LOWER_RIGHT window 7", False)]
+        model(input_ids=ids, attention_mask=mask)  # left padding inside the window: the materialised mask
         assert spy.take() == [(20, 20, (2, 1, 20, 20), False)]
 
 
@@ -201,12 +205,16 @@ def _greedy(model, impl, **kwargs):
                               return_dict_in_generate=True, **kwargs)
 
 
-@pytest.mark.parametrize("factory,cache", [(llama, "dynamic"), (llama, "static"), (mistral, "dynamic"),
-                                           (gpt_oss, "dynamic"), (gemma2, "dynamic")],
-                         ids=lambda x: getattr(x, "__name__", x))
-def test_generate_greedy_matches_eager(factory, cache):
+@pytest.mark.parametrize("factory,cache,padded", [(llama, "dynamic", True), (llama, "static", True),
+                                                  (mistral, "dynamic", True), (mistral, "dynamic", False),
+                                                  (mistral, "static", False), (gpt_oss, "dynamic", True),
+                                                  (gemma2, "dynamic", True), (gemma2, "static", False)],
+                         ids=lambda x: getattr(x, "__name__", str(x)))
+def test_generate_greedy_matches_eager(factory, cache, padded):
+    """Unpadded, the sliding-window layers run the windowed bias (12 prompt + 32 new tokens > the 8-token
+    window), lower-right with a dynamic cache and upper-left in a static cache's prefill."""
     model = build(factory)
-    ids, mask = batch(2, 12)
+    ids, mask = batch(2, 12, left_pad=(0, 3) if padded else (0, 0))
     kwargs = {"input_ids": ids, "attention_mask": mask, "cache_implementation": cache}
     expected, got = _greedy(model, "eager", **kwargs), _greedy(model, NAME, **kwargs)
     if not torch.equal(got.sequences, expected.sequences):

@@ -75,6 +75,12 @@ void check_inputs(const FwdArgs& a) {
               "sdpax: softcap must be a finite number > 0 (0: none), got ", num(a.softcap));
   TORCH_CHECK(causal >= 0 && causal <= 2, "sdpax: causal must be 0 (none), 1 (upper-left) or 2 (lower-right), got ",
               num(causal));
+  TORCH_CHECK(a.window_left >= -1 && a.window_right >= -1,
+              "sdpax: window sizes must be >= 0, or -1 for unbounded, got (", num(a.window_left), ", ",
+              num(a.window_right), ")");
+  TORCH_CHECK(causal == 0 || a.window_right == -1,
+              "sdpax: with a causal variant the causal edge is the window's right edge; window_right must be -1, "
+              "got ", num(a.window_right));
   if (mask) {
     const auto& m = *mask;
     TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat || m.scalar_type() == q.scalar_type(),
@@ -173,6 +179,8 @@ AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tenso
   p.causal = static_cast<Causal>(causal);
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(a.softcap);
+  p.win_left = a.window_left;
+  p.win_right = a.window_right;
   p.sinks = sinks_f32 ? sinks_f32->data_ptr<float>() : nullptr;
   p.dropout_p = dropout_p;
   p.rng = dropout_p > 0.0 ? rng->data_ptr<int64_t>() : nullptr;

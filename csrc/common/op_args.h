@@ -33,6 +33,7 @@ struct FwdArgs {
   const std::optional<at::Tensor>& rng;
   BackendChoice backend;
   double softcap = 0.0;  // 0: none; else scores s -> softcap * tanh(s / softcap) before the mask
+  int64_t window_left = -1, window_right = -1;  // sliding window (csrc/ops.cpp); -1: unbounded
 };
 
 struct BwdArgs {

@@ -91,13 +91,23 @@ struct AttnParams {
   // Dropout origin (rng = {seed, offset, row0, col0}, CPU only): element (bh, i, j) draws the decision of
   // (bh, i + row0, j + col0), so a call on a block of a larger problem drops what the whole problem would.
   int64_t drop_row0 = 0, drop_col0 = 0;
+  // Sliding window (csrc/ops.cpp), -1: unbounded on that side. With causal != None the causal edge is the right
+  // edge (win_right is -1); with causal == None the window is lower-right aligned. CPU only.
+  int64_t win_left = -1, win_right = -1;
 };
 
-// First key column that query row i may not see under the causal alignment (keys [0, limit) are visible).
-inline int64_t causal_limit(Causal c, int64_t i, int64_t L, int64_t S) {
-  if (c == Causal::UpperLeft) return i + 1;
-  if (c == Causal::LowerRight) return i + 1 + (S - L);
-  return S;
+// The diagonal that the causal edge and a window are aligned to: query i's diagonal key is i + diag_shift.
+inline int64_t diag_shift(const AttnParams& p) { return p.causal == Causal::UpperLeft ? 0 : p.S - p.L; }
+
+// Query row i may see keys [key_begin(p, i), key_end(p, i)), before clamping to [0, S): the causal edge or the
+// window's right edge bounds the end, the window's left edge the beginning. Both grow with i.
+inline int64_t key_end(const AttnParams& p, int64_t i) {
+  if (p.causal != Causal::None) return i + diag_shift(p) + 1;
+  if (p.win_right >= 0) return i + diag_shift(p) + p.win_right + 1;
+  return p.S;
+}
+inline int64_t key_begin(const AttnParams& p, int64_t i) {
+  return p.win_left >= 0 ? i + diag_shift(p) - p.win_left : 0;
 }
 
 }  // namespace sdpax

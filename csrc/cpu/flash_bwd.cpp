@@ -165,8 +165,8 @@ struct BwdKernel {
     const int64_t h = hkv * G + g;
     const int64_t i0 = qt * kBlockM, M = std::min(kBlockM, p.L - i0), Mp = padk<C>(M);
     const int64_t j0 = t * kBlockN, width = std::min(kBlockN, p.S - j0);
-    const int64_t lim_last = causal_limit(p.causal, i0 + M - 1, p.L, p.S);
-    if (lim_last <= j0) return;  // causal: the whole tile is above the diagonal
+    // The whole tile is past the causal edge of its last row, or before the window of its first row.
+    if (key_end(p, i0 + M - 1) <= j0 || key_begin(p, i0) >= j0 + width) return;
     const bool masked = p.mask_kind != MaskKind::None;
     if (masked) {
       loc.mask.set_rows(p, M, [&](int64_t r, int64_t& bb, int64_t& hh, int64_t& ii) {
@@ -207,17 +207,21 @@ struct BwdKernel {
       transpose32(reinterpret_cast<const uint32_t*>(rows), n, M, n, reinterpret_cast<uint32_t*>(bt), kBlockM);
     }
     float* tf = loc.tf.get<float>(kBlockM);
-    // Causal: row i sees key j iff j < causal_limit(i), i.e. i >= j - (limit(0) - 1).
-    const int64_t shift = causal_limit(p.causal, 0, p.L, p.S) - 1;
+    // Key j is seen by the rows i with key_begin(i) <= j < key_end(i): both edges grow by one per row, so these
+    // are the rows [j - (key_end(0) - 1), j - key_begin(0)] of the tile.
+    const int64_t end0 = key_end(p, 0) - 1, begin0 = key_begin(p, 0);
+    const bool edge = p.causal != Causal::None || p.win_right >= 0, windowed = p.win_left >= 0;
     for (int64_t jj = 0; jj < n; ++jj) {
       const int64_t j = j0 + jj;
-      int64_t r0 = p.causal == Causal::None ? 0 : std::clamp<int64_t>(j - shift - i0, 0, M);
+      int64_t r0 = edge ? std::clamp<int64_t>(j - end0 - i0, 0, M) : 0;
+      const int64_t r1 = windowed ? std::clamp<int64_t>(j - begin0 - i0 + 1, r0, M) : M;
       const float key_bias = uniform ? loc.mask.row_masks[0].at(jj) : 0.f;
       if (key_bias == kNegInf) r0 = M;  // this key is hidden from every row of the tile
       if (fbuf)
-        for (int64_t r = r0; r < M; ++r) tf[r] = fbuf[r * kBlockN + jj];
+        for (int64_t r = r0; r < r1; ++r) tf[r] = fbuf[r * kBlockN + jj];
+      // Rows [r1, M) are past the window: grad_row zeroes them as padding.
       grad_row(st + jj * kBlockM, dpt + jj * kBlockM, bt ? bt + jj * kBlockM : nullptr, key_bias,
-               fbuf ? tf : nullptr, lse, delta, r0, M, Mp, pa + jj * Mp, dsa + jj * Mp);
+               fbuf ? tf : nullptr, lse, delta, std::min(r0, r1), r1, Mp, pa + jj * Mp, dsa + jj * Mp);
     }
     if (np > n) {
       std::fill(pa + n * Mp, pa + np * Mp, C(0.f));

@@ -24,13 +24,16 @@ template <class T, class C>
 struct DecodeKernel {
   const FwdMainloop<T, C> main;
   const AttnParams& p;
-  const int64_t R, row_tiles, heads, chunks, chunk_len;
+  const int64_t R, row_tiles, heads, chunks;
+  const KeyRange keys;  // the keys some row may see: the chunks split only these
+  const int64_t chunk_len;
   float* partial;  // per (head, row tile, chunk): bm x (Ev + 2): acc, then m, l
 
   DecodeKernel(const AttnParams& params, uint64_t id, int64_t n_chunks, float* partial_buf)
-      : main(params, id, /*cache=*/(main_row_tiles<C>(params) > 1)), p(params), R(main.G * params.L), row_tiles((R + main.bm - 1) / main.bm),
-        heads(params.batch * params.hkv), chunks(n_chunks),
-        chunk_len(round_up((params.S + n_chunks - 1) / n_chunks, main.bn)), partial(partial_buf) {}
+      : main(params, id, /*cache=*/(main_row_tiles<C>(params) > 1)), p(params), R(main.G * params.L),
+        row_tiles((R + main.bm - 1) / main.bm), heads(params.batch * params.hkv), chunks(n_chunks),
+        keys(visible_keys(params, main.bn)),
+        chunk_len(round_up((keys.end - keys.begin + n_chunks - 1) / n_chunks, main.bn)), partial(partial_buf) {}
 
   int64_t slot() const { return main.bm * (p.Ev + 2); }
 
@@ -51,7 +54,7 @@ struct DecodeKernel {
       const int64_t c = t % chunks, rt = (t / chunks) % row_tiles, head = t / (chunks * row_tiles);
       const int64_t b = head / p.hkv, hkv = head % p.hkv;
       const int64_t r0 = rt * main.bm, M = std::min(main.bm, R - r0);
-      const int64_t s0 = c * chunk_len, s1 = std::min(p.S, s0 + chunk_len);
+      const int64_t s0 = keys.begin + c * chunk_len, s1 = std::min(keys.end, s0 + chunk_len);
       set_rows(loc, hkv, r0, M);
       float* acc = chunks == 1 ? loc.acc.get<float>(slot()) : partial + t * slot();
       float* m = acc + main.bm * p.Ev;
@@ -106,7 +109,7 @@ void decode(const AttnParams& p) {
   int64_t chunks = 1;
   if (heads * row_tiles < 2 * threads)
     chunks = std::min((2 * threads + heads * row_tiles - 1) / (heads * row_tiles),
-                      std::max<int64_t>(1, p.S / kMinChunk));
+                      std::max<int64_t>(1, visible_keys(p, bl.n).size() / kMinChunk));
   thread_local Scratch partial;
   float* part = chunks > 1 ? partial.get<float>(heads * row_tiles * chunks * bl.m * (p.Ev + 2)) : nullptr;
   DecodeKernel<T, C>(p, id, chunks, part)();

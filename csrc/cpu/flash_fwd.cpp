@@ -21,9 +21,10 @@ struct Task {
   int64_t b, hkv, tile_begin, tile_end, cost;
 };
 
-int64_t kv_tiles_for(const AttnParams& p, int64_t bn, int64_t i_last) {
-  const int64_t lim = std::min(p.S, causal_limit(p.causal, i_last, p.L, p.S));
-  return lim <= 0 ? 0 : (lim + bn - 1) / bn;
+// Key tiles that query rows [i_first, i_last] visit (fwd_mainloop.h skips the rest).
+int64_t kv_tiles_for(const AttnParams& p, int64_t bn, int64_t i_first, int64_t i_last) {
+  const int64_t lim = std::min(p.S, key_end(p, i_last)), first = std::max<int64_t>(0, key_begin(p, i_first)) / bn;
+  return lim <= 0 ? 0 : std::max<int64_t>(0, (lim + bn - 1) / bn - first);
 }
 
 // Tasks sorted by decreasing cost: whole heads when there are plenty, otherwise chunks of query tiles so both
@@ -40,7 +41,7 @@ std::vector<Task> make_tasks(const AttnParams& p, Blocks bl) {
       for (int64_t t0 = 0; t0 < q_tiles; t0 += per) {
         const int64_t t1 = std::min(q_tiles, t0 + per);
         int64_t cost = 0;
-        for (int64_t t = t0; t < t1; ++t) cost += kv_tiles_for(p, bl.n, std::min(p.L, (t + 1) * bl.m) - 1);
+        for (int64_t t = t0; t < t1; ++t) cost += kv_tiles_for(p, bl.n, t * bl.m, std::min(p.L, (t + 1) * bl.m) - 1);
         tasks.push_back({b, h, t0, t1, cost});
       }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });

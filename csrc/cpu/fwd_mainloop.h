@@ -1,10 +1,10 @@
 // The forward main loop shared by the tiled forward (flash_fwd.cpp) and the decode path (flash_decode.cpp):
 // a set of query rows of one KV head against a range of key tiles.
-//   S = Q K^T (GEMM) -> scale + mask + causal limit -> online softmax (softmax.h) -> acc = alpha acc + P V (GEMM)
+//   S = Q K^T (GEMM) -> scale + mask + causal edge / window -> online softmax (softmax.h) -> acc = alpha acc + P V (GEMM)
 // The rows may come from several query heads of the group (decode folds the G heads x L rows of a KV head into
 // one tile, so each K/V tile is read once for all of them). K^T and V are packed once per KV head per thread,
-// lazily tile by tile, and shared by every query head of the group (GQA without copies). Causal tiles past the
-// diagonal are never visited and tiles the mask hides entirely skip both GEMMs.
+// lazily tile by tile, and shared by every query head of the group (GQA without copies). Tiles past the causal
+// diagonal or outside a sliding window are never visited and tiles the mask hides entirely skip both GEMMs.
 #pragma once
 #include <vector>
 
@@ -29,10 +29,22 @@ Blocks fwd_blocks(const AttnParams& p) {
   if (p.L <= kDecodeMaxL) return {256, 512};  // decode: a few rows, so wide key tiles cost little L2
   // float32 D = 128 without causal: 256-key tiles halve the GEMM calls per row (L = 1024 / 2048: 2-5% faster
   // in side-by-side runs, within 3% of the noise, never slower); causal keeps 128 so diagonal tiles waste less.
-  const bool wide_f32 = p.dtype == ScalarKind::Float && p.E > 96 && p.causal == Causal::None;
+  const bool banded = p.causal != Causal::None || p.win_left >= 0 || p.win_right >= 0;
+  const bool wide_f32 = p.dtype == ScalarKind::Float && p.E > 96 && !banded;
   const int64_t n = (kVnni<C> && p.E <= 64) || wide_f32 ? 256 : 128;
-  // Causal: the diagonal tiles are computed whole and half masked, so shorter query tiles waste less.
-  return {p.causal == Causal::None ? 256 : 128, n};
+  // Causal or windowed: the diagonal tiles are computed whole and partly masked, so shorter query tiles waste less.
+  return {banded ? 128 : 256, n};
+}
+
+// Keys [begin, end) that some query row of the call may see; begin is a multiple of the key tile bn.
+struct KeyRange {
+  int64_t begin, end;
+  int64_t size() const { return end - begin; }
+};
+inline KeyRange visible_keys(const AttnParams& p, int64_t bn) {
+  if (p.L == 0) return {0, 0};
+  const int64_t begin = std::clamp<int64_t>(key_begin(p, 0), 0, p.S) / bn * bn;
+  return {begin, std::clamp<int64_t>(key_end(p, p.L - 1), begin, p.S)};
 }
 
 // A fresh id per kernel call (flash_fwd.cpp): per-thread packed K/V is keyed by it.
@@ -110,7 +122,7 @@ struct FwdMainloop {
     C* qa = loc.q.get<C>(bm * Ep);
     float* qf = in_place ? loc.qf.get<float>(round_up(M, 4) * E16) : nullptr;  // zero-padded rows and columns
     if (in_place) std::fill(qf, qf + round_up(M, 4) * E16, 0.f);
-    int64_t visible_end = 0;
+    int64_t visible_begin = p.S, visible_end = 0;
     for (int64_t r = 0; r < M; ++r) {
       const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + loc.row_h[r] * p.q_st.h + loc.row_i[r] * p.q_st.r;
       if (in_place) {
@@ -118,7 +130,8 @@ struct FwdMainloop {
       } else {
         load_row(q, p.q_st.c, p.E, Ep, qa + r * Ep);
       }
-      visible_end = std::max(visible_end, causal_limit(p.causal, loc.row_i[r], p.L, p.S));
+      visible_begin = std::min(visible_begin, key_begin(p, loc.row_i[r]));
+      visible_end = std::max(visible_end, key_end(p, loc.row_i[r]));
     }
     const T* kh = static_cast<const T*>(p.k) + b * p.k_st.b + hkv * p.k_st.h;
     const T* vh = static_cast<const T*>(p.v) + b * p.v_st.b + hkv * p.v_st.h;
@@ -139,8 +152,9 @@ struct FwdMainloop {
     float* dropf = drop.on ? loc.dropf.get<float>(bn) : nullptr;
     const float scale2 = p.scale * kLog2e;
 
-    const int64_t end = std::min(s1, visible_end);
-    for (int64_t j0 = s0; j0 < end; j0 += bn) {
+    // Key tiles wholly before every row's window or past every row's causal edge are never visited.
+    const int64_t begin = std::max(s0, std::max<int64_t>(visible_begin, 0) / bn * bn), end = std::min(s1, visible_end);
+    for (int64_t j0 = begin; j0 < end; j0 += bn) {
       const int64_t t = j0 / bn, width = std::min(bn, p.S - j0);
       if (masked && loc.mask.load(p, j0, width)) continue;
       // Keys past the last one the mask lets through (a padded tail) take no part in the GEMMs or the softmax;
@@ -155,10 +169,10 @@ struct FwdMainloop {
       if (p.softcap > 0.f) softcap_tile(s, M, n, bn, p.scale, p.softcap);
       for (int64_t r = 0; r < M; ++r) {
         const int64_t i = loc.row_i[r];
-        const int64_t lim = std::clamp<int64_t>(causal_limit(p.causal, i, p.L, p.S) - j0, 0, n);
+        const int64_t lo = key_begin(p, i) - j0, lim = std::clamp<int64_t>(key_end(p, i) - j0, 0, n);
         if (dropf) drop.factors(b * p.hq + loc.row_h[r], i, j0, n, dropf);
-        const float alpha = softmax_row(s + r * bn, n, np, scale2, masked ? loc.mask.row_masks[r] : no_mask, lim,
-                                        dropf, m[r], l[r], pm + r * np);
+        const float alpha = softmax_row(s + r * bn, n, np, scale2, masked ? loc.mask.row_masks[r] : no_mask, lo,
+                                        lim, dropf, m[r], l[r], pm + r * np);
         if (alpha != 1.f) scale_row(acc + r * p.Ev, p.Ev, alpha);
       }
       if (in_place) {

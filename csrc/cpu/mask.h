@@ -22,6 +22,8 @@ struct RowMask {
     if (keep) return keep[j] ? 0.f : kNegInf;
     return bias ? bias[j] : 0.f;
   }
+  // The same row from column j on.
+  RowMask from(int64_t j) const { return {bias ? bias + j : nullptr, keep ? keep + j : nullptr}; }
 };
 
 // Index of the last column of a row mask that is not hidden (-1 if none).

@@ -281,6 +281,18 @@ inline float softmax_row(const float* s, int64_t n, int64_t npad, float scale2, 
 #endif
 }
 
+// softmax_row with the columns before lo hidden as well (a sliding window's left edge): the row is processed from
+// column lo on, so every column the window hides costs nothing.
+template <class C>
+inline float softmax_row(const float* s, int64_t n, int64_t npad, float scale2, const RowMask& mask, int64_t lo,
+                         int64_t lim, const float* drop, float& m, float& l, C* pout) {
+  if (lo <= 0) return softmax_row(s, n, npad, scale2, mask, lim, drop, m, l, pout);
+  lo = std::min(lo, n);
+  std::fill(pout, pout + lo, C(0.f));
+  return softmax_row(s + lo, n - lo, npad - lo, scale2, mask.from(lo), lim - lo, drop ? drop + lo : nullptr, m, l,
+                     pout + lo);
+}
+
 inline void scale_row(float* x, int64_t n, float a) {
   const Vec va(a);
   int64_t j = 0;

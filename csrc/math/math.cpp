@@ -37,11 +37,12 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 // the empty head dimension, and 1 avoids dividing by zero.
 int64_t group_size(const Canonical& c) { return c.Hkv > 0 ? c.Hq / c.Hkv : 1; }
 
-// Scaled (and softcapped) scores with the mask and causal alignment applied: (B, Hq, L, S) in the accumulation
+// Scaled (and softcapped) scores with the mask, the causal edge and the window applied: (B, Hq, L, S) in the accumulation
 // dtype. GQA: the G query heads of a group are folded into the row dimension, so K is never repeated.
 // cap_grad (softcap > 0 only): d(softcap tanh(s / softcap)) / ds = 1 - tanh^2, for the backward.
-at::Tensor scores(const Canonical& c, const at::Tensor& qf, const at::Tensor& kf, double scale, int64_t causal,
-                  double softcap, at::Tensor* cap_grad = nullptr) {
+at::Tensor scores(const Canonical& c, const at::Tensor& qf, const at::Tensor& kf, const FwdArgs& a,
+                  at::Tensor* cap_grad = nullptr) {
+  const double scale = a.scale, softcap = a.softcap;
   const int64_t G = group_size(c);
   at::Tensor s = at::matmul(qf.reshape({c.B, c.Hkv, G * c.L, c.E}), kf.transpose(-2, -1));
   s = s.mul_(scale).view({c.B, c.Hq, c.L, c.S});
@@ -57,12 +58,14 @@ at::Tensor scores(const Canonical& c, const at::Tensor& qf, const at::Tensor& kf
       s.add_(c.mask->to(s.scalar_type()));
     }
   }
-  if (causal != 0) {
+  // The causal edge or window: key j - diagonal key of row i (i + shift) must lie in [-left, right].
+  const int64_t right = a.causal != 0 ? 0 : a.window_right;
+  if (right >= 0 || a.window_left >= 0) {
     auto opts = s.options().dtype(at::kLong);
-    at::Tensor i = at::arange(c.L, opts).unsqueeze(1);
-    at::Tensor j = at::arange(c.S, opts).unsqueeze(0);
-    const int64_t shift = causal == static_cast<int64_t>(Causal::LowerRight) ? c.S - c.L : 0;
-    s.masked_fill_(j.gt(i + shift), -kInf);
+    const int64_t shift = a.causal == static_cast<int64_t>(Causal::UpperLeft) ? 0 : c.S - c.L;
+    at::Tensor d = at::arange(c.S, opts).unsqueeze(0) - at::arange(c.L, opts).unsqueeze(1).add_(shift);
+    if (right >= 0) s.masked_fill_(d.gt(right), -kInf);
+    if (a.window_left >= 0) s.masked_fill_(d.lt(-a.window_left), -kInf);
   }
   return s;
 }
@@ -126,11 +129,10 @@ std::tuple<at::Tensor, at::Tensor> fwd(const FwdArgs& a) {
   check_inputs(a);
   const at::Tensor& q = a.q;
   const std::optional<at::Tensor>&sinks = a.sinks, &rng = a.rng;
-  const double dropout_p = a.dropout_p, scale = a.scale;
-  const int64_t causal = a.causal;
+  const double dropout_p = a.dropout_p;
   const Canonical c = canonicalize(a);
   const auto acc = acc_type(q);
-  at::Tensor s = scores(c, c.q.to(acc), c.k.to(acc), scale, causal, a.softcap);
+  at::Tensor s = scores(c, c.q.to(acc), c.k.to(acc), a);
 
   auto [p, lse] = softmax_with_sinks(c, s, sinks);
   if (dropout_p > 0.0) p.mul_(keep_for(c, *rng, dropout_p)).mul_(dropout_scale(dropout_p));
@@ -145,7 +147,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const
   const at::Tensor &q = a.f.q, &k = a.f.k, &v = a.f.v, &grad_out = a.grad_out;
   const std::optional<at::Tensor>&mask = a.f.mask, &sinks = a.f.sinks, &rng = a.f.rng;
   const double dropout_p = a.f.dropout_p, scale = a.f.scale;
-  const int64_t causal = a.f.causal;
   const bool mask_grad = a.mask_grad;
   const Canonical c = canonicalize(a.f);
   const auto acc = acc_type(q);
@@ -153,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const
   at::Tensor qf = c.q.to(acc), kf = c.k.to(acc), vf = c.v.to(acc);
   // MATH recomputes the softmax from the scores (the saved lse is for the fused kernels): it is the reference.
   at::Tensor cap_grad;
-  auto [p, lse4] = softmax_with_sinks(c, scores(c, qf, kf, scale, causal, a.f.softcap, &cap_grad), sinks);
+  auto [p, lse4] = softmax_with_sinks(c, scores(c, qf, kf, a.f, &cap_grad), sinks);
   at::Tensor dout = grad_out.reshape({c.B, c.Hkv, G * c.L, c.Ev}).to(acc);
 
   at::Tensor keep;

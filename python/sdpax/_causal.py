@@ -22,23 +22,31 @@ class CausalVariant(IntEnum):
 
 
 class CausalBiasBase(torch.Tensor):
-    """A (seq_len_q, seq_len_kv) boolean causal mask described by its variant; it holds no data.
+    """A (seq_len_q, seq_len_kv) boolean causal mask described by its variant (and an optional sliding window);
+    it holds no data.
 
     The tensor itself lives on the meta device, so creating one costs nothing for any L and S;
     `_materialize(device)` builds the real boolean mask when one is wanted.
     """
 
     @staticmethod
-    def __new__(cls, variant: CausalVariant, seq_len_q: int, seq_len_kv: int):
+    def __new__(cls, variant: CausalVariant, seq_len_q: int, seq_len_kv: int, window_left: int = -1, *,
+                lead_dims: int = 0):
         if not isinstance(variant, (CausalVariant, int)) or int(variant) not in (UPPER_LEFT, LOWER_RIGHT):
             raise ValueError(f"variant must be a CausalVariant, got {variant!r}")
         if seq_len_q < 0 or seq_len_kv < 0:
             raise ValueError(f"sequence lengths must be non-negative, got ({seq_len_q}, {seq_len_kv})")
-        shell = torch.empty((seq_len_q, seq_len_kv), dtype=torch.bool, device="meta")
+        if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+            raise ValueError(f"window_left must be an int >= 0, or -1 for no window, got {window_left!r}")
+        # lead_dims: leading size-1 dims, for callers that tell masks apart by rank (transformers keeps a 4-D mask
+        # as it is and reads a 2-D one as padding); the pattern is the same (L, S) one.
+        shell = torch.empty((1,) * lead_dims + (seq_len_q, seq_len_kv), dtype=torch.bool, device="meta")
         self = torch.Tensor._make_subclass(cls, shell)
         self.variant = CausalVariant(int(variant))
         self.seq_len_q = int(seq_len_q)
         self.seq_len_kv = int(seq_len_kv)
+        # A causal sliding window: query i sees its diagonal key d and the window_left keys before it (-1: all).
+        self.window_left = int(window_left)
         return self
 
     def _materialize(self, device: torch.device | str | None = None) -> torch.Tensor:
@@ -47,7 +55,8 @@ class CausalBiasBase(torch.Tensor):
         shift = S - L if self.variant == CausalVariant.LOWER_RIGHT else 0
         i = torch.arange(L, device=device).unsqueeze(1)
         j = torch.arange(S, device=device).unsqueeze(0)
-        return j <= i + shift
+        allowed = j <= i + shift
+        return allowed & (j >= i + shift - self.window_left) if self.window_left >= 0 else allowed
 
 
 def is_causal_bias(t) -> bool:

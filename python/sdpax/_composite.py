@@ -9,7 +9,7 @@ as a function autograd can differentiate again:
   `lse`, which is exactly what the op computes, as a function of every input.
 
 Same semantics as the ops (csrc/ops.cpp): scale multiplies q.k^T, a softcap c > 0 maps the scaled score s to
-c tanh(s / c) before the mask, sinks join the denominator unscaled and carry no
+c tanh(s / c) before the mask, the causal edge and the sliding window hide keys as band_hidden says, sinks join the denominator unscaled and carry no
 value, a row with no allowed key gives 0, dropout applies the Philox keep mask of `rng`, GQA folds the query group
 into the row dimension (K and V are not repeated). Work runs in float32 (float64 for float64 inputs); results
 come back in the inputs' dtypes.
@@ -50,7 +50,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scores(sh: _Shape, q4, k4, mask, causal: int, scale: float, softcap: float = 0.0):
+def _scores(sh: _Shape, q4, k4, mask, causal: int, scale: float, softcap: float = 0.0, window=(-1, -1)):
     """Scaled (and softcapped), masked scores (B, Hq, L, S), disallowed entries -inf, and the softcap's
     derivative 1 - tanh^2 (None without a softcap)."""
     s = (sh.grouped(q4) @ k4.transpose(-2, -1)).reshape(sh.B, sh.Hq, sh.L, sh.S) * scale
@@ -62,12 +62,24 @@ def _scores(sh: _Shape, q4, k4, mask, causal: int, scale: float, softcap: float 
     if mask is not None:
         m = sh.mask4(mask)
         s = s.masked_fill(~m, -math.inf) if m.dtype == torch.bool else s + m.to(s.dtype)
-    if causal:
-        i = torch.arange(sh.L, device=s.device).unsqueeze(1)
-        j = torch.arange(sh.S, device=s.device).unsqueeze(0)
-        shift = sh.S - sh.L if causal == _LOWER_RIGHT else 0
-        s = s.masked_fill(j > i + shift, -math.inf)
+    hidden = band_hidden(sh.L, sh.S, causal, *window, device=s.device)
+    if hidden is not None:
+        s = s.masked_fill(hidden, -math.inf)
     return s, cap_grad
+
+
+def band_hidden(L: int, S: int, causal: int, left: int, right: int, device=None):
+    """The (L, S) bool of the keys the causal edge and the window hide (True: hidden), or None if neither applies.
+    The op's rule (csrc/ops.cpp): key j is seen by row i iff -left <= j - d(i) <= right, with d(i) = i + S - L
+    except under an upper-left causal variant (d(i) = i), right = 0 under a causal variant and -1 = unbounded."""
+    if causal:
+        right = 0
+    if right < 0 and left < 0:
+        return None
+    shift = 0 if causal == _UPPER_LEFT else S - L
+    d = torch.arange(S, device=device).unsqueeze(0) - (torch.arange(L, device=device).unsqueeze(1) + shift)
+    hidden = d > right if right >= 0 else torch.zeros_like(d, dtype=torch.bool)
+    return hidden | (d < -left) if left >= 0 else hidden
 
 
 def _sink_logits(sh: _Shape, sinks, dtype):
@@ -84,12 +96,12 @@ def _keep(sh: _Shape, rng, dropout_p: float, dtype):
     return keep.view(sh.B, sh.Hq, sh.L, sh.S).to(dtype) / (1.0 - dropout_p)
 
 
-def forward(query, key, value, attn_mask, dropout_p, causal, scale, sinks, rng, softcap=0.0):
+def forward(query, key, value, attn_mask, dropout_p, causal, scale, sinks, rng, softcap=0.0, window=(-1, -1)):
     """(out, lse) of the attention, differentiable in query, key, value, an additive mask and sinks."""
     sh = _Shape(query, key, value)
     acc = acc_dtype(query.dtype)
     q4, k4, v4 = sh.four(query, sh.Hq).to(acc), sh.four(key, sh.Hkv).to(acc), sh.four(value, sh.Hkv).to(acc)
-    s, _ = _scores(sh, q4, k4, attn_mask, causal, scale, softcap)
+    s, _ = _scores(sh, q4, k4, attn_mask, causal, scale, softcap, window)
     # The shift only keeps exp in range; softmax does not depend on it, so it carries no gradient.
     shift = s.detach().amax(-1) if sh.S > 0 else s.new_full((sh.B, sh.Hq, sh.L), -math.inf)
     if sinks is not None:
@@ -112,7 +124,7 @@ def forward(query, key, value, attn_mask, dropout_p, causal, scale, sinks, rng, 
 
 
 def gradients(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, sinks, rng, mask_grad,
-              softcap=0.0):
+              softcap=0.0, window=(-1, -1)):
     """(dq, dk, dv, dmask, dsinks) as sdpax::bwd defines them, from the forward's out and lse (P = exp(s - lse),
     Delta = rowsum(dO * O)); differentiable in every tensor argument. With a softcap, q and k see dS through the
     cap's derivative 1 - tanh^2; the mask (added after the cap) sees dS itself."""
@@ -122,7 +134,7 @@ def gradients(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
     do4 = sh.four(grad_out, sh.Hq).to(acc)
     lse4 = lse.reshape(sh.B, sh.Hq, sh.L).to(acc)
     lse4 = torch.where(lse4 == -math.inf, 0.0, lse4)  # rows with no allowed key: every s is -inf, P is 0
-    s, cap_grad = _scores(sh, q4, k4, attn_mask, causal, scale, softcap)
+    s, cap_grad = _scores(sh, q4, k4, attn_mask, causal, scale, softcap, window)
     p = torch.exp(s - lse4.unsqueeze(-1))
     keep = _keep(sh, rng, dropout_p, acc)
     p_used = p if keep is None else p * keep

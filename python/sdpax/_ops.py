@@ -20,7 +20,8 @@ def lse_dtype(query: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("sdpax::fwd")
-def _fwd_fake(query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, sinks, rng, backend, softcap=0.0):
+def _fwd_fake(query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, sinks, rng, backend, softcap=0.0,
+              window_left=-1, window_right=-1):
     out = query.new_empty((*query.shape[:-1], value.shape[-1]))
     lse = query.new_empty(query.shape[:-1], dtype=lse_dtype(query))
     return out, lse
@@ -28,7 +29,7 @@ def _fwd_fake(query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa
 
 @torch.library.register_fake("sdpax::bwd")
 def _bwd_fake(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks, rng,
-              backend, mask_grad, softcap=0.0):
+              backend, mask_grad, softcap=0.0, window_left=-1, window_right=-1):
     grad_mask = (attn_mask.new_empty(attn_mask.shape)
                  if mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool
                  else query.new_empty((0,)))
@@ -43,30 +44,30 @@ def _keep_fake(rng, bh, L, S, dropout_p):
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, sinks, rng, backend, softcap = inputs
+    query, key, value, attn_mask, dropout_p, causal, scale, enable_gqa, sinks, rng, backend, softcap, wl, wr = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(query, key, value, attn_mask, out, lse, sinks, rng)
-    ctx.args = (dropout_p, causal, scale, enable_gqa, backend, softcap)
+    ctx.args = (dropout_p, causal, scale, enable_gqa, backend, softcap, (wl, wr))
 
 
 def _backward(ctx, grad_out, _grad_lse):
     query, key, value, attn_mask, out, lse, sinks, rng = ctx.saved_tensors
-    dropout_p, causal, scale, enable_gqa, backend, softcap = ctx.args
+    dropout_p, causal, scale, enable_gqa, backend, softcap, window = ctx.args
     mask_grad = bool(ctx.needs_input_grad[3])
     if _differentiated(grad_out, query, key, value, attn_mask, sinks):
         # create_graph=True: the gradient must be differentiable in the inputs, so it is computed from a
         # recomputed forward (out and lse as functions of q, k, v) rather than by the first-order kernels.
         re_out, re_lse = _composite.forward(query, key, value, attn_mask, dropout_p, causal, scale, sinks, rng,
-                                            softcap)
+                                            softcap, window)
         grads = _composite.gradients(grad_out, query, key, value, attn_mask, re_out, re_lse, dropout_p, causal,
-                                     scale, sinks, rng, mask_grad, softcap)
+                                     scale, sinks, rng, mask_grad, softcap, window)
     else:
         grads = bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks,
-                    rng, backend, mask_grad, softcap)
+                    rng, backend, mask_grad, softcap, *window)
     dq, dk, dv, dmask, dsinks = grads
     return (dq, dk, dv, dmask if mask_grad else None, None, None, None, None,
-            dsinks if sinks is not None else None, None, None, None)
+            dsinks if sinks is not None else None, None, None, None, None, None)
 
 
 def _differentiated(*tensors) -> bool:
@@ -78,15 +79,15 @@ torch.library.register_autograd("sdpax::fwd", _backward, setup_context=_setup_co
 
 
 def _bwd_autograd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks,
-                  rng, backend, mask_grad, softcap=0.0):
+                  rng, backend, mask_grad, softcap=0.0, window_left=-1, window_right=-1):
     """sdpax::bwd at the Autograd key: differentiable through the composite when a gradient of the gradient is
     being recorded, the kernels of the chosen backend otherwise."""
     if _differentiated(grad_out, query, key, value, attn_mask, out, lse, sinks):
         return _composite.gradients(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale,
-                                    sinks, rng, mask_grad, softcap)
+                                    sinks, rng, mask_grad, softcap, (window_left, window_right))
     with torch._C._AutoDispatchBelowAutograd():
         return bwd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causal, scale, enable_gqa, sinks,
-                   rng, backend, mask_grad, softcap)
+                   rng, backend, mask_grad, softcap, window_left, window_right)
 
 
 _lib = torch.library.Library("sdpax", "IMPL")  # noqa: TOR901 (a Python kernel at the Autograd key)

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from . import _causal, _composite, _ops, _select
 from ._errors import AttentionError
-from .functional import _causal_from_bias, _check, _draw_rng, default_scale
+from .functional import _bias_of, _check, _draw_rng, default_scale
 
 __all__ = ["attention", "shard", "unshard", "shard_of", "from_shards", "chunk_positions", "choose_strategy", "simulate",
            "ContextParallelAttention"]
@@ -315,7 +315,11 @@ def _prepare(query, key, value, attn_mask, is_causal, scale, enable_gqa, sinks, 
     mask = attn_mask if attn_mask is not None and not _causal.is_causal_bias(attn_mask) else None
     _check(query, key, value, mask, dropout_p, sinks)
     L, S = query.shape[-2] * world, key.shape[-2] * world
-    causal = _causal_from_bias(attn_mask, L, S) if mask is None and attn_mask is not None else None
+    bias = _bias_of(attn_mask, L, S) if mask is None and attn_mask is not None else None
+    if bias is not None and bias[1] >= 0:
+        raise AttentionError("sdpax.distributed: a sliding-window CausalBias is not supported; the ring runs whole "
+                             "causal or non-causal attention")
+    causal = None if bias is None else bias[0]
     if causal is not None and is_causal:
         raise AttentionError("sdpax.distributed: pass either a CausalBias or is_causal=True, not both")
     if mask is not None and is_causal:

@@ -14,19 +14,30 @@ _NONE, _UPPER_LEFT, _LOWER_RIGHT = _causal.NONE, _causal.UPPER_LEFT, _causal.LOW
 _is_causal_bias = _causal.is_causal_bias
 
 
-def _causal_from_bias(attn_mask, L: int, S: int) -> int | None:
-    """The causal variant of a CausalBias (sdpax's or torch's), or None if attn_mask is not one."""
-    if attn_mask is None:
+def _bias_of(attn_mask, L: int, S: int) -> tuple[int, int] | None:
+    """(causal variant, window left size or -1) of a CausalBias (sdpax's or torch's), or None if attn_mask is
+    not one."""
+    if attn_mask is None or not _is_causal_bias(attn_mask):
         return None
-    if _is_causal_bias(attn_mask):
-        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
-            raise AttentionError(f"sdpax: CausalBias is for (L, S) = ({attn_mask.seq_len_q}, "
-                                 f"{attn_mask.seq_len_kv}) but the inputs have (L, S) = ({L}, {S})")
-        variant = int(attn_mask.variant)
-        if variant not in (_UPPER_LEFT, _LOWER_RIGHT):
-            raise AttentionError(f"sdpax: unknown CausalBias variant {attn_mask.variant!r}")
-        return variant
-    return None
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
+        raise AttentionError(f"sdpax: CausalBias is for (L, S) = ({attn_mask.seq_len_q}, "
+                             f"{attn_mask.seq_len_kv}) but the inputs have (L, S) = ({L}, {S})")
+    variant = int(attn_mask.variant)
+    if variant not in (_UPPER_LEFT, _LOWER_RIGHT):
+        raise AttentionError(f"sdpax: unknown CausalBias variant {attn_mask.variant!r}")
+    return variant, getattr(attn_mask, "window_left", -1)
+
+
+def _window(window_size) -> tuple[int, int]:
+    """The op's (window_left, window_right) for a window_size argument: None is (-1, -1), no window."""
+    if window_size is None:
+        return -1, -1
+    ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2
+    ok = ok and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
+    if not ok:
+        raise AttentionError("sdpax: window_size must be None or (left, right), two ints >= 0 or -1 for "
+                             f"unbounded, got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])
 
 
 def _check(query, key, value, attn_mask, dropout_p, sinks):
@@ -62,7 +73,7 @@ def _check(query, key, value, attn_mask, dropout_p, sinks):
             raise RuntimeError(f"sdpax: {name} must be on the query's device {query.device}, got {t.device}")
 
 
-def _call_key(query, value, attn_mask, key=None, sinks=None, scale=None, softcap=0.0) -> tuple:
+def _call_key(query, value, attn_mask, key=None, sinks=None, scale=None, softcap=0.0, window=(-1, -1)) -> tuple:
     """The fields of _select.Call for this call, in order: a plain tuple is what the selection cache hashes, and
     building the frozen dataclass on every call cost more than the rest of the selection."""
     grad_mode = torch.is_grad_enabled()
@@ -71,11 +82,13 @@ def _call_key(query, value, attn_mask, key=None, sinks=None, scale=None, softcap
                                 or (key is not None and key.requires_grad)
                                 or (sinks is not None and sinks.requires_grad))
     return (query.device, query.dtype, query.shape[-1], value.shape[-1], mask_grad, needs_grad,
-            needs_grad and torch.are_deterministic_algorithms_enabled(), scale == 0.0, softcap > 0.0)
+            needs_grad and torch.are_deterministic_algorithms_enabled(), scale == 0.0, softcap > 0.0, False,
+            window != (-1, -1))
 
 
-def _call_features(query, value, attn_mask, key=None, sinks=None, scale=None, softcap=0.0) -> _select.Call:
-    return _select.Call(*_call_key(query, value, attn_mask, key, sinks, scale, softcap))
+def _call_features(query, value, attn_mask, key=None, sinks=None, scale=None, softcap=0.0,
+                   window=(-1, -1)) -> _select.Call:
+    return _select.Call(*_call_key(query, value, attn_mask, key, sinks, scale, softcap, window))
 
 
 def _softcap(softcap) -> float:
@@ -87,14 +100,21 @@ def _softcap(softcap) -> float:
     return float(softcap)
 
 
-def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks):
-    """Validate and turn the public arguments into (mask, causal id, scale)."""
+def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks, window_size=None):
+    """Validate and turn the public arguments into (mask, causal id, scale, (window_left, window_right))."""
     _check(query, key, value, attn_mask, dropout_p, sinks)
     L, S = query.shape[-2], key.shape[-2]
-    causal = _causal_from_bias(attn_mask, L, S)
-    if causal is not None:
+    window = _window(window_size)
+    bias = _bias_of(attn_mask, L, S)
+    if bias is not None:
         if is_causal:
             raise AttentionError("sdpax: pass either a CausalBias as attn_mask or is_causal=True, not both")
+        causal, bias_left = bias
+        if bias_left >= 0:
+            if window_size is not None:
+                raise AttentionError("sdpax: the CausalBias already carries a sliding window; pass window_size "
+                                     "or a windowed bias, not both")
+            window = (bias_left, -1)
         attn_mask = None
     elif is_causal:
         if attn_mask is not None:
@@ -103,7 +123,13 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks):
         causal = _UPPER_LEFT
     else:
         causal = _NONE
-    return attn_mask, causal, default_scale(query, scale)
+    if causal != _NONE:
+        # The causal edge is the window's right edge: right must allow it (0) or leave it to the edge (-1).
+        if window[1] > 0:
+            raise AttentionError(f"sdpax: window_size {window_size!r} reaches {window[1]} keys right of the "
+                                 "diagonal, past the causal edge; with is_causal or a CausalBias use right = 0 or -1")
+        window = (window[0], -1)
+    return attn_mask, causal, default_scale(query, scale), window
 
 
 def _draw_rng(device) -> torch.Tensor:
@@ -121,23 +147,28 @@ def default_scale(query, scale) -> float:
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
-                                 enable_gqa=False, sinks=None, softcap=None):
+                                 enable_gqa=False, sinks=None, softcap=None, window_size=None):
     """softmax(q @ k^T * scale + bias) @ v, with torch.nn.functional.scaled_dot_product_attention's API.
 
     Extra: ``sinks`` (shape ``(Hq,)``, not scaled) adds exp(sinks[h]) to each row's softmax denominator.
     ``softcap`` (a number > 0; Gemma 2's logit softcapping) maps each scaled score s to softcap * tanh(s / softcap)
     before the mask and the causal limit apply.
+    ``window_size=(left, right)`` (sliding window; -1: unbounded on that side): query i sees key j only if
+    d - left <= j <= d + right, d = i + S - L its diagonal key (FlashAttention's lower-right alignment). With
+    ``is_causal`` or a CausalBias the window takes the causal alignment and the causal edge is its right edge
+    (right 0 or -1). It combines with ``attn_mask``.
     A row with no allowed key yields zeros (never NaN). See the README for the full semantics.
     """
-    mask, causal, scale = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
+    mask, causal, scale, window = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks,
+                                           window_size)
     cap = _softcap(softcap)
-    fields = _call_key(query, value, mask, key, sinks, scale, cap)
+    fields = _call_key(query, value, mask, key, sinks, scale, cap, window)
     compiling = torch.compiler.is_compiling()
     backend = _select.select(_select.Call(*fields)) if compiling else _select.select_cached(fields)
     rng = _draw_rng(query.device) if dropout_p > 0.0 else None
     # The backend id carries the CUDA main loops of sdpax.cuda_main_loop (bits 4-8): the backward reads them too.
     args = (query, key, value, mask, float(dropout_p), causal, scale, bool(enable_gqa), sinks, rng,
-            int(backend) | _select.loop_bits(), cap)
+            int(backend) | _select.loop_bits(), cap, *window)
     if fields[5] or compiling:  # Call.needs_grad
         return _ops.fwd(*args)[0]
     # No gradient can be taken: skip the Python autograd wrapper (torch.library's register_autograd), which would
@@ -147,10 +178,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
-            sinks=None, softcap=None) -> _select.Explanation:
+            sinks=None, softcap=None, window_size=None) -> _select.Explanation:
     """Which backend scaled_dot_product_attention would use for these arguments, and why each other would not."""
-    mask, causal, scale = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks)
-    call = _call_features(query, value, mask, key, sinks, scale, _softcap(softcap))
+    mask, causal, scale, window = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks,
+                                           window_size)
+    call = _call_features(query, value, mask, key, sinks, scale, _softcap(softcap), window)
     ex = _select.explain_call(call)
     if ex.backend == _select.SDPBackend.FLASH_ATTENTION and query.device.type == "cuda":
         ex.plan = _plan.cuda_plan(query, key, value, mask, dropout_p, causal, enable_gqa,

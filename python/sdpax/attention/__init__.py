@@ -24,7 +24,7 @@ def sdpa_kernel(backends, set_priority: bool = False):
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
-            sinks=None, softcap=None) -> Explanation:
+            sinks=None, softcap=None, window_size=None) -> Explanation:
     """Same arguments as scaled_dot_product_attention; returns which backend would run and every backend's reasons."""
     return _functional.explain(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa,
-                               sinks=sinks, softcap=softcap)
+                               sinks=sinks, softcap=softcap, window_size=window_size)

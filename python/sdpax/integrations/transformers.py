@@ -26,16 +26,18 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import (
     AttentionMaskInterface,
+    and_masks,
     bidirectional_mask_function,
     causal_mask_function,
     prepare_padding_mask,
     sdpa_mask,
+    sliding_window_overlay,
 )
 from transformers.utils import logging
 from transformers.utils.import_utils import is_torchdynamo_exporting, is_tracing
 
 from .._causal import CausalBiasBase
-from ..attention.bias import causal_lower_right, causal_upper_left
+from ..attention.bias import CausalBias, CausalVariant, causal_lower_right, causal_upper_left
 from ..functional import scaled_dot_product_attention
 
 __all__ = ["ATTN_IMPLEMENTATION", "attention_forward", "build_mask"]
@@ -57,6 +59,30 @@ def _all_real(padding, kv_offset: int, n: int) -> bool:
     return padding is None or bool(padding[:, kv_offset:kv_offset + n].all())
 
 
+_AND_CODE = and_masks(causal_mask_function).__code__
+_SLIDING_CODE = sliding_window_overlay(1).__code__
+
+
+def _closure(fn) -> dict:
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+
+
+def _sliding_window_of(mask_function) -> int | None:
+    """W if mask_function is transformers' causal sliding window of W keys (key j visible from query i when
+    i - W < j <= i: `and_masks(sliding_window_overlay(W), causal_mask_function)`), else None. Read from the
+    function's code and closure, never by evaluating it; anything else (chunked attention, overlays) is None."""
+    if getattr(mask_function, "__code__", None) is not _AND_CODE:
+        return None
+    parts = _closure(mask_function).get("mask_functions", ())
+    if len(parts) != 2 or causal_mask_function not in parts:
+        return None
+    overlay = parts[0] if parts[1] is causal_mask_function else parts[1]
+    if getattr(overlay, "__code__", None) is not _SLIDING_CODE:
+        return None
+    window = _closure(overlay).get("sliding_window")
+    return window if isinstance(window, int) and window > 0 else None
+
+
 def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
                attention_mask=None, local_size=None, allow_is_causal_skip=True, allow_is_bidirectional_skip=False,
                **kwargs):
@@ -69,11 +95,22 @@ def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
 
     transformers sets `allow_is_causal_skip` / `allow_is_bidirectional_skip` only when the mask function is its
     plain causal / bidirectional one (or the sliding / chunked variant, which comes with `local_size`): overlays,
-    packed sequences and block masks turn them off. A sliding window or chunk can only be ignored while the keys
-    are fewer than the window (transformers' own rule); past that it is materialised (sdpax has no sliding-window
-    kernel yet).
+    packed sequences and block masks turn them off. A causal sliding window over real keys (the mask function's
+    structure says so) is returned as a windowed CausalBias; a chunk can only be ignored while the keys are fewer
+    than the chunk (transformers' own rule), past that it is materialised.
     """
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    window = _sliding_window_of(mask_function) if allow_is_causal_skip and local_size is not None else None
+    if window is not None and window == local_size and not _values_unreadable(padding, q_offset):
+        # A causal sliding window over real keys: a windowed CausalBias, so the fused kernels skip the key tiles
+        # outside the window instead of reading an L x S mask.
+        # Four-dimensional, so that transformers passes it on as a prepared mask (generate() hands the masks it
+        # built back to the model, which would read a 2-D one as padding).
+        d = int(q_offset) - int(kv_offset)
+        if d == kv_length - q_length and _all_real(padding, kv_offset, kv_length):
+            return CausalBias(CausalVariant.LOWER_RIGHT, q_length, kv_length, window - 1, lead_dims=2)
+        if d == 0 and q_length < kv_length and _all_real(padding, kv_offset, q_length):
+            return CausalBias(CausalVariant.UPPER_LEFT, q_length, kv_length, window - 1, lead_dims=2)
     plain_function = local_size is not None or mask_function in (causal_mask_function, bidirectional_mask_function)
     window_applies = local_size is not None and kv_length >= local_size
     readable = plain_function and not window_applies and not _values_unreadable(padding, q_offset)
@@ -101,14 +138,6 @@ def _causal_mask(L: int, S: int):
     if L == S:
         return None, True
     return causal_lower_right(L, S), False
-
-
-def _sliding_causal_mask(L: int, S: int, window: int, device) -> torch.Tensor:
-    """transformers' sliding window (key j visible from query i when i - window < j <= i) with bottom-right
-    positions, as a bool (L, S) mask."""
-    i = torch.arange(L, device=device).unsqueeze(1) + (S - L)
-    j = torch.arange(S, device=device).unsqueeze(0)
-    return (j <= i) & (j > i - window)
 
 
 def _with_position_bias(bias, mask, is_causal: bool, query):
@@ -139,9 +168,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
       bidirectional layer -> nothing; a mask (padding, sliding window, packed sequences; bool or additive) ->
       `attn_mask` as it is.
     - `position_bias` (T5-style relative bias) -> an additive mask, the mask's pattern as -inf (bias gradient kept).
-    - `sliding_window`: sdpax has no sliding-window kernel yet. The layer's window is already in the bool mask that
-      transformers builds for it (correct, but a materialised mask, not the fused causal path); a layer called with
-      no mask and more keys than its window gets that mask built here.
+    - `sliding_window`: the causal sliding windows that `build_mask` recognises arrive as windowed CausalBias
+      objects (fused, tiles outside the window skipped); a window with padding is the bool mask transformers
+      builds; a layer called with no mask and more keys than its window gets the windowed bias here.
     - `softcap` (Gemma 2's logit softcapping, applied to the scaled scores before the mask) -> `softcap`.
     """
     if kwargs.get("output_attentions", False):
@@ -152,7 +181,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     mask, use_causal = attention_mask, False
     if mask is None:
         if causal and sliding_window is not None and S > sliding_window:
-            mask = _sliding_causal_mask(L, S, sliding_window, query.device)
+            mask = CausalBias(CausalVariant.LOWER_RIGHT, L, S, sliding_window - 1)  # transformers' window: i - W < j <= i
         elif causal:
             mask, use_causal = _causal_mask(L, S)
     elif mask.dtype != torch.bool and mask.dtype not in (torch.float32, query.dtype):

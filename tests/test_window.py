@@ -1,0 +1,275 @@
+"""Sliding-window attention (`window_size=(left, right)` and the windowed CausalBias `sliding_window`): forward,
+backward and log-sum-exp of every backend that takes it against the float64 reference by the suite's rule, with
+the window given to the reference and to torch as the bool mask it stands for; both alignments, with masks, GQA,
+sinks, softcap and dropout; gradcheck and second-order gradients; compile and opcheck; the reason on devices whose
+kernels lack it; argument errors; the bias object; the work it saves (tiles outside the window are skipped)."""
+import itertools
+import math
+import pickle
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sdpax
+from helpers import (
+    DEVICES,
+    LOWER_RIGHT,
+    UPPER_LEFT,
+    assert_close_rel,
+    assert_grads_close,
+    assert_lse_close,
+    grad_magnitude,
+    make_qkv,
+    needs_cuda,
+    reference,
+    run,
+    torch_errors,
+)
+from sdpax import SDPBackend
+from sdpax.attention.bias import CausalBias, CausalVariant, causal_lower_right, sliding_window
+
+
+def window_allowed(L, S, left, right, align, device="cpu"):
+    """The definition: key j is visible from query i iff d - left <= j <= d + right, d = i (upper-left) or
+    i + S - L (lower-right); -1 leaves that side open."""
+    d = torch.arange(L, device=device).unsqueeze(1) + (0 if align == UPPER_LEFT else S - L)
+    j = torch.arange(S, device=device).unsqueeze(0)
+    ok = torch.ones(L, S, dtype=torch.bool, device=device)
+    if right >= 0:
+        ok &= j <= d + right
+    if left >= 0:
+        ok &= j >= d - left
+    return ok
+
+
+# name -> (kwargs for (L, S), the pattern's (left, right, alignment), the op's (causal, window_left, window_right)):
+# the ways a user asks for a window.
+WINDOWS = {
+    "lr_band": lambda L, S: ({"window_size": (37, 20)}, (37, 20, LOWER_RIGHT), (0, 37, 20)),
+    "lr_left_only": lambda L, S: ({"window_size": (50, -1)}, (50, -1, LOWER_RIGHT), (0, 50, -1)),
+    "lr_right_only": lambda L, S: ({"window_size": (-1, 3)}, (-1, 3, LOWER_RIGHT), (0, -1, 3)),
+    "causal_ul": lambda L, S: ({"is_causal": True, "window_size": (64, 0)}, (64, 0, UPPER_LEFT),
+                               (UPPER_LEFT, 64, -1)),
+    "causal_lr_bias": lambda L, S: ({"attn_mask": sliding_window(L, S, 100)}, (100, 0, LOWER_RIGHT),
+                                    (LOWER_RIGHT, 100, -1)),
+    "causal_ul_bias": lambda L, S: ({"attn_mask": sliding_window(L, S, 7, CausalVariant.UPPER_LEFT)},
+                                    (7, 0, UPPER_LEFT), (UPPER_LEFT, 7, -1)),
+    "causal_lr_kw": lambda L, S: ({"attn_mask": causal_lower_right(L, S), "window_size": (0, -1)},
+                                  (0, 0, LOWER_RIGHT), (LOWER_RIGHT, 0, -1)),
+}
+CASES = list(itertools.product([torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                               [(1, 300), (5, 700), (300, 300), (257, 129)], list(WINDOWS)))
+
+
+def _backends(q, k, v, **kwargs):
+    """The backends that take this call (explain() gives no reason against them)."""
+    ex = sdpax.explain(q, k, v, **kwargs)
+    return [b for b in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION) if not ex.reasons[b]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,LS,window", CASES, ids=[f"{str(d)[6:]}-L{L}-S{S}-{w}" for d, (L, S), w in CASES])
+def test_window_forward_backward(dtype, LS, window, device):
+    L, S = LS
+    idx = CASES.index((dtype, LS, window))
+    gen = torch.Generator().manual_seed(300 + idx)
+    E = [32, 64, 128][idx % 3]
+    gqa = idx % 2 == 1
+    q, k, v = make_qkv((2, 4, L, E), (2, 2 if gqa else 4, S, E), E, dtype, device, gen, requires_grad=True)
+    kwargs, (left, right, align), (causal, wl, wr) = WINDOWS[window](L, S)
+    allowed = window_allowed(L, S, left, right, align, device)
+    mask = allowed
+    extra = idx % 3  # 0: the window alone; 1: with a bool padding mask; 2: with an additive mask
+    if extra and "attn_mask" not in kwargs and "is_causal" not in kwargs:  # causal + mask is an error
+        if extra == 1:
+            user = (torch.rand(2, 1, 1, S, generator=gen) > 0.2).to(device)
+            mask = allowed & user
+        else:
+            user = torch.randn(2, 4, L, S, generator=gen).to(device=device, dtype=dtype)
+            mask = user.masked_fill(~allowed, -math.inf)
+        kwargs["attn_mask"] = user
+    sinks = torch.randn(4, generator=gen, dtype=torch.float32).to(device).requires_grad_() if idx % 4 == 3 else None
+    cap = 20.0 if idx % 5 == 4 else None
+    kwargs.update(enable_gqa=gqa, sinks=sinks, softcap=cap)
+    gout = torch.randn((2, 4, L, E), generator=gen).to(device=device, dtype=dtype)
+
+    leaves = [q, k, v] + ([sinks] if sinks is not None else [])
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref, ref_lse = reference(*ref_leaves[:3], mask=mask, sinks=ref_leaves[3] if sinks is not None else None,
+                             softcap=cap, return_lse=True)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, gout.double())
+    t_err, t_grad_errs = torch_errors(q, k, v, mask=mask, sinks=sinks, gqa=gqa, gout=gout, softcap=cap)
+    names = ["dq", "dk", "dv"] + (["dsinks"] if sinks is not None else [])
+    backends = _backends(q, k, v, **kwargs)
+    assert SDPBackend.MATH in backends
+    if device == "cpu" and dtype != torch.float64:
+        assert SDPBackend.FLASH_ATTENTION in backends  # the CPU kernels take every window
+    for backend in backends:
+        out = run(backend, q, k, v, **kwargs)
+        assert_close_rel(out, ref, t_err, dtype, what=f"{backend.name} out")
+        grads = torch.autograd.grad(out, leaves, gout)
+        assert_grads_close([f"{backend.name} {n}" for n in names], grads, ref_grads, t_grad_errs, dtype,
+                           grad_magnitude(gout, out))
+    if dtype != torch.float64:  # the saved log-sum-exp is float32
+        user = None if isinstance(kwargs.get("attn_mask"), CausalBias) else kwargs.get("attn_mask")
+        for backend in backends:
+            with torch.no_grad():
+                _, lse = torch.ops.sdpax.fwd(q, k, v, user, 0.0, causal, 1.0 / math.sqrt(E), gqa, sinks, None,
+                                             int(backend), cap or 0.0, wl, wr)
+            assert_lse_close(lse, ref_lse, what=f"{backend.name} lse")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_fused_matches_math_with_dropout(device):
+    """Dropout draws the same keep mask with and without a window, on every backend that takes both."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = make_qkv((2, 2, 70, 32), (2, 2, 390, 32), 32, torch.float32, device, gen, requires_grad=True)
+    rng = torch.tensor([2024, 12], dtype=torch.int64, device=device)
+    outs = {}
+    for b in _backends(q, k, v, window_size=(40, 5)):
+        out = torch.ops.sdpax.fwd(q, k, v, None, 0.3, 0, 0.5, False, None, rng, int(b), 0.0, 40, 5)[0]
+        outs[b] = (out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    ref = outs.pop(SDPBackend.MATH)
+    for b, (out, grads) in outs.items():
+        assert_close_rel(out, ref[0], 0.0, torch.float32, what=f"{b.name} out")
+        for name, g, rg in zip("qkv", grads, ref[1]):
+            assert_close_rel(g, rg, 0.0, torch.float32, what=f"{b.name} d{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_gradcheck_float64(device):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv((1, 4, 5, 6), (1, 2, 9, 6), 5, torch.float64, device, gen, requires_grad=True)
+    mask = torch.randn(1, 4, 5, 9, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    for backend in _backends(q, k, v, attn_mask=mask.detach(), enable_gqa=True, window_size=(2, 1)):
+        def f(q, k, v, mask, backend=backend):
+            return run(backend, q, k, v, attn_mask=mask, enable_gqa=True, window_size=(2, 1))
+        assert torch.autograd.gradcheck(f, (q, k, v, mask))
+        assert torch.autograd.gradgradcheck(f, (q, k, v, mask))
+
+
+def test_window_compiles_and_opcheck():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = make_qkv((1, 2, 33, 16), (1, 2, 40, 16), 16, torch.float32, "cpu", gen, requires_grad=True)
+
+    def f(q, k, v):
+        return sdpax.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window(33, 40, 5))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, expected = compiled(q, k, v), f(q, k, v)
+    assert torch.equal(out, expected)
+    g, eg = (torch.autograd.grad(o.sum(), (q, k, v)) for o in (out, expected))
+    for a, b in zip(g, eg):
+        assert torch.equal(a, b)
+    args = (q.detach(), k.detach(), v.detach(), None, 0.0, 2, 0.25, False, None, None, 1, 0.0, 5, -1)
+    torch.library.opcheck(torch.ops.sdpax.fwd.default, args)
+
+
+def test_window_no_window_is_plain_attention():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv((1, 2, 20, 16), (1, 2, 24, 16), 16, torch.float32, "cpu", gen)
+    for b in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+        assert torch.equal(run(b, q, k, v, window_size=(-1, -1)), run(b, q, k, v))
+        assert torch.equal(run(b, q, k, v, window_size=None, is_causal=True), run(b, q, k, v, is_causal=True))
+        assert torch.equal(run(b, q, k, v, is_causal=True, window_size=(-1, 0)), run(b, q, k, v, is_causal=True))
+
+
+def test_window_bias_object():
+    bias = sliding_window(4, 6, 1)
+    assert bias.variant == CausalVariant.LOWER_RIGHT and bias.window_left == 1
+    assert torch.equal(bias._materialize(), window_allowed(4, 6, 1, 0, LOWER_RIGHT))
+    ul = sliding_window(4, 6, 2, CausalVariant.UPPER_LEFT)
+    assert torch.equal(ul._materialize(), window_allowed(4, 6, 2, 0, UPPER_LEFT))
+    assert "window_left=1" in repr(bias)
+    again = pickle.loads(pickle.dumps(bias))
+    assert (again.variant, again.seq_len_q, again.seq_len_kv, again.window_left) == (bias.variant, 4, 6, 1)
+    assert bias.contiguous() is bias
+    with pytest.raises(ValueError, match="left must be an int >= 0"):
+        sliding_window(4, 6, -1)
+    with pytest.raises(ValueError, match="window_left must be an int"):
+        CausalBias(CausalVariant.LOWER_RIGHT, 4, 6, 1.5)
+
+
+def test_window_bias_through_torch_function():
+    """torch's own function with a windowed CausalBias runs sdpax (no patch needed), as the causal bias does."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = make_qkv((1, 2, 30, 16), (1, 2, 50, 16), 16, torch.float32, "cpu", gen)
+    bias = sliding_window(30, 50, 9)
+    expected = sdpax.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=bias), expected)
+    with sdpax.patch():
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=bias), expected)
+    ref = reference(q.double(), k.double(), v.double(), mask=window_allowed(30, 50, 9, 0, LOWER_RIGHT))
+    assert_close_rel(expected, ref, torch_errors(q, k, v, mask=window_allowed(30, 50, 9, 0, LOWER_RIGHT))[0],
+                     torch.float32)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"window_size": (3,)}, "window_size must be None or"),
+    ({"window_size": (3, -2)}, "window_size must be None or"),
+    ({"window_size": (1.0, 2)}, "window_size must be None or"),
+    ({"window_size": (True, 2)}, "window_size must be None or"),
+    ({"window_size": "3"}, "window_size must be None or"),
+    ({"window_size": (3, 2), "is_causal": True}, "past the causal edge"),
+    ({"window_size": (3, 0), "attn_mask": sliding_window(4, 4, 2)}, "already carries a sliding window"),
+    ({"attn_mask": sliding_window(4, 5, 2)}, "CausalBias is for"),
+])
+def test_window_argument_errors(kwargs, match):
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(sdpax.AttentionError, match=match):
+        sdpax.scaled_dot_product_attention(q, q, q, **kwargs)
+
+
+def test_window_op_argument_errors():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="window sizes must be >= 0, or -1"):
+        torch.ops.sdpax.fwd(q, q, q, None, 0.0, 0, 1.0, False, None, None, 0, 0.0, -3, 2)
+    with pytest.raises(RuntimeError, match="window_right must be -1"):
+        torch.ops.sdpax.fwd(q, q, q, None, 0.0, 1, 1.0, False, None, None, 1, 0.0, 2, 0)
+
+
+def test_window_rows_with_no_key_give_zeros():
+    """A window that leaves a row no key (L > S with a lower-right window) gives that row zeros and lse -inf."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = make_qkv((1, 1, 40, 16), (1, 1, 10, 16), 16, torch.float32, "cpu", gen)
+    for b in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+        out = run(b, q, k, v, attn_mask=sliding_window(40, 10, 3))
+        assert torch.equal(out[..., :30, :], torch.zeros_like(out[..., :30, :]))
+        assert out[..., 30:, :].abs().sum() > 0
+
+
+def test_window_work_follows_the_window():
+    """The fused CPU kernels skip key tiles outside the window: a 256-key window over 8k keys costs a small
+    fraction of full causal attention, forward and backward (a loose bound: the skipping, not a speed target)."""
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = make_qkv((1, 2, 8192, 64), (1, 2, 8192, 64), 64, torch.bfloat16, "cpu", gen, requires_grad=True)
+
+    def timed(**kwargs):
+        best = math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = sdpax.scaled_dot_product_attention(q, k, v, **kwargs)
+            out.backward(torch.ones_like(out))
+            best = min(best, time.perf_counter() - t0)
+        return best
+    full, windowed = timed(is_causal=True), timed(is_causal=True, window_size=(255, 0))
+    # Causal over 8k keys visits ~4k keys per row, the window 256 plus the diagonal tiles.
+    assert windowed < 0.35 * full, (windowed, full)
+
+
+@needs_cuda
+def test_window_cuda_reason_and_math():
+    """The CUDA kernels have no window yet: explain() says so, FLASH alone refuses with that reason, and the
+    default selection runs MATH on the GPU, correct by the suite's rule."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = make_qkv((1, 2, 64, 64), (1, 2, 96, 64), 64, torch.bfloat16, "cuda", gen)
+    ex = sdpax.explain(q, k, v, window_size=(8, 0))
+    assert ex.backend == SDPBackend.MATH
+    assert any("sliding window" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION])
+    with pytest.raises(RuntimeError, match="sliding window"):
+        run(SDPBackend.FLASH_ATTENTION, q, k, v, window_size=(8, 0))
+    allowed = window_allowed(64, 96, 8, 0, LOWER_RIGHT, "cuda")
+    ref = reference(q.double(), k.double(), v.double(), mask=allowed)
+    t_err, _ = torch_errors(q, k, v, mask=allowed)
+    assert_close_rel(sdpax.scaled_dot_product_attention(q, k, v, window_size=(8, 0)), ref, t_err, torch.bfloat16)
