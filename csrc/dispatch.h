@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "common/op_args.h"
+#include "common/varlen.h"
 #include "math/math.h"
 
 namespace sdpax {
@@ -47,6 +48,41 @@ BwdResult bwd_entry(const at::Tensor& grad_out, const at::Tensor& q, const at::T
     if (a.f.backend.backend == Backend::Flash) return Flash(a);
   }
   return math::bwd(a);
+}
+
+// Variable-length calls: one dense call per sequence on the chosen backend (common/varlen.h).
+template <FwdFn Flash>
+FwdResult varlen_fwd_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                           const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double dropout_p,
+                           int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
+                           const std::optional<at::Tensor>& rng, int64_t backend, double softcap, int64_t window_left,
+                           int64_t window_right, const std::optional<at::Tensor>& seqused_k,
+                           const std::optional<at::Tensor>& block_table) {
+  const VarlenArgs a{q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, enable_gqa, sinks, rng,
+                     checked_backend(backend, Flash != nullptr, q), softcap, window_left, window_right, seqused_k,
+                     block_table};
+  DenseFwd dense = &math::fwd;
+  if constexpr (Flash != nullptr) {
+    if (a.backend.backend == Backend::Flash) dense = Flash;
+  }
+  return varlen_fwd(a, dense);
+}
+
+template <BwdFn Flash>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_entry(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+    const at::Tensor& cu_k, int64_t max_q, int64_t max_k, const at::Tensor& out, const at::Tensor& lse,
+    double dropout_p, int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& rng, int64_t backend, double softcap, int64_t window_left,
+    int64_t window_right) {
+  const std::optional<at::Tensor> cu_k_opt = cu_k, none;
+  const VarlenArgs a{q, k, v, cu_q, cu_k_opt, max_q, max_k, dropout_p, causal, scale, enable_gqa, sinks, rng,
+                     checked_backend(backend, Flash != nullptr, q), softcap, window_left, window_right, none, none};
+  DenseBwd dense = &math::bwd;
+  if constexpr (Flash != nullptr) {
+    if (a.backend.backend == Backend::Flash) dense = Flash;
+  }
+  return varlen_bwd(a, grad_out, out, lse, dense);
 }
 
 }  // namespace sdpax

@@ -30,8 +30,23 @@ TORCH_LIBRARY(sdpax, m) {
   m.def(
       "bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor out, Tensor lse, "
       "float dropout_p, int causal, float scale, bool enable_gqa, Tensor? sinks, Tensor? rng, int backend, "
-      "bool mask_grad, float softcap=0.0, int window_left=-1, int window_right=-1) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_mask, "
+      "bool mask_grad, float softcap=0.0, int window_left=-1, int window_right=-1) -> "
+      "(Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_mask, "
       "Tensor grad_sinks)");
+  // Variable-length (packed) attention, csrc/common/varlen.h: query (Tq, Hq, E), key / value (Tk, Hkv, E / Ev), or
+  // pages (P, page, Hkv, E / Ev) read through block_table (int32, (N, max_pages)) with seqused_k keys each; the
+  // other arguments as fwd's, per sequence (causal and the window are aligned within each sequence). lse is
+  // (Hq, Tq). Sequence b drops what a dense call on it alone with rng {seed, offset + b} would.
+  m.def(
+      "varlen_fwd(Tensor query, Tensor key, Tensor value, Tensor cu_seq_q, Tensor? cu_seq_k, SymInt max_q, "
+      "SymInt max_k, float dropout_p, int causal, float scale, bool enable_gqa, Tensor? sinks, Tensor? rng, "
+      "int backend, float softcap=0.0, int window_left=-1, int window_right=-1, Tensor? seqused_k=None, "
+      "Tensor? block_table=None) -> (Tensor out, Tensor lse)");
+  m.def(
+      "varlen_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor cu_seq_q, Tensor cu_seq_k, "
+      "SymInt max_q, SymInt max_k, Tensor out, Tensor lse, float dropout_p, int causal, float scale, bool enable_gqa, "
+      "Tensor? sinks, Tensor? rng, int backend, float softcap=0.0, int window_left=-1, int window_right=-1) -> "
+      "(Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_sinks)");
   // The dropout keep mask (bool, (bh, L, S)) that every backend applies for this rng; for tests and debugging.
   m.def("dropout_keep_mask(Tensor rng, int bh, int L, int S, float dropout_p) -> Tensor");
   // The launch plan of a CUDA FLASH_ATTENTION call on a described device (csrc/cuda/plan_op.cpp); explain() and

@@ -1,6 +1,7 @@
 // The forward main loop shared by the tiled forward (flash_fwd.cpp) and the decode path (flash_decode.cpp):
 // a set of query rows of one KV head against a range of key tiles.
-//   S = Q K^T (GEMM) -> scale + mask + causal edge / window -> online softmax (softmax.h) -> acc = alpha acc + P V (GEMM)
+//   S = Q K^T (GEMM) -> scale + mask + causal edge / window -> online softmax (softmax.h)
+//   -> acc = alpha acc + P V (GEMM)
 // The rows may come from several query heads of the group (decode folds the G heads x L rows of a KV head into
 // one tile, so each K/V tile is read once for all of them). K^T and V are packed once per KV head per thread,
 // lazily tile by tile, and shared by every query head of the group (GQA without copies). Tiles past the causal

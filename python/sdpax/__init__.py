@@ -11,8 +11,10 @@ from ._patch import is_patched, patch, unpatch
 from ._plan import cuda_main_loop
 from .attention import SDPBackend, explain, sdpa_kernel
 from .functional import scaled_dot_product_attention
+from .varlen import varlen_attn
 
 __version__ = "0.1.0"
 
 __all__ = ["scaled_dot_product_attention", "functional", "attention", "SDPBackend", "sdpa_kernel", "explain",
-           "patch", "unpatch", "is_patched", "build_config", "AttentionError", "cuda_main_loop"]
+           "patch", "unpatch", "is_patched", "build_config", "AttentionError", "cuda_main_loop",
+           "varlen_attn"]

@@ -10,6 +10,8 @@ from . import _composite
 
 fwd = torch.ops.sdpax.fwd.default
 bwd = torch.ops.sdpax.bwd.default
+varlen_fwd = torch.ops.sdpax.varlen_fwd.default
+varlen_bwd = torch.ops.sdpax.varlen_bwd.default
 dropout_keep_mask = torch.ops.sdpax.dropout_keep_mask.default
 cuda_plan = torch.ops.sdpax.cuda_plan.default
 
@@ -92,3 +94,46 @@ def _bwd_autograd(grad_out, query, key, value, attn_mask, out, lse, dropout_p, c
 
 _lib = torch.library.Library("sdpax", "IMPL")  # noqa: TOR901 (a Python kernel at the Autograd key)
 _lib.impl("bwd", _bwd_autograd, "Autograd")
+
+
+@torch.library.register_fake("sdpax::varlen_fwd")
+def _varlen_fwd_fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, causal, scale, enable_gqa,
+                     sinks, rng, backend, softcap=0.0, window_left=-1, window_right=-1, seqused_k=None,
+                     block_table=None):
+    out = query.new_empty((query.shape[0], query.shape[1], value.shape[-1]))
+    lse = query.new_empty((query.shape[1], query.shape[0]), dtype=lse_dtype(query))
+    return out, lse
+
+
+@torch.library.register_fake("sdpax::varlen_bwd")
+def _varlen_bwd_fake(grad_out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, out, lse, dropout_p, causal,
+                     scale, enable_gqa, sinks, rng, backend, softcap=0.0, window_left=-1, window_right=-1):
+    grad_sinks = sinks.new_empty(sinks.shape) if sinks is not None else query.new_empty((0,))
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_sinks
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    (query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, causal, scale, enable_gqa, sinks, rng, backend,
+     softcap, window_left, window_right, seqused_k, block_table) = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.paged = seqused_k is not None or block_table is not None
+    ctx.save_for_backward(query, key, value, cu_seq_q, cu_seq_k, out, lse, sinks, rng)
+    ctx.args = (max_q, max_k, dropout_p, causal, scale, enable_gqa, backend, softcap, window_left, window_right)
+
+
+def _varlen_backward(ctx, grad_out, _grad_lse):
+    if ctx.paged:
+        raise RuntimeError("sdpax: varlen attention with a block_table or seqused_k is forward only (a KV cache "
+                           "being read); it has no backward")
+    query, key, value, cu_seq_q, cu_seq_k, out, lse, sinks, rng = ctx.saved_tensors
+    max_q, max_k, dropout_p, causal, scale, enable_gqa, backend, softcap, wl, wr = ctx.args
+    if _differentiated(grad_out, query, key, value, sinks):
+        raise RuntimeError("sdpax: higher-order gradients of varlen attention are not supported; use the dense "
+                           "sdpax.scaled_dot_product_attention (one call per sequence) for them")
+    dq, dk, dv, dsinks = varlen_bwd(grad_out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, out, lse,
+                                    dropout_p, causal, scale, enable_gqa, sinks, rng, backend, softcap, wl, wr)
+    return (dq, dk, dv) + (None,) * 8 + (dsinks if sinks is not None else None,) + (None,) * 7
+
+
+torch.library.register_autograd("sdpax::varlen_fwd", _varlen_backward, setup_context=_varlen_setup_context)

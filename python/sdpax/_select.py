@@ -58,20 +58,23 @@ class DeviceLimits:
     softcap: bool = True  # whether the kernels take a score softcap
     dropout_origin: bool = True  # whether the kernels take rng = {seed, offset, row0, col0}
     window: bool = True  # whether the kernels take a sliding window
+    varlen: bool = True  # whether the kernels take packed variable-length batches
 
 
 # What each device's fused kernels take beyond the table's dtypes and head dims (csrc/variants.py, through the
 # build config). CUDA: the fused backward computes the float mask gradient and has a deterministic mode (its own
 # dQ pass, no atomics). scale == 0 (every score 0) gave NaN gradients from the CUDA backward in the property-based
 # fuzz; until the kernels are fixed for it, MATH computes such calls. The CUDA kernels have no score softcap, no
-# dropout origin and no sliding window yet.
+# dropout origin, no sliding window and no packed variable-length batches yet.
 _FLASH_EXTRA = {"cuda": {"mask_grad": True, "zero_scale": False, "softcap": False, "dropout_origin": False,
-                         "window": False}}
+                         "window": False, "varlen": False}}
 # Call features a device's kernels may decline (a DeviceLimits flag of the same name), and the reason given.
 _DECLINABLE = {"zero_scale": "scale 0 is not supported by the {} kernels",
                "softcap": "softcap is not supported by the {} kernels yet",
                "dropout_origin": "dropout at an origin (context parallelism) is not supported by the {} kernels yet",
-               "window": "a sliding window is not supported by the {} kernels yet"}
+               "window": "a sliding window is not supported by the {} kernels yet",
+               "varlen": "packed variable-length batches (varlen_attn, nested tensors) are not supported by the {} "
+                         "kernels yet"}
 
 
 def _flash_limits() -> Limits:
@@ -107,6 +110,7 @@ class Call:
     softcap: bool = False  # a score softcap is asked for
     dropout_origin: bool = False  # dropout drawn at an origin (a block of a larger problem: sdpax.distributed)
     window: bool = False  # a sliding window bounds the keys each row sees
+    varlen: bool = False  # a packed variable-length batch (varlen_attn, jagged nested tensors)
 
 
 def reasons(backend: SDPBackend, call: Call) -> list[str]:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from . import _causal, _ops, _plan, _select
+from . import _causal, _nested, _ops, _plan, _select
 from ._errors import AttentionError
 
 __all__ = ["scaled_dot_product_attention"]
@@ -45,13 +45,6 @@ def _check(query, key, value, attn_mask, dropout_p, sinks):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"sdpax: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.is_nested:
-            # A nested tensor has no single shape: the dense checks below would fail inside torch with an
-            # internal error instead of naming the problem.
-            raise AttentionError(
-                f"sdpax: {name} is a nested tensor (layout {t.layout}); sdpax takes dense tensors only. Pad the "
-                "batch to dense tensors with a bool attn_mask for the padding, or call torch's function for nested "
-                "inputs")
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         raise RuntimeError("Expected query, key, and value to all be  at least 2 dimensional, but got query.dim: "
                            f"{query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead.")
@@ -73,7 +66,8 @@ def _check(query, key, value, attn_mask, dropout_p, sinks):
             raise RuntimeError(f"sdpax: {name} must be on the query's device {query.device}, got {t.device}")
 
 
-def _call_key(query, value, attn_mask, key=None, sinks=None, scale=None, softcap=0.0, window=(-1, -1)) -> tuple:
+def _call_key(query, value, attn_mask, key=None, sinks=None, scale=None, softcap=0.0, window=(-1, -1),
+              varlen=False) -> tuple:
     """The fields of _select.Call for this call, in order: a plain tuple is what the selection cache hashes, and
     building the frozen dataclass on every call cost more than the rest of the selection."""
     grad_mode = torch.is_grad_enabled()
@@ -83,7 +77,7 @@ def _call_key(query, value, attn_mask, key=None, sinks=None, scale=None, softcap
                                 or (sinks is not None and sinks.requires_grad))
     return (query.device, query.dtype, query.shape[-1], value.shape[-1], mask_grad, needs_grad,
             needs_grad and torch.are_deterministic_algorithms_enabled(), scale == 0.0, softcap > 0.0, False,
-            window != (-1, -1))
+            window != (-1, -1), varlen)
 
 
 def _call_features(query, value, attn_mask, key=None, sinks=None, scale=None, softcap=0.0,
@@ -159,6 +153,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (right 0 or -1). It combines with ``attn_mask``.
     A row with no allowed key yields zeros (never NaN). See the README for the full semantics.
     """
+    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+        return _nested.nested_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sinks,
+                                        softcap, window_size)
     mask, causal, scale, window = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks,
                                            window_size)
     cap = _softcap(softcap)

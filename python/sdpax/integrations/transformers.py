@@ -181,7 +181,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     mask, use_causal = attention_mask, False
     if mask is None:
         if causal and sliding_window is not None and S > sliding_window:
-            mask = CausalBias(CausalVariant.LOWER_RIGHT, L, S, sliding_window - 1)  # transformers' window: i - W < j <= i
+            # transformers' window of W keys: i - W < j <= i
+            mask = CausalBias(CausalVariant.LOWER_RIGHT, L, S, sliding_window - 1)
         elif causal:
             mask, use_causal = _causal_mask(L, S)
     elif mask.dtype != torch.bool and mask.dtype not in (torch.float32, query.dtype):
