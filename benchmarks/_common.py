@@ -192,6 +192,15 @@ def _table() -> tuple:
             for kind, label in (("plain", "plain"), ("causal", "causal"), ("dense_mask", "bool"), ("add_mask", "add")):
                 add(f"fp32 L{L} d{d} {label}", 2, 4, 4, L, L, d, F32, kind, tags=f"fp32-accuracy:{min(L // 1024, 1)}")
 
+    # varlen: torch's SDPA tutorial batch (B sequences of random lengths up to L, about half padding, 8 heads,
+    # d64) through the tutorial's module as a jagged nested tensor; plain eval and causal training.
+    for device, dtypes in (("cpu", (F32, BF16)), ("cuda", (F16,))):
+        for dtype in dtypes:
+            name = DTYPE_NAMES[dtype]
+            add(f"tutorial 32 x <=512 {name}", 32, 8, 8, 512, 512, 64, dtype, tags="varlen", device=device)
+            add(f"tutorial 32 x <=512 causal {name}", 32, 8, 8, 512, 512, 64, dtype, "causal", tags="varlen:1",
+                device=device)
+
     # cp-speed-model: one long GQA sequence, split into the pair calls of sdpax.distributed.
     add("L128k gqa 32/8 d128", 1, 32, 8, 131072, 131072, 128, BF16, tags="cp-speed-model")
     add("L128k gqa 32/8 d128 causal", 1, 32, 8, 131072, 131072, 128, BF16, "causal", tags="cp-speed-model")

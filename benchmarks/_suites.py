@@ -7,7 +7,9 @@ the same inputs with _common.Timer and returns (markdown table, extra lines). Ra
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import subprocess
 import sys
 import textwrap
@@ -560,6 +562,87 @@ def run_cuda_mask_bwd(args, rows):
         _free(device)
     return C.markdown_table(SUITES["cuda-mask-bwd"].columns, table), [
         "", "TFLOP/s: 4 B H L S D per forward, x2.5 for the backward alone, x3.5 for forward + backward"]
+
+
+# ---- varlen ----
+
+class _TutorialAttention(torch.nn.Module):
+    """The CausalSelfAttention module of torch's SDPA tutorial (no bias, no output dropout). `mask`: an attn_mask
+    for padded dense input; `torch_layout`: q, k, v made contiguous in (B, j, H, D), which torch's CPU path for
+    jagged inputs requires (it refuses the tutorial's views)."""
+
+    def __init__(self, heads, embed, dtype, device):
+        super().__init__()
+        self.c_attn = torch.nn.Linear(embed, 3 * embed, bias=False, dtype=dtype, device=device)
+        self.c_proj = torch.nn.Linear(embed, embed, bias=False, dtype=dtype, device=device)
+        self.heads = heads
+
+    def forward(self, x, is_causal=False, mask=None, torch_layout=False):
+        qp = self.c_attn(x)
+        b, d = qp.size(0), qp.size(2) // (3 * self.heads)
+        q, k, v = (t.view(b, -1, self.heads, d).transpose(1, 2) for t in qp.chunk(3, -1))
+        if torch_layout:
+            q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.c_proj(y.transpose(1, 2).reshape(b, -1, self.heads * d))
+
+
+def _tutorial_batch(row, device):
+    """The tutorial's lengths (padding fraction ~ N(0.5, 0.01), one sequence at the maximum, fixed seed) as a jagged
+    batch (B, j, E), the same data padded (B, L, E) and the padding's keep mask (B, L)."""
+    rnd = random.Random(0)
+    lens = [int(row.L * (1 - rnd.gauss(0.5, 0.01))) for _ in range(row.B)]
+    lens[rnd.randint(0, row.B - 1)] = row.L
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, row.Hq * row.D, generator=gen).to(device, row.dtype) for n in lens]
+    nested = torch.nested.nested_tensor(parts, layout=torch.jagged)
+    padded = nested.to_padded_tensor(0.0)
+    keep = torch.arange(row.L, device=device)[None] < torch.tensor(lens, device=device)[:, None]
+    return nested, padded, keep, lens
+
+
+@suite(name="varlen", device="cpu", devices=("cpu", "cuda"), passes=("fwd", "fwd+bwd"),
+       measures="torch's SDPA tutorial: its CausalSelfAttention module (8 heads, d64) on 32 sequences of random "
+                "lengths up to 512 (about half padding), the module's time including its projections: sdpax on "
+                "the jagged nested batch (under sdpax.patch()), torch on the same jagged batch (on CPU torch needs "
+                "its q, k, v contiguous and refuses causal), and both on the padded dense batch with a padding "
+                "mask. Plain rows: eval forward; causal rows: training forward + backward of the input.",
+       columns=("shape", "pass", "sdpax jagged ms", "torch jagged ms", "sdpax padded ms", "torch padded ms",
+                "vs torch jagged", "vs sdpax padded", "vs torch padded"))
+def run_varlen(args, rows):
+    device = args.device
+    timer = C.Timer(device, args.budget or 2.0, min_reps=3, max_reps=200)
+    table = []
+    for row in rows:
+        causal = row.kind == "causal"
+        module = _TutorialAttention(row.Hq, row.Hq * row.D, row.dtype, device)
+        nested, padded, keep, _ = _tutorial_batch(row, device)
+        mask = keep[:, None, None, :]
+        if causal:  # torch's docs make attn_mask with is_causal an error: the causal pattern goes into the mask
+            mask = mask & torch.ones(row.L, row.L, dtype=torch.bool, device=device).tril()
+        x_nested, x_padded = (t.detach().requires_grad_(causal) for t in (nested, padded))
+
+        def run(x, values, sdpax_on, **kw):
+            def go():
+                with sdpax.patch() if sdpax_on else contextlib.nullcontext():
+                    out = module(x, **kw)
+                    if causal:  # gradients returned, not accumulated (a nested leaf's .grad cannot add up)
+                        torch.autograd.grad(values(out).sum(), [x, *module.parameters()])
+                return out
+            return go if causal else C.forward(go)
+        jag, dense = (lambda o: o.values()), (lambda o: o)
+        t = timer({"sdpax jagged": run(x_nested, jag, True, is_causal=causal),
+                   "torch jagged": run(x_nested, jag, False, is_causal=causal, torch_layout=True),
+                   "sdpax padded": run(x_padded, dense, True, mask=mask),
+                   "torch padded": run(x_padded, dense, False, mask=mask)})
+        line = [row.name, "fwd+bwd" if causal else "fwd"] + [_ms(t[n]) for n in ("sdpax jagged", "torch jagged",
+                                                                                  "sdpax padded", "torch padded")]
+        line += [C.ratio(t[n], t["sdpax jagged"]) for n in ("torch jagged", "sdpax padded", "torch padded")]
+        table.append(line)
+        _progress(" | ".join(str(x) for x in line))
+        _free(device)
+    return C.markdown_table(SUITES["varlen"].columns, table), [
+        "", "ratios: the other time / sdpax jagged time (> 1: sdpax on the jagged batch is faster)"]
 
 
 # ---- fp32-accuracy ----
