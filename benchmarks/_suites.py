@@ -622,7 +622,7 @@ def run_varlen(args, rows):
             mask = mask & torch.ones(row.L, row.L, dtype=torch.bool, device=device).tril()
         x_nested, x_padded = (t.detach().requires_grad_(causal) for t in (nested, padded))
 
-        def run(x, values, sdpax_on, **kw):
+        def run(x, values, sdpax_on, module=module, causal=causal, **kw):
             def go():
                 with sdpax.patch() if sdpax_on else contextlib.nullcontext():
                     out = module(x, **kw)
