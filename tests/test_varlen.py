@@ -374,6 +374,19 @@ def test_nested_causal_bias_and_window_apply_per_sequence():
         assert err(ws, reference(x, x, x, mask=window_allowed(L, L, 2, 2, LOWER_RIGHT))[0]) < 1e-12
 
 
+def test_explain_packed_and_nested():
+    """explain() covers the new inputs: the backend a packed or nested call takes and every backend's reasons."""
+    q, k, v, cq, ck = _qkv()
+    assert sdpax.varlen.explain(q, k, v, cq, ck, 4, 4).backend == SDPBackend.FLASH_ATTENTION
+    ex = sdpax.varlen.explain(q.double(), k.double(), v.double(), cq, ck, 4, 4, is_causal=True)
+    assert ex.backend == SDPBackend.MATH and any("float64" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION])
+    nt, _ = _tutorial_batch(torch.bfloat16)
+    qn = nt.view(nt.size(0), -1, 4, 16).transpose(1, 2)
+    assert sdpax.explain(qn, qn, qn, is_causal=True).backend == SDPBackend.FLASH_ATTENTION
+    with pytest.raises(RuntimeError, match="must be a CausalBias"):
+        sdpax.explain(qn, qn, qn, attn_mask=torch.ones(40, 40, dtype=torch.bool))
+
+
 @needs_cuda
 def test_varlen_cuda_reason_and_math():
     """The CUDA kernels take no packed batches yet: explain's reason names it and MATH runs them on the GPU."""
@@ -381,10 +394,9 @@ def test_varlen_cuda_reason_and_math():
     q = torch.randn(50, 2, 64, generator=gen).to("cuda", torch.bfloat16)
     k, v = (torch.randn(60, 2, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
     cq, ck = offsets([20, 30], "cuda"), offsets([25, 35], "cuda")
-    from sdpax._select import LIMITS, Call, reasons
-    why = reasons(SDPBackend.FLASH_ATTENTION, Call(torch.device("cuda"), torch.bfloat16, 64, 64, False, varlen=True))
-    assert any("variable-length" in r for r in why), why
-    assert LIMITS[SDPBackend.FLASH_ATTENTION].per_device["cuda"].varlen is False
+    ex = sdpax.varlen.explain(q, k, v, cq, ck, 30, 35, is_causal=True)
+    assert ex.backend == SDPBackend.MATH
+    assert any("variable-length" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION]), ex
     out = sdpax.varlen_attn(q, k, v, cq, ck, 30, 35, is_causal=True)
     ref = per_sequence(lambda qb, kb, vb, L, S: reference(qb, kb, vb, causal=LOWER_RIGHT, return_lse=True),
                        *(t.double() for t in (q, k, v)), cq, ck)

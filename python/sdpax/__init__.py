@@ -8,7 +8,7 @@
 from . import _build_config as build_config
 from . import _flash_registry
 from . import _ops  # noqa: F401  (loads the extension and registers fake kernels and autograd)
-from . import attention, functional
+from . import attention, functional, varlen
 from ._errors import AttentionError
 from ._patch import is_patched, patch, unpatch
 from ._plan import cuda_main_loop

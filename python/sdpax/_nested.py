@@ -36,9 +36,9 @@ def _max_len(t: torch.Tensor):
     return int(t.offsets().diff().max()) if t.offsets().numel() > 1 else 0
 
 
-def nested_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sinks, softcap,
-                     window_size):
-    from .functional import _call_key, _draw_rng, _softcap, _window, default_scale
+def prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks, softcap, window_size):
+    """Validate nested inputs; (packed q, k, v, causal id, window, scale, softcap, the selection's call fields)."""
+    from .functional import _call_key, _softcap, _window, default_scale
     tensors = {"query": query, "key": key, "value": value}
     dense = [n for n, t in tensors.items() if not (isinstance(t, torch.Tensor) and t.is_nested)]
     if dense:
@@ -77,7 +77,14 @@ def nested_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, 
         right = -1
     scale = default_scale(q, scale)
     cap = _softcap(softcap)
-    fields = _call_key(q, v, None, k, sinks, scale, cap, (left, right), True)
+    return q, k, v, causal, (left, right), scale, cap, _call_key(q, v, None, k, sinks, scale, cap, (left, right), True)
+
+
+def nested_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sinks, softcap,
+                     window_size):
+    from .functional import _draw_rng
+    q, k, v, causal, (left, right), scale, cap, fields = prepare(query, key, value, attn_mask, dropout_p, is_causal,
+                                                                 scale, sinks, softcap, window_size)
     compiling = torch.compiler.is_compiling()
     backend = _select.select(_select.Call(*fields)) if compiling else _select.select_cached(fields)
     rng = _draw_rng(q.device) if dropout_p > 0.0 else None

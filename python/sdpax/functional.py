@@ -177,6 +177,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
             sinks=None, softcap=None, window_size=None) -> _select.Explanation:
     """Which backend scaled_dot_product_attention would use for these arguments, and why each other would not."""
+    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+        fields = _nested.prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks, softcap,
+                                 window_size)[-1]
+        return _select.explain_call(_select.Call(*fields))
     mask, causal, scale, window = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks,
                                            window_size)
     call = _call_features(query, value, mask, key, sinks, scale, _softcap(softcap), window)

@@ -16,7 +16,7 @@ from . import _causal, _ops, _select
 from ._errors import AttentionError
 from .functional import _call_key, _draw_rng, _softcap, _window, default_scale
 
-__all__ = ["varlen_attn"]
+__all__ = ["varlen_attn", "explain"]
 
 
 def _check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, sinks, seqused_k, block_table):
@@ -48,13 +48,9 @@ def _check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, sinks
         raise AttentionError(f"sdpax: dropout_p must be a number in [0, 1], got {dropout_p!r}")
 
 
-def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, is_causal=False,
-                window_size=(-1, -1), enable_gqa=False, sinks=None, dropout_p=0.0, return_lse=False,
-                seqused_k=None, block_table=None, softcap=None):
-    """Attention of each packed sequence within itself: out (Tq, Hq, Ev), or (out, lse) with lse (Hq, Tq) float32
-    (float64 for float64 inputs) when return_lse. See the module docstring for the layout and the options;
-    `sinks`, `softcap` and `dropout_p` are as in `sdpax.scaled_dot_product_attention` (sequence b drops what a
-    dense call on it alone with the call's rng at offset + b would)."""
+def _prepare(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, is_causal, window_size, sinks, dropout_p,
+             seqused_k, block_table, softcap):
+    """Validate; (causal id, window, scale, softcap, the selection's call fields)."""
     _check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, sinks, seqused_k, block_table)
     left, right = _window(None if window_size is None else tuple(window_size))
     if is_causal and right > 0:
@@ -65,7 +61,28 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=No
     window = (left, -1) if causal else (left, right)
     scale = default_scale(query, scale)
     cap = _softcap(softcap)
-    fields = _call_key(query, value, None, key, sinks, scale, cap, window, True)
+    return causal, window, scale, cap, _call_key(query, value, None, key, sinks, scale, cap, window, True)
+
+
+def explain(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, is_causal=False,
+            window_size=(-1, -1), enable_gqa=False, sinks=None, dropout_p=0.0, seqused_k=None, block_table=None,
+            softcap=None) -> _select.Explanation:
+    """Which backend varlen_attn would use for these arguments, and why each other would not."""
+    fields = _prepare(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, is_causal, window_size, sinks,
+                      dropout_p, seqused_k, block_table, softcap)[-1]
+    return _select.explain_call(_select.Call(*fields))
+
+
+def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, is_causal=False,
+                window_size=(-1, -1), enable_gqa=False, sinks=None, dropout_p=0.0, return_lse=False,
+                seqused_k=None, block_table=None, softcap=None):
+    """Attention of each packed sequence within itself: out (Tq, Hq, Ev), or (out, lse) with lse (Hq, Tq) float32
+    (float64 for float64 inputs) when return_lse. See the module docstring for the layout and the options;
+    `sinks`, `softcap` and `dropout_p` are as in `sdpax.scaled_dot_product_attention` (sequence b drops what a
+    dense call on it alone with the call's rng at offset + b would)."""
+    causal, window, scale, cap, fields = _prepare(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale,
+                                                  is_causal, window_size, sinks, dropout_p, seqused_k, block_table,
+                                                  softcap)
     compiling = torch.compiler.is_compiling()
     backend = _select.select(_select.Call(*fields)) if compiling else _select.select_cached(fields)
     rng = _draw_rng(query.device) if dropout_p > 0.0 else None
