@@ -58,6 +58,12 @@ def backends_for(device: str, dtype: torch.dtype, head_dims=None) -> list:
     return out
 
 
+def backends_taking(q, k, v, **kwargs) -> list:
+    """The backends that take this call: those explain() gives no reason against, MATH first."""
+    ex = sdpax.explain(q, k, v, **kwargs)
+    return [b for b in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION) if not ex.reasons[b]]
+
+
 def causal_allowed(L: int, S: int, variant: int, device="cpu") -> torch.Tensor:
     i = torch.arange(L, device=device).unsqueeze(1)
     j = torch.arange(S, device=device).unsqueeze(0)

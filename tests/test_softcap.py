@@ -16,6 +16,7 @@ from helpers import (
     assert_close_rel,
     assert_grads_close,
     assert_lse_close,
+    backends_taking,
     grad_magnitude,
     make_qkv,
     needs_cuda,
@@ -29,12 +30,6 @@ from sdpax.attention.bias import causal_lower_right
 CASES = list(itertools.product([torch.float64, torch.float32, torch.bfloat16, torch.float16],
                                [(1, 7), (5, 300), (129, 129), (300, 129)],
                                ["none", "bool_pad", "add_full", "causal_ul", "causal_lr"]))
-
-
-def _backends(q, k, v, **kwargs):
-    """The backends that take this call (explain() gives no reason against them)."""
-    ex = sdpax.explain(q, k, v, **kwargs)
-    return [b for b in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION) if not ex.reasons[b]]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -73,7 +68,7 @@ def test_softcap_forward_backward(dtype, LS, feature, device):
     t_err, t_grad_errs = torch_errors(q, k, v, mask=mask, causal=causal, sinks=sinks, gqa=gqa, gout=gout,
                                       softcap=cap)
     names = ["dq", "dk", "dv"] + (["dsinks"] if sinks is not None else [])
-    backends = _backends(q, k, v, **kwargs)
+    backends = backends_taking(q, k, v, **kwargs)
     assert SDPBackend.MATH in backends
     for backend in backends:
         out = run(backend, q, k, v, **kwargs)
@@ -95,7 +90,7 @@ def test_softcap_fused_matches_math_with_dropout(device):
     q, k, v = make_qkv((2, 2, 70, 32), (2, 2, 90, 32), 32, torch.float32, device, gen, requires_grad=True)
     rng = torch.tensor([2024, 12], dtype=torch.int64, device=device)
     outs = {}
-    for b in _backends(q, k, v, softcap=4.0):
+    for b in backends_taking(q, k, v, softcap=4.0):
         out = torch.ops.sdpax.fwd(q, k, v, None, 0.3, 0, 0.5, False, None, rng, int(b), 4.0)[0]
         outs[b] = (out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
     ref = outs.pop(SDPBackend.MATH)
@@ -111,7 +106,7 @@ def test_softcap_gradcheck_float64(device):
     q, k, v = make_qkv((1, 4, 5, 6), (1, 2, 7, 6), 5, torch.float64, device, gen, requires_grad=True)
     mask = torch.randn(1, 4, 5, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     sinks = torch.randn(4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    for backend in _backends(q, k, v, attn_mask=mask.detach(), enable_gqa=True, softcap=0.8):
+    for backend in backends_taking(q, k, v, attn_mask=mask.detach(), enable_gqa=True, softcap=0.8):
         def f(q, k, v, mask, sinks, backend=backend):
             return run(backend, q * 2, k, v, attn_mask=mask, enable_gqa=True, sinks=sinks, softcap=0.8)
         assert torch.autograd.gradcheck(f, (q, k, v, mask, sinks))

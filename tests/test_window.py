@@ -20,6 +20,7 @@ from helpers import (
     assert_close_rel,
     assert_grads_close,
     assert_lse_close,
+    backends_taking,
     grad_magnitude,
     make_qkv,
     needs_cuda,
@@ -63,12 +64,6 @@ CASES = list(itertools.product([torch.float64, torch.float32, torch.bfloat16, to
                                [(1, 300), (5, 700), (300, 300), (257, 129)], list(WINDOWS)))
 
 
-def _backends(q, k, v, **kwargs):
-    """The backends that take this call (explain() gives no reason against them)."""
-    ex = sdpax.explain(q, k, v, **kwargs)
-    return [b for b in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION) if not ex.reasons[b]]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,LS,window", CASES, ids=[f"{str(d)[6:]}-L{L}-S{S}-{w}" for d, (L, S), w in CASES])
 def test_window_forward_backward(dtype, LS, window, device):
@@ -102,7 +97,7 @@ def test_window_forward_backward(dtype, LS, window, device):
     ref_grads = torch.autograd.grad(ref, ref_leaves, gout.double())
     t_err, t_grad_errs = torch_errors(q, k, v, mask=mask, sinks=sinks, gqa=gqa, gout=gout, softcap=cap)
     names = ["dq", "dk", "dv"] + (["dsinks"] if sinks is not None else [])
-    backends = _backends(q, k, v, **kwargs)
+    backends = backends_taking(q, k, v, **kwargs)
     assert SDPBackend.MATH in backends
     if device == "cpu" and dtype != torch.float64:
         assert SDPBackend.FLASH_ATTENTION in backends  # the CPU kernels take every window
@@ -128,7 +123,7 @@ def test_window_fused_matches_math_with_dropout(device):
     q, k, v = make_qkv((2, 2, 70, 32), (2, 2, 390, 32), 32, torch.float32, device, gen, requires_grad=True)
     rng = torch.tensor([2024, 12], dtype=torch.int64, device=device)
     outs = {}
-    for b in _backends(q, k, v, window_size=(40, 5)):
+    for b in backends_taking(q, k, v, window_size=(40, 5)):
         out = torch.ops.sdpax.fwd(q, k, v, None, 0.3, 0, 0.5, False, None, rng, int(b), 0.0, 40, 5)[0]
         outs[b] = (out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
     ref = outs.pop(SDPBackend.MATH)
@@ -143,7 +138,7 @@ def test_window_gradcheck_float64(device):
     gen = torch.Generator().manual_seed(3)
     q, k, v = make_qkv((1, 4, 5, 6), (1, 2, 9, 6), 5, torch.float64, device, gen, requires_grad=True)
     mask = torch.randn(1, 4, 5, 9, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    for backend in _backends(q, k, v, attn_mask=mask.detach(), enable_gqa=True, window_size=(2, 1)):
+    for backend in backends_taking(q, k, v, attn_mask=mask.detach(), enable_gqa=True, window_size=(2, 1)):
         def f(q, k, v, mask, backend=backend):
             return run(backend, q, k, v, attn_mask=mask, enable_gqa=True, window_size=(2, 1))
         assert torch.autograd.gradcheck(f, (q, k, v, mask))
