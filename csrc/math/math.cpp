@@ -33,6 +33,13 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
+// a @ b of 4-D tensors. An empty product (any size 0) is built here: torch 2.11's CUDA matmul raised SIGFPE on
+// some of them (an inner size 0: head dim 0, no keys), and a product with no terms is 0 anyway.
+at::Tensor matmul4(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return at::zeros({a.size(0), a.size(1), a.size(2), b.size(3)}, a.options());
+  return at::matmul(a, b);
+}
+
 // Query heads per key/value head. No key/value heads means no query heads either (check_inputs): any G folds
 // the empty head dimension, and 1 avoids dividing by zero.
 int64_t group_size(const Canonical& c) { return c.Hkv > 0 ? c.Hq / c.Hkv : 1; }
@@ -44,7 +51,7 @@ at::Tensor scores(const Canonical& c, const at::Tensor& qf, const at::Tensor& kf
                   at::Tensor* cap_grad = nullptr) {
   const double scale = a.scale, softcap = a.softcap;
   const int64_t G = group_size(c);
-  at::Tensor s = at::matmul(qf.reshape({c.B, c.Hkv, G * c.L, c.E}), kf.transpose(-2, -1));
+  at::Tensor s = matmul4(qf.reshape({c.B, c.Hkv, G * c.L, c.E}), kf.transpose(-2, -1));
   s = s.mul_(scale).view({c.B, c.Hq, c.L, c.S});
   if (softcap > 0.0) {
     s.div_(softcap).tanh_();
@@ -138,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const FwdArgs& a) {
   if (dropout_p > 0.0) p.mul_(keep_for(c, *rng, dropout_p)).mul_(dropout_scale(dropout_p));
 
   const int64_t G = group_size(c);
-  at::Tensor o = at::matmul(p.view({c.B, c.Hkv, G * c.L, c.S}), c.v.to(acc)).view({c.B, c.Hq, c.L, c.Ev});
+  at::Tensor o = matmul4(p.view({c.B, c.Hkv, G * c.L, c.S}), c.v.to(acc)).view({c.B, c.Hq, c.L, c.Ev});
   return {uncanonical(o.to(q.scalar_type()), q, c.Ev), uncanonical(lse, q, -1)};
 }
 
@@ -161,15 +168,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const
   const double dscale = dropout_scale(dropout_p);
   if (dropout_p > 0.0) keep = keep_for(c, *rng, dropout_p);
   at::Tensor p_dropped = dropout_p > 0.0 ? p * keep * dscale : p;
-  at::Tensor dv = at::matmul(p_dropped.view({c.B, c.Hkv, G * c.L, c.S}).transpose(-2, -1), dout);
-  at::Tensor dp = at::matmul(dout, vf.transpose(-2, -1)).view({c.B, c.Hq, c.L, c.S});
+  at::Tensor dv = matmul4(p_dropped.view({c.B, c.Hkv, G * c.L, c.S}).transpose(-2, -1), dout);
+  at::Tensor dp = matmul4(dout, vf.transpose(-2, -1)).view({c.B, c.Hq, c.L, c.S});
   if (dropout_p > 0.0) dp.mul_(keep).mul_(dscale);
   at::Tensor delta = (p * dp).sum(-1, /*keepdim=*/true);  // = rowsum(dO * O) before rounding O
   at::Tensor ds = p.mul_(dp.sub_(delta));                   // p is not needed after this
   // The mask is added after the cap: its gradient is ds; q and k see ds through the cap's derivative.
   at::Tensor ds3 = (cap_grad.defined() ? ds * cap_grad : ds).view({c.B, c.Hkv, G * c.L, c.S});
-  at::Tensor dq = at::matmul(ds3, kf).mul_(scale).view({c.B, c.Hq, c.L, c.E});
-  at::Tensor dk = at::matmul(ds3.transpose(-2, -1), qf.reshape({c.B, c.Hkv, G * c.L, c.E})).mul_(scale);
+  at::Tensor dq = matmul4(ds3, kf).mul_(scale).view({c.B, c.Hq, c.L, c.E});
+  at::Tensor dk = matmul4(ds3.transpose(-2, -1), qf.reshape({c.B, c.Hkv, G * c.L, c.E})).mul_(scale);
 
   at::Tensor dmask = at::empty({0}, q.options());
   if (mask_grad && mask && mask->scalar_type() != at::kBool) {
