@@ -142,6 +142,22 @@ def test_causal_lm_parity(factory):
     check_parity(factory, {"input_ids": ids}, torch.ones_like(mask, dtype=torch.bool), grads=False)
 
 
+@pytest.mark.parametrize("factory", [llama, mistral, gemma2], ids=lambda f: f.__name__)
+def test_packed_sequences_parity(factory, monkeypatch):
+    """Padding-free training: several sequences in one row (positions restarting), the sliding windows longer
+    than some of them. The layers run one packed sdpax.varlen_attn call (no block-diagonal mask); logits and
+    gradients match eager on the same packed input."""
+    lengths = [[7, 12, 5], [3, 21]]
+    ids = batch(2, 24)[0]
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    calls = []
+    real = hf.varlen_attn
+    monkeypatch.setattr(hf, "varlen_attn", lambda *a, **k: calls.append(a[3].tolist()) or real(*a, **k))
+    check_parity(factory, {"input_ids": ids, "position_ids": positions, "use_cache": False},
+                 torch.ones_like(ids, dtype=torch.bool))
+    assert calls and all(c == [0, 7, 19, 24, 27, 48] for c in calls)
+
+
 def test_bert_padding_parity():
     ids, mask = batch(3, 17, left_pad=(0, 0, 0), right_pad=(0, 5, 11))
     check_parity(bert, {"input_ids": ids, "attention_mask": mask}, mask.bool())

@@ -29,7 +29,9 @@ from transformers.masking_utils import (
     and_masks,
     bidirectional_mask_function,
     causal_mask_function,
+    packed_sequence_mask_function,
     prepare_padding_mask,
+    remap_positions_for_packed_sequence,
     sdpa_mask,
     sliding_window_overlay,
 )
@@ -39,6 +41,7 @@ from transformers.utils.import_utils import is_torchdynamo_exporting, is_tracing
 from .._causal import CausalBiasBase
 from ..attention.bias import CausalBias, CausalVariant, causal_lower_right, causal_upper_left
 from ..functional import scaled_dot_product_attention
+from ..varlen import varlen_attn
 
 __all__ = ["ATTN_IMPLEMENTATION", "attention_forward", "build_mask"]
 
@@ -67,14 +70,70 @@ def _closure(fn) -> dict:
     return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
 
 
+_PACKED_CODE = packed_sequence_mask_function(None).__code__
+_REMAP_CODE = remap_positions_for_packed_sequence(causal_mask_function, None).__code__
+
+
+def _parts(mask_function) -> tuple:
+    """The two functions of an `and_masks(f, g)`, else ()."""
+    if getattr(mask_function, "__code__", None) is not _AND_CODE:
+        return ()
+    parts = _closure(mask_function).get("mask_functions", ())
+    return parts if len(parts) == 2 else ()
+
+
+def _packing_of(mask_function):
+    """(sequence ids (B, T), left window or -1) if mask_function is transformers' causal (or causal sliding-window)
+    attention within packed sequences: `and_masks(remap_positions_for_packed_sequence(f, positions),
+    packed_sequence_mask_function(ids))` with f causal or a causal sliding window; else None. Within one packed
+    sequence the positions rise by one per token, so the remapped f is f on token indices."""
+    parts = _parts(mask_function)
+    codes = [getattr(f, "__code__", None) for f in parts]
+    if _PACKED_CODE not in codes or _REMAP_CODE not in codes:
+        return None
+    ids = _closure(parts[codes.index(_PACKED_CODE)])["packed_sequence_mask"]
+    inner = _closure(parts[codes.index(_REMAP_CODE)])["mask_function"]
+    if inner is causal_mask_function:
+        return ids, -1
+    window = _sliding_window_of(inner)
+    return (ids, window - 1) if window is not None else None
+
+
+class PackedSequences(torch.Tensor):
+    """The mask `build_mask` returns for packed sequences (several sequences in one row, positions restarting):
+    the offsets of every sequence of the batch, flattened over (B, T) tokens, and the causal window (-1: none). A
+    4-D (B, 1, T, T) shell on the meta device, so transformers passes it on as a prepared mask; it holds no data.
+    `attention_forward` runs it as one packed call (sdpax.varlen_attn)."""
+
+    @staticmethod
+    def __new__(cls, cu_seqlens: torch.Tensor, max_len: int, batch: int, length: int, window_left: int):
+        self = torch.Tensor._make_subclass(cls, torch.empty((batch, 1, length, length), dtype=torch.bool,
+                                                            device="meta"))
+        self.cu_seqlens, self.max_len, self.window_left = cu_seqlens, max_len, window_left
+        return self
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.contiguous:
+            return args[0]  # a described pattern has no memory layout (generate() asks for one)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _packed_sequences(ids: torch.Tensor, window_left: int) -> PackedSequences:
+    """The offsets of the sequences in rows of sequence ids (B, T), over the flattened B * T tokens."""
+    B, T = ids.shape
+    flat = (ids + torch.arange(B, device=ids.device).unsqueeze(1) * (int(ids.max()) + 1)).reshape(-1)
+    starts = (flat[1:] != flat[:-1]).nonzero().squeeze(1) + 1
+    bounds = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), B * T)])
+    return PackedSequences(bounds.to(torch.int32), int(bounds.diff().max()), B, T, window_left)
+
+
 def _sliding_window_of(mask_function) -> int | None:
     """W if mask_function is transformers' causal sliding window of W keys (key j visible from query i when
     i - W < j <= i: `and_masks(sliding_window_overlay(W), causal_mask_function)`), else None. Read from the
     function's code and closure, never by evaluating it; anything else (chunked attention, overlays) is None."""
-    if getattr(mask_function, "__code__", None) is not _AND_CODE:
-        return None
-    parts = _closure(mask_function).get("mask_functions", ())
-    if len(parts) != 2 or causal_mask_function not in parts:
+    parts = _parts(mask_function)
+    if causal_mask_function not in parts:
         return None
     overlay = parts[0] if parts[1] is causal_mask_function else parts[1]
     if getattr(overlay, "__code__", None) is not _SLIDING_CODE:
@@ -100,6 +159,10 @@ def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
     than the chunk (transformers' own rule), past that it is materialised.
     """
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    packing = _packing_of(mask_function)
+    if (packing is not None and q_offset == kv_offset == 0 and q_length == kv_length
+            and not _values_unreadable(padding, packing[0]) and _all_real(padding, 0, kv_length)):
+        return _packed_sequences(*packing)  # padding-free training: one packed call, no block-diagonal mask
     window = _sliding_window_of(mask_function) if allow_is_causal_skip and local_size is not None else None
     if window is not None and window == local_size and not _values_unreadable(padding, q_offset):
         # A causal sliding window over real keys: a windowed CausalBias, so the fused kernels skip the key tiles
@@ -168,6 +231,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
       bidirectional layer -> nothing; a mask (padding, sliding window, packed sequences; bool or additive) ->
       `attn_mask` as it is.
     - `position_bias` (T5-style relative bias) -> an additive mask, the mask's pattern as -inf (bias gradient kept).
+    - Packed sequences (`build_mask`'s PackedSequences: several sequences per row, positions restarting) -> one
+      `sdpax.varlen_attn` call over the batch's B * T tokens, causal (and windowed) within each sequence.
     - `sliding_window`: the causal sliding windows that `build_mask` recognises arrive as windowed CausalBias
       objects (fused, tiles outside the window skipped); a window with padding is the bool mask transformers
       builds; a layer called with no mask and more keys than its window gets the windowed bias here.
@@ -176,6 +241,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if kwargs.get("output_attentions", False):
         logger.warning_once(f"{ATTN_IMPLEMENTATION!r} attention (sdpax) does not return attention weights "
                             "(output_attentions=True); use attn_implementation=\"eager\" for them.")
+    if isinstance(attention_mask, PackedSequences):
+        return _packed_attention(query, key, value, attention_mask, dropout, scaling, softcap, s_aux), None
     L, S = query.shape[-2], key.shape[-2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask, use_causal = attention_mask, False
@@ -193,6 +260,17 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                        scale=scaling, enable_gqa=query.shape[-3] != key.shape[-3], sinks=s_aux,
                                        softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_attention(query, key, value, packed: PackedSequences, dropout, scaling, softcap, sinks):
+    """(B, H, T, D) rows of packed sequences as one varlen call over the B * T tokens -> (B, T, Hq, Ev)."""
+    B, Hq, T, _ = query.shape
+    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3]) for t in (query, key, value))
+    cu, n = packed.cu_seqlens.to(query.device), packed.max_len
+    window = (packed.window_left, 0) if packed.window_left >= 0 else (-1, -1)
+    out = varlen_attn(q, k, v, cu, cu, n, n, scale=scaling, is_causal=True, window_size=window,
+                      enable_gqa=Hq != key.shape[1], sinks=sinks, dropout_p=dropout, softcap=softcap)
+    return out.reshape(B, T, Hq, value.shape[-1])
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
