@@ -147,6 +147,8 @@ def test_packed_sequences_parity(factory, monkeypatch):
     """Padding-free training: several sequences in one row (positions restarting), the sliding windows longer
     than some of them. The layers run one packed sdpax.varlen_attn call (no block-diagonal mask); logits and
     gradients match eager on the same packed input."""
+    if hf._PACKED_CODE is None:
+        pytest.skip("this transformers release builds no packed-sequence masks")
     lengths = [[7, 12, 5], [3, 21]]
     ids = batch(2, 24)[0]
     positions = torch.tensor([[p for n in row for p in range(n)] for row in lengths])

@@ -139,6 +139,12 @@ std::tuple<at::Tensor, at::Tensor> fwd(const FwdArgs& a) {
   const double dropout_p = a.dropout_p;
   const Canonical c = canonicalize(a);
   const auto acc = acc_type(q);
+  if (c.B * c.Hq * c.L == 0) {
+    // No rows: nothing to compute. Built directly, since torch 2.11's CUDA kernels raised SIGFPE on some
+    // reductions over such tensors (no heads).
+    return {uncanonical(at::empty({c.B, c.Hq, c.L, c.Ev}, q.options()), q, c.Ev),
+            uncanonical(at::empty({c.B, c.Hq, c.L}, q.options().dtype(acc)), q, -1)};
+  }
   at::Tensor s = scores(c, c.q.to(acc), c.k.to(acc), a);
 
   auto [p, lse] = softmax_with_sinks(c, s, sinks);
@@ -157,6 +163,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const
   const bool mask_grad = a.mask_grad;
   const Canonical c = canonicalize(a.f);
   const auto acc = acc_type(q);
+  if (c.B * c.Hq * c.L == 0) {  // no rows (see fwd): every gradient is zero
+    const bool additive = mask_grad && mask && mask->scalar_type() != at::kBool;
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v),
+            additive ? at::zeros_like(*mask) : at::empty({0}, q.options()),
+            sinks ? at::zeros_like(*sinks) : at::empty({0}, q.options())};
+  }
   const int64_t G = group_size(c);
   at::Tensor qf = c.q.to(acc), kf = c.k.to(acc), vf = c.v.to(acc);
   // MATH recomputes the softmax from the scores (the saved lse is for the fused kernels): it is the reference.

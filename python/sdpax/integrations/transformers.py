@@ -29,9 +29,7 @@ from transformers.masking_utils import (
     and_masks,
     bidirectional_mask_function,
     causal_mask_function,
-    packed_sequence_mask_function,
     prepare_padding_mask,
-    remap_positions_for_packed_sequence,
     sdpa_mask,
     sliding_window_overlay,
 )
@@ -70,8 +68,12 @@ def _closure(fn) -> dict:
     return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
 
 
-_PACKED_CODE = packed_sequence_mask_function(None).__code__
-_REMAP_CODE = remap_positions_for_packed_sequence(causal_mask_function, None).__code__
+try:  # packed-sequence detection in the masks (transformers releases without it build no such masks)
+    from transformers.masking_utils import packed_sequence_mask_function, remap_positions_for_packed_sequence
+    _PACKED_CODE = packed_sequence_mask_function(None).__code__
+    _REMAP_CODE = remap_positions_for_packed_sequence(causal_mask_function, None).__code__
+except ImportError:
+    _PACKED_CODE = _REMAP_CODE = None
 
 
 def _parts(mask_function) -> tuple:
@@ -89,7 +91,7 @@ def _packing_of(mask_function):
     sequence the positions rise by one per token, so the remapped f is f on token indices."""
     parts = _parts(mask_function)
     codes = [getattr(f, "__code__", None) for f in parts]
-    if _PACKED_CODE not in codes or _REMAP_CODE not in codes:
+    if _PACKED_CODE is None or _PACKED_CODE not in codes or _REMAP_CODE not in codes:
         return None
     ids = _closure(parts[codes.index(_PACKED_CODE)])["packed_sequence_mask"]
     inner = _closure(parts[codes.index(_REMAP_CODE)])["mask_function"]
