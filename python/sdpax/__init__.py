@@ -22,4 +22,4 @@ __version__ = "0.1.0"
 
 __all__ = ["scaled_dot_product_attention", "functional", "attention", "SDPBackend", "sdpa_kernel", "explain",
            "patch", "unpatch", "is_patched", "build_config", "AttentionError", "cuda_main_loop",
-           "varlen_attn"]
+           "varlen_attn", "varlen"]

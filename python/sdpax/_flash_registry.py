@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import _causal, _ops, _select
+from ._args import _call_key, _draw_rng, default_scale
 
 IMPL_NAME = "sdpax"
 _KERNELS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
@@ -25,13 +26,11 @@ _KERNELS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_at
 
 
 def _backend(query, key, value, scale, window=(-1, -1), varlen=False) -> int:
-    from .functional import _call_key
     fields = _call_key(query, value, None, key, None, scale, 0.0, window, varlen)
     return int(_select.select_cached(fields)) | _select.loop_bits()
 
 
 def _scale(query, scale) -> float:
-    from .functional import default_scale
     return default_scale(query, scale)
 
 
@@ -39,7 +38,6 @@ def _rng(query, dropout_p):
     """(rng for the op, rng_state to return): sdpax's {seed, offset} drawn from torch's generator, as uint64 bits."""
     if dropout_p <= 0.0:
         return None, torch.zeros(2, dtype=torch.uint64, device=query.device)
-    from .functional import _draw_rng
     rng = _draw_rng(query.device)
     return rng, rng.view(torch.uint64)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _causal, _ops, _select
+from ._args import _call_key, _draw_rng, _softcap, _window, default_scale
 from ._errors import AttentionError
 
 
@@ -38,7 +39,6 @@ def _max_len(t: torch.Tensor):
 
 def prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks, softcap, window_size):
     """Validate nested inputs; (packed q, k, v, causal id, window, scale, softcap, the selection's call fields)."""
-    from .functional import _call_key, _softcap, _window, default_scale
     tensors = {"query": query, "key": key, "value": value}
     dense = [n for n, t in tensors.items() if not (isinstance(t, torch.Tensor) and t.is_nested)]
     if dense:
@@ -82,7 +82,6 @@ def prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks, so
 
 def nested_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sinks, softcap,
                      window_size):
-    from .functional import _draw_rng
     q, k, v, causal, (left, right), scale, cap, fields = prepare(query, key, value, attn_mask, dropout_p, is_causal,
                                                                  scale, sinks, softcap, window_size)
     compiling = torch.compiler.is_compiling()

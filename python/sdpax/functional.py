@@ -1,11 +1,10 @@
 """sdpax.functional.scaled_dot_product_attention: torch's signature and semantics, on sdpax's backends."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _causal, _nested, _ops, _plan, _select
+from ._args import _call_key, _draw_rng, _softcap, _window, default_scale
 from ._errors import AttentionError
 
 __all__ = ["scaled_dot_product_attention"]
@@ -26,18 +25,6 @@ def _bias_of(attn_mask, L: int, S: int) -> tuple[int, int] | None:
     if variant not in (_UPPER_LEFT, _LOWER_RIGHT):
         raise AttentionError(f"sdpax: unknown CausalBias variant {attn_mask.variant!r}")
     return variant, getattr(attn_mask, "window_left", -1)
-
-
-def _window(window_size) -> tuple[int, int]:
-    """The op's (window_left, window_right) for a window_size argument: None is (-1, -1), no window."""
-    if window_size is None:
-        return -1, -1
-    ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2
-    ok = ok and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)
-    if not ok:
-        raise AttentionError("sdpax: window_size must be None or (left, right), two ints >= 0 or -1 for "
-                             f"unbounded, got {window_size!r}")
-    return int(window_size[0]), int(window_size[1])
 
 
 def _check(query, key, value, attn_mask, dropout_p, sinks):
@@ -66,32 +53,9 @@ def _check(query, key, value, attn_mask, dropout_p, sinks):
             raise RuntimeError(f"sdpax: {name} must be on the query's device {query.device}, got {t.device}")
 
 
-def _call_key(query, value, attn_mask, key=None, sinks=None, scale=None, softcap=0.0, window=(-1, -1),
-              varlen=False) -> tuple:
-    """The fields of _select.Call for this call, in order: a plain tuple is what the selection cache hashes, and
-    building the frozen dataclass on every call cost more than the rest of the selection."""
-    grad_mode = torch.is_grad_enabled()
-    mask_grad = grad_mode and attn_mask is not None and attn_mask.requires_grad
-    needs_grad = grad_mode and (query.requires_grad or value.requires_grad or mask_grad
-                                or (key is not None and key.requires_grad)
-                                or (sinks is not None and sinks.requires_grad))
-    return (query.device, query.dtype, query.shape[-1], value.shape[-1], mask_grad, needs_grad,
-            needs_grad and torch.are_deterministic_algorithms_enabled(), scale == 0.0, softcap > 0.0, False,
-            window != (-1, -1), varlen)
-
-
 def _call_features(query, value, attn_mask, key=None, sinks=None, scale=None, softcap=0.0,
                    window=(-1, -1)) -> _select.Call:
     return _select.Call(*_call_key(query, value, attn_mask, key, sinks, scale, softcap, window))
-
-
-def _softcap(softcap) -> float:
-    """The op's softcap argument: 0.0 for None, else a finite number > 0."""
-    if softcap is None:
-        return 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 < softcap < math.inf:
-        raise AttentionError(f"sdpax: softcap must be None or a finite number > 0, got {softcap!r}")
-    return float(softcap)
 
 
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks, window_size=None):
@@ -124,20 +88,6 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks, w
                                  "diagonal, past the causal edge; with is_causal or a CausalBias use right = 0 or -1")
         window = (window[0], -1)
     return attn_mask, causal, default_scale(query, scale), window
-
-
-def _draw_rng(device) -> torch.Tensor:
-    """A call's dropout {seed, offset}, from torch's generator for the device, so torch.manual_seed makes dropout
-    reproducible; it stays on the device (CUDA-graph safe) and backward reuses it."""
-    return torch.randint(-(2 ** 63), 2 ** 63 - 1, (2,), dtype=torch.int64, device=device)
-
-
-def default_scale(query, scale) -> float:
-    """The scale a call uses: `scale`, or 1 / sqrt(E). Head dim 0: every score is an empty sum, 0 whatever the
-    scale, and torch's 1/sqrt(0) would make it 0 * inf, so 1."""
-    if scale is not None:
-        return float(scale)
-    return 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,

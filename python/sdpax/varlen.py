@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import _causal, _ops, _select
+from ._args import _call_key, _draw_rng, _softcap, _window, default_scale
 from ._errors import AttentionError
-from .functional import _call_key, _draw_rng, _softcap, _window, default_scale
 
 __all__ = ["varlen_attn", "explain"]
 
