@@ -33,8 +33,7 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// a @ b of 4-D tensors. An empty product (any size 0) is built here: torch 2.11's CUDA matmul raised SIGFPE on
-// some of them (an inner size 0: head dim 0, no keys), and a product with no terms is 0 anyway.
+// a @ b of 4-D tensors; a product with an empty operand (head dim 0, no keys) has no terms: zeros, without a GEMM.
 at::Tensor matmul4(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return at::zeros({a.size(0), a.size(1), a.size(2), b.size(3)}, a.options());
   return at::matmul(a, b);
@@ -140,8 +139,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const FwdArgs& a) {
   const Canonical c = canonicalize(a);
   const auto acc = acc_type(q);
   if (c.B * c.Hq * c.L == 0) {
-    // No rows: nothing to compute. Built directly, since torch 2.11's CUDA kernels raised SIGFPE on some
-    // reductions over such tensors (no heads).
+    // No rows (no batch, heads or queries): nothing to compute.
     return {uncanonical(at::empty({c.B, c.Hq, c.L, c.Ev}, q.options()), q, c.Ev),
             uncanonical(at::empty({c.B, c.Hq, c.L}, q.options().dtype(acc)), q, -1)};
   }
