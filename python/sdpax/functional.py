@@ -90,6 +90,12 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks, w
     return attn_mask, causal, default_scale(query, scale), window
 
 
+def _nested_inputs(query, key, value) -> bool:
+    """Whether any input is a nested tensor (unrolled: this runs on every call)."""
+    return ((isinstance(query, torch.Tensor) and query.is_nested) or (isinstance(key, torch.Tensor) and key.is_nested)
+            or (isinstance(value, torch.Tensor) and value.is_nested))
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                                  enable_gqa=False, sinks=None, softcap=None, window_size=None):
     """softmax(q @ k^T * scale + bias) @ v, with torch.nn.functional.scaled_dot_product_attention's API.
@@ -103,7 +109,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (right 0 or -1). It combines with ``attn_mask``.
     A row with no allowed key yields zeros (never NaN). See the README for the full semantics.
     """
-    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+    if _nested_inputs(query, key, value):
         return _nested.nested_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sinks,
                                         softcap, window_size)
     mask, causal, scale, window = _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks,
@@ -127,7 +133,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
             sinks=None, softcap=None, window_size=None) -> _select.Explanation:
     """Which backend scaled_dot_product_attention would use for these arguments, and why each other would not."""
-    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+    if _nested_inputs(query, key, value):
         fields = _nested.prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks, softcap,
                                  window_size)[-1]
         return _select.explain_call(_select.Call(*fields))
