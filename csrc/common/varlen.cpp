@@ -38,13 +38,25 @@ at::Tensor seq4(const at::Tensor& t, int64_t t0, int64_t n) {
   return t.narrow(0, t0, n).permute({1, 0, 2}).unsqueeze(0);
 }
 
-// The keys (or values) of sequence b as (1, H, S, D): a view of the packed tensor, or the gather of its pages.
-at::Tensor seq_keys(const VarlenArgs& a, const at::Tensor& t, const SeqSpan& s, int64_t b) {
+// The keys (or values) of sequence b as (1, H, S, D): a view of the packed tensor, or its pages gathered into
+// `buf` (pages, page, H, D), one buffer for every sequence of the call (fresh memory per sequence cost more in page
+// faults than the copy itself).
+at::Tensor seq_keys(const VarlenArgs& a, const at::Tensor& t, const SeqSpan& s, int64_t b, at::Tensor& buf) {
   if (!a.block_table) return seq4(t, s.k0, s.S);
   const int64_t page = t.size(1), pages = (s.S + page - 1) / page;
   const at::Tensor idx = a.block_table->select(0, b).narrow(0, 0, pages).to(at::kLong);
-  const at::Tensor rows = t.index_select(0, idx).reshape({pages * page, t.size(2), t.size(3)});
-  return seq4(rows, 0, s.S);
+  at::Tensor rows = buf.narrow(0, 0, pages);
+  at::index_select_out(rows, t, 0, idx);
+  return seq4(rows.view({pages * page, t.size(2), t.size(3)}), 0, s.S);
+}
+
+// The gather buffer of seq_keys for the largest sequence of a paged call (empty otherwise).
+at::Tensor page_buffer(const VarlenArgs& a, const at::Tensor& t, const std::vector<SeqSpan>& spans) {
+  if (!a.block_table) return at::Tensor();
+  const int64_t page = t.size(1);
+  int64_t pages = 0;
+  for (const SeqSpan& s : spans) pages = std::max(pages, (s.S + page - 1) / page);
+  return at::empty({pages, page, t.size(2), t.size(3)}, t.options());
 }
 
 // Sequence b draws the dropout of a dense call on it alone with rng {seed, offset + b, ...}.
@@ -144,10 +156,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const VarlenArgs& a, DenseFwd dens
   const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({q.size(0), q.size(1), ev}, q.options());
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(lse_type));
+  at::Tensor kbuf = page_buffer(a, a.k, spans), vbuf = page_buffer(a, a.v, spans);
   for (int64_t b = 0; b < static_cast<int64_t>(spans.size()); ++b) {
     const SeqSpan& s = spans[b];
     if (s.L == 0) continue;
-    const at::Tensor qb = seq4(q, s.q0, s.L), kb = seq_keys(a, a.k, s, b), vb = seq_keys(a, a.v, s, b);
+    const at::Tensor qb = seq4(q, s.q0, s.L), kb = seq_keys(a, a.k, s, b, kbuf), vb = seq_keys(a, a.v, s, b, vbuf);
     auto [o, l] = dense(seq_args(a, qb, kb, vb, seq_rng(a, b)));
     seq4(out, s.q0, s.L).copy_(o);
     lse.narrow(1, s.q0, s.L).copy_(l.select(0, 0));
