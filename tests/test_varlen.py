@@ -401,3 +401,19 @@ def test_varlen_cuda_reason_and_math():
     ref = per_sequence(lambda qb, kb, vb, L, S: reference(qb, kb, vb, causal=LOWER_RIGHT, return_lse=True),
                        *(t.double() for t in (q, k, v)), cq, ck)
     assert_close_rel(out, ref, 0.0, torch.bfloat16)
+
+
+def test_varlen_gradcheck_and_second_order():
+    """float64 gradcheck and gradgradcheck of a packed call (GQA, causal, a window, sinks), the second order by
+    the composite per sequence."""
+    gen = torch.Generator().manual_seed(15)
+    q = torch.randn(7, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(9, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    cq, ck = offsets([3, 0, 4], "cpu"), offsets([4, 2, 3], "cpu")
+
+    def f(q, k, v, sinks):
+        return sdpax.varlen_attn(q, k, v, cq, ck, 4, 4, is_causal=True, window_size=(2, 0), enable_gqa=True,
+                                 sinks=sinks)
+    assert torch.autograd.gradcheck(f, (q, k, v, sinks))
+    assert torch.autograd.gradgradcheck(f, (q, k, v, sinks))

@@ -157,3 +157,34 @@ def gradients(grad_out, query, key, value, attn_mask, out, lse, dropout_p, causa
         dsinks = -(p_sink * delta.squeeze(-1)).sum((0, 2)).to(sinks.dtype)
     return (dq.reshape(sh.q_shape).to(query.dtype), dk.reshape(sh.k_shape).to(key.dtype),
             dv.reshape(sh.v_shape).to(value.dtype), dmask, dsinks)
+
+
+def varlen_gradients(grad_out, query, key, value, cu_seq_q, cu_seq_k, dropout_p, causal, scale, sinks, rng,
+                     softcap=0.0, window=(-1, -1)):
+    """(dq, dk, dv, dsinks) of a packed call (sdpax::varlen_fwd), differentiable: `gradients` on each sequence's
+    recomputed forward, sequence b with rng offset + b as the op draws it. Only the gradient of a gradient comes
+    here, so the loop over sequences is Python."""
+    cq, ck = cu_seq_q.tolist(), cu_seq_k.tolist()
+    dq, dk, dv, dsinks = [], [], [], None
+
+    def seq(t, a, b):  # (T, H, D) rows [a, b) as (1, H, n, D)
+        return t[a:b].transpose(0, 1).unsqueeze(0)
+    for b in range(len(cq) - 1):
+        (q0, q1), (k0, k1) = (cq[b], cq[b + 1]), (ck[b], ck[b + 1])
+        if q1 == q0 or k1 == k0:  # no query or no key: zero gradients
+            dq.append(query.new_zeros((q1 - q0, *query.shape[1:])))
+            dk.append(key.new_zeros((k1 - k0, *key.shape[1:])))
+            dv.append(value.new_zeros((k1 - k0, *value.shape[1:])))
+            continue
+        qb, kb, vb, gb = seq(query, q0, q1), seq(key, k0, k1), seq(value, k0, k1), seq(grad_out, q0, q1)
+        rb = rng + torch.tensor([0, b] + [0] * (rng.numel() - 2), device=rng.device) if dropout_p > 0.0 else rng
+        out, lse = forward(qb, kb, vb, None, dropout_p, causal, scale, sinks, rb, softcap, window)
+        g = gradients(gb, qb, kb, vb, None, out, lse, dropout_p, causal, scale, sinks, rb, False, softcap, window)
+        dq.append(g[0][0].transpose(0, 1))
+        dk.append(g[1][0].transpose(0, 1))
+        dv.append(g[2][0].transpose(0, 1))
+        if sinks is not None:
+            dsinks = g[4] if dsinks is None else dsinks + g[4]
+    if sinks is not None and dsinks is None:
+        dsinks = torch.zeros_like(sinks)
+    return torch.cat(dq), torch.cat(dk), torch.cat(dv), dsinks

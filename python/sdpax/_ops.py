@@ -129,8 +129,10 @@ def _varlen_backward(ctx, grad_out, _grad_lse):
     query, key, value, cu_seq_q, cu_seq_k, out, lse, sinks, rng = ctx.saved_tensors
     max_q, max_k, dropout_p, causal, scale, enable_gqa, backend, softcap, wl, wr = ctx.args
     if _differentiated(grad_out, query, key, value, sinks):
-        raise RuntimeError("sdpax: higher-order gradients of varlen attention are not supported; use the dense "
-                           "sdpax.scaled_dot_product_attention (one call per sequence) for them")
+        # create_graph=True: the composite per sequence, from a recomputed forward (as the dense op's backward).
+        dq, dk, dv, dsinks = _composite.varlen_gradients(grad_out, query, key, value, cu_seq_q, cu_seq_k,
+                                                         dropout_p, causal, scale, sinks, rng, softcap, (wl, wr))
+        return (dq, dk, dv) + (None,) * 8 + (dsinks,) + (None,) * 7
     dq, dk, dv, dsinks = varlen_bwd(grad_out, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, out, lse,
                                     dropout_p, causal, scale, enable_gqa, sinks, rng, backend, softcap, wl, wr)
     return (dq, dk, dv) + (None,) * 8 + (dsinks if sinks is not None else None,) + (None,) * 7
