@@ -32,7 +32,6 @@ from helpers import (
     err,
     grad_magnitude,
     reference,
-    torch_equivalent,
     torch_errors,
 )
 from sdpax.attention.bias import causal_lower_right, causal_upper_left
