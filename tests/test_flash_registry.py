@@ -1,4 +1,4 @@
-"""sdpax in torch's flash-attention registry (torch >= 2.14; skipped on older torch, which has no registry).
+"""sdpax in torch's flash-attention registry (torch 2.11 on; skipped on older torch, which has no registry).
 
 The registration itself, activation and restore; the five aten operator implementations called directly (they
 are device-agnostic Python over sdpax's ops, so CPU runs them) against sdpax's own calls, which the rest of the
@@ -14,7 +14,7 @@ from sdpax import _flash_registry as reg
 from sdpax.attention.bias import causal_lower_right
 
 HAS_REGISTRY = hasattr(torch.nn.attention, "register_flash_attention_impl")
-pytestmark = pytest.mark.skipif(not HAS_REGISTRY, reason="torch has no flash-attention registry (2.14 and later)")
+pytestmark = pytest.mark.skipif(not HAS_REGISTRY, reason="torch has no flash-attention registry (2.11 and later)")
 
 
 def test_registered_and_activates():

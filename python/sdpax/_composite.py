@@ -11,8 +11,8 @@ as a function autograd can differentiate again:
 Same semantics as the ops (csrc/ops.cpp): scale multiplies q.k^T, a softcap c > 0 maps the scaled score s to
 c tanh(s / c) before the mask, the causal edge and the sliding window hide keys as band_hidden says, sinks join
 the denominator unscaled and carry no value, a row with no allowed key gives 0, dropout applies the Philox keep
-mask of `rng`, GQA folds the query group into the row dimension (K and V are not repeated). Work runs in float32 (float64 for float64 inputs); results
-come back in the inputs' dtypes.
+mask of `rng`, GQA folds the query group into the row dimension (K and V are not repeated). Work runs in float32
+(float64 for float64 inputs); results come back in the inputs' dtypes.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""sdpax in torch's flash-attention registry (torch >= 2.14: `torch.nn.attention.register_flash_attention_impl`).
+"""sdpax in torch's flash-attention registry (`torch.nn.attention.register_flash_attention_impl`, torch 2.11 on).
 
 `import sdpax` registers the implementation "sdpax" there (registering activates nothing, as torch asks of
 providers). `torch.nn.attention.activate_flash_attention_impl("sdpax")` then routes torch's own flash operators on
@@ -160,12 +160,13 @@ def _activate() -> _Handle:
     lib = torch.library.Library("aten", "IMPL", "CUDA")  # noqa: TOR901 (overriding torch's own CUDA kernels)
     for name, fn in zip(_KERNELS, (sdpa_flash_forward, sdpa_flash_backward, flash_forward, flash_backward,
                                    flash_forward_inplace)):
-        lib.impl(name, fn, "CUDA")
+        if hasattr(torch.ops.aten, name):  # the in-place forward is newer than the registry (torch 2.11 lacks it)
+            lib.impl(name, fn, "CUDA")
     return _Handle(lib)
 
 
 def register() -> bool:
-    """Registers "sdpax" with torch's flash registry where torch has one (2.14 and later); True if it did."""
+    """Registers "sdpax" with torch's flash registry where torch has one (2.11 and later); True if it did."""
     reg = getattr(torch.nn.attention, "register_flash_attention_impl", None)
     if reg is None:
         return False
