@@ -227,6 +227,37 @@ def torch_errors(q, k, v, mask=None, causal=0, scale=None, sinks=None, gqa=False
     return err_where_finite(theirs, ref), [err_where_finite(a, b) for a, b in zip(grads, ref_grads)]
 
 
+def check_every_backend(q, k, v, gout, kwargs, op_args, mask=None, causal=0, sinks=None, softcap=None,
+                        gqa=False) -> list:
+    """The rule for one call on every backend that takes it (MATH must): output, gradients of q, k, v (and the
+    sinks) and, below float64, the log-sum-exp the op saves, against the float64 reference of the same pattern
+    (mask, causal alignment, sinks, softcap), with torch's own errors on the call. kwargs: the call's arguments to
+    sdpax.scaled_dot_product_attention; op_args(backend): the same call as sdpax::fwd's arguments, for the lse.
+    Returns the backends checked."""
+    dtype = q.dtype
+    leaves = [q, k, v] + ([sinks] if sinks is not None else [])
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref, ref_lse = reference(*ref_leaves[:3], mask=mask, causal=causal, sinks=ref_leaves[3] if sinks is not None
+                             else None, softcap=softcap, return_lse=True)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, gout.double())
+    t_err, t_grad_errs = torch_errors(q, k, v, mask=mask, causal=causal, sinks=sinks, gqa=gqa, gout=gout,
+                                      softcap=softcap)
+    names = ["dq", "dk", "dv"] + (["dsinks"] if sinks is not None else [])
+    backends = backends_taking(q, k, v, **kwargs)
+    assert SDPBackend.MATH in backends
+    for backend in backends:
+        out = run(backend, q, k, v, **kwargs)
+        assert_close_rel(out, ref, t_err, dtype, what=f"{backend.name} out")
+        grads = torch.autograd.grad(out, leaves, gout)
+        assert_grads_close([f"{backend.name} {n}" for n in names], grads, ref_grads, t_grad_errs, dtype,
+                           grad_magnitude(gout, out))
+        if dtype != torch.float64:  # the saved log-sum-exp is float32
+            with torch.no_grad():
+                _, lse = torch.ops.sdpax.fwd(q, k, v, *op_args(backend))
+            assert_lse_close(lse, ref_lse, what=f"{backend.name} lse")
+    return backends
+
+
 def run(backend, *args, **kwargs):
     with sdpax.sdpa_kernel(backend):
         return sdpax.scaled_dot_product_attention(*args, **kwargs)

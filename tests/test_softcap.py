@@ -14,10 +14,8 @@ from helpers import (
     LOWER_RIGHT,
     UPPER_LEFT,
     assert_close_rel,
-    assert_grads_close,
-    assert_lse_close,
     backends_taking,
-    grad_magnitude,
+    check_every_backend,
     make_qkv,
     needs_cuda,
     reference,
@@ -60,27 +58,9 @@ def test_softcap_forward_backward(dtype, LS, feature, device):
     kwargs.update(enable_gqa=gqa, sinks=sinks, softcap=cap)
     gout = torch.randn((2, 4, L, E), generator=gen).to(device=device, dtype=dtype)
 
-    leaves = [q, k, v] + ([sinks] if sinks is not None else [])
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref, ref_lse = reference(*ref_leaves[:3], mask=mask, causal=causal, sinks=ref_leaves[3] if sinks is not None
-                             else None, softcap=cap, return_lse=True)
-    ref_grads = torch.autograd.grad(ref, ref_leaves, gout.double())
-    t_err, t_grad_errs = torch_errors(q, k, v, mask=mask, causal=causal, sinks=sinks, gqa=gqa, gout=gout,
-                                      softcap=cap)
-    names = ["dq", "dk", "dv"] + (["dsinks"] if sinks is not None else [])
-    backends = backends_taking(q, k, v, **kwargs)
-    assert SDPBackend.MATH in backends
-    for backend in backends:
-        out = run(backend, q, k, v, **kwargs)
-        assert_close_rel(out, ref, t_err, dtype, what=f"{backend.name} out")
-        grads = torch.autograd.grad(out, leaves, gout)
-        assert_grads_close([f"{backend.name} {n}" for n in names], grads, ref_grads, t_grad_errs, dtype,
-                           grad_magnitude(gout, out))
-        if dtype != torch.float64:  # the saved log-sum-exp is float32
-            with torch.no_grad():
-                _, lse = torch.ops.sdpax.fwd(q, k, v, mask, 0.0, causal, 1.0 / math.sqrt(E), gqa, sinks, None,
-                                             int(backend), cap)
-            assert_lse_close(lse, ref_lse, what=f"{backend.name} lse")
+    check_every_backend(q, k, v, gout, kwargs, lambda b: (mask, 0.0, causal, 1.0 / math.sqrt(E), gqa, sinks, None,
+                                                          int(b), cap),
+                        mask=mask, causal=causal, sinks=sinks, softcap=cap, gqa=gqa)
 
 
 @pytest.mark.parametrize("device", DEVICES)

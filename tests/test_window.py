@@ -18,10 +18,8 @@ from helpers import (
     LOWER_RIGHT,
     UPPER_LEFT,
     assert_close_rel,
-    assert_grads_close,
-    assert_lse_close,
     backends_taking,
-    grad_magnitude,
+    check_every_backend,
     make_qkv,
     needs_cuda,
     reference,
@@ -90,30 +88,13 @@ def test_window_forward_backward(dtype, LS, window, device):
     kwargs.update(enable_gqa=gqa, sinks=sinks, softcap=cap)
     gout = torch.randn((2, 4, L, E), generator=gen).to(device=device, dtype=dtype)
 
-    leaves = [q, k, v] + ([sinks] if sinks is not None else [])
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref, ref_lse = reference(*ref_leaves[:3], mask=mask, sinks=ref_leaves[3] if sinks is not None else None,
-                             softcap=cap, return_lse=True)
-    ref_grads = torch.autograd.grad(ref, ref_leaves, gout.double())
-    t_err, t_grad_errs = torch_errors(q, k, v, mask=mask, sinks=sinks, gqa=gqa, gout=gout, softcap=cap)
-    names = ["dq", "dk", "dv"] + (["dsinks"] if sinks is not None else [])
-    backends = backends_taking(q, k, v, **kwargs)
-    assert SDPBackend.MATH in backends
+    user = None if isinstance(kwargs.get("attn_mask"), CausalBias) else kwargs.get("attn_mask")
+    backends = check_every_backend(q, k, v, gout, kwargs,
+                                   lambda b: (user, 0.0, causal, 1.0 / math.sqrt(E), gqa, sinks, None, int(b),
+                                              cap or 0.0, wl, wr),
+                                   mask=mask, sinks=sinks, softcap=cap, gqa=gqa)
     if device == "cpu" and dtype != torch.float64:
         assert SDPBackend.FLASH_ATTENTION in backends  # the CPU kernels take every window
-    for backend in backends:
-        out = run(backend, q, k, v, **kwargs)
-        assert_close_rel(out, ref, t_err, dtype, what=f"{backend.name} out")
-        grads = torch.autograd.grad(out, leaves, gout)
-        assert_grads_close([f"{backend.name} {n}" for n in names], grads, ref_grads, t_grad_errs, dtype,
-                           grad_magnitude(gout, out))
-    if dtype != torch.float64:  # the saved log-sum-exp is float32
-        user = None if isinstance(kwargs.get("attn_mask"), CausalBias) else kwargs.get("attn_mask")
-        for backend in backends:
-            with torch.no_grad():
-                _, lse = torch.ops.sdpax.fwd(q, k, v, user, 0.0, causal, 1.0 / math.sqrt(E), gqa, sinks, None,
-                                             int(backend), cap or 0.0, wl, wr)
-            assert_lse_close(lse, ref_lse, what=f"{backend.name} lse")
 
 
 @pytest.mark.parametrize("device", DEVICES)
