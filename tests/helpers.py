@@ -258,6 +258,22 @@ def check_every_backend(q, k, v, gout, kwargs, op_args, mask=None, causal=0, sin
     return backends
 
 
+def assert_dropout_like_math(q, k, v, select_kwargs, op_tail):
+    """With dropout (p 0.3, one fixed rng) every backend that takes the call draws MATH's keep mask: its output and
+    gradients match MATH's by the float32 rule. select_kwargs: the feature as sdpax's keyword arguments;
+    op_tail: the same feature as sdpax::fwd's arguments after `backend`."""
+    rng = torch.tensor([2024, 12], dtype=torch.int64, device=q.device)
+    outs = {}
+    for b in backends_taking(q, k, v, **select_kwargs):
+        out = torch.ops.sdpax.fwd(q, k, v, None, 0.3, 0, 0.5, False, None, rng, int(b), *op_tail)[0]
+        outs[b] = (out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    ref = outs.pop(SDPBackend.MATH)
+    for b, (out, grads) in outs.items():
+        assert_close_rel(out, ref[0], 0.0, torch.float32, what=f"{b.name} out")
+        for name, g, rg in zip("qkv", grads, ref[1]):
+            assert_close_rel(g, rg, 0.0, torch.float32, what=f"{b.name} d{name}")
+
+
 def run(backend, *args, **kwargs):
     with sdpax.sdpa_kernel(backend):
         return sdpax.scaled_dot_product_attention(*args, **kwargs)

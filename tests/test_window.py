@@ -18,6 +18,7 @@ from helpers import (
     LOWER_RIGHT,
     UPPER_LEFT,
     assert_close_rel,
+    assert_dropout_like_math,
     backends_taking,
     check_every_backend,
     make_qkv,
@@ -102,16 +103,7 @@ def test_window_fused_matches_math_with_dropout(device):
     """Dropout draws the same keep mask with and without a window, on every backend that takes both."""
     gen = torch.Generator().manual_seed(7)
     q, k, v = make_qkv((2, 2, 70, 32), (2, 2, 390, 32), 32, torch.float32, device, gen, requires_grad=True)
-    rng = torch.tensor([2024, 12], dtype=torch.int64, device=device)
-    outs = {}
-    for b in backends_taking(q, k, v, window_size=(40, 5)):
-        out = torch.ops.sdpax.fwd(q, k, v, None, 0.3, 0, 0.5, False, None, rng, int(b), 0.0, 40, 5)[0]
-        outs[b] = (out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
-    ref = outs.pop(SDPBackend.MATH)
-    for b, (out, grads) in outs.items():
-        assert_close_rel(out, ref[0], 0.0, torch.float32, what=f"{b.name} out")
-        for name, g, rg in zip("qkv", grads, ref[1]):
-            assert_close_rel(g, rg, 0.0, torch.float32, what=f"{b.name} d{name}")
+    assert_dropout_like_math(q, k, v, {"window_size": (40, 5)}, (0.0, 40, 5))
 
 
 @pytest.mark.parametrize("device", DEVICES)
