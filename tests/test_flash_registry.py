@@ -117,7 +117,7 @@ def test_unsupported_arguments_are_named():
 
 
 @needs_cuda
-def test_torch_flash_backend_routes_to_sdpax_when_activated():
+def test_cuda_torch_flash_backend_routes_to_sdpax_when_activated():
     gen = torch.Generator().manual_seed(5)
     q, k, v = make_qkv((2, 4, 256, 64), (2, 4, 256, 64), 64, torch.bfloat16, "cuda", gen)
     want = sdpax.scaled_dot_product_attention(q, k, v, is_causal=True)
