@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ._causal import NONE, UPPER_LEFT
 from ._errors import AttentionError
 
 
@@ -19,6 +20,30 @@ def _window(window_size) -> tuple[int, int]:
         raise AttentionError("sdpax: window_size must be None or (left, right), two ints >= 0 or -1 for "
                              f"unbounded, got {window_size!r}")
     return int(window_size[0]), int(window_size[1])
+
+
+def causal_window(bias, is_causal: bool, window_size, is_causal_variant: int = UPPER_LEFT) -> tuple:
+    """(causal id, (window_left, window_right)) of a call: `bias` is (variant, window left or -1) of a CausalBias
+    passed as attn_mask, or None; is_causal means `is_causal_variant`. With a causal variant the causal edge is the
+    window's right edge, so the op's window_right is -1; right 0 or -1 allows it, more is an error."""
+    window = _window(window_size)
+    if bias is not None:
+        if is_causal:
+            raise AttentionError("sdpax: pass either a CausalBias as attn_mask or is_causal=True, not both")
+        causal, bias_left = bias
+        if bias_left >= 0:
+            if window_size is not None:
+                raise AttentionError("sdpax: the CausalBias already carries a sliding window; pass window_size "
+                                     "or a windowed bias, not both")
+            window = (bias_left, -1)
+    else:
+        causal = is_causal_variant if is_causal else NONE
+    if causal != NONE:
+        if window[1] > 0:
+            raise AttentionError(f"sdpax: window_size {window_size!r} reaches {window[1]} keys right of the "
+                                 "diagonal, past the causal edge; with is_causal or a CausalBias use right = 0 or -1")
+        window = (window[0], -1)
+    return causal, window
 
 
 def _call_key(query, value, attn_mask, key=None, sinks=None, scale=None, softcap=0.0, window=(-1, -1),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _causal, _ops, _select
-from ._args import _call_key, _draw_rng, _softcap, _window, default_scale
+from ._args import _call_key, _draw_rng, _softcap, causal_window, default_scale
 from ._errors import AttentionError
 
 
@@ -53,28 +53,13 @@ def prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks, so
         raise AttentionError("sdpax: key and value must have the same sequence lengths")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         raise AttentionError(f"sdpax: dropout_p must be a number in [0, 1], got {dropout_p!r}")
-    left, right = _window(window_size)
-    causal = _causal.NONE
+    bias = None
     if attn_mask is not None:
         if not _causal.is_causal_bias(attn_mask):
             raise AttentionError("sdpax: attn_mask with nested inputs must be a CausalBias (its variant and window "
                                  "apply within each sequence); a tensor mask has no per-sequence shape")
-        if is_causal:
-            raise AttentionError("sdpax: pass either a CausalBias as attn_mask or is_causal=True, not both")
-        causal = int(attn_mask.variant)
-        bias_left = getattr(attn_mask, "window_left", -1)
-        if bias_left >= 0:
-            if window_size is not None:
-                raise AttentionError("sdpax: the CausalBias already carries a sliding window; pass window_size "
-                                     "or a windowed bias, not both")
-            left = bias_left
-    elif is_causal:
-        causal = _causal.UPPER_LEFT
-    if causal:
-        if right > 0:
-            raise AttentionError(f"sdpax: window_size {window_size!r} reaches past the causal edge; use right = 0 "
-                                 "or -1 with is_causal or a CausalBias")
-        right = -1
+        bias = (int(attn_mask.variant), getattr(attn_mask, "window_left", -1))
+    causal, (left, right) = causal_window(bias, is_causal, window_size)
     scale = default_scale(q, scale)
     cap = _softcap(softcap)
     return q, k, v, causal, (left, right), scale, cap, _call_key(q, v, None, k, sinks, scale, cap, (left, right), True)

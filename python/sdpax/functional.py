@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 
 from . import _causal, _nested, _ops, _plan, _select
-from ._args import _call_key, _draw_rng, _softcap, _window, default_scale
+from ._args import _call_key, _draw_rng, _softcap, causal_window, default_scale
 from ._errors import AttentionError
 
 __all__ = ["scaled_dot_product_attention"]
 
-_NONE, _UPPER_LEFT, _LOWER_RIGHT = _causal.NONE, _causal.UPPER_LEFT, _causal.LOWER_RIGHT
+_UPPER_LEFT, _LOWER_RIGHT = _causal.UPPER_LEFT, _causal.LOWER_RIGHT
 _is_causal_bias = _causal.is_causal_bias
 
 
@@ -62,31 +62,13 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, sinks, w
     """Validate and turn the public arguments into (mask, causal id, scale, (window_left, window_right))."""
     _check(query, key, value, attn_mask, dropout_p, sinks)
     L, S = query.shape[-2], key.shape[-2]
-    window = _window(window_size)
     bias = _bias_of(attn_mask, L, S)
+    if bias is None and is_causal and attn_mask is not None:
+        raise AttentionError("sdpax: attn_mask and is_causal=True cannot be combined (torch's documentation "
+                             "makes this an error); fold the causal pattern into the mask or drop one")
+    causal, window = causal_window(bias, is_causal, window_size)
     if bias is not None:
-        if is_causal:
-            raise AttentionError("sdpax: pass either a CausalBias as attn_mask or is_causal=True, not both")
-        causal, bias_left = bias
-        if bias_left >= 0:
-            if window_size is not None:
-                raise AttentionError("sdpax: the CausalBias already carries a sliding window; pass window_size "
-                                     "or a windowed bias, not both")
-            window = (bias_left, -1)
         attn_mask = None
-    elif is_causal:
-        if attn_mask is not None:
-            raise AttentionError("sdpax: attn_mask and is_causal=True cannot be combined (torch's documentation "
-                                 "makes this an error); fold the causal pattern into the mask or drop one")
-        causal = _UPPER_LEFT
-    else:
-        causal = _NONE
-    if causal != _NONE:
-        # The causal edge is the window's right edge: right must allow it (0) or leave it to the edge (-1).
-        if window[1] > 0:
-            raise AttentionError(f"sdpax: window_size {window_size!r} reaches {window[1]} keys right of the "
-                                 "diagonal, past the causal edge; with is_causal or a CausalBias use right = 0 or -1")
-        window = (window[0], -1)
     return attn_mask, causal, default_scale(query, scale), window
 
 

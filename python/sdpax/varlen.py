@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _causal, _ops, _select
-from ._args import _call_key, _draw_rng, _softcap, _window, default_scale
+from ._args import _call_key, _draw_rng, _softcap, causal_window, default_scale
 from ._errors import AttentionError
 
 __all__ = ["varlen_attn", "explain"]
@@ -52,13 +52,10 @@ def _prepare(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, is_caus
              seqused_k, block_table, softcap):
     """Validate; (causal id, window, scale, softcap, the selection's call fields)."""
     _check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, sinks, seqused_k, block_table)
-    left, right = _window(None if window_size is None else tuple(window_size))
-    if is_causal and right > 0:
-        raise AttentionError(f"sdpax: window_size {tuple(window_size)!r} reaches {right} keys right of the "
-                             "diagonal, past the causal edge of is_causal=True; use right = 0 or -1")
-    # The causal edge is the window's right edge at 0: (left, 0) and is_causal are the same pattern.
-    causal = _causal.LOWER_RIGHT if is_causal or right == 0 else _causal.NONE
-    window = (left, -1) if causal else (left, right)
+    # (left, 0) and is_causal are the same pattern: the causal edge is the window's right edge at 0.
+    window_size = None if window_size is None else tuple(window_size)
+    is_causal = is_causal or (window_size is not None and len(window_size) == 2 and window_size[1] == 0)
+    causal, window = causal_window(None, is_causal, window_size, is_causal_variant=_causal.LOWER_RIGHT)
     scale = default_scale(query, scale)
     cap = _softcap(softcap)
     return causal, window, scale, cap, _call_key(query, value, None, key, sinks, scale, cap, window, True)
