@@ -32,7 +32,7 @@ struct DecodeKernel {
   DecodeKernel(const AttnParams& params, uint64_t id, int64_t n_chunks, float* partial_buf)
       : main(params, id, /*cache=*/(main_row_tiles<C>(params) > 1)), p(params), R(main.G * params.L),
         row_tiles((R + main.bm - 1) / main.bm), heads(params.batch * params.hkv), chunks(n_chunks),
-        keys(visible_keys(params, main.bn)),
+        keys(visible_keys(params, main.bn, 0, params.L - 1)),
         chunk_len(round_up((keys.end - keys.begin + n_chunks - 1) / n_chunks, main.bn)), partial(partial_buf) {}
 
   int64_t slot() const { return main.bm * (p.Ev + 2); }
@@ -109,7 +109,7 @@ void decode(const AttnParams& p) {
   int64_t chunks = 1;
   if (heads * row_tiles < 2 * threads)
     chunks = std::min((2 * threads + heads * row_tiles - 1) / (heads * row_tiles),
-                      std::max<int64_t>(1, visible_keys(p, bl.n).size() / kMinChunk));
+                      std::max<int64_t>(1, visible_keys(p, bl.n, 0, p.L - 1).size() / kMinChunk));
   thread_local Scratch partial;
   float* part = chunks > 1 ? partial.get<float>(heads * row_tiles * chunks * bl.m * (p.Ev + 2)) : nullptr;
   DecodeKernel<T, C>(p, id, chunks, part)();

@@ -23,8 +23,7 @@ struct Task {
 
 // Key tiles that query rows [i_first, i_last] visit (fwd_mainloop.h skips the rest).
 int64_t kv_tiles_for(const AttnParams& p, int64_t bn, int64_t i_first, int64_t i_last) {
-  const int64_t lim = std::min(p.S, key_end(p, i_last)), first = std::max<int64_t>(0, key_begin(p, i_first)) / bn;
-  return lim <= 0 ? 0 : std::max<int64_t>(0, (lim + bn - 1) / bn - first);
+  return (visible_keys(p, bn, i_first, i_last).size() + bn - 1) / bn;
 }
 
 // Tasks sorted by decreasing cost: whole heads when there are plenty, otherwise chunks of query tiles so both

@@ -37,15 +37,16 @@ Blocks fwd_blocks(const AttnParams& p) {
   return {banded ? 128 : 256, n};
 }
 
-// Keys [begin, end) that some query row of the call may see; begin is a multiple of the key tile bn.
+// Keys [begin, end) that query rows [i_first, i_last] may see (empty: none); begin is a multiple of the key tile bn.
 struct KeyRange {
   int64_t begin, end;
   int64_t size() const { return end - begin; }
 };
-inline KeyRange visible_keys(const AttnParams& p, int64_t bn) {
-  if (p.L == 0) return {0, 0};
-  const int64_t begin = std::clamp<int64_t>(key_begin(p, 0), 0, p.S) / bn * bn;
-  return {begin, std::clamp<int64_t>(key_end(p, p.L - 1), begin, p.S)};
+inline KeyRange visible_keys(const AttnParams& p, int64_t bn, int64_t i_first, int64_t i_last) {
+  const int64_t end = std::clamp<int64_t>(key_end(p, i_last), 0, p.S);
+  const int64_t first = std::clamp<int64_t>(key_begin(p, i_first), 0, p.S);
+  if (first >= end) return {0, 0};
+  return {first / bn * bn, end};
 }
 
 // A fresh id per kernel call (flash_fwd.cpp): per-thread packed K/V is keyed by it.
