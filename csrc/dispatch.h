@@ -22,6 +22,15 @@ inline BackendChoice checked_backend(int64_t id, bool have_flash, const at::Tens
   return b;
 }
 
+// What a call's backend runs: the device's fused entry (Flash) for FLASH_ATTENTION, MATH's otherwise.
+template <auto Flash, class Fn>
+Fn backend_fn(const BackendChoice& b, Fn math) {
+  if constexpr (Flash != nullptr) {
+    if (b.backend == Backend::Flash) return Flash;
+  }
+  return math;
+}
+
 template <FwdFn Flash>
 FwdResult fwd_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal, double scale,
@@ -29,10 +38,7 @@ FwdResult fwd_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     int64_t backend, double softcap, int64_t window_left, int64_t window_right) {
   const FwdArgs a{q, k, v, mask, dropout_p, causal, scale, enable_gqa, sinks, rng,
                   checked_backend(backend, Flash != nullptr, q), softcap, window_left, window_right};
-  if constexpr (Flash != nullptr) {
-    if (a.backend.backend == Backend::Flash) return Flash(a);
-  }
-  return math::fwd(a);
+  return backend_fn<Flash>(a.backend, &math::fwd)(a);
 }
 
 template <BwdFn Flash>
@@ -44,10 +50,7 @@ BwdResult bwd_entry(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   const BwdArgs a{{q, k, v, mask, dropout_p, causal, scale, enable_gqa, sinks, rng,
                    checked_backend(backend, Flash != nullptr, q), softcap, window_left, window_right},
                   grad_out, out, lse, mask_grad};
-  if constexpr (Flash != nullptr) {
-    if (a.f.backend.backend == Backend::Flash) return Flash(a);
-  }
-  return math::bwd(a);
+  return backend_fn<Flash>(a.f.backend, &math::bwd)(a);
 }
 
 // Variable-length calls: one dense call per sequence on the chosen backend (common/varlen.h).
@@ -61,11 +64,7 @@ FwdResult varlen_fwd_entry(const at::Tensor& q, const at::Tensor& k, const at::T
   const VarlenArgs a{q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, enable_gqa, sinks, rng,
                      checked_backend(backend, Flash != nullptr, q), softcap, window_left, window_right, seqused_k,
                      block_table};
-  DenseFwd dense = &math::fwd;
-  if constexpr (Flash != nullptr) {
-    if (a.backend.backend == Backend::Flash) dense = Flash;
-  }
-  return varlen_fwd(a, dense);
+  return varlen_fwd(a, backend_fn<Flash>(a.backend, &math::fwd));
 }
 
 template <BwdFn Flash>
@@ -78,11 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_entry(
   const std::optional<at::Tensor> cu_k_opt = cu_k, none;
   const VarlenArgs a{q, k, v, cu_q, cu_k_opt, max_q, max_k, dropout_p, causal, scale, enable_gqa, sinks, rng,
                      checked_backend(backend, Flash != nullptr, q), softcap, window_left, window_right, none, none};
-  DenseBwd dense = &math::bwd;
-  if constexpr (Flash != nullptr) {
-    if (a.backend.backend == Backend::Flash) dense = Flash;
-  }
-  return varlen_bwd(a, grad_out, out, lse, dense);
+  return varlen_bwd(a, grad_out, out, lse, backend_fn<Flash>(a.backend, &math::bwd));
 }
 
 }  // namespace sdpax
