@@ -26,6 +26,8 @@ def causal_window(bias, is_causal: bool, window_size, is_causal_variant: int = U
     """(causal id, (window_left, window_right)) of a call: `bias` is (variant, window left or -1) of a CausalBias
     passed as attn_mask, or None; is_causal means `is_causal_variant`. With a causal variant the causal edge is the
     window's right edge, so the op's window_right is -1; right 0 or -1 allows it, more is an error."""
+    if bias is None and window_size is None:  # the common call: nothing to combine
+        return (is_causal_variant if is_causal else NONE), (-1, -1)
     window = _window(window_size)
     if bias is not None:
         if is_causal:
