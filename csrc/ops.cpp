@@ -53,5 +53,6 @@ TORCH_LIBRARY(sdpax, m) {
   // the plan's tests read it.
   m.def(
       "cuda_plan(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, int causal, "
-      "bool enable_gqa, int backend, bool mask_grad, bool deterministic, int[] device) -> int[]");
+      "bool enable_gqa, int backend, bool mask_grad, bool deterministic, int[] device, int window_left=-1, "
+      "int window_right=-1) -> int[]");
 }

@@ -73,6 +73,26 @@ def test_general_kind_backward():
     assert (p.forward_kind, p.backward_kind, p.backward_tile) == ("general", "general", (64, 128))
 
 
+def test_sliding_window_runs_the_mma_general_kind():
+    """A window is a per-element test beyond the causal edge: the mma.sync loops' general kind takes it, on every
+    device; the Hopper loops do not, and strict sm90 says so."""
+    for window, causal in (((256, -1), 1), ((100, 20), 0), ((-1, 3), 0)):
+        for device in (H100, A100):
+            p = cuda_plan(*qkv(), causal=causal, device=device, window=window)
+            assert (p.forward_loop, p.forward_kind, p.backward_loop, p.backward_kind) == \
+                ("mma.sync", "general", "mma.sync wide", "general")
+    decode = qkv(B=1, Hq=32, Hkv=8, L=1, S=32768)
+    p = cuda_plan(*decode, enable_gqa=True, device=H100, window=(4096, -1), causal=2)
+    assert (p.forward_loop, p.forward_kind) == ("mma.sync", "general")
+    p = cuda_plan(*qkv(dtype=torch.float32), device=H100, window=(8, 8))
+    assert (p.backward_loop, p.backward_kind) == ("mma.sync", "general")
+    p = cuda_plan(*qkv(), device=H100, window=(8, 8), deterministic=True)
+    assert (p.backward_loop, p.dq_pass) == ("mma.sync wide", True)
+    with sdpax.cuda_main_loop(forward="sm90", strict=True), pytest.raises(RuntimeError, match="sliding window"):
+        cuda_plan(*qkv(), device=H100, window=(8, -1), causal=1)
+    assert cuda_plan(*qkv(), device=H100, window=(-1, -1)).forward_loop == "sm90 (wgmma)"
+
+
 def test_deterministic_backward_takes_the_dq_pass():
     p = cuda_plan(*qkv(), deterministic=True, device=H100)
     assert (p.backward_loop, p.dq_pass) == ("mma.sync wide", True)

@@ -7,6 +7,13 @@
 #pragma once
 #include <cstdint>
 
+// The key-range helpers below run in host code and in CUDA kernels alike.
+#if defined(__CUDACC__)
+#define SDPAX_HOST_DEVICE __host__ __device__
+#else
+#define SDPAX_HOST_DEVICE
+#endif
+
 namespace sdpax {
 
 // Causal alignment. Upper-left: query i sees keys j <= i. Lower-right: query i sees keys j <= i + (S - L).
@@ -92,21 +99,23 @@ struct AttnParams {
   // (bh, i + row0, j + col0), so a call on a block of a larger problem drops what the whole problem would.
   int64_t drop_row0 = 0, drop_col0 = 0;
   // Sliding window (csrc/ops.cpp), -1: unbounded on that side. With causal != None the causal edge is the right
-  // edge (win_right is -1); with causal == None the window is lower-right aligned. CPU only.
+  // edge (win_right is -1); with causal == None the window is lower-right aligned.
   int64_t win_left = -1, win_right = -1;
 };
 
 // The diagonal that the causal edge and a window are aligned to: query i's diagonal key is i + diag_shift.
-inline int64_t diag_shift(const AttnParams& p) { return p.causal == Causal::UpperLeft ? 0 : p.S - p.L; }
+SDPAX_HOST_DEVICE inline int64_t diag_shift(const AttnParams& p) {
+  return p.causal == Causal::UpperLeft ? 0 : p.S - p.L;
+}
 
 // Query row i may see keys [key_begin(p, i), key_end(p, i)), before clamping to [0, S): the causal edge or the
 // window's right edge bounds the end, the window's left edge the beginning. Both grow with i.
-inline int64_t key_end(const AttnParams& p, int64_t i) {
+SDPAX_HOST_DEVICE inline int64_t key_end(const AttnParams& p, int64_t i) {
   if (p.causal != Causal::None) return i + diag_shift(p) + 1;
   if (p.win_right >= 0) return i + diag_shift(p) + p.win_right + 1;
   return p.S;
 }
-inline int64_t key_begin(const AttnParams& p, int64_t i) {
+SDPAX_HOST_DEVICE inline int64_t key_begin(const AttnParams& p, int64_t i) {
   return p.win_left >= 0 ? i + diag_shift(p) - p.win_left : 0;
 }
 

@@ -34,8 +34,6 @@ void check_supported(const FwdArgs& a, int64_t E, int64_t Ev) {
               "backend");
   TORCH_CHECK(a.dropout_p == 0.0 || a.rng->numel() == 2, "sdpax: the CUDA FLASH_ATTENTION kernels take no dropout "
               "origin (rng {seed, offset, row0, col0}); use the MATH backend");
-  TORCH_CHECK(a.window_left == -1 && a.window_right == -1, "sdpax: the CUDA FLASH_ATTENTION kernels have no sliding "
-              "window yet; use the MATH backend");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf || q.scalar_type() == at::kFloat,
               "sdpax: the CUDA FLASH_ATTENTION kernels take ", kDtypes, " inputs, got ", q.scalar_type(),
               "; use the MATH backend");

@@ -57,12 +57,15 @@ struct Dropout {
   }
 };
 
-// Key-visibility limit of query row i: keys [0, limit) pass the causal test and the sequence bound.
+// Key-visibility limits of query row i: keys [row_begin, row_limit) pass the causal edge, the sliding window
+// (common/params.h key_begin / key_end) and the sequence bound.
 __device__ __forceinline__ int row_limit(const AttnParams& p, int i) {
-  if (p.causal == Causal::None) return static_cast<int>(p.S);
-  const int64_t shift = p.causal == Causal::LowerRight ? p.S - p.L : 0;
-  const int64_t lim = static_cast<int64_t>(i) + 1 + shift;
+  const int64_t lim = key_end(p, i);
   return static_cast<int>(lim < 0 ? 0 : (lim > p.S ? p.S : lim));
+}
+__device__ __forceinline__ int row_begin(const AttnParams& p, int i) {
+  const int64_t lo = key_begin(p, i);
+  return static_cast<int>(lo < 0 ? 0 : (lo > p.S ? p.S : lo));
 }
 
 // The packed rows (G * L per KV head) and key tiles a forward block covers, for both forward main loops: one
@@ -71,7 +74,8 @@ __device__ __forceinline__ int row_limit(const AttnParams& p, int i) {
 struct FwdBlock {
   int64_t b;
   int hk, m0;          // KV head, first packed row
-  int n_full;          // keys < n_full pass causal/bounds for every row of the block
+  int n_full;          // keys < n_full pass the causal / window end and the bound for every row of the block
+  int lo_full;         // keys >= lo_full pass the window's beginning for every row of the block (0: no window)
   int t_begin, t_end;  // the key tiles of this block's split
 };
 // Block (batch, KV head) bhk, row block m_block (the sm90 loop's persistent blocks walk several of them).
@@ -89,10 +93,15 @@ __device__ __forceinline__ FwdBlock fwd_block_at(const AttnParams& p, int rows, 
   const int i_max = one_head ? r_last % L : L - 1;
   const int n_end = row_limit(p, i_max);  // keys >= n_end are invisible to every row of the block
   blk.n_full = min(row_limit(p, i_min), S);
-  const int n_tiles = (n_end + BN - 1) / BN;
+  // A sliding window: tiles before the first row's window are invisible to every row; keys from the last row's
+  // window beginning on pass every row's beginning.
+  const bool windowed = p.win_left >= 0;
+  const int t_lo = windowed ? min(row_begin(p, i_min), n_end) / BN : 0;
+  blk.lo_full = windowed ? row_begin(p, i_max) : 0;
+  const int n_tiles = (n_end + BN - 1) / BN - t_lo;
   const int per_split = (n_tiles + p.num_splits - 1) / p.num_splits;
-  blk.t_begin = static_cast<int>(blockIdx.z) * per_split;
-  blk.t_end = min(n_tiles, blk.t_begin + per_split);
+  blk.t_begin = t_lo + static_cast<int>(blockIdx.z) * per_split;
+  blk.t_end = t_lo + min(n_tiles, static_cast<int>(blockIdx.z) * per_split + per_split);
   return blk;
 }
 __device__ __forceinline__ FwdBlock fwd_block(const AttnParams& p, int rows, int BM, int BN) {

@@ -12,7 +12,10 @@ namespace cuda {
 
 namespace {
 
-bool general(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dropout_p > 0.0; }
+bool windowed(const AttnParams& p) { return p.win_left >= 0 || p.win_right >= 0; }
+
+// The general kind: a mask, dropout or a sliding window (per-element tests beyond the causal edge).
+bool general(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dropout_p > 0.0 || windowed(p); }
 
 // Whether the variant table (csrc/variants.py) has this Hopper variant.
 bool has_sm90_variant(ScalarKind dtype, int d, bool bwd, int kind) {
@@ -25,10 +28,11 @@ bool has_sm90_variant(ScalarKind dtype, int d, bool bwd, int kind) {
 
 // Why the Hopper loop cannot take this call on this device (empty: it can); `table_says` is the variant table's
 // answer for the call's dtype, head dim and kind.
-std::string sm90_unavailable(const DeviceInfo& dev, bool table_says) {
+std::string sm90_unavailable(const AttnParams& p, const DeviceInfo& dev, bool table_says) {
   if (!dev.build_sm90a) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
   if (dev.cc_major != 9) return "the device is not compute capability 9.x";
   if (!table_says) return "the Hopper loop has no variant for this dtype, head dim and kind (csrc/variants.py)";
+  if (windowed(p)) return "the Hopper loop takes no sliding window (the mma.sync general kind does)";
   return "";
 }
 
@@ -55,7 +59,8 @@ FwdPlan plan_fwd(const AttnParams& p, const DeviceInfo& dev, MainLoop loop, bool
   const int64_t rows = (p.hq / p.hkv) * p.L;
   plan.kind = general(p) ? FwdKind::General : (rows <= tiles::kDecodeRows ? FwdKind::Decode : FwdKind::Plain);
   const int d = plan.head_dim = head_dim_bucket(std::max(p.E, p.Ev));
-  const std::string why_not = sm90_unavailable(dev, has_sm90_variant(p.dtype, d, false, static_cast<int>(plan.kind)));
+  const std::string why_not =
+      sm90_unavailable(p, dev, has_sm90_variant(p.dtype, d, false, static_cast<int>(plan.kind)));
   if (loop == MainLoop::Sm90 && strict && !why_not.empty()) refuse_sm90("forward", why_not);
   plan.loop = loop != MainLoop::Mma && why_not.empty() ? FwdLoop::Sm90 : FwdLoop::Mma;
   if (plan.loop == FwdLoop::Sm90) {
@@ -83,7 +88,7 @@ BwdPlan plan_bwd(const AttnParams& p, const DeviceInfo& dev, MainLoop loop, bool
   const bool gen = general(p);
   plan.kind = gen ? BwdKind::General : BwdKind::Plain;
   const int d = plan.head_dim = head_dim_bucket(std::max(p.E, p.Ev));
-  std::string why_not = sm90_unavailable(dev, has_sm90_variant(p.dtype, d, true, gen));
+  std::string why_not = sm90_unavailable(p, dev, has_sm90_variant(p.dtype, d, true, gen));
   // The Hopper backward adds dQ by float atomics; deterministic mode keeps the mma.sync loops and their dQ pass.
   if (why_not.empty() && p.deterministic) why_not = "deterministic algorithms are enabled (dQ by atomics)";
   if (why_not.empty() && gen && !bwd_sm90_general_ok(p))

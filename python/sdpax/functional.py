@@ -125,5 +125,6 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *
     ex = _select.explain_call(call)
     if ex.backend == _select.SDPBackend.FLASH_ATTENTION and query.device.type == "cuda":
         ex.plan = _plan.cuda_plan(query, key, value, mask, dropout_p, causal, enable_gqa,
-                                  mask_grad=call.mask_requires_grad, deterministic=call.deterministic_grad)
+                                  mask_grad=call.mask_requires_grad, deterministic=call.deterministic_grad,
+                                  window=window)
     return ex

@@ -16,8 +16,9 @@ struct BwdKeyBlock {
   int64_t b;         // batch
   int hk, j0;        // kv head, first key
   int64_t lim_shift; // row_limit(p, i) = min(i + lim_shift, S) for every kind of alignment
+  int64_t lo_shift;  // row_begin(p, i) = max(i + lo_shift, 0) (no window: -(L + S), every key for every row)
   int q_first;       // first query tile that sees key j0 or later
-  int q_tiles;       // query tiles per head from q_first
+  int q_tiles;       // query tiles per head from q_first that can see a key of the block
   int steps;         // G * q_tiles, or 0 when no row sees the block
 
   // Block blockIdx.x (key blocks fastest) of a call with G query heads per kv head, L query rows and S keys.
@@ -28,16 +29,18 @@ struct BwdKeyBlock {
     b = bhk / p.hkv;
     hk = static_cast<int>(bhk % p.hkv);
     j0 = n_block * BN;
-    // Query rows that can see key j0 or later: i + 1 + shift > j0 under causal alignment.
-    int i_begin = 0;
-    if (p.causal != Causal::None) {
-      const int64_t shift = p.causal == Causal::LowerRight ? p.S - p.L : 0;
-      const int64_t first = static_cast<int64_t>(j0) - shift;
-      i_begin = static_cast<int>(first < 0 ? 0 : (first > L ? L : first));
-    }
-    lim_shift = p.causal == Causal::None ? p.S : 1 + (p.causal == Causal::LowerRight ? p.S - p.L : 0);
+    // key_end(p, i) = i + lim_shift and key_begin(p, i) = i + lo_shift (common/params.h) both grow with i.
+    lim_shift = key_end(p, 0) >= p.S ? p.S : key_end(p, 0);
+    lo_shift = p.win_left >= 0 ? key_begin(p, 0) : -(p.L + p.S);
+    // Query rows that can see a key of [j0, j_last]: i + lim_shift > j0 and i + lo_shift <= j_last.
+    const int64_t j_last = min(j0 + BN, S) - 1;
+    const bool bounded = p.causal != Causal::None || p.win_right >= 0;
+    const int64_t first = bounded ? j0 - lim_shift + 1 : 0;
+    const int64_t end = j_last - lo_shift + 1;
+    const int i_begin = static_cast<int>(first < 0 ? 0 : (first > L ? L : first));
+    const int i_end = static_cast<int>(end < 0 ? 0 : (end > L ? L : end));
     q_first = i_begin / BM;
-    q_tiles = (L + BM - 1) / BM - q_first;
+    q_tiles = i_end > i_begin ? (i_end + BM - 1) / BM - q_first : 0;
     steps = q_tiles > 0 ? G * q_tiles : 0;
   }
   __device__ __forceinline__ int head(int step) const { return hk * G + step / q_tiles; }

@@ -114,9 +114,10 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
     if (step + 1 < steps) load_q_step<QTile, BM, NT>(copy, p, blk, step + 1, buf ^ 1, sQ0, sLse, sDelta, L, E, Ev);
     cp_async_commit();
 
-    // Elementwise tests (causal / bounds / mask) only where some element of the tile can fail them.
+    // Elementwise tests (causal / window / bounds / mask) only where some element of the tile can fail them.
     const int i_last = min(i0 + BM, L) - 1;
-    const bool need_elem = has_mask || last_key >= row_limit(p, i0) || i0 + BM > L || j0 + BN > S;
+    const bool need_elem = has_mask || last_key >= row_limit(p, i0) || i0 + BM > L || j0 + BN > S ||
+                           (kGeneral && j0 < row_begin(p, i_last));
     if (has_mask) {
       bool any = false;
 #pragma unroll
@@ -124,13 +125,12 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = i0 + n * 8 + 2 * t + (e & 1), j = key[e >> 1];
-          if (i < L && j < row_limit(p, i))
+          if (i < L && j < row_limit(p, i) && j >= row_begin(p, i))
             any |= mask_bias(p, b * p.mask_st.b + h * p.mask_st.h + int64_t(i) * p.mask_st.r +
                                     int64_t(j) * p.mask_st.c) != -INFINITY;
         }
       if (!__syncthreads_or(any)) continue;  // the whole tile is masked: it contributes nothing
     }
-    (void)i_last;
 
     const uint32_t sQ = sQ0 + buf * 2 * QTile::kBytes;
     const uint32_t sdO = sQ + QTile::kBytes;
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
         const int i = i0 + r, j = key[e >> 1];
         float s = st[n][e] * scale_log2;
         if (need_elem) {
-          if (i >= L || j >= row_limit(p, i)) {
+          if (i >= L || j >= row_limit(p, i) || (kGeneral && j < row_begin(p, i))) {
             s = -INFINITY;
           } else if (has_mask) {
             s += mask_bias(p, b * p.mask_st.b + h * p.mask_st.h + int64_t(i) * p.mask_st.r +
@@ -291,14 +291,18 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
   const int i0 = m_block * BM;
   const int n_end = row_limit(p, min(i0 + BM, L) - 1);             // keys visible to the block's last row
   const int n_full = i0 + BM <= L ? row_limit(p, i0) : 0;          // keys visible to all of its rows
-  const int n_tiles = (n_end + BN - 1) / BN;
+  // A sliding window (general kind): keys before the first row's window beginning are invisible to every row,
+  // keys from the last row's on pass every row's beginning.
+  const int t_lo = kGeneral ? min(row_begin(p, i0), n_end) / BN : 0;
+  const int lo_full = kGeneral ? row_begin(p, min(i0 + BM, L) - 1) : 0;
+  const int n_tiles = (n_end + BN - 1) / BN - t_lo;
 
   const BwdRowCopy<T, D, NT, false> copy(tid);
   copy.template rows<QTile>(sQ, p.q, b * p.q_st.b + int64_t(h) * p.q_st.h, p.q_st, i0, BM, L, E);
   copy.template rows<QTile>(sdO, p.dout, b * p.dout_st.b + int64_t(h) * p.dout_st.h, p.dout_st, i0, BM, L, Ev);
   const int64_t k_off = b * p.k_st.b + int64_t(hk) * p.k_st.h;
   const int64_t v_off = b * p.v_st.b + int64_t(hk) * p.v_st.h;
-  if (n_tiles > 0) load_kv_stage<KTile, BN>(copy, p, sKV0, k_off, v_off, 0, 0, S, E, Ev);
+  if (n_tiles > 0) load_kv_stage<KTile, BN>(copy, p, sKV0, k_off, v_off, t_lo, 0, S, E, Ev);
   cp_async_commit();
 
   Dropout drop{};
@@ -308,13 +312,14 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
   const float scale_log2 = p.scale * kLog2e;
 
   // The rows this thread holds: i0 + warp * 16 + g (+ 8). Past L: lse = -inf, so P = 0 and nothing is written.
-  int row[2], lim[2];
+  int row[2], lim[2], lo[2];
   float lse2[2], delta[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     row[hf] = i0 + warp * 16 + hf * 8 + g;
     const bool ok = row[hf] < L;
     lim[hf] = ok ? row_limit(p, row[hf]) : 0;
+    lo[hf] = ok && kGeneral ? row_begin(p, row[hf]) : 0;
     const int64_t r = (b * p.hq + h) * p.L + row[hf];
     lse2[hf] = ok ? p.lse[r] * kLog2e : -INFINITY;
     delta[hf] = ok ? p.delta[r] : 0.f;
@@ -330,10 +335,11 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
     const int stage = tile & 1;
     cp_async_wait<0>();
     __syncthreads();
-    if (tile + 1 < n_tiles) load_kv_stage<KTile, BN>(copy, p, sKV0, k_off, v_off, tile + 1, stage ^ 1, S, E, Ev);
+    if (tile + 1 < n_tiles)
+      load_kv_stage<KTile, BN>(copy, p, sKV0, k_off, v_off, t_lo + tile + 1, stage ^ 1, S, E, Ev);
     cp_async_commit();
     const uint32_t sK = sKV0 + stage * 2 * KTile::kBytes, sV = sK + KTile::kBytes;
-    const int j0 = tile * BN;
+    const int j0 = (t_lo + tile) * BN;
 
     // S = Q K^T and dP = dO V^T (16 rows x BN keys per warp).
     float s[BN / 8][4], dp[BN / 8][4];
@@ -359,7 +365,7 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
     }
 
     // dS = P o (dP_drop - Delta), in the same order of operations as bwd_kernel.
-    const bool need_elem = has_mask || j0 + BN > n_full;
+    const bool need_elem = has_mask || j0 + BN > n_full || j0 < lo_full;
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
@@ -368,7 +374,7 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
         const int i = row[hf], j = j0 + n * 8 + 2 * t + (e & 1);
         float x = s[n][e] * scale_log2;
         if (need_elem) {
-          if (j >= lim[hf]) {
+          if (j >= lim[hf] || j < lo[hf]) {
             x = -INFINITY;
           } else if (has_mask) {
             x += mask_bias(p, b * p.mask_st.b + h * p.mask_st.h + int64_t(i) * p.mask_st.r +

@@ -190,8 +190,10 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
     }
     cp_async_commit();
 
-    // Tiles that cross a causal / bounds limit (block-uniform); only those test each element against it.
-    const bool cross = last_key >= row_limit(p, i0) || i0 + BM > L || j0 + BN > S;
+    // Tiles that cross a causal / window / bounds limit (block-uniform); only those test each element against it.
+    // (A sliding window runs the general kind: cuda/plan.cpp.)
+    const bool cross = last_key >= row_limit(p, i0) || i0 + BM > L || j0 + BN > S ||
+                       (kGeneral && j0 < row_begin(p, min(i0 + BM, L) - 1));
     // Mask: bit ((mt * 2 + hf) * WQ / 8 + n) * 2 + c set where element (mt, n, hf, c) is allowed (mask, causal and
     // bounds); a tile no element of which is allowed contributes nothing and is skipped.
     MaskBits allowed = 0;
@@ -246,7 +248,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
       const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
       wide_mask_pass<WQ>(st, allowed, scale_log2, WideElemBias<WQ>{p, m_off, i0, wn, t, j0, wk, g});
     } else if (cross) {
-      wide_apply_limits<WQ>(st, i0, j0, wk, wn, g, t, L, S, lim_shift);
+      wide_apply_limits<WQ, kGeneral>(st, i0, j0, wk, wn, g, t, L, S, lim_shift, blk.lo_shift);
     }
 
     // P^T (P_drop^T with dropout: st, for dV) and dS^T (dpt), one loop with dropout and one without.

@@ -72,7 +72,7 @@ __device__ __forceinline__ void wide_tile_bits_global(Bits& allowed, const AttnP
     }
 }
 
-// Causal / bounds folded into the allowed bits: keys j < row_limit(i), rows i < L.
+// Causal / window / bounds folded into the allowed bits: keys row_begin(i) <= j < row_limit(i), rows i < L.
 template <int WQ, class Bits>
 __device__ __forceinline__ void wide_fold_limits(Bits& allowed, const AttnParams& p, int i0, int j0, int wk, int wn,
                                                  int g, int t, int L) {
@@ -81,18 +81,21 @@ __device__ __forceinline__ void wide_fold_limits(Bits& allowed, const AttnParams
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const int i = i0 + wn * WQ + n * 8 + 2 * t + c;
-      const int lim = i < L ? row_limit(p, i) : 0;
+      const int lim = i < L ? row_limit(p, i) : 0, lo = i < L ? row_begin(p, i) : 0;
 #pragma unroll
-      for (int q = 0; q < 4; ++q)
-        if (j0 + wk * 32 + q * 8 + g >= lim) allowed &= ~(Bits(1) << (((q * (WQ / 8) + n) * 2) + c));
+      for (int q = 0; q < 4; ++q) {
+        const int j = j0 + wk * 32 + q * 8 + g;
+        if (j >= lim || j < lo) allowed &= ~(Bits(1) << (((q * (WQ / 8) + n) * 2) + c));
+      }
     }
 }
 
-// The plain kind's causal / bounds limits on a tile that crosses them: S^T = -inf where key j is past row i's limit
-// (rows past L see no key; they are zero-padded). row_limit(p, i) = min(i + lim_shift, S).
-template <int WQ>
+// The causal / window / bounds limits of a call without a mask on a tile that crosses them: S^T = -inf where key j
+// is past row i's limit or (kWindow) before its window's beginning (rows past L see no key; they are zero-padded).
+// row_limit(p, i) = min(i + lim_shift, S), row_begin(p, i) = max(i + lo_shift, 0).
+template <int WQ, bool kWindow>
 __device__ __forceinline__ void wide_apply_limits(float (&st)[2][WQ / 8][4], int i0, int j0, int wk, int wn, int g,
-                                                  int t, int L, int S, int64_t lim_shift) {
+                                                  int t, int L, int S, int64_t lim_shift, int64_t lo_shift) {
 #pragma unroll
   for (int n = 0; n < WQ / 8; ++n)
 #pragma unroll
@@ -103,7 +106,9 @@ __device__ __forceinline__ void wide_apply_limits(float (&st)[2][WQ / 8][4], int
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf)
-          if (j0 + wk * 32 + mt * 16 + hf * 8 + g >= lim) st[mt][n][2 * hf + c] = -INFINITY;
+          if (j0 + wk * 32 + mt * 16 + hf * 8 + g >= lim ||
+              (kWindow && j0 + wk * 32 + mt * 16 + hf * 8 + g < i + lo_shift))
+            st[mt][n][2 * hf + c] = -INFINITY;
     }
 }
 

@@ -9,7 +9,7 @@
 // Variants: element type T (bfloat16, float16, float), head-dim bucket D (E, Ev <= D, padded with zeros in shared
 // memory) and kKind (tiles.h):
 //   Plain    no mask, no dropout (causal, sinks, GQA, scale are run-time)
-//   General  attention mask and/or dropout
+//   General  attention mask, dropout and/or a sliding window
 //   Decode   plain, for at most 16 rows per (batch, kv head) (decode, GQA groups of L = 1): one-warp blocks of 16
 //            rows, so that many blocks share a multiprocessor and keep enough K/V loads in flight; combined with
 //            the split-key launch it streams K/V at close to the memory bandwidth.
@@ -88,13 +88,14 @@ __device__ __forceinline__ void fwd_mma_pv(float (&acc_o)[MT][D / 8][4], const f
 
 // Scale, mask and online softmax of row half hf of one m-tile's S (s = acc_s[mt]) for the key tile starting at j0:
 // s then holds P (dropout applied), the row's running max m and sum l move on, and its output o (acc_o[mt]) is
-// rescaled. Elementwise tests only where some element of the tile can fail them (need_elem). With a mask, bits
-// holds the row's allowed elements (bit 2n + e: key j0 + 8n + 2t + e) and mask_off its offset in the mask.
+// rescaled. Elementwise tests only where some element of the tile can fail them (need_elem): keys [lo, lim) are
+// visible to the row. With a mask, bits holds the row's allowed elements (bit 2n + e: key j0 + 8n + 2t + e; the
+// visible range folded in) and mask_off its offset in the mask.
 template <int D, int BN>
 __device__ __forceinline__ void fwd_mma_softmax_row(float (&s)[BN / 8][4], float (&o)[D / 8][4], int hf, float& m,
                                                     float& l, const AttnParams& p, int j0, int t, float scale_log2,
                                                     bool has_mask, bool need_elem, uint64_t bits, int64_t mask_off,
-                                                    int lim, bool has_dropout, const Dropout& drop, int64_t b, int h,
+                                                    int lo, int lim, bool has_dropout, const Dropout& drop, int64_t b, int h,
                                                     int i) {
   float mx = -INFINITY;
 #pragma unroll
@@ -110,7 +111,8 @@ __device__ __forceinline__ void fwd_mma_softmax_row(float (&s)[BN / 8][4], float
           x += mask_bias(p, mask_off + j * p.mask_st.c) * kLog2e;
         }
       } else if (need_elem) {
-        if (j0 + n * 8 + 2 * t + e >= lim) x = -INFINITY;
+        const int j = j0 + n * 8 + 2 * t + e;
+        if (j >= lim || j < lo) x = -INFINITY;
       }
       s[n][hf * 2 + e] = x;
       mx = fmaxf(mx, x);
@@ -171,10 +173,11 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
   const FwdBlock blk = fwd_block(p, rows, BM, BN);
   const int64_t b = blk.b;
   const int hk = blk.hk, m0 = blk.m0, n_full = blk.n_full, t_begin = blk.t_begin, t_end = blk.t_end;
+  const int lo_full = kGeneral ? blk.lo_full : 0;  // a sliding window runs the general kind (cuda/plan.cpp)
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
 
   // The rows this thread holds in the C fragments: [mt][half] -> packed row m0 + warp*16*MT + mt*16 + half*8 + g.
-  int row_i[MT][2], row_h[MT][2], row_lim[MT][2];
+  int row_i[MT][2], row_h[MT][2], row_lim[MT][2], row_lo[MT][2];
   bool row_ok[MT][2];
   int64_t row_mask[MT][2];
 #pragma unroll
@@ -187,6 +190,7 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
       row_h[mt][hf] = hk * G + rr / L;
       row_i[mt][hf] = rr % L;
       row_lim[mt][hf] = row_limit(p, row_i[mt][hf]);
+      row_lo[mt][hf] = kGeneral ? row_begin(p, row_i[mt][hf]) : 0;
       row_mask[mt][hf] = b * p.mask_st.b + row_h[mt][hf] * p.mask_st.h + row_i[mt][hf] * p.mask_st.r;
     }
   }
@@ -237,7 +241,8 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
 #pragma unroll
             for (int c = 0; c < BN / 4; ++c) {
               const int j = tile * BN + (c >> 1) * 8 + 2 * t + (c & 1);
-              if (j < row_lim[mt][hf] && mask_bias(p, row_mask[mt][hf] + j * p.mask_st.c) != -INFINITY)
+              if (j < row_lim[mt][hf] && j >= row_lo[mt][hf] &&
+                  mask_bias(p, row_mask[mt][hf] + j * p.mask_st.c) != -INFINITY)
                 bits |= uint64_t(1) << ((mt * 2 + hf) * (BN / 4) + c);
             }
           }
@@ -305,7 +310,9 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
 #pragma unroll
           for (int c = 0; c < BN / 4; ++c) {
             const int col = (c >> 1) * 8 + 2 * t + (c & 1);
-            if (row[col] && tile * BN + col < row_lim[mt][hf]) bits |= uint64_t(1) << ((mt * 2 + hf) * (BN / 4) + c);
+            const int j = tile * BN + col;
+            if (row[col] && j < row_lim[mt][hf] && j >= row_lo[mt][hf])
+              bits |= uint64_t(1) << ((mt * 2 + hf) * (BN / 4) + c);
           }
         }
       skip = !__syncthreads_or(bits != 0);
@@ -322,7 +329,7 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
 
     // Scale, mask, online softmax. Elementwise tests only where some element of the tile can fail them.
     const int j0 = tile * BN;
-    const bool need_elem = has_mask || j0 + BN > n_full;
+    const bool need_elem = has_mask || j0 + BN > n_full || j0 < lo_full;
     if (warp_active && !skip) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -330,7 +337,8 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
         for (int hf = 0; hf < 2; ++hf)
           fwd_mma_softmax_row<D, BN>(acc_s[mt], acc_o[mt], hf, m_run[mt][hf], l_run[mt][hf], p, j0, t, scale_log2,
                                      has_mask, need_elem, bits >> ((mt * 2 + hf) * (BN / 4)), row_mask[mt][hf],
-                                     row_lim[mt][hf], has_dropout, drop, b, row_h[mt][hf], row_i[mt][hf]);
+                                     row_lo[mt][hf], row_lim[mt][hf], has_dropout, drop, b, row_h[mt][hf],
+                                     row_i[mt][hf]);
     }
 
     if (warp_active && !skip) fwd_mma_pv<T, D, BN, MT>(acc_o, acc_s, sV, lane);
