@@ -1,6 +1,8 @@
 """sdpax.functional.scaled_dot_product_attention: torch's signature and semantics, on sdpax's backends."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _causal, _nested, _ops, _plan, _select
@@ -78,6 +80,38 @@ def _nested_inputs(query, key, value) -> bool:
             or (isinstance(value, torch.Tensor) and value.is_nested))
 
 
+_Tensor = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
+_deterministic = torch.are_deterministic_algorithms_enabled
+_compiling = torch.compiler.is_compiling
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def _plain_call(query, key, value, is_causal, scale, enable_gqa):
+    """The common eager call (dense tensors of one device; no mask, dropout, sinks, softcap or window) in the fewest
+    Python steps: the same fields, selection and op arguments as the general path below, whose checks the op
+    repeats with the same messages. None when the call is not that one; the general path then runs."""
+    if query.is_nested or key.is_nested or value.is_nested or _compiling():
+        return None
+    device = query.device
+    if key.device != device or value.device != device or query.dim() < 2 or value.dim() < 2:
+        return None  # the general path names the problem
+    E = query.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    else:
+        scale = float(scale)
+    needs_grad = _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    fields = (device, query.dtype, E, value.shape[-1], False, needs_grad, needs_grad and _deterministic(),
+              scale == 0.0, False, False, False, False)
+    args = (query, key, value, None, 0.0, _UPPER_LEFT if is_causal else 0, scale, bool(enable_gqa), None, None,
+            int(_select.select_cached(fields)) | _select.loop_bits(), 0.0, -1, -1)
+    if needs_grad:
+        return _ops.fwd(*args)[0]
+    with _below_autograd():
+        return _ops.fwd(*args)[0]
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
                                  enable_gqa=False, sinks=None, softcap=None, window_size=None):
     """softmax(q @ k^T * scale + bias) @ v, with torch.nn.functional.scaled_dot_product_attention's API.
@@ -91,6 +125,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (right 0 or -1). It combines with ``attn_mask``.
     A row with no allowed key yields zeros (never NaN). See the README for the full semantics.
     """
+    if (attn_mask is None and sinks is None and softcap is None and window_size is None and type(query) is _Tensor
+            and type(key) is _Tensor and type(value) is _Tensor and dropout_p.__class__ is float and dropout_p == 0.0):
+        out = _plain_call(query, key, value, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     if _nested_inputs(query, key, value):
         return _nested.nested_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sinks,
                                         softcap, window_size)
