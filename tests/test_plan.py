@@ -73,24 +73,35 @@ def test_general_kind_backward():
     assert (p.forward_kind, p.backward_kind, p.backward_tile) == ("general", "general", (64, 128))
 
 
-def test_sliding_window_runs_the_mma_general_kind():
-    """A window is a per-element test beyond the causal edge: the mma.sync loops' general kind takes it, on every
-    device; the Hopper loops do not, and strict sm90 says so."""
+def test_sliding_window_plan():
+    """A window alone runs the Hopper forward's plain kind (its causal edge test takes the window's beginning too);
+    with a mask or dropout, in the backward, on other devices and for decode-sized calls, the mma.sync loops'
+    general kind, which tests every element against it. Strict sm90 names why it cannot run."""
     for window, causal in (((256, -1), 1), ((100, 20), 0), ((-1, 3), 0)):
-        for device in (H100, A100):
-            p = cuda_plan(*qkv(), causal=causal, device=device, window=window)
-            assert (p.forward_loop, p.forward_kind, p.backward_loop, p.backward_kind) == \
-                ("mma.sync", "general", "mma.sync wide", "general")
+        p = cuda_plan(*qkv(), causal=causal, device=H100, window=window)
+        assert (p.forward_loop, p.forward_kind, p.backward_loop, p.backward_kind) == \
+            ("sm90 (wgmma)", "plain", "mma.sync wide", "general")
+        p = cuda_plan(*qkv(), causal=causal, device=A100, window=window)
+        assert (p.forward_loop, p.forward_kind, p.backward_loop, p.backward_kind) == \
+            ("mma.sync", "general", "mma.sync wide", "general")
+    pad = torch.ones(4, 1, 1, 1024, dtype=torch.bool)
+    p = cuda_plan(*qkv(), pad, device=H100, window=(64, 64))
+    assert (p.forward_loop, p.forward_kind) == ("mma.sync", "general")
     decode = qkv(B=1, Hq=32, Hkv=8, L=1, S=32768)
     p = cuda_plan(*decode, enable_gqa=True, device=H100, window=(4096, -1), causal=2)
     assert (p.forward_loop, p.forward_kind) == ("mma.sync", "general")
     p = cuda_plan(*qkv(dtype=torch.float32), device=H100, window=(8, 8))
-    assert (p.backward_loop, p.backward_kind) == ("mma.sync", "general")
+    assert (p.forward_loop, p.forward_kind, p.backward_loop, p.backward_kind) == \
+        ("mma.sync", "general", "mma.sync", "general")
     p = cuda_plan(*qkv(), device=H100, window=(8, 8), deterministic=True)
     assert (p.backward_loop, p.dq_pass) == ("mma.sync wide", True)
-    with sdpax.cuda_main_loop(forward="sm90", strict=True), pytest.raises(RuntimeError, match="sliding window"):
+    with sdpax.cuda_main_loop(backward="sm90", strict=True), pytest.raises(RuntimeError, match="sliding window"):
         cuda_plan(*qkv(), device=H100, window=(8, -1), causal=1)
-    assert cuda_plan(*qkv(), device=H100, window=(-1, -1)).forward_loop == "sm90 (wgmma)"
+    with sdpax.cuda_main_loop(forward="sm90", strict=True), pytest.raises(RuntimeError, match="sliding window"):
+        cuda_plan(*qkv(), pad, device=H100, window=(8, 8))
+    with sdpax.cuda_main_loop(forward="mma"):
+        assert cuda_plan(*qkv(), device=H100, window=(8, -1), causal=1).forward_kind == "general"
+    assert cuda_plan(*qkv(), device=H100, window=(-1, -1)).forward_kind == "plain"
 
 
 def test_deterministic_backward_takes_the_dq_pass():

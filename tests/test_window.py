@@ -226,18 +226,42 @@ def test_window_work_follows_the_window():
     assert windowed < 0.35 * full, (windowed, full)
 
 
+# CUDA kernel cases: (L, S, head dim, window_size, is_causal, extra) over several key tiles, both alignments, L > S
+# (rows that see no key), windows narrower than a tile and wider than the keys; extra: None, "pad" (a bool
+# padding mask: the mma.sync general kind), "gqa".
+CUDA_CASES = [
+    (1000, 1000, 64, (200, 0), True, None), (777, 1500, 128, (300, 0), True, "gqa"), (512, 512, 128, (5, 7), False,
+                                                                                      "pad"),
+    (300, 128, 64, (40, 0), True, None), (640, 900, 256, (130, 60), False, None), (1030, 1030, 64, (-1, 20), False,
+                                                                                   "gqa"),
+    (256, 2048, 128, (3000, 0), True, None), (1100, 1100, 128, (90, 0), False, "pad"),
+]
+
+
 @needs_cuda
-def test_window_cuda_reason_and_math():
-    """The CUDA kernels have no window yet: explain() says so, FLASH alone refuses with that reason, and the
-    default selection runs MATH on the GPU, correct by the suite's rule."""
-    gen = torch.Generator().manual_seed(6)
-    q, k, v = make_qkv((1, 2, 64, 64), (1, 2, 96, 64), 64, torch.bfloat16, "cuda", gen)
-    ex = sdpax.explain(q, k, v, window_size=(8, 0))
-    assert ex.backend == SDPBackend.MATH
-    assert any("sliding window" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION])
-    with pytest.raises(RuntimeError, match="sliding window"):
-        run(SDPBackend.FLASH_ATTENTION, q, k, v, window_size=(8, 0))
-    allowed = window_allowed(64, 96, 8, 0, LOWER_RIGHT, "cuda")
-    ref = reference(q.double(), k.double(), v.double(), mask=allowed)
-    t_err, _ = torch_errors(q, k, v, mask=allowed)
-    assert_close_rel(sdpax.scaled_dot_product_attention(q, k, v, window_size=(8, 0)), ref, t_err, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("loop", ["auto", "mma"])
+@pytest.mark.parametrize("L,S,E,window,causal,extra", CUDA_CASES)
+def test_window_cuda_kernels(L, S, E, window, causal, extra, loop, dtype):
+    """The CUDA kernels take the window (the Hopper forward's plain kind, the mma.sync general kind; the plan
+    says which): FLASH runs it, and output, gradients and lse meet the suite's rule. loop="mma" pins the mma.sync
+    forward where the plan would run the Hopper one."""
+    gen = torch.Generator().manual_seed(L + S + E)
+    gqa = extra == "gqa"
+    q, k, v = make_qkv((2, 4, L, E), (2, 2 if gqa else 4, S, E), E, dtype, "cuda", gen, requires_grad=True)
+    allowed = window_allowed(L, S, window[0], window[1] if not causal else 0, UPPER_LEFT if causal else LOWER_RIGHT,
+                             "cuda")
+    kwargs = {"window_size": window, "is_causal": causal, "enable_gqa": gqa}
+    mask = allowed
+    if extra == "pad":  # (non-causal cases only: is_causal and a mask do not combine)
+        user = (torch.rand(2, 1, 1, S, generator=gen) > 0.3).cuda()
+        mask = allowed & user
+        kwargs["attn_mask"] = user
+    gout = torch.randn((2, 4, L, E), generator=gen).to(device="cuda", dtype=dtype)
+    c = UPPER_LEFT if causal else 0
+    wl, wr = (window[0], -1) if causal else window
+    with sdpax.cuda_main_loop(forward=loop):
+        assert SDPBackend.FLASH_ATTENTION in backends_taking(q, k, v, **kwargs)
+        check_every_backend(q, k, v, gout, kwargs,
+                            lambda b: (kwargs.get("attn_mask"), 0.0, c, 1.0 / math.sqrt(E), gqa, None, None, int(b),
+                                       0.0, wl, wr), mask=mask, gqa=gqa)

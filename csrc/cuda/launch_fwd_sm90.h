@@ -30,8 +30,9 @@ cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
     work.mask_tma = encode_mask_map(&maps.mask, p, Cfg::kBN, Cfg::kBM);
   int64_t blocks = work.units;
   // Every row block of a persistent block must see a key (fwd/sm90_kernel.h): not so for lower-right causal rows
-  // i < L - S.
-  const bool all_see_keys = p.S > 0 && !(p.causal == Causal::LowerRight && p.L > p.S);
+  // i < L - S, nor, with a sliding window and L > S, for rows whose window lies past the keys.
+  const bool windowed = p.win_left >= 0 || p.win_right >= 0;
+  const bool all_see_keys = p.S > 0 && !(p.causal == Causal::LowerRight && p.L > p.S) && !(windowed && p.L > p.S);
   if (Cfg::kMulti && p.num_splits == 1 && m_blocks >= 2 && all_see_keys) {
     int dev = 0, sms = 0;
     err = cudaGetDevice(&dev);

@@ -14,8 +14,12 @@ namespace {
 
 bool windowed(const AttnParams& p) { return p.win_left >= 0 || p.win_right >= 0; }
 
-// The general kind: a mask, dropout or a sliding window (per-element tests beyond the causal edge).
-bool general(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dropout_p > 0.0 || windowed(p); }
+// A mask or dropout: the general kind of every loop.
+bool masked(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dropout_p > 0.0; }
+
+// The mma.sync loops' general kind also takes a sliding window; of the Hopper loops, the forward's plain kind does
+// (its causal edge test takes the window's beginning too), the general kinds and the backward do not.
+bool general(const AttnParams& p) { return masked(p) || windowed(p); }
 
 // Whether the variant table (csrc/variants.py) has this Hopper variant.
 bool has_sm90_variant(ScalarKind dtype, int d, bool bwd, int kind) {
@@ -28,11 +32,13 @@ bool has_sm90_variant(ScalarKind dtype, int d, bool bwd, int kind) {
 
 // Why the Hopper loop cannot take this call on this device (empty: it can); `table_says` is the variant table's
 // answer for the call's dtype, head dim and kind.
-std::string sm90_unavailable(const AttnParams& p, const DeviceInfo& dev, bool table_says) {
+std::string sm90_unavailable(const AttnParams& p, const DeviceInfo& dev, bool table_says, bool takes_window) {
   if (!dev.build_sm90a) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
   if (dev.cc_major != 9) return "the device is not compute capability 9.x";
   if (!table_says) return "the Hopper loop has no variant for this dtype, head dim and kind (csrc/variants.py)";
-  if (windowed(p)) return "the Hopper loop takes no sliding window (the mma.sync general kind does)";
+  if (windowed(p) && !takes_window)
+    return "this Hopper loop takes no sliding window with a mask, dropout or in the backward (the mma.sync general "
+           "kind does)";
   return "";
 }
 
@@ -57,12 +63,17 @@ bool bwd_sm90_general_ok(const AttnParams& p) {
 FwdPlan plan_fwd(const AttnParams& p, const DeviceInfo& dev, MainLoop loop, bool strict) {
   FwdPlan plan;
   const int64_t rows = (p.hq / p.hkv) * p.L;
-  plan.kind = general(p) ? FwdKind::General : (rows <= tiles::kDecodeRows ? FwdKind::Decode : FwdKind::Plain);
+  const bool decode_rows = rows <= tiles::kDecodeRows;
+  const FwdKind mma_kind = general(p) ? FwdKind::General : (decode_rows ? FwdKind::Decode : FwdKind::Plain);
+  // A sliding window alone runs the Hopper loop's plain kind (decode-sized calls keep the mma.sync loops).
+  const bool sm90_window = windowed(p) && !masked(p) && !decode_rows;
+  const FwdKind sm90_kind = sm90_window ? FwdKind::Plain : mma_kind;
   const int d = plan.head_dim = head_dim_bucket(std::max(p.E, p.Ev));
   const std::string why_not =
-      sm90_unavailable(p, dev, has_sm90_variant(p.dtype, d, false, static_cast<int>(plan.kind)));
+      sm90_unavailable(p, dev, has_sm90_variant(p.dtype, d, false, static_cast<int>(sm90_kind)), sm90_window);
   if (loop == MainLoop::Sm90 && strict && !why_not.empty()) refuse_sm90("forward", why_not);
   plan.loop = loop != MainLoop::Mma && why_not.empty() ? FwdLoop::Sm90 : FwdLoop::Mma;
+  plan.kind = plan.loop == FwdLoop::Sm90 ? sm90_kind : mma_kind;
   if (plan.loop == FwdLoop::Sm90) {
     plan.bm = tiles::kFwdSm90BM;
     plan.bn = tiles::fwd_sm90_bn(d);
@@ -88,7 +99,7 @@ BwdPlan plan_bwd(const AttnParams& p, const DeviceInfo& dev, MainLoop loop, bool
   const bool gen = general(p);
   plan.kind = gen ? BwdKind::General : BwdKind::Plain;
   const int d = plan.head_dim = head_dim_bucket(std::max(p.E, p.Ev));
-  std::string why_not = sm90_unavailable(p, dev, has_sm90_variant(p.dtype, d, true, gen));
+  std::string why_not = sm90_unavailable(p, dev, has_sm90_variant(p.dtype, d, true, gen), false);
   // The Hopper backward adds dQ by float atomics; deterministic mode keeps the mma.sync loops and their dQ pass.
   if (why_not.empty() && p.deterministic) why_not = "deterministic algorithms are enabled (dQ by atomics)";
   if (why_not.empty() && gen && !bwd_sm90_general_ok(p))

@@ -120,7 +120,7 @@ struct FwdSm90Block {
   int G, L, rows, m_blocks, n_pairs;
   FwdBlock blk;  // the row block in progress, and its fields
   int64_t b;
-  int hk, m0, n_full, t_begin, t_end;
+  int hk, m0, n_full, lo_full, t_begin, t_end;  // lo_full: FwdBlock's (a sliding window, plain kind only)
   int E, Ev;
   bool has_mask;
   // A bool mask whose rows are 16-byte aligned is loaded by the producer (cp.async), a key tile that no row of the
@@ -154,7 +154,7 @@ struct FwdSm90Block {
     m_blocks = (rows + BM - 1) / BM, n_pairs = (m_blocks + 1) / 2;
     blk = block_of(blockIdx.x, 0);
     b = blk.b;
-    hk = blk.hk, m0 = blk.m0, n_full = blk.n_full, t_begin = blk.t_begin, t_end = blk.t_end;
+    hk = blk.hk, m0 = blk.m0, n_full = blk.n_full, lo_full = blk.lo_full, t_begin = blk.t_begin, t_end = blk.t_end;
     E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
 
     has_mask = kGeneral && p.mask_kind != MaskKind::None;

@@ -35,7 +35,7 @@ struct FwdSm90Consumer {
   const AttnParams& p;
   const int wg_bar;  // this warpgroup's named barrier
   // The two rows this thread holds in the accumulators: packed row m0 + 64 wg + 16 wwarp + 8 hf + g.
-  int row_i[2], row_h[2], row_lim[2];
+  int row_i[2], row_h[2], row_lim[2], row_lo[2];  // keys [row_lo, row_lim) pass causal / window / bounds
   bool row_ok[2];
   const bool with_sinks;
   float m_run[2], l_run[2];
@@ -278,6 +278,7 @@ struct FwdSm90Consumer {
       row_h[hf] = k.hk * k.G + rr / k.L;
       row_i[hf] = rr % k.L;
       row_lim[hf] = row_limit(p, row_i[hf]);
+      row_lo[hf] = row_begin(p, row_i[hf]);
       softmax_start(p, row_h[hf], with_sinks, k.t, m_run[hf], l_run[hf]);
     }
   }
@@ -287,6 +288,7 @@ struct FwdSm90Consumer {
     k.hk = k.blk.hk;
     k.m0 = k.blk.m0;
     k.n_full = k.blk.n_full;
+    k.lo_full = k.blk.lo_full;
     k.t_begin = k.blk.t_begin;
     k.t_end = k.blk.t_end;
     set_rows();
@@ -377,6 +379,18 @@ __device__ __forceinline__ void FwdSm90Consumer<T, D, kKind>::mask_tile(float (&
       for (int i = 0; i < 4; ++i) {
         const int j = j0 + n * 8 + 2 * t + (i & 1);
         s[n * 4 + i] = j < row_lim[i >> 1] ? s[n * 4 + i] : -INFINITY;
+      }
+    }
+  }
+  if (!kGeneral && j0 < k.lo_full) {
+    // A sliding window's beginning (the plain kind; cuda/plan.cpp): only tiles that start before the keys every
+    // row of the block may see.
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int j = j0 + n * 8 + 2 * t + (i & 1);
+        s[n * 4 + i] = j >= row_lo[i >> 1] ? s[n * 4 + i] : -INFINITY;
       }
     }
   }
