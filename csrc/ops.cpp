@@ -54,5 +54,5 @@ TORCH_LIBRARY(sdpax, m) {
   m.def(
       "cuda_plan(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, int causal, "
       "bool enable_gqa, int backend, bool mask_grad, bool deterministic, int[] device, int window_left=-1, "
-      "int window_right=-1) -> int[]");
+      "int window_right=-1, float softcap=0.0) -> int[]");
 }

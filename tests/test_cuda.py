@@ -527,6 +527,58 @@ def test_cuda_graph_capture_and_replay():
         assert torch.equal(out, eager)
 
 
+
+def test_cuda_graph_captures_a_decode_loop():
+    """A decode step through the public function (GQA, a KV cache that grows in place, its padding mask, the
+    split-key decode kernels) captured once in a CUDA graph and replayed step after step gives, bit for bit, what
+    the same steps give eagerly."""
+    gen = torch.Generator(device=DEV).manual_seed(8)
+    B, Hq, Hkv, S, E, steps = 2, 8, 2, 4096, 128, 6
+    k_new = make((steps, B, Hkv, 1, E), torch.bfloat16, gen, False)
+    v_new = make((steps, B, Hkv, 1, E), torch.bfloat16, gen, False)
+    q0 = make((B, Hq, 1, E), torch.bfloat16, gen, False)
+    prefix = S - 2 * steps  # positions already in the cache
+
+    def fresh_state():
+        k_cache = make((B, Hkv, S, E), torch.bfloat16, torch.Generator(device=DEV).manual_seed(9), False)
+        v_cache = make((B, Hkv, S, E), torch.bfloat16, torch.Generator(device=DEV).manual_seed(10), False)
+        filled = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=DEV)
+        filled[..., :prefix] = True
+        return k_cache, v_cache, filled, q0.clone(), torch.tensor([prefix], device=DEV)
+
+    def step(state, k_t, v_t):
+        k_cache, v_cache, filled, q, pos = state
+        k_cache.index_copy_(2, pos, k_t)
+        v_cache.index_copy_(2, pos, v_t)
+        filled.index_fill_(3, pos, True)
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=filled, enable_gqa=True)
+        q.copy_(out * 0.5 + q0)
+        pos.add_(1)
+        return out
+
+    eager_state, graph_state = fresh_state(), fresh_state()
+    k_t, v_t = torch.empty_like(k_new[0]), torch.empty_like(v_new[0])  # the graph's input buffers
+    with sdpax.patch():
+        eager = [step(eager_state, k_new[i], v_new[i]).clone() for i in range(steps)]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up outside the capture (selection cache, kernel attributes)
+            step(fresh_state(), k_t, v_t)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = step(graph_state, k_t, v_t)
+    got = []
+    for i in range(steps):
+        k_t.copy_(k_new[i])
+        v_t.copy_(v_new[i])
+        g.replay()
+        got.append(out.clone())
+    torch.cuda.synchronize()
+    for i in range(steps):
+        assert torch.equal(got[i], eager[i]), i
+    assert torch.equal(graph_state[0], eager_state[0]) and torch.equal(graph_state[2], eager_state[2])
+
 def test_opcheck_cuda():
     gen = torch.Generator(device=DEV).manual_seed(9)
     q = make((2, 4, 33, 64), torch.bfloat16, gen)

@@ -104,6 +104,16 @@ def test_sliding_window_plan():
     assert cuda_plan(*qkv(), device=H100, window=(-1, -1)).forward_kind == "plain"
 
 
+def test_softcap_runs_the_mma_general_kind():
+    p = cuda_plan(*qkv(), device=H100, softcap=30.0)
+    assert (p.forward_loop, p.forward_kind, p.backward_loop, p.backward_kind) == \
+        ("mma.sync", "general", "mma.sync wide", "general")
+    p = cuda_plan(*qkv(), device=H100, softcap=30.0, window=(64, -1), causal=1)
+    assert (p.forward_loop, p.forward_kind) == ("mma.sync", "general")
+    with sdpax.cuda_main_loop(forward="sm90", strict=True), pytest.raises(RuntimeError, match="softcap"):
+        cuda_plan(*qkv(), device=H100, softcap=30.0)
+
+
 def test_deterministic_backward_takes_the_dq_pass():
     p = cuda_plan(*qkv(), deterministic=True, device=H100)
     assert (p.backward_loop, p.dq_pass) == ("mma.sync wide", True)

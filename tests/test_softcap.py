@@ -13,15 +13,12 @@ from helpers import (
     DEVICES,
     LOWER_RIGHT,
     UPPER_LEFT,
-    assert_close_rel,
     assert_dropout_like_math,
     backends_taking,
     check_every_backend,
     make_qkv,
     needs_cuda,
-    reference,
     run,
-    torch_errors,
 )
 from sdpax import SDPBackend
 from sdpax.attention.bias import causal_lower_right
@@ -118,16 +115,54 @@ def test_softcap_none_is_plain_attention():
 
 
 @needs_cuda
-def test_softcap_cuda_reason_and_math():
-    """The CUDA kernels have no softcap: explain() says so, FLASH alone refuses with that reason, and the default
-    selection runs MATH on the GPU."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("feature", ["none", "causal_ul", "causal_lr", "bool_pad", "add_full", "add_rows", "gqa",
+                                     "window"])
+@pytest.mark.parametrize("L,S,E", [(300, 300, 64), (129, 700, 128), (640, 200, 256)])
+def test_softcap_cuda_kernels(L, S, E, feature, dtype):
+    """The CUDA kernels take the softcap (the mma.sync general kind; the plan says so): FLASH runs it, forward and
+    backward by the suite's rule, with every mask kind the wide backward reads (bool, additive in place, additive
+    broadcast over rows), both causal alignments, GQA and a window."""
+    gen = torch.Generator().manual_seed(L + S + E)
+    gqa = feature == "gqa"
+    q, k, v = make_qkv((2, 4, L, E), (2, 2 if gqa else 4, S, E), E, dtype, "cuda", gen, requires_grad=True)
+    kwargs, mask, causal, user, window = {"softcap": 15.0, "enable_gqa": gqa}, None, 0, None, (-1, -1)
+    if feature in ("causal_ul", "causal_lr"):
+        causal = UPPER_LEFT if feature == "causal_ul" else LOWER_RIGHT
+        kwargs.update({"is_causal": True} if causal == UPPER_LEFT else {"attn_mask": causal_lower_right(L, S)})
+    elif feature == "bool_pad":
+        user = (torch.rand(2, 1, 1, S, generator=gen) > 0.3).cuda()
+    elif feature == "add_full":
+        user = torch.randn(2, 4, L, S, generator=gen).to(device="cuda", dtype=dtype)
+    elif feature == "add_rows":
+        user = torch.randn(2, 1, 1, S, generator=gen).to(device="cuda", dtype=dtype)
+    elif feature == "window":
+        window = (50, 10)
+        kwargs["window_size"] = window
+        i, j = torch.arange(L).unsqueeze(1) + S - L, torch.arange(S).unsqueeze(0)
+        mask = ((j >= i - 50) & (j <= i + 10)).cuda()
+    if user is not None:
+        kwargs["attn_mask"] = mask = user
+    gout = torch.randn((2, 4, L, E), generator=gen).to(device="cuda", dtype=dtype)
+    assert SDPBackend.FLASH_ATTENTION in backends_taking(q, k, v, **kwargs)
+    ex = sdpax.explain(q, k, v, **kwargs)
+    assert ex.plan.forward_kind == "general" and ex.plan.forward_loop == "mma.sync"
+    check_every_backend(q, k, v, gout, kwargs,
+                        lambda b: (user, 0.0, 2 if feature == "causal_lr" else causal, 1.0 / math.sqrt(E), gqa, None,
+                                   None, int(b), 15.0, *window),
+                        mask=mask, causal=causal, softcap=15.0, gqa=gqa)
+
+
+@needs_cuda
+def test_softcap_cuda_mask_grad_runs_math():
+    """A softcap with a float mask that requires grad: the CUDA kernels decline (their dS is taken after the cap's
+    derivative) and MATH computes the call; FLASH alone refuses with that reason."""
     gen = torch.Generator().manual_seed(6)
-    q, k, v = make_qkv((1, 2, 64, 64), (1, 2, 64, 64), 64, torch.bfloat16, "cuda", gen)
-    ex = sdpax.explain(q, k, v, softcap=10.0)
+    q, k, v = make_qkv((1, 2, 64, 64), (1, 2, 64, 64), 64, torch.bfloat16, "cuda", gen, requires_grad=True)
+    mask = torch.randn(1, 2, 64, 64, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+    ex = sdpax.explain(q, k, v, attn_mask=mask, softcap=10.0)
     assert ex.backend == SDPBackend.MATH
     assert any("softcap" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION])
     with pytest.raises(RuntimeError, match="softcap"):
-        run(SDPBackend.FLASH_ATTENTION, q, k, v, softcap=10.0)
-    ref = reference(q.double(), k.double(), v.double(), softcap=10.0)
-    t_err, _ = torch_errors(q, k, v, softcap=10.0)
-    assert_close_rel(sdpax.scaled_dot_product_attention(q, k, v, softcap=10.0), ref, t_err, torch.bfloat16)
+        out = run(SDPBackend.FLASH_ATTENTION, q, k, v, attn_mask=mask, softcap=10.0)
+        out.sum().backward()

@@ -30,8 +30,6 @@ at::Tensor vector_ready(const at::Tensor& t) {
 
 void check_supported(const FwdArgs& a, int64_t E, int64_t Ev) {
   const at::Tensor& q = a.q;
-  TORCH_CHECK(a.softcap == 0.0, "sdpax: the CUDA FLASH_ATTENTION kernels have no score softcap yet; use the MATH "
-              "backend");
   TORCH_CHECK(a.dropout_p == 0.0 || a.rng->numel() == 2, "sdpax: the CUDA FLASH_ATTENTION kernels take no dropout "
               "origin (rng {seed, offset, row0, col0}); use the MATH backend");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf || q.scalar_type() == at::kFloat,
@@ -171,6 +169,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
     p.dq_accum = dq_accum.data_ptr<float>();
   }
   const bool wants_dmask = a.mask_grad && mask && mask->scalar_type() != at::kBool;
+  // The kernels write dS after the softcap's derivative; the mask's gradient is dS before it.
+  TORCH_CHECK(!(wants_dmask && a.f.softcap > 0.0), "sdpax: the CUDA FLASH_ATTENTION kernels do not compute the "
+              "gradient of attn_mask together with a softcap; use the MATH backend");
   MaskGrad mg;
   if (wants_dmask) mg = plan_mask_grad(c, q, *mask, deterministic, p);
   const BwdPlan plan = plan_bwd(p, current_device(), a.f.backend.bwd_loop, a.f.backend.strict);

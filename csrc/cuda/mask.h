@@ -57,6 +57,19 @@ struct Dropout {
   }
 };
 
+// Score softcap (Gemma 2's): a scaled score x becomes cap tanh(x / cap) before the mask; the backward multiplies dS
+// by the derivative 1 - tanh^2. tanhf is libdevice's accurate one (-use_fast_math does not replace it), so float32
+// calls keep float32 accuracy. The general kind of the mma.sync loops takes it (cuda/plan.cpp).
+struct Softcap {
+  bool on;
+  float in_scale;  // scale / cap: tanh's argument from the raw score q.k
+  float out_log2;  // cap log2(e): the capped score in log2 units from tanh
+  __device__ __forceinline__ explicit Softcap(const AttnParams& p, bool allowed)
+      : on(allowed && p.softcap > 0.f),
+        in_scale(on ? p.scale / p.softcap : 0.f),
+        out_log2(p.softcap * kLog2e) {}
+};
+
 // Key-visibility limits of query row i: keys [row_begin, row_limit) pass the causal edge, the sliding window
 // (common/params.h key_begin / key_end) and the sequence bound.
 __device__ __forceinline__ int row_limit(const AttnParams& p, int i) {

@@ -17,9 +17,9 @@ bool windowed(const AttnParams& p) { return p.win_left >= 0 || p.win_right >= 0;
 // A mask or dropout: the general kind of every loop.
 bool masked(const AttnParams& p) { return p.mask_kind != MaskKind::None || p.dropout_p > 0.0; }
 
-// The mma.sync loops' general kind also takes a sliding window; of the Hopper loops, the forward's plain kind does
-// (its causal edge test takes the window's beginning too), the general kinds and the backward do not.
-bool general(const AttnParams& p) { return masked(p) || windowed(p); }
+// The mma.sync loops' general kind also takes a sliding window and a score softcap; of the Hopper loops, the
+// forward's plain kind takes a window (its causal edge test takes the window's beginning too), nothing else does.
+bool general(const AttnParams& p) { return masked(p) || windowed(p) || p.softcap > 0.f; }
 
 // Whether the variant table (csrc/variants.py) has this Hopper variant.
 bool has_sm90_variant(ScalarKind dtype, int d, bool bwd, int kind) {
@@ -36,6 +36,7 @@ std::string sm90_unavailable(const AttnParams& p, const DeviceInfo& dev, bool ta
   if (!dev.build_sm90a) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
   if (dev.cc_major != 9) return "the device is not compute capability 9.x";
   if (!table_says) return "the Hopper loop has no variant for this dtype, head dim and kind (csrc/variants.py)";
+  if (p.softcap > 0.f) return "the Hopper loops take no score softcap (the mma.sync general kind does)";
   if (windowed(p) && !takes_window)
     return "this Hopper loop takes no sliding window with a mask, dropout or in the backward (the mma.sync general "
            "kind does)";

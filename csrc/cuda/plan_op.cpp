@@ -17,12 +17,12 @@ namespace {
 std::vector<int64_t> cuda_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, double dropout_p, int64_t causal,
                                bool enable_gqa, int64_t backend, bool mask_grad, bool deterministic,
-                               at::IntArrayRef device, int64_t window_left, int64_t window_right) {
+                               at::IntArrayRef device, int64_t window_left, int64_t window_right, double softcap) {
   TORCH_CHECK(device.size() == 3, "sdpax: cuda_plan's device is {compute capability major, SMs, has sm_90a}");
   const std::optional<at::Tensor> none;
   // The params as the host entry builds them (without dropout: there is no rng to point at), then what the plan
   // reads beyond them.
-  const FwdArgs a{q, k, v, mask, 0.0, causal, 1.0, enable_gqa, none, none, decode_backend(backend), 0.0,
+  const FwdArgs a{q, k, v, mask, 0.0, causal, 1.0, enable_gqa, none, none, decode_backend(backend), softcap,
                   window_left, window_right};
   const Canonical c = canonicalize(a);
   AttnParams p = make_params(c, c.q, c.k, c.v, none, a);

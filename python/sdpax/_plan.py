@@ -70,16 +70,17 @@ def build_has_sm90a() -> bool:
 
 
 def cuda_plan(query, key, value, attn_mask=None, dropout_p=0.0, causal=0, enable_gqa=False, *, mask_grad=False,
-              deterministic=False, device=None, loop_bits=None, window=(-1, -1)) -> CudaPlan:
+              deterministic=False, device=None, loop_bits=None, window=(-1, -1), softcap=0.0) -> CudaPlan:
     """The plan for these (dense, causal-id) arguments. device: (compute capability major, multiprocessors, build
     has sm_90a code); default: the query's CUDA device and this build. loop_bits: the cuda_main_loop choice
-    (default: the current thread's). window: the op's (window_left, window_right)."""
+    (default: the current thread's). window: the op's (window_left, window_right); softcap: the op's (0: none)."""
     if device is None:
         props = torch.cuda.get_device_properties(query.device)
         device = (props.major, props.multi_processor_count, build_has_sm90a())
     bits = _select.loop_bits() if loop_bits is None else loop_bits
     r = _ops.cuda_plan(query, key, value, attn_mask, float(dropout_p), int(causal), bool(enable_gqa),
                        int(_select.SDPBackend.FLASH_ATTENTION) | bits, bool(mask_grad), bool(deterministic),
-                       [int(device[0]), int(device[1]), int(bool(device[2]))], int(window[0]), int(window[1]))
+                       [int(device[0]), int(device[1]), int(bool(device[2]))], int(window[0]), int(window[1]),
+                       float(softcap))
     return CudaPlan(_FWD_LOOPS[r[0]], _FWD_KINDS[r[1]], r[2], (r[3], r[4]), r[5], _BWD_LOOPS[r[6]], _BWD_KINDS[r[7]],
                     (r[8], r[9]), bool(r[10]), bool(r[11]))

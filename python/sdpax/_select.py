@@ -56,6 +56,7 @@ class DeviceLimits:
     mask_grad: bool | None = None  # overrides the backend's Limits.mask_grad on this device (None: keep it)
     zero_scale: bool = True  # whether the kernels take scale == 0
     softcap: bool = True  # whether the kernels take a score softcap
+    softcap_mask_grad: bool = True  # whether they take a softcap with a mask that requires grad
     dropout_origin: bool = True  # whether the kernels take rng = {seed, offset, row0, col0}
     window: bool = True  # whether the kernels take a sliding window
     varlen: bool = True  # whether the kernels take packed variable-length batches
@@ -64,9 +65,9 @@ class DeviceLimits:
 # What each device's fused kernels take beyond the table's dtypes and head dims (csrc/variants.py, through the
 # build config). CUDA: the fused backward computes the float mask gradient and has a deterministic mode (its own
 # dQ pass, no atomics). scale == 0 (every score 0) gave NaN gradients from the CUDA backward in the property-based
-# fuzz; until the kernels are fixed for it, MATH computes such calls. The CUDA kernels have no score softcap, no
-# dropout origin and no packed variable-length batches yet.
-_FLASH_EXTRA = {"cuda": {"mask_grad": True, "zero_scale": False, "softcap": False, "dropout_origin": False,
+# fuzz; until the kernels are fixed for it, MATH computes such calls. The CUDA kernels write dS after a softcap's
+# derivative, not the mask gradient beside it; they have no dropout origin and no packed variable-length batches yet.
+_FLASH_EXTRA = {"cuda": {"mask_grad": True, "zero_scale": False, "softcap_mask_grad": False, "dropout_origin": False,
                          "varlen": False}}
 # Call features a device's kernels may decline (a DeviceLimits flag of the same name), and the reason given.
 _DECLINABLE = {"zero_scale": "scale 0 is not supported by the {} kernels",
@@ -150,6 +151,9 @@ def reasons(backend: SDPBackend, call: Call) -> list[str]:
                        f"{call.device.type}")
         out += [why.format(call.device.type) for feature, why in _DECLINABLE.items()
                 if getattr(call, feature) and not getattr(dev, feature)]
+        if call.softcap and call.mask_requires_grad and not dev.softcap_mask_grad:
+            out.append(f"a softcap with attn_mask requiring grad is not supported by the {call.device.type} kernels "
+                       "(MATH computes the mask gradient)")
         if call.deterministic_grad and not dev.deterministic_backward:
             out.append(f"deterministic algorithms are enabled and {dev.why_nondeterministic}")
     return out

@@ -105,7 +105,7 @@ def _plain_call(query, key, value, is_causal, scale, enable_gqa):
     fields = (device, query.dtype, E, value.shape[-1], False, needs_grad, needs_grad and _deterministic(),
               scale == 0.0, False, False, False, False)
     args = (query, key, value, None, 0.0, _UPPER_LEFT if is_causal else 0, scale, bool(enable_gqa), None, None,
-            int(_select.select_cached(fields)) | _select.loop_bits(), 0.0, -1, -1)
+            int(_select.select_cached(fields)) | _select.loop_bits())  # softcap and window: the schema's defaults
     if needs_grad:
         return _ops.fwd(*args)[0]
     with _below_autograd():
@@ -165,5 +165,5 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *
     if ex.backend == _select.SDPBackend.FLASH_ATTENTION and query.device.type == "cuda":
         ex.plan = _plan.cuda_plan(query, key, value, mask, dropout_p, causal, enable_gqa,
                                   mask_grad=call.mask_requires_grad, deterministic=call.deterministic_grad,
-                                  window=window)
+                                  window=window, softcap=_softcap(softcap))
     return ex

@@ -93,6 +93,7 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
   const bool has_dmask = kGeneral && p.dmask != nullptr && ch == 0;  // the column halves hold the same dS
   const bool dq_atomic = !p.deterministic;                             // else bwd_dq_kernel computes dQ
   const float scale_log2 = p.scale * kLog2e;
+  const Softcap cap(p, kGeneral);
 
   // This warp's keys: rows g and g + 8 of its 16.
   int key[2];
@@ -165,7 +166,8 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
       for (int e = 0; e < 4; ++e) {
         const int r = n * 8 + 2 * t + (e & 1);
         const int i = i0 + r, j = key[e >> 1];
-        float s = st[n][e] * scale_log2;
+        const float th = cap.on ? tanhf(st[n][e] * cap.in_scale) : 0.f;  // softcap: dS gets 1 - th^2
+        float s = cap.on ? th * cap.out_log2 : st[n][e] * scale_log2;
         if (need_elem) {
           if (i >= L || j >= row_limit(p, i) || (kGeneral && j < row_begin(p, i))) {
             s = -INFINITY;
@@ -185,7 +187,7 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
           pd *= keep;
         }
         st[n][e] = pd;
-        dpt[n][e] = pr * (dp - sDelta[buf * BM + r]);
+        dpt[n][e] = pr * (dp - sDelta[buf * BM + r]) * (cap.on ? 1.f - th * th : 1.f);
       }
     }
 
@@ -310,6 +312,7 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
   if (has_dropout) drop.init(p);
   const bool has_mask = kGeneral && p.mask_kind != MaskKind::None;
   const float scale_log2 = p.scale * kLog2e;
+  const Softcap cap(p, kGeneral);
 
   // The rows this thread holds: i0 + warp * 16 + g (+ 8). Past L: lse = -inf, so P = 0 and nothing is written.
   int row[2], lim[2], lo[2];
@@ -372,7 +375,8 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
       for (int e = 0; e < 4; ++e) {
         const int hf = e >> 1;
         const int i = row[hf], j = j0 + n * 8 + 2 * t + (e & 1);
-        float x = s[n][e] * scale_log2;
+        const float th = cap.on ? tanhf(s[n][e] * cap.in_scale) : 0.f;  // softcap: dS gets 1 - th^2
+        float x = cap.on ? th * cap.out_log2 : s[n][e] * scale_log2;
         if (need_elem) {
           if (j >= lim[hf] || j < lo[hf]) {
             x = -INFINITY;
@@ -384,7 +388,7 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
         const float pr = lse2[hf] == -INFINITY ? 0.f : exp2f(x - lse2[hf]);
         float d = dp[n][e];
         if (has_dropout) d *= drop.one(static_cast<uint32_t>(bh), static_cast<uint32_t>(i), static_cast<uint32_t>(j));
-        s[n][e] = pr * (d - delta[hf]);
+        s[n][e] = pr * (d - delta[hf]) * (cap.on ? 1.f - th * th : 1.f);
       }
     }
 

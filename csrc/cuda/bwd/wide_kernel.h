@@ -139,6 +139,7 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   cp_async_commit();
 
   const bool dq_atomic = !p.deterministic;  // else bwd_dq_kernel computes dQ
+  const Softcap cap(p, kGeneral);
   Dropout drop{};
   const bool has_dropout = kGeneral && p.dropout_p > 0.0;
   if (has_dropout) drop.init(p);
@@ -231,31 +232,52 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
       wide_product<T, KTile, QTile, D, WQ>(dpt, lane_k + KTile::kBytes, lane_q + q_buf + QTile::kBytes);
     }
 
-    // Mask and causal / bounds limits on S^T, one loop per mask kind (wide_scores.h). Only tiles that cross a limit
-    // pay for its tests. With a mask, S^T becomes S^T scale log2(e) + bias log2(e) (-inf where not allowed), and the
-    // exp2 below skips its own scaling: exp2(S^T pscale - lse2).
-    float pscale = has_mask ? 1.f : scale_log2;
-    if (bool_mask) {
-      // A thread whose elements are all allowed (padding masks inside the valid length, mostly-true masks) skips
-      // the pass: the exp2 scales as in the plain kind.
-      if (allowed == kAllBits) pscale = scale_log2;
-      else wide_mask_pass<WQ>(st, allowed, scale_log2, WideNoBias{});
-    } else if (row_bcast) {  // additive, broadcast over rows: one bias per key of this thread (in L1 after the test)
-      float key_bias[4] = {0.f, 0.f, 0.f, 0.f};
-      wide_key_bias<WQ>(key_bias, p, b, h, j0, wk, g, row_allowed);
-      wide_mask_pass<WQ>(st, allowed, scale_log2, WideKeyBias{key_bias});
-    } else if (has_mask) {  // additive: read where allowed
-      const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
-      wide_mask_pass<WQ>(st, allowed, scale_log2, WideElemBias<WQ>{p, m_off, i0, wn, t, j0, wk, g});
-    } else if (cross) {
-      wide_apply_limits<WQ, kGeneral>(st, i0, j0, wk, wn, g, t, L, S, lim_shift, blk.lo_shift);
-    }
+    if (cap.on) {
+      // Softcap (general kind): one pass does the mask, the limits, P^T, dropout and dS^T (wide_scores.h).
+      if (!has_mask) {
+        allowed = kAllBits;
+        if (cross) wide_fold_limits<WQ>(allowed, p, i0, j0, wk, wn, g, t, L);
+      }
+      if (!has_mask || bool_mask) {
+        wide_softcap_pass<BM, WQ>(st, dpt, allowed, cap, WideNoBias{}, i0, wn, t, j0, wk, g, has_dropout, drop, bh,
+                                  sLse, sDelta, buf);
+      } else if (row_bcast) {
+        float key_bias[4] = {0.f, 0.f, 0.f, 0.f};
+        wide_key_bias<WQ>(key_bias, p, b, h, j0, wk, g, row_allowed);
+        wide_softcap_pass<BM, WQ>(st, dpt, allowed, cap, WideKeyBias{key_bias}, i0, wn, t, j0, wk, g, has_dropout,
+                                  drop, bh, sLse, sDelta, buf);
+      } else {
+        const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
+        wide_softcap_pass<BM, WQ>(st, dpt, allowed, cap, WideElemBias<WQ>{p, m_off, i0, wn, t, j0, wk, g}, i0, wn,
+                                  t, j0, wk, g, has_dropout, drop, bh, sLse, sDelta, buf);
+      }
+    } else {
+      // Mask and causal / bounds limits on S^T, one loop per mask kind (wide_scores.h). Only tiles that cross a limit
+      // pay for its tests. With a mask, S^T becomes S^T scale log2(e) + bias log2(e) (-inf where not allowed), and the
+      // exp2 below skips its own scaling: exp2(S^T pscale - lse2).
+      float pscale = has_mask ? 1.f : scale_log2;
+      if (bool_mask) {
+        // A thread whose elements are all allowed (padding masks inside the valid length, mostly-true masks) skips
+        // the pass: the exp2 scales as in the plain kind.
+        if (allowed == kAllBits) pscale = scale_log2;
+        else wide_mask_pass<WQ>(st, allowed, scale_log2, WideNoBias{});
+      } else if (row_bcast) {  // additive, broadcast over rows: one bias per key of this thread (in L1 after the test)
+        float key_bias[4] = {0.f, 0.f, 0.f, 0.f};
+        wide_key_bias<WQ>(key_bias, p, b, h, j0, wk, g, row_allowed);
+        wide_mask_pass<WQ>(st, allowed, scale_log2, WideKeyBias{key_bias});
+      } else if (has_mask) {  // additive: read where allowed
+        const int64_t m_off = b * p.mask_st.b + h * p.mask_st.h;
+        wide_mask_pass<WQ>(st, allowed, scale_log2, WideElemBias<WQ>{p, m_off, i0, wn, t, j0, wk, g});
+      } else if (cross) {
+        wide_apply_limits<WQ, kGeneral>(st, i0, j0, wk, wn, g, t, L, S, lim_shift, blk.lo_shift);
+      }
 
-    // P^T (P_drop^T with dropout: st, for dV) and dS^T (dpt), one loop with dropout and one without.
-    if (has_dropout)
-      wide_exp_pass<true, BM, WQ>(st, dpt, pscale, i0, wn, t, m4, j0, wk, g, drop, bh, sLse, sDelta, buf);
-    else
-      wide_exp_pass<false, BM, WQ>(st, dpt, pscale, i0, wn, t, m4, j0, wk, g, drop, bh, sLse, sDelta, buf);
+      // P^T (P_drop^T with dropout: st, for dV) and dS^T (dpt), one loop with dropout and one without.
+      if (has_dropout)
+        wide_exp_pass<true, BM, WQ>(st, dpt, pscale, i0, wn, t, m4, j0, wk, g, drop, bh, sLse, sDelta, buf);
+      else
+        wide_exp_pass<false, BM, WQ>(st, dpt, pscale, i0, wn, t, m4, j0, wk, g, drop, bh, sLse, sDelta, buf);
+    }
 
     // Mask gradient: dS itself (rows past L and keys past S hold 0 and are not written).
     if (has_dmask) store_dmask_keys32<WQ>(p, dpt, b, h, i0 + wn * WQ, j0 + wk * 32, g, t, L, S);

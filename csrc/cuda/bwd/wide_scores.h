@@ -215,5 +215,40 @@ __device__ __forceinline__ void wide_exp_pass(float (&st)[2][WQ / 8][4], float (
   }
 }
 
+// The softcap's pass (general kind, p.softcap > 0), in place of the mask pass and the exp pass: per element, the
+// capped score z = cap tanh(S^T scale / cap) in log2 units plus the mask's bias where allowed (-inf elsewhere),
+// P^T = exp2(z - lse2), dropout by the per-element keep function, and dS^T = P^T o (dP^T keep - Delta) o (1 - tanh^2)
+// (the cap's derivative). One loop for every mask kind (the bias functor) with the tanh kept per element.
+template <int BM, int WQ, class Bits, class Bias>
+__device__ __forceinline__ void wide_softcap_pass(float (&st)[2][WQ / 8][4], float (&dpt)[2][WQ / 8][4],
+                                                  const Bits& allowed, const Softcap& cap, Bias bias_of, int i0,
+                                                  int wn, int t, int j0, int wk, int g, bool has_dropout,
+                                                  const Dropout& drop, int64_t bh, const float* sLse,
+                                                  const float* sDelta, int buf) {
+#pragma unroll
+  for (int n = 0; n < WQ / 8; ++n)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int r = wn * WQ + n * 8 + 2 * t + c;
+      const float lse = sLse[buf * BM + r], delta = sDelta[buf * BM + r];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int e = 2 * hf + c;
+          const float th = tanhf(st[mt][n][e] * cap.in_scale);
+          const bool ok = (allowed >> ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c)) & 1;
+          // A row with no allowed key has lse = -inf; its elements are not allowed, so P stays 0.
+          const float pr = ok ? exp2f(th * cap.out_log2 + bias_of(n, c, mt, hf) - lse * kLog2e) : 0.f;
+          float keep = 1.f;
+          if (has_dropout)
+            keep = drop.one(static_cast<uint32_t>(bh), static_cast<uint32_t>(i0 + r),
+                            static_cast<uint32_t>(j0 + wk * 32 + mt * 16 + hf * 8 + g));
+          st[mt][n][e] = pr * keep;
+          dpt[mt][n][e] = pr * (dpt[mt][n][e] * keep - delta) * (1.f - th * th);
+        }
+    }
+}
+
 }  // namespace cuda
 }  // namespace sdpax

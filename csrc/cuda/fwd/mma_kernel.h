@@ -9,7 +9,7 @@
 // Variants: element type T (bfloat16, float16, float), head-dim bucket D (E, Ev <= D, padded with zeros in shared
 // memory) and kKind (tiles.h):
 //   Plain    no mask, no dropout (causal, sinks, GQA, scale are run-time)
-//   General  attention mask, dropout and/or a sliding window
+//   General  attention mask, dropout, a sliding window and/or a score softcap
 //   Decode   plain, for at most 16 rows per (batch, kv head) (decode, GQA groups of L = 1): one-warp blocks of 16
 //            rows, so that many blocks share a multiprocessor and keep enough K/V loads in flight; combined with
 //            the split-key launch it streams K/V at close to the memory bandwidth.
@@ -95,14 +95,15 @@ template <int D, int BN>
 __device__ __forceinline__ void fwd_mma_softmax_row(float (&s)[BN / 8][4], float (&o)[D / 8][4], int hf, float& m,
                                                     float& l, const AttnParams& p, int j0, int t, float scale_log2,
                                                     bool has_mask, bool need_elem, uint64_t bits, int64_t mask_off,
-                                                    int lo, int lim, bool has_dropout, const Dropout& drop, int64_t b, int h,
-                                                    int i) {
+                                                    int lo, int lim, bool has_dropout, const Dropout& drop, int64_t b,
+                                                    int h, int i, const Softcap& cap) {
   float mx = -INFINITY;
 #pragma unroll
   for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      float x = s[n][hf * 2 + e] * scale_log2;
+      // (a capped score: cap tanh(s scale / cap), log2 units)
+      float x = cap.on ? cap.out_log2 * tanhf(s[n][hf * 2 + e] * cap.in_scale) : s[n][hf * 2 + e] * scale_log2;
       if (has_mask) {
         const int j = j0 + n * 8 + 2 * t + e;
         if (!((bits >> (n * 2 + e)) & 1)) {
@@ -268,6 +269,7 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
       for (int e = 0; e < 4; ++e) acc_o[mt][dn][e] = 0.f;
   }
   const float scale_log2 = p.scale * kLog2e;
+  const Softcap cap(p, kGeneral);
 
   auto load_tile = [&](int tile, int stage) {
     load_kv(sK0 + stage * KTile::kBytes, p.k, p.k_st, E, tile);
@@ -338,7 +340,7 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
           fwd_mma_softmax_row<D, BN>(acc_s[mt], acc_o[mt], hf, m_run[mt][hf], l_run[mt][hf], p, j0, t, scale_log2,
                                      has_mask, need_elem, bits >> ((mt * 2 + hf) * (BN / 4)), row_mask[mt][hf],
                                      row_lo[mt][hf], row_lim[mt][hf], has_dropout, drop, b, row_h[mt][hf],
-                                     row_i[mt][hf]);
+                                     row_i[mt][hf], cap);
     }
 
     if (warp_active && !skip) fwd_mma_pv<T, D, BN, MT>(acc_o, acc_s, sV, lane);
