@@ -201,6 +201,25 @@ def _table() -> tuple:
             add(f"tutorial 32 x <=512 causal {name}", 32, 8, 8, 512, 512, 64, dtype, "causal", tags="varlen:1",
                 device=device)
 
+    # window: a causal sliding window of S / 8 keys (4k at L = 32k) against torch given the same window as a
+    # materialised L x S bool mask.
+    add("window L32k (4k) d128", 1, 16, 16, 32768, 32768, 128, BF16, "causal", tags="window", device="cuda")
+    add("window L32k (4k) gqa 32/8 d128", 1, 32, 8, 32768, 32768, 128, BF16, "causal", tags="window:1",
+        device="cuda")
+    add("window L8k (1k) d64", 1, 8, 8, 8192, 8192, 64, BF16, "causal", tags="window", device="cpu")
+
+    # models: one step of small transformers models (2 layers, hidden = Hq x D) built from configs, each attention
+    # implementation on the same weights and tokens; B x L tokens. group: the model.
+    for device, L, enc in (("cuda", 4096, 512), ("cpu", 512, 128)):
+        B = 1
+        add(f"llama L{L}", B, 16, 4, L, L, 128, BF16, "causal", "llama", "models", device)
+        add(f"qwen2 L{L}", B, 16, 4, L, L, 128, BF16, "causal", "qwen2", "models", device)
+        add(f"mistral (window {L // 4}) L{L}", B, 16, 4, L, L, 128, BF16, "causal", "mistral", "models", device)
+        add(f"gemma2 (softcap, window {L // 4}) L{L}", B, 16, 8, L, L, 128, BF16, "causal", "gemma2", "models",
+            device)
+        add(f"gpt-oss (sinks, window 128) L{L}", B, 16, 4, L, L, 64, BF16, "causal", "gpt-oss", "models", device)
+        add(f"bert (padding) B8 L{enc}", 8, 16, 16, enc, enc, 64, BF16, "pad_mask", "bert", "models", device)
+
     # cp-speed-model: one long GQA sequence, split into the pair calls of sdpax.distributed.
     add("L128k gqa 32/8 d128", 1, 32, 8, 131072, 131072, 128, BF16, tags="cp-speed-model")
     add("L128k gqa 32/8 d128 causal", 1, 32, 8, 131072, 131072, 128, BF16, "causal", tags="cp-speed-model")

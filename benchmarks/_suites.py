@@ -645,6 +645,163 @@ def run_varlen(args, rows):
         "", "ratios: the other time / sdpax jagged time (> 1: sdpax on the jagged batch is faster)"]
 
 
+# ---- window ----
+
+@suite(name="window", device="cuda", devices=("cuda", "cpu"), passes=("fwd", "fwd+bwd"),
+       measures="A causal sliding window of S / 8 keys (window_size=(S / 8, 0): 4k keys at L = 32k on CUDA, 1k at "
+                "8k on CPU): sdpax's fused window, against torch's default given the same window as a materialised "
+                "(L, S) bool mask, and sdpax's full causal attention (what the window saves). Forward and forward "
+                "+ backward; TFLOP/s count the window's visible pairs.",
+       columns=("shape", "pass", "sdpax ms", "torch masked ms", "sdpax full causal ms", "vs torch masked",
+                "window / full causal", "max |diff| vs torch"))
+def run_window(args, rows):
+    device = args.device
+    timer = C.Timer(device, args.budget or 2.0, min_reps=3, max_reps=50)
+    table = []
+    for row in rows:
+        table += _window_row(row, timer, device)
+        _free(device)
+    return C.markdown_table(SUITES["window"].columns, table), [
+        "", ("vs torch masked: torch time / sdpax time (> 1: sdpax faster); window / full causal: sdpax's windowed "
+             "time over its full causal time on the same inputs")]
+
+
+def _window_row(row, timer, device) -> list:
+    W = row.S // 8
+    inp = C.make_inputs(row, device, requires_grad=True)
+    q, k, v = inp.q, inp.k, inp.v
+    i = torch.arange(row.L, device=device)[:, None] + (row.S - row.L)
+    j = torch.arange(row.S, device=device)[None, :]
+    mask = (j <= i) & (j >= i - W)
+    gqa = row.Hq != row.Hkv
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = {"sdpax": lambda: sdpax.scaled_dot_product_attention(q, k, v, is_causal=True, window_size=(W, 0),
+                                                                   enable_gqa=gqa),
+             "torch masked": lambda: sdpa(q, k, v, attn_mask=mask, enable_gqa=gqa),
+             "sdpax full causal": lambda: sdpax.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)}
+    with torch.no_grad():
+        diff = C.max_abs_err(calls["sdpax"](), calls["torch masked"]())
+    lines = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        t = timer({n: (C.forward(c) if pass_ == "fwd" else C.forward_backward(c, inp)) for n, c in calls.items()})
+        ours, full = t["sdpax"], t["sdpax full causal"]
+        lines.append([row.name, pass_, _ms(ours), _ms(t["torch masked"]), _ms(full),
+                      C.ratio(t["torch masked"], ours), "n/a" if None in (ours, full) else f"{ours / full:.2f}",
+                      f"{diff:.2e}"])
+        _progress(" | ".join(str(x) for x in lines[-1]))
+    return lines
+
+
+# ---- models ----
+
+_MODEL_IMPLS = ("sdpax", "sdpa", "eager")
+
+
+def _hf_model(row, device):
+    """A 2-layer model of row.group's family with hidden size Hq x D on row's dtype and device, or None when this
+    transformers lacks the family."""
+    import transformers as tf
+    hidden = row.Hq * row.D
+    common = {"vocab_size": 1024, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
+              "num_attention_heads": row.Hq, "num_key_value_heads": row.Hkv,
+              "max_position_embeddings": max(row.L, 512)}
+    g = row.group
+    if g == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    elif g == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+    elif g == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=row.L // 4))
+    elif g == "gemma2":
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=row.D, sliding_window=row.L // 4,
+                                                     attn_logit_softcapping=50.0, query_pre_attn_scalar=row.D))
+    elif g == "gpt-oss":
+        if not hasattr(tf, "GptOssConfig"):
+            return None
+        model = tf.GptOssForCausalLM(tf.GptOssConfig(**{**common, "intermediate_size": hidden}, head_dim=row.D,
+                                                     sliding_window=128,
+                                                     layer_types=["sliding_attention", "full_attention"],
+                                                     # every token to every expert: a routing decision that
+                                                     # flips on a rounding difference would hide the attention's
+                                                     num_local_experts=2, num_experts_per_tok=2))
+    else:  # bert
+        model = tf.BertForMaskedLM(tf.BertConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden,
+                                                 num_hidden_layers=2, num_attention_heads=row.Hq,
+                                                 max_position_embeddings=max(row.L, 512)))
+    return model.to(device=device, dtype=row.dtype).eval()
+
+
+@suite(name="models", device="cuda", devices=("cuda", "cpu"), passes=("fwd", "fwd+bwd"),
+       measures="One step of small transformers models (2 layers, hidden Hq x D, built from configs; no downloads) "
+                "with each attention implementation on the same weights and tokens: sdpax's "
+                "(sdpax.integrations.transformers), torch's SDPA ('sdpa', where the model declares SDPA support) "
+                "and 'eager'. fwd: an eval forward (prefill); fwd+bwd: forward and backward of the mean logit. "
+                "'vs fastest built-in': the faster of sdpa / eager over sdpax (> 1: sdpax faster). The last column "
+                "is the largest logit difference from eager, relative to the largest eager logit.",
+       columns=("model", "pass", "sdpax ms", "sdpa ms", "eager ms", "vs fastest built-in",
+                "sdpax vs eager (rel)", "sdpa vs eager (rel)"))
+def run_models(args, rows):
+    try:
+        import transformers  # noqa: F401
+
+        from sdpax.integrations import transformers as hf
+    except ImportError as e:
+        return f"models suite: transformers is not installed ({e})", []
+    device = args.device
+    timer = C.Timer(device, args.budget or 2.0, min_reps=3, max_reps=50)
+    table = []
+    for row in rows:
+        table += _models_row(row, timer, device, hf.ATTN_IMPLEMENTATION)
+        _free(device)
+    return C.markdown_table(SUITES["models"].columns, table), []
+
+
+def _models_row(row, timer, device, sdpax_name) -> list:
+    torch.manual_seed(0)
+    base = _hf_model(row, device)
+    if base is None:
+        return [[row.name, "-", "n/a (not in this transformers)"] + [""] * 5]
+    models = {}
+    for impl in _MODEL_IMPLS:
+        if impl == "sdpa" and not getattr(base, "_supports_sdpa", False):
+            continue
+        m = _hf_model(row, device)
+        m.load_state_dict(base.state_dict())
+        m.set_attn_implementation(sdpax_name if impl == "sdpax" else impl)
+        models[impl] = m
+    del base
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1024, (row.B, row.L), generator=gen).to(device)
+    kw = {}
+    if row.kind == "pad_mask":  # random lengths from L / 2 to L, padded at the end
+        lens = torch.randint(row.L // 2, row.L + 1, (row.B,), generator=gen)
+        kw["attention_mask"] = (torch.arange(row.L)[None] < lens[:, None]).to(device=device, dtype=torch.long)
+    with torch.no_grad():
+        logits = {n: m(ids, **kw).logits.float() for n, m in models.items()}
+    keep = kw["attention_mask"].bool()[..., None] if kw else torch.ones_like(logits["eager"][..., :1]).bool()
+    scale = logits["eager"].abs().max().item()
+    rel = {n: ((x - logits["eager"]).abs() * keep).max().item() / scale for n, x in logits.items()}
+    del logits
+
+    def step(m, train):
+        def go():
+            if train:
+                m(ids, **kw).logits.float().mean().backward()
+                return None
+            with torch.no_grad():
+                return m(ids, **kw).logits
+        return go
+    lines = []
+    for pass_, train in (("fwd", False), ("fwd+bwd", True)):
+        t = timer({n: step(m, train) for n, m in models.items()})
+        built_in = [t[n] for n in ("sdpa", "eager") if t.get(n) is not None]
+        lines.append([row.name, pass_] + [_ms(t.get(n)) for n in _MODEL_IMPLS] + [
+            C.ratio(min(built_in) if built_in else None, t["sdpax"]), f"{rel['sdpax']:.1e}",
+            f"{rel['sdpa']:.1e}" if "sdpa" in rel else "no SDPA support"])
+        _progress(" | ".join(str(x) for x in lines[-1]))
+    return lines
+
+
 # ---- fp32-accuracy ----
 
 _TENSORS = ("out", "dq", "dk", "dv")

@@ -57,9 +57,27 @@ struct Dropout {
   }
 };
 
+// tanh to float32 accuracy under -use_fast_math (which turns tanhf into tanh.approx, 2^-11 relative error: ten
+// times torch's own float32 attention error once scores pass through it). |x| < 0.35: the Taylor series to x^13
+// (the next term is below 1e-9 relative); beyond: (1 - e) / (1 + e) with e = exp(-2|x|) <= 0.5, no cancellation.
+__device__ __forceinline__ float tanh_f32(float x) {
+  const float ax = fabsf(x);
+  if (ax < 0.35f) {
+    const float x2 = x * x;
+    float q = 21844.f / 6081075.f;
+    q = q * x2 - 1382.f / 155925.f;
+    q = q * x2 + 62.f / 2835.f;
+    q = q * x2 - 17.f / 315.f;
+    q = q * x2 + 2.f / 15.f;
+    q = q * x2 - 1.f / 3.f;
+    return x + x * x2 * q;
+  }
+  const float e = exp2f(-2.f * kLog2e * ax);
+  return copysignf((1.f - e) / (1.f + e), x);
+}
+
 // Score softcap (Gemma 2's): a scaled score x becomes cap tanh(x / cap) before the mask; the backward multiplies dS
-// by the derivative 1 - tanh^2. tanhf is libdevice's accurate one (-use_fast_math does not replace it), so float32
-// calls keep float32 accuracy. The general kind of the mma.sync loops takes it (cuda/plan.cpp).
+// by the derivative 1 - tanh^2. The general kind of the mma.sync loops takes it (cuda/plan.cpp).
 struct Softcap {
   bool on;
   float in_scale;  // scale / cap: tanh's argument from the raw score q.k

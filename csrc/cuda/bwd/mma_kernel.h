@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
       for (int e = 0; e < 4; ++e) {
         const int r = n * 8 + 2 * t + (e & 1);
         const int i = i0 + r, j = key[e >> 1];
-        const float th = cap.on ? tanhf(st[n][e] * cap.in_scale) : 0.f;  // softcap: dS gets 1 - th^2
+        const float th = cap.on ? tanh_f32(st[n][e] * cap.in_scale) : 0.f;  // softcap: dS gets 1 - th^2
         float s = cap.on ? th * cap.out_log2 : st[n][e] * scale_log2;
         if (need_elem) {
           if (i >= L || j >= row_limit(p, i) || (kGeneral && j < row_begin(p, i))) {
@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
       for (int e = 0; e < 4; ++e) {
         const int hf = e >> 1;
         const int i = row[hf], j = j0 + n * 8 + 2 * t + (e & 1);
-        const float th = cap.on ? tanhf(s[n][e] * cap.in_scale) : 0.f;  // softcap: dS gets 1 - th^2
+        const float th = cap.on ? tanh_f32(s[n][e] * cap.in_scale) : 0.f;  // softcap: dS gets 1 - th^2
         float x = cap.on ? th * cap.out_log2 : s[n][e] * scale_log2;
         if (need_elem) {
           if (j >= lim[hf] || j < lo[hf]) {

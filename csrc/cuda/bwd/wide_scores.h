@@ -236,7 +236,7 @@ __device__ __forceinline__ void wide_softcap_pass(float (&st)[2][WQ / 8][4], flo
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int e = 2 * hf + c;
-          const float th = tanhf(st[mt][n][e] * cap.in_scale);
+          const float th = tanh_f32(st[mt][n][e] * cap.in_scale);
           const bool ok = (allowed >> ((((mt * 2 + hf) * (WQ / 8) + n) * 2) + c)) & 1;
           // A row with no allowed key has lse = -inf; its elements are not allowed, so P stays 0.
           const float pr = ok ? exp2f(th * cap.out_log2 + bias_of(n, c, mt, hf) - lse * kLog2e) : 0.f;

@@ -103,7 +103,7 @@ __device__ __forceinline__ void fwd_mma_softmax_row(float (&s)[BN / 8][4], float
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       // (a capped score: cap tanh(s scale / cap), log2 units)
-      float x = cap.on ? cap.out_log2 * tanhf(s[n][hf * 2 + e] * cap.in_scale) : s[n][hf * 2 + e] * scale_log2;
+      float x = cap.on ? cap.out_log2 * tanh_f32(s[n][hf * 2 + e] * cap.in_scale) : s[n][hf * 2 + e] * scale_log2;
       if (has_mask) {
         const int j = j0 + n * 8 + 2 * t + e;
         if (!((bits >> (n * 2 + e)) & 1)) {
