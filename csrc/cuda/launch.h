@@ -3,6 +3,9 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <atomic>
+#include <cstdint>
+
 #include "common/params.h"
 #include "cuda/plan.h"
 
@@ -21,6 +24,21 @@ cudaError_t launch_bwd(const AttnParams& p, const BwdPlan& plan, float* delta, c
 // float). Both 16-byte aligned.
 cudaError_t launch_dq_finish(const float* dq_accum, void* dq, ScalarKind dtype, int64_t n, float scale,
                              cudaStream_t stream);
+
+// The dynamic shared memory of kernel kKernel raised to `bytes`, once per device: the attribute stays set, and the
+// driver call costs as much as the launch itself on small calls (decode steps).
+template <auto kKernel>
+cudaError_t allow_smem(int bytes) {
+  static std::atomic<uint64_t> done{0};  // bit d: set on device d
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = dev >= 0 && dev < 64 ? uint64_t(1) << dev : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_release);
+  return err;
+}
 
 // One variant (instantiated once each, in the files generated from csrc/cuda/variants.py).
 template <class T, int D, FwdKind kKind>

@@ -17,14 +17,14 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
   // per (key block, batch * kv head).
   if constexpr (BwdWideCfg<T, D, kGeneral>::kUse) {
     using WCfg = BwdWideCfg<T, D, kGeneral>;
-    auto kernel = bwd_wide_kernel<T, D, kGeneral>;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, WCfg::kSmem);
+    constexpr auto kernel = bwd_wide_kernel<T, D, kGeneral>;
+    err = allow_smem<kernel>(WCfg::kSmem);
     if (err != cudaSuccess) return err;
     const int64_t n_blocks = (p.S + WCfg::kBN - 1) / WCfg::kBN;
     kernel<<<static_cast<unsigned>(n_blocks * p.batch * p.hkv), WCfg::kThreads, WCfg::kSmem, stream>>>(p);
   } else {
-    auto kernel = bwd_kernel<T, D, kGeneral>;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+    constexpr auto kernel = bwd_kernel<T, D, kGeneral>;
+    err = allow_smem<kernel>(Cfg::kSmem);
     if (err != cudaSuccess) return err;
     const int64_t n_blocks = (p.S + Cfg::kBN - 1) / Cfg::kBN;
     kernel<<<static_cast<unsigned>(n_blocks * p.batch * p.hkv), Cfg::kThreads, Cfg::kSmem, stream>>>(p);
@@ -33,8 +33,8 @@ cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
   if (err != cudaSuccess || !p.deterministic) return err;
   // Deterministic mode: dQ from its own pass (bwd_kernel skipped the atomics).
   using DqCfg = BwdDqCfg<T, D>;
-  auto dq_kernel = bwd_dq_kernel<T, D, kGeneral>;
-  err = cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DqCfg::kSmem);
+  constexpr auto dq_kernel = bwd_dq_kernel<T, D, kGeneral>;
+  err = allow_smem<dq_kernel>(DqCfg::kSmem);
   if (err != cudaSuccess) return err;
   const int64_t m_blocks = (p.L + DqCfg::kBM - 1) / DqCfg::kBM;
   dq_kernel<<<static_cast<unsigned>(m_blocks * p.batch * p.hq), DqCfg::kThreads, DqCfg::kSmem, stream>>>(p);

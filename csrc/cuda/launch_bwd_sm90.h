@@ -25,8 +25,8 @@ cudaError_t run_bwd_sm90(const AttnParams& p, cudaStream_t stream) {
     return cudaErrorNotSupported;
   cudaError_t err = launch_bwd_delta<T>(p, stream);
   if (err != cudaSuccess) return err;
-  auto kernel = bwd_sm90_kernel<T, D, kGeneral>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+  constexpr auto kernel = bwd_sm90_kernel<T, D, kGeneral>;
+  err = allow_smem<kernel>(Cfg::kSmem);
   if (err != cudaSuccess) return err;
   const int64_t n_blocks = (p.S + Cfg::kBN - 1) / Cfg::kBN;
   kernel<<<static_cast<unsigned>(n_blocks * p.batch * p.hkv), Cfg::kThreads, Cfg::kSmem, stream>>>(p, maps);

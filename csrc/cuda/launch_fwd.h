@@ -11,8 +11,8 @@ namespace cuda {
 template <class T, int D, FwdKind kKind>
 cudaError_t run_fwd(const AttnParams& p, cudaStream_t stream) {
   using Cfg = FwdCfg<T, D, kKind>;
-  auto kernel = fwd_kernel<T, D, kKind>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+  constexpr auto kernel = fwd_kernel<T, D, kKind>;
+  cudaError_t err = allow_smem<kernel>(Cfg::kSmem);
   if (err != cudaSuccess) return err;
   const int64_t rows = (p.hq / p.hkv) * p.L;
   const int64_t m_blocks = (rows + Cfg::kBM - 1) / Cfg::kBM;

@@ -12,8 +12,8 @@ namespace cuda {
 template <class T, int D, FwdKind kKind>
 cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
   using Cfg = FwdSm90Cfg<D, kKind>;
-  auto kernel = fwd_sm90_kernel<T, D, kKind>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+  constexpr auto kernel = fwd_sm90_kernel<T, D, kKind>;
+  cudaError_t err = allow_smem<kernel>(Cfg::kSmem);
   if (err != cudaSuccess) return err;
   FwdTmaMaps maps{};
   if (!(encode_map<T>(&maps.k, p.k, p.k_st, p.batch, p.hkv, p.S, p.E, Cfg::kBN) &&
