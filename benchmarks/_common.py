@@ -208,6 +208,11 @@ def _table() -> tuple:
         device="cuda")
     add("window L8k (1k) d64", 1, 8, 8, 8192, 8192, 64, BF16, "causal", tags="window", device="cpu")
 
+    # overhead: a call too small for its kernel to matter (a decode step of one query: over 256 keys on CUDA, where
+    # the kernel runs asynchronously, over 16 keys of one head on CPU, where it runs inside the call).
+    add("tiny decode L1 S16 H1 d64 fp32", 1, 1, 1, 1, 16, 64, F32, tags="overhead", device="cpu")
+    add("tiny decode L1 S256 H8 d64 bf16", 1, 8, 8, 1, 256, 64, BF16, tags="overhead", device="cuda")
+
     # models: one step of small transformers models (2 layers, hidden = Hq x D) built from configs, each attention
     # implementation on the same weights and tokens; B x L tokens. group: the model.
     for device, L, enc in (("cuda", 4096, 512), ("cpu", 512, 128)):
