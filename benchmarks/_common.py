@@ -208,6 +208,13 @@ def _table() -> tuple:
         device="cuda")
     add("window L8k (1k) d64", 1, 8, 8, 8192, 8192, 64, BF16, "causal", tags="window", device="cpu")
 
+    # paged-decode: one decode step of N sequences over a KV cache, contiguous or paged (pages shuffled). group: the
+    # page size.
+    for dtype in (F32, BF16):
+        for page in (16, 256):
+            add(f"decode 8 x 4096 gqa 32/8 d128 page {page} {DTYPE_NAMES[dtype]}", 8, 32, 8, 1, 4096, 128, dtype,
+                group=str(page), tags="paged-decode", device="cpu")
+
     # overhead: a call too small for its kernel to matter (a decode step of one query: over 256 keys on CUDA, where
     # the kernel runs asynchronously, over 16 keys of one head on CPU, where it runs inside the call).
     add("tiny decode L1 S16 H1 d64 fp32", 1, 1, 1, 1, 16, 64, F32, tags="overhead", device="cpu")

@@ -693,6 +693,46 @@ def _window_row(row, timer, device) -> list:
     return lines
 
 
+# ---- paged-decode ----
+
+@suite(name="paged-decode", device="cpu", devices=("cpu", "cuda"),
+       measures="A decode step (one query per sequence) of sdpax.varlen_attn over B sequences of S keys each, the KV "
+                "cache contiguous (cu_seq_k) or paged (block_table, seqused_k; the pages in shuffled order), GQA: "
+                "the cost of reading pages. On CPU the decode kernel reads the pages in place; elsewhere they are "
+                "gathered per sequence.",
+       columns=("shape", "contiguous ms", "paged ms", "paged / contiguous"))
+def run_paged_decode(args, rows):
+    device = args.device
+    timer = C.Timer(device, args.budget or 2.0, min_reps=5, max_reps=100)
+    table = [_paged_row(row, timer, device) for row in rows]
+    return C.markdown_table(SUITES["paged-decode"].columns, table), []
+
+
+def _paged_row(row, timer, device) -> list:
+    gen = torch.Generator().manual_seed(0)
+    N, S, page = row.B, row.S, int(row.group)
+    k, v = (torch.randn(N * S, row.Hkv, row.D, generator=gen).to(device, row.dtype) for _ in range(2))
+    q = torch.randn(N, row.Hq, row.D, generator=gen).to(device, row.dtype)
+    cq = torch.arange(N + 1, dtype=torch.int32, device=device)
+    ck = cq * S
+    slots = torch.randperm(N * S // page, generator=gen)  # page p of the cache sits in slot slots[p]
+    kp, vp = (torch.empty(N * S // page, page, row.Hkv, row.D, device=device, dtype=row.dtype) for _ in range(2))
+    kp[slots.to(device)] = k.view(-1, page, row.Hkv, row.D)
+    vp[slots.to(device)] = v.view(-1, page, row.Hkv, row.D)
+    table = slots.view(N, S // page).to(device=device, dtype=torch.int32)
+    used = torch.full((N,), S, dtype=torch.int32, device=device)
+    calls = {"contiguous": lambda: sdpax.varlen_attn(q, k, v, cq, ck, 1, S, enable_gqa=True),
+             "paged": lambda: sdpax.varlen_attn(q, kp, vp, cq, None, 1, S, enable_gqa=True, seqused_k=used,
+                                                block_table=table)}
+    with torch.no_grad():
+        assert torch.equal(calls["contiguous"](), calls["paged"]()), row.name
+        t = timer(calls)
+    line = [row.name, _ms(t["contiguous"]), _ms(t["paged"]),
+            "n/a" if None in (t["contiguous"], t["paged"]) else f"{t['paged'] / t['contiguous']:.2f}"]
+    _progress(" | ".join(line))
+    return line
+
+
 # ---- overhead ----
 
 @suite(name="overhead", device="cpu", devices=("cpu", "cuda"),

@@ -54,7 +54,7 @@ BwdResult bwd_entry(const at::Tensor& grad_out, const at::Tensor& q, const at::T
 }
 
 // Variable-length calls: one dense call per sequence on the chosen backend (common/varlen.h).
-template <FwdFn Flash>
+template <FwdFn Flash, PagedFwd FlashPaged = nullptr>
 FwdResult varlen_fwd_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                            const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double dropout_p,
                            int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
@@ -64,7 +64,8 @@ FwdResult varlen_fwd_entry(const at::Tensor& q, const at::Tensor& k, const at::T
   const VarlenArgs a{q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, enable_gqa, sinks, rng,
                      checked_backend(backend, Flash != nullptr, q), softcap, window_left, window_right, seqused_k,
                      block_table};
-  return varlen_fwd(a, backend_fn<Flash>(a.backend, &math::fwd));
+  const PagedFwd paged = a.backend.backend == Backend::Flash ? FlashPaged : nullptr;
+  return varlen_fwd(a, backend_fn<Flash>(a.backend, &math::fwd), paged);
 }
 
 template <BwdFn Flash>

@@ -36,6 +36,15 @@ struct FwdArgs {
   int64_t window_left = -1, window_right = -1;  // sliding window (csrc/ops.cpp); -1: unbounded
 };
 
+// One sequence's keys and values in a paged KV cache (varlen_attn with a block_table): the pages (P, page, Hkv, E)
+// of k and v, the sequence's pages in order (int32, on the host) and its key count S.
+struct PagedKV {
+  const at::Tensor& k_pages;
+  const at::Tensor& v_pages;
+  const at::Tensor& pages;
+  int64_t S;
+};
+
 struct BwdArgs {
   FwdArgs f;  // the forward's arguments, as saved by autograd
   const at::Tensor& grad_out;

@@ -149,7 +149,7 @@ std::vector<SeqSpan> varlen_spans(const VarlenArgs& a) {
   return spans;
 }
 
-std::tuple<at::Tensor, at::Tensor> varlen_fwd(const VarlenArgs& a, DenseFwd dense) {
+std::tuple<at::Tensor, at::Tensor> varlen_fwd(const VarlenArgs& a, DenseFwd dense, PagedFwd paged) {
   const std::vector<SeqSpan> spans = varlen_spans(a);
   const at::Tensor& q = a.q;
   const int64_t ev = a.v.size(-1);
@@ -160,8 +160,16 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const VarlenArgs& a, DenseFwd dens
   for (int64_t b = 0; b < static_cast<int64_t>(spans.size()); ++b) {
     const SeqSpan& s = spans[b];
     if (s.L == 0) continue;
-    const at::Tensor qb = seq4(q, s.q0, s.L), kb = seq_keys(a, a.k, s, b, kbuf), vb = seq_keys(a, a.v, s, b, vbuf);
-    auto [o, l] = dense(seq_args(a, qb, kb, vb, seq_rng(a, b)));
+    const at::Tensor qb = seq4(q, s.q0, s.L);
+    std::optional<std::tuple<at::Tensor, at::Tensor>> res;
+    if (paged && a.block_table && s.S > 0) {  // in place: the first page stands for the keys in the checks
+      const at::Tensor pages = a.block_table->select(0, b).narrow(0, 0, (s.S + a.k.size(1) - 1) / a.k.size(1))
+                                   .to(at::kCPU).contiguous();
+      res = paged(seq_args(a, qb, seq4(a.k[0], 0, a.k.size(1)), seq4(a.v[0], 0, a.v.size(1)), seq_rng(a, b)),
+                  PagedKV{a.k, a.v, pages, s.S});
+    }
+    if (!res) res = dense(seq_args(a, qb, seq_keys(a, a.k, s, b, kbuf), seq_keys(a, a.v, s, b, vbuf), seq_rng(a, b)));
+    auto& [o, l] = *res;
     seq4(out, s.q0, s.L).copy_(o);
     lse.narrow(1, s.q0, s.L).copy_(l.select(0, 0));
   }

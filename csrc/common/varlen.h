@@ -44,10 +44,13 @@ struct SeqSpan {
 std::vector<SeqSpan> varlen_spans(const VarlenArgs& a);
 
 using DenseFwd = std::tuple<at::Tensor, at::Tensor> (*)(const FwdArgs&);
+// A dense call that reads a paged sequence's keys in place (the FwdArgs' k / v: its first page as (1, Hkv, page,
+// E), for the checks), or nullopt where it cannot; the pages are then gathered for DenseFwd.
+using PagedFwd = std::optional<std::tuple<at::Tensor, at::Tensor>> (*)(const FwdArgs&, const PagedKV&);
 using DenseBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(const BwdArgs&);
 
-// (out (Tq, Hq, Ev), lse (Hq, Tq)) from one dense call per sequence.
-std::tuple<at::Tensor, at::Tensor> varlen_fwd(const VarlenArgs& a, DenseFwd dense);
+// (out (Tq, Hq, Ev), lse (Hq, Tq)) from one dense call per sequence (`paged`, when given, first for paged ones).
+std::tuple<at::Tensor, at::Tensor> varlen_fwd(const VarlenArgs& a, DenseFwd dense, PagedFwd paged = nullptr);
 // (dq, dk, dv, dsinks) from one dense backward per sequence; no pages, no seqused_k (as torch's varlen_attn).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(const VarlenArgs& a, const at::Tensor& grad_out,
                                                                       const at::Tensor& out, const at::Tensor& lse,

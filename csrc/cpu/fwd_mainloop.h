@@ -135,8 +135,20 @@ struct FwdMainloop {
       visible_begin = std::min(visible_begin, key_begin(p, loc.row_i[r]));
       visible_end = std::max(visible_end, key_end(p, loc.row_i[r]));
     }
-    const T* kh = static_cast<const T*>(p.k) + b * p.k_st.b + hkv * p.k_st.h;
-    const T* vh = static_cast<const T*>(p.v) + b * p.v_st.b + hkv * p.v_st.h;
+    // (Paged keys, batch 1: the page is added per run of keys, key_runs.)
+    const T* kh = static_cast<const T*>(p.k) + (p.kv_pages ? 0 : b * p.k_st.b) + hkv * p.k_st.h;
+    const T* vh = static_cast<const T*>(p.v) + (p.kv_pages ? 0 : b * p.v_st.b) + hkv * p.v_st.h;
+    // Keys [j0, j0 + n) as runs of rows contiguous in memory: fn(offset in the tile, count, K rows, V rows). Dense:
+    // one run; paged (the direct path only, host.cpp): one per page the tile touches.
+    auto key_runs = [&](int64_t j0, int64_t n, auto&& fn) {
+      if (!p.kv_pages) return fn(int64_t(0), n, kh + j0 * p.k_st.r, vh + j0 * p.v_st.r);
+      for (int64_t o = 0; o < n;) {
+        const int64_t j = j0 + o, page = p.kv_pages[j / p.kv_page], in = j % p.kv_page;
+        const int64_t c = std::min(n - o, p.kv_page - in);
+        fn(o, c, kh + page * p.k_st.b + in * p.k_st.r, vh + page * p.v_st.b + in * p.v_st.r);
+        o += c;
+      }
+    };
     float* s = loc.s.get<float>(bm * bn);
     C* pm = loc.pm.get<C>(bm * bn);
     std::fill(acc, acc + M * p.Ev, 0.f);
@@ -163,7 +175,9 @@ struct FwdMainloop {
       // the cut is rounded up to 32 keys so the GEMM shapes stay few and aligned (one JIT kernel each).
       const int64_t n = masked ? std::min(width, round_up(loc.mask.visible_end, 32)) : width, np = padk<C>(n);
       if (in_place) {
-        scores_direct(M, n, p.E, qf, kh + j0 * p.k_st.r, p.k_st.r, s, bn);
+        key_runs(j0, n, [&](int64_t o, int64_t c, const T* k, const T*) {
+          scores_direct(M, c, p.E, qf, k, p.k_st.r, s + o, bn);
+        });
       } else {
         ensure_packed(loc, b, hkv, t);
         gemm(M, n, Ep, qa, Ep, kt_tile(loc, t), width, s, bn, false);
@@ -178,7 +192,9 @@ struct FwdMainloop {
         if (alpha != 1.f) scale_row(acc + r * p.Ev, p.Ev, alpha);
       }
       if (in_place) {
-        pv_direct(M, p.Ev, n, pm, np, vh + j0 * p.v_st.r, p.v_st.r, acc, p.Ev);
+        key_runs(j0, n, [&](int64_t o, int64_t c, const T*, const T* v) {
+          pv_direct(M, p.Ev, c, pm + o, np, v, p.v_st.r, acc, p.Ev);
+        });
       } else {
         gemm(M, p.Ev, np, pm, np, v_tile(loc, b, hkv, t), v_ld(), acc, p.Ev, true);
       }

@@ -50,6 +50,35 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
   return {uncanonical(out, q, c.Ev), uncanonical(lse, q, -1)};
 }
 
+std::optional<std::tuple<at::Tensor, at::Tensor>> flash_fwd_paged(const FwdArgs& a, const PagedKV& kv) {
+  const at::Tensor& q = a.q;
+  // The decode kernel reads a few rows' keys straight from memory (gemv.h: at most 8 rows per KV head for every
+  // compute type, unit column strides); only there can a key tile span pages. Everything else gathers.
+  const int64_t rows = q.size(-2) * (q.size(-3) / std::max<int64_t>(1, a.k.size(-3)));
+  const bool dtype_ok = q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
+                        q.scalar_type() == at::kHalf;
+  if (!dtype_ok || a.mask || q.dim() != 4 || q.size(-2) > kDecodeMaxL || rows > 8 || kv.S == 0 ||
+      kv.k_pages.stride(3) != 1 || kv.v_pages.stride(3) != 1)
+    return std::nullopt;
+  check_inputs(a);
+  const Canonical c = canonicalize(a);
+  check_flash(q, c);
+  const auto sinks_f = sinks_f32(a.sinks);
+  AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, a);
+  p.S = kv.S;
+  p.k = kv.k_pages.data_ptr();
+  p.v = kv.v_pages.data_ptr();
+  p.k_st = {kv.k_pages.stride(0), kv.k_pages.stride(2), kv.k_pages.stride(1), kv.k_pages.stride(3)};
+  p.v_st = {kv.v_pages.stride(0), kv.v_pages.stride(2), kv.v_pages.stride(1), kv.v_pages.stride(3)};
+  p.kv_pages = kv.pages.data_ptr<int32_t>();
+  p.kv_page = kv.k_pages.size(1);
+  at::Tensor out = at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
+  at::Tensor lse = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
+  bind_forward(p, out, lse);
+  if (out.numel() > 0) run_decode(p);
+  return std::make_tuple(uncanonical(out, q, c.Ev), uncanonical(lse, q, -1));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(const BwdArgs& a) {
   check_inputs(a);
   const at::Tensor &q = a.f.q, &k = a.f.k, &v = a.f.v, &grad_out = a.grad_out, &out = a.out, &lse = a.lse;

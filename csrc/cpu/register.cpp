@@ -7,6 +7,6 @@
 TORCH_LIBRARY_IMPL(sdpax, CPU, m) {
   m.impl("fwd", &sdpax::fwd_entry<&sdpax::cpu::flash_fwd>);
   m.impl("bwd", &sdpax::bwd_entry<&sdpax::cpu::flash_bwd>);
-  m.impl("varlen_fwd", &sdpax::varlen_fwd_entry<&sdpax::cpu::flash_fwd>);
+  m.impl("varlen_fwd", &sdpax::varlen_fwd_entry<&sdpax::cpu::flash_fwd, &sdpax::cpu::flash_fwd_paged>);
   m.impl("varlen_bwd", &sdpax::varlen_bwd_entry<&sdpax::cpu::flash_bwd>);
 }
