@@ -117,6 +117,15 @@ void decode(const AttnParams& p) {
 
 }  // namespace
 
+bool decode_reads_in_place(const AttnParams& p) {
+  bool in_place = false;
+  dispatch_dtype(p.dtype, [&](auto, auto c) {
+    using C = decltype(c);
+    in_place = direct_rows<C>(p, (p.hq / p.hkv) * p.L);  // all rows of a KV head: one row tile (direct rows <= bm)
+  });
+  return in_place;
+}
+
 void run_decode(const AttnParams& p) {
   dispatch_dtype(p.dtype, [&](auto t, auto c) {
     decode<decltype(t), decltype(c)>(p);

@@ -49,6 +49,13 @@ inline KeyRange visible_keys(const AttnParams& p, int64_t bn, int64_t i_first, i
   return {first / bn * bn, end};
 }
 
+// Whether M query rows of a KV head read K and V in place (gemv.h) instead of packing them: a few decode rows, unit
+// column strides. See gemv.h for why; it is also the only path that takes paged keys (AttnParams::kv_pages).
+template <class C>
+bool direct_rows(const AttnParams& p, int64_t M) {
+  return p.L <= kDecodeMaxL && M <= kDirectMaxRows<C> && p.k_st.c == 1 && p.v_st.c == 1;
+}
+
 // A fresh id per kernel call (flash_fwd.cpp): per-thread packed K/V is keyed by it.
 uint64_t next_call_id();
 
@@ -89,10 +96,7 @@ struct FwdMainloop {
     return loc.v.get<C>(0) + slot(t) * bn * p.Ev;
   }
   int64_t v_ld() const { return v_in_place() ? p.v_st.r : p.Ev; }
-  // A few decode rows read K and V in place (gemv.h) instead of packing them: see there for why.
-  bool direct(int64_t M) const {
-    return p.L <= kDecodeMaxL && M <= kDirectMaxRows<C> && p.k_st.c == 1 && p.v_st.c == 1;
-  }
+  bool direct(int64_t M) const { return direct_rows<C>(p, M); }
 
   void ensure_packed(FwdLocal& loc, int64_t b, int64_t hkv, int64_t t) const {
     const int64_t slots = cache_kv ? n_kv_tiles : 1;

@@ -20,6 +20,17 @@ void check_flash(const at::Tensor& q, const Canonical& c) {
               ", got ", num(c.E), " / ", num(c.Ev));
 }
 
+// Allocates out and lse for the canonical call c, binds them to p, runs `run(out, lse)` when there are output
+// elements and returns both in the caller's layout.
+template <class Run>
+std::tuple<at::Tensor, at::Tensor> with_outputs(const Canonical& c, const at::Tensor& q, AttnParams& p, Run&& run) {
+  at::Tensor out = at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
+  at::Tensor lse = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
+  bind_forward(p, out, lse);
+  if (out.numel() > 0) run(out, lse);
+  return {uncanonical(out, q, c.Ev), uncanonical(lse, q, -1)};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
@@ -29,10 +40,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
   check_flash(q, c);
   const auto sinks_f = sinks_f32(a.sinks);
   AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, a);
-  at::Tensor out = at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
-  at::Tensor lse = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
-  bind_forward(p, out, lse);
-  if (out.numel() > 0) {
+  return with_outputs(c, q, p, [&](at::Tensor& out, at::Tensor& lse) {
     if (c.S == 0) {
       // No keys at all: every row is fully masked (or sees only its sink).
       out.zero_();
@@ -46,21 +54,15 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
     } else {
       run_fwd(p);
     }
-  }
-  return {uncanonical(out, q, c.Ev), uncanonical(lse, q, -1)};
+  });
 }
 
 std::optional<std::tuple<at::Tensor, at::Tensor>> flash_fwd_paged(const FwdArgs& a, const PagedKV& kv) {
-  const at::Tensor& q = a.q;
-  // The decode kernel reads a few rows' keys straight from memory (gemv.h: at most 8 rows per KV head for every
-  // compute type, unit column strides); only there can a key tile span pages. Everything else gathers.
-  const int64_t rows = q.size(-2) * (q.size(-3) / std::max<int64_t>(1, a.k.size(-3)));
-  const bool dtype_ok = q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
-                        q.scalar_type() == at::kHalf;
-  if (!dtype_ok || a.mask || q.dim() != 4 || q.size(-2) > kDecodeMaxL || rows > 8 || kv.S == 0 ||
-      kv.k_pages.stride(3) != 1 || kv.v_pages.stride(3) != 1)
-    return std::nullopt;
+  // Only the decode kernel's direct path reads keys row by row, so only there can a key tile span pages; every
+  // other call (and a sequence without keys) gathers its pages.
+  if (a.mask || kv.S == 0) return std::nullopt;
   check_inputs(a);
+  const at::Tensor& q = a.q;
   const Canonical c = canonicalize(a);
   check_flash(q, c);
   const auto sinks_f = sinks_f32(a.sinks);
@@ -72,11 +74,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> flash_fwd_paged(const FwdArgs&
   p.v_st = {kv.v_pages.stride(0), kv.v_pages.stride(2), kv.v_pages.stride(1), kv.v_pages.stride(3)};
   p.kv_pages = kv.pages.data_ptr<int32_t>();
   p.kv_page = kv.k_pages.size(1);
-  at::Tensor out = at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
-  at::Tensor lse = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
-  bind_forward(p, out, lse);
-  if (out.numel() > 0) run_decode(p);
-  return std::make_tuple(uncanonical(out, q, c.Ev), uncanonical(lse, q, -1));
+  if (!decode_reads_in_place(p)) return std::nullopt;
+  return with_outputs(c, q, p, [&](at::Tensor&, at::Tensor&) { run_decode(p); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(const BwdArgs& a) {

@@ -1,8 +1,6 @@
 """sdpax.functional.scaled_dot_product_attention: torch's signature and semantics, on sdpax's backends."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _causal, _nested, _ops, _plan, _select
@@ -81,8 +79,6 @@ def _nested_inputs(query, key, value) -> bool:
 
 
 _Tensor = torch.Tensor
-_grad_enabled = torch.is_grad_enabled
-_deterministic = torch.are_deterministic_algorithms_enabled
 _compiling = torch.compiler.is_compiling
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 
@@ -96,16 +92,17 @@ def _plain_call(query, key, value, is_causal, scale, enable_gqa):
     device = query.device
     if key.device != device or value.device != device or query.dim() < 2 or value.dim() < 2:
         return None  # the general path names the problem
-    E = query.shape[-1]
-    if scale is None:
-        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
-    else:
-        scale = float(scale)
-    needs_grad = _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    fields = (device, query.dtype, E, value.shape[-1], False, needs_grad, needs_grad and _deterministic(),
-              scale == 0.0, False, False, False, False)
+    scale = default_scale(query, scale)
+    fields = _call_key(query, value, None, key, None, scale)
     args = (query, key, value, None, 0.0, _UPPER_LEFT if is_causal else 0, scale, bool(enable_gqa), None, None,
             int(_select.select_cached(fields)) | _select.loop_bits())  # softcap and window: the schema's defaults
+    return _run_fwd(args, fields[5])
+
+
+def _run_fwd(args, needs_grad: bool):
+    """The op's output for these arguments. No gradient can be taken (needs_grad False, eager): below autograd,
+    skipping the Python autograd wrapper (torch.library's register_autograd), which would only redispatch below
+    autograd itself; on short calls (decode) it costs as much as a small kernel."""
     if needs_grad:
         return _ops.fwd(*args)[0]
     with _below_autograd():
@@ -143,12 +140,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     # The backend id carries the CUDA main loops of sdpax.cuda_main_loop (bits 4-8): the backward reads them too.
     args = (query, key, value, mask, float(dropout_p), causal, scale, bool(enable_gqa), sinks, rng,
             int(backend) | _select.loop_bits(), cap, *window)
-    if fields[5] or compiling:  # Call.needs_grad
-        return _ops.fwd(*args)[0]
-    # No gradient can be taken: skip the Python autograd wrapper (torch.library's register_autograd), which would
-    # only redispatch below autograd itself; on short calls (decode) it costs as much as a small kernel.
-    with torch._C._AutoDispatchBelowAutograd():
-        return _ops.fwd(*args)[0]
+    return _run_fwd(args, fields[5] or compiling)  # fields[5]: Call.needs_grad
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
