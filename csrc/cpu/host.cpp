@@ -20,6 +20,21 @@ void check_flash(const at::Tensor& q, const Canonical& c) {
               ", got ", num(c.E), " / ", num(c.Ev));
 }
 
+// A checked forward call: its canonical views, its float32 sinks, and the params that point into both.
+struct FlashCall {
+  Canonical c;
+  std::optional<at::Tensor> sinks_f;
+  AttnParams p;
+};
+FlashCall flash_call(const FwdArgs& a) {
+  check_inputs(a);
+  Canonical c = canonicalize(a);
+  check_flash(a.q, c);
+  std::optional<at::Tensor> sinks_f = sinks_f32(a.sinks);
+  const AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, a);  // data pointers: they survive the moves
+  return {std::move(c), std::move(sinks_f), p};
+}
+
 // Allocates out and lse for the canonical call c, binds them to p, runs `run(out, lse)` when there are output
 // elements and returns both in the caller's layout.
 template <class Run>
@@ -34,13 +49,11 @@ std::tuple<at::Tensor, at::Tensor> with_outputs(const Canonical& c, const at::Te
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
-  check_inputs(a);
-  const at::Tensor& q = a.q;
-  const Canonical c = canonicalize(a);
-  check_flash(q, c);
-  const auto sinks_f = sinks_f32(a.sinks);
-  AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, a);
-  return with_outputs(c, q, p, [&](at::Tensor& out, at::Tensor& lse) {
+  FlashCall call = flash_call(a);
+  const Canonical& c = call.c;
+  const std::optional<at::Tensor>& sinks_f = call.sinks_f;
+  AttnParams& p = call.p;
+  return with_outputs(c, a.q, p, [&](at::Tensor& out, at::Tensor& lse) {
     if (c.S == 0) {
       // No keys at all: every row is fully masked (or sees only its sink).
       out.zero_();
@@ -61,12 +74,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> flash_fwd_paged(const FwdArgs&
   // Only the decode kernel's direct path reads keys row by row, so only there can a key tile span pages; every
   // other call (and a sequence without keys) gathers its pages.
   if (a.mask || kv.S == 0) return std::nullopt;
-  check_inputs(a);
-  const at::Tensor& q = a.q;
-  const Canonical c = canonicalize(a);
-  check_flash(q, c);
-  const auto sinks_f = sinks_f32(a.sinks);
-  AttnParams p = make_params(c, c.q, c.k, c.v, sinks_f, a);
+  FlashCall call = flash_call(a);
+  AttnParams& p = call.p;
   p.S = kv.S;
   p.k = kv.k_pages.data_ptr();
   p.v = kv.v_pages.data_ptr();
@@ -75,7 +84,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> flash_fwd_paged(const FwdArgs&
   p.kv_pages = kv.pages.data_ptr<int32_t>();
   p.kv_page = kv.k_pages.size(1);
   if (!decode_reads_in_place(p)) return std::nullopt;
-  return with_outputs(c, q, p, [&](at::Tensor&, at::Tensor&) { run_decode(p); });
+  return with_outputs(call.c, a.q, p, [&](at::Tensor&, at::Tensor&) { run_decode(p); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(const BwdArgs& a) {
