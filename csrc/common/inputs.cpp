@@ -161,6 +161,7 @@ AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tenso
   p.hkv = c.Hkv;
   p.L = c.L;
   p.S = c.S;
+  p.head_rows = c.L;
   p.E = c.E;
   p.Ev = c.Ev;
   p.dtype = scalar_kind(q4.scalar_type());

@@ -38,7 +38,7 @@ struct Dropout {
   float scale;
   __device__ __forceinline__ void init(const AttnParams& p) {
     seed = static_cast<uint64_t>(p.rng[0]);
-    offset = static_cast<uint64_t>(p.rng[1]);
+    offset = static_cast<uint64_t>(p.rng[1] + p.rng_seq);
     threshold = dropout_threshold(p.dropout_p);
     scale = dropout_scale(p.dropout_p);
   }
@@ -135,9 +135,17 @@ __device__ __forceinline__ FwdBlock fwd_block_at(const AttnParams& p, int rows, 
   blk.t_end = t_lo + min(n_tiles, static_cast<int>(blockIdx.z) * per_split + per_split);
   return blk;
 }
-__device__ __forceinline__ FwdBlock fwd_block(const AttnParams& p, int rows, int BM, int BN) {
-  const int m_blocks = (rows + BM - 1) / BM;
-  return fwd_block_at(p, rows, BM, BN, m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks), blockIdx.x / m_blocks);
+// The mma.sync forward's grid: (row block, batch, kv head) per blockIdx.x, with the row blocks of G L rows (of the
+// longest sequence of a packed call), heaviest causal blocks first.
+struct FwdGridIndex {
+  int m_block;
+  int64_t b;
+  int hk;
+};
+__device__ __forceinline__ FwdGridIndex fwd_grid_index(const AttnParams& p, int BM) {
+  const int m_blocks = static_cast<int>(((p.hq / p.hkv) * p.L + BM - 1) / BM);
+  const int64_t bhk = blockIdx.x / m_blocks;
+  return {m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks), bhk / p.hkv, static_cast<int>(bhk % p.hkv)};
 }
 
 }  // namespace cuda

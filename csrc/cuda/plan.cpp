@@ -35,6 +35,7 @@ bool has_sm90_variant(ScalarKind dtype, int d, bool bwd, int kind) {
 std::string sm90_unavailable(const AttnParams& p, const DeviceInfo& dev, bool table_says, bool takes_window) {
   if (!dev.build_sm90a) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
   if (dev.cc_major != 9) return "the device is not compute capability 9.x";
+  if (p.seqs != nullptr) return "packed variable-length batches run the mma.sync loops";
   if (!table_says) return "the Hopper loop has no variant for this dtype, head dim and kind (csrc/variants.py)";
   if (p.softcap > 0.f) return "the Hopper loops take no score softcap (the mma.sync general kind does)";
   if (windowed(p) && !takes_window)
@@ -85,7 +86,8 @@ FwdPlan plan_fwd(const AttnParams& p, const DeviceInfo& dev, MainLoop loop, bool
   }
   const int64_t blocks = (rows + plan.bm - 1) / plan.bm * p.batch * p.hkv;
   const int64_t n_tiles = (p.S + plan.bn - 1) / plan.bn;
-  if (blocks >= dev.num_sms || n_tiles < 8) return plan;
+  // (A packed batch's blocks find their sequence's limits in the kernel: one split, no merge.)
+  if (blocks >= dev.num_sms || n_tiles < 8 || p.seqs != nullptr) return plan;
   // Enough blocks to fill the machine several times over (one-warp decode blocks: 16 per multiprocessor), with at
   // least 4 key tiles per split so the merge stays cheap.
   const int64_t target = (plan.kind == FwdKind::Decode ? 16 : 8) * static_cast<int64_t>(dev.num_sms);
