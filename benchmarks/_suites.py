@@ -1048,14 +1048,13 @@ def _pair_calls(q, k, v, world, causal):
     plans = [cp._Plan(qs[r], ks[r], vs[r], causal, scale, q.shape[1] != k.shape[1], None, r, world)
              for r in range(world)]
 
+    calls = [(r, owner, plan.calls(owner)) for r, plan in enumerate(plans) for owner in range(world)]
+
     def run():
-        for r, plan in enumerate(plans):
-            for owner in range(world):
-                for r0, c0, pair in plan.pairs(owner):
-                    for rows, keys, c in pair.calls:
-                        rs, kk = slice(r0 + rows.start, r0 + rows.stop), slice(c0 + keys.start, c0 + keys.stop)
-                        _ops.fwd(qs[r][..., rs, :], ks[owner][..., kk, :], vs[owner][..., kk, :], None, 0.0, c,
-                                 plan.scale, plan.gqa, None, None, int(plan.backend))
+        for r, owner, some in calls:
+            for rs, kk, c, _ in some:
+                _ops.fwd(qs[r][..., rs, :], ks[owner][..., kk, :], vs[owner][..., kk, :], None, 0.0, c,
+                         plans[r].scale, plans[r].gqa, None, None, int(plans[r].backend))
     return run
 
 

@@ -9,10 +9,12 @@ into 2P equal chunks and rank r holds chunks r and 2P - 1 - r ("zig-zag"), so un
 the same work. The result on a rank is its shard of the output, equal to single-device sdpax on the gathered
 tensors within rounding; forward and backward.
 
-How: every (query chunk, key chunk) pair is one call of sdpax's kernels, which return the rows' log-sum-exp; the
+How: every (query chunk, key chunk) pair is computed by sdpax's kernels, which return the rows' log-sum-exp; the
 partial outputs are merged by log-sum-exp in float32 (float64 for float64 inputs) on the device, and sinks join
 the denominator once, after the merge. A causal pair whose diagonal is offset from the kernel's alignments is cut
-into at most two calls that are upper-left-aligned or unmasked, so no L x S mask is ever built. The backward is
+into at most two calls that are upper-left-aligned or unmasked, so no L x S mask is ever built. Without dropout,
+calls on adjacent blocks of the shards merge into one (one call per K/V shard when nothing is masked, P + 1 per
+rank under the zig-zag causal layout instead of about 2P): fewer launches, each paying its ramp-up once. The backward is
 FlashAttention's: each pair's gradient from the merged output and log-sum-exp, dK/dV summed on the owning rank.
 
 Strategies (`strategy=`): "ring" passes K/V (and the key side of the mask) around the ring, the next transfer
@@ -108,6 +110,37 @@ class _Pair:
             self.calls.append((slice(-d, lq), slice(0, lk), _UPPER_LEFT))
 
 
+def _merge_calls(calls):
+    """Calls without dropout, merged while two of them cover adjacent blocks: unmasked ones with the same rows and
+    adjacent keys (or the same keys and adjacent rows), and an unmasked block followed by a square upper-left
+    triangle on the same rows, which together are one lower-right triangle (row i sees the unmasked keys and the
+    triangle's first i + 1)."""
+    calls = list(calls)
+    merged = True
+    while merged:
+        merged = False
+        for a in range(len(calls)):
+            for b in range(len(calls)):
+                if a == b:
+                    continue
+                (ra, ka, ca, _), (rb, kb, cb, _) = calls[a], calls[b]
+                joined = None
+                if ca == _NONE and ka.stop == kb.start and ra == rb:
+                    if cb == _NONE:
+                        joined = (ra, slice(ka.start, kb.stop), _NONE, None)
+                    elif cb == _UPPER_LEFT and rb.stop - rb.start == kb.stop - kb.start:
+                        joined = (ra, slice(ka.start, kb.stop), _LOWER_RIGHT, None)
+                elif ca == cb == _NONE and ka == kb and ra.stop == rb.start:
+                    joined = (slice(ra.start, rb.stop), ka, _NONE, None)
+                if joined is not None:
+                    calls = [c for i, c in enumerate(calls) if i not in (a, b)] + [joined]
+                    merged = True
+                    break
+            if merged:
+                break
+    return calls
+
+
 def _merge_into(out_acc, lse_acc, out_b, lse_b):
     """Merges a partial (out_b, lse_b) into the running (out_acc, lse_acc) over the same rows, in place (views of
     the accumulators: one read and one write of the float32 output per pair)."""
@@ -152,6 +185,18 @@ class _Plan:
                 if pair.calls:
                     yield qi * lq, ki * lk, (qs, ks), pair
 
+    def calls(self, owner):
+        """(row slice of this rank's shard, key slice of the owner's shard, causal, rng) of every kernel call against
+        the K/V shard of rank `owner`. Without dropout, calls on adjacent slices merge (_merge_calls): fewer, larger
+        launches, each paying its ramp-up and tail once. With dropout each call keeps one origin (a merged call's
+        keys would not be contiguous in the global sequence)."""
+        out = []
+        for r0, c0, origin, pair in self.pairs(owner):
+            for rows, keys, causal in pair.calls:
+                out.append((slice(r0 + rows.start, r0 + rows.stop), slice(c0 + keys.start, c0 + keys.stop), causal,
+                            self.call_rng(origin, rows, keys)))
+        return out if self.dropout_p > 0.0 else _merge_calls(out)
+
     def call_rng(self, origin, rows, keys):
         """The rng of one kernel call: {seed, offset, row0, col0} with the call's origin in the global problem, so
         its dropout decisions are the single-device call's (None without dropout)."""
@@ -162,35 +207,28 @@ class _Plan:
 
 
 def _forward_block(plan, q, k, v, mask, out_acc, lse_acc, owner):
-    for r0, c0, origin, pair in plan.pairs(owner):
-        for rows, keys, causal in pair.calls:
-            rs = slice(r0 + rows.start, r0 + rows.stop)
-            ks = slice(c0 + keys.start, c0 + keys.stop)
-            m = None if mask is None else mask[..., ks]
-            o, lse = _ops.fwd(_rows(q, rs), _rows(k, ks), _rows(v, ks), m, plan.dropout_p, causal, plan.scale,
-                              plan.gqa, None, plan.call_rng(origin, rows, keys), int(plan.backend))
-            _merge_into(out_acc[..., rs, :], lse_acc[..., rs], o, lse.to(plan.acc))
+    for rs, ks, causal, rng in plan.calls(owner):
+        m = None if mask is None else mask[..., ks]
+        o, lse = _ops.fwd(_rows(q, rs), _rows(k, ks), _rows(v, ks), m, plan.dropout_p, causal, plan.scale, plan.gqa,
+                          None, rng, int(plan.backend))
+        _merge_into(out_acc[..., rs, :], lse_acc[..., rs], o, lse.to(plan.acc))
 
 
 def _backward_block(plan, q, k, v, mask, out, lse, dout, dq, dk, dv, owner):
     """Adds this K/V block's contributions to dq (this rank's rows) and dk, dv (the block's keys)."""
-    for r0, c0, origin, pair in plan.pairs(owner):
-        for rows, keys, causal in pair.calls:
-            rs = slice(r0 + rows.start, r0 + rows.stop)
-            ks = slice(c0 + keys.start, c0 + keys.stop)
-            m = None if mask is None else mask[..., ks]
-            rng = plan.call_rng(origin, rows, keys)
-            args = (_rows(dout, rs), _rows(q, rs), _rows(k, ks), _rows(v, ks), m, _rows(out, rs),
-                    lse[..., rs].contiguous())
-            if plan.backend == _select.SDPBackend.MATH:
-                # MATH's own backward recomputes the softmax from the pair's scores alone; the pair's share of the
-                # gradient needs the merged lse and output, which the composite takes as given.
-                g = _composite.gradients(*args, plan.dropout_p, causal, plan.scale, None, rng, False)
-            else:
-                g = _ops.bwd(*args, plan.dropout_p, causal, plan.scale, plan.gqa, None, rng, int(plan.backend), False)
-            dq[..., rs, :] += g[0].to(dq.dtype)
-            dk[..., ks, :] += g[1].to(dk.dtype)
-            dv[..., ks, :] += g[2].to(dv.dtype)
+    for rs, ks, causal, rng in plan.calls(owner):
+        m = None if mask is None else mask[..., ks]
+        args = (_rows(dout, rs), _rows(q, rs), _rows(k, ks), _rows(v, ks), m, _rows(out, rs),
+                lse[..., rs].contiguous())
+        if plan.backend == _select.SDPBackend.MATH:
+            # MATH's own backward recomputes the softmax from the pair's scores alone; the pair's share of the
+            # gradient needs the merged lse and output, which the composite takes as given.
+            g = _composite.gradients(*args, plan.dropout_p, causal, plan.scale, None, rng, False)
+        else:
+            g = _ops.bwd(*args, plan.dropout_p, causal, plan.scale, plan.gqa, None, rng, int(plan.backend), False)
+        dq[..., rs, :] += g[0].to(dq.dtype)
+        dk[..., ks, :] += g[1].to(dk.dtype)
+        dv[..., ks, :] += g[2].to(dv.dtype)
 
 
 def _with_sinks(plan, out_acc, lse_acc, sinks, dtype):
