@@ -177,7 +177,7 @@ def test_varlen_paged_cache_equals_contiguous(page, device):
             cnt = rows.stop - rows.start
             kp[slot, :cnt], vp[slot, :cnt] = k[rows], v[rows]
     seqused = torch.tensor(used, dtype=torch.int32, device=device)
-    for backend in [SDPBackend.MATH] + ([SDPBackend.FLASH_ATTENTION] if device == "cpu" else []):
+    for backend in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
         with sdpax.sdpa_kernel(backend):
             contiguous = sdpax.varlen_attn(q, k, v, cq, ck, 3, 300, is_causal=True, enable_gqa=True)
             paged = sdpax.varlen_attn(q, kp, vp, cq, None, 3, 300, is_causal=True, enable_gqa=True,
@@ -387,19 +387,25 @@ def test_explain_packed_and_nested():
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype,E,feature", [
-    (torch.bfloat16, 128, "causal_gqa"), (torch.float16, 64, "plain"), (torch.bfloat16, 256, "window_sinks"),
-    (torch.float32, 64, "causal_gqa"), (torch.float16, 128, "dropout")])
+@pytest.mark.parametrize("dtype,E,feature,mix", [
+    (torch.bfloat16, 128, "causal_gqa", "long-tailed"), (torch.float16, 64, "plain", "long-tailed"),
+    (torch.bfloat16, 256, "window_sinks", "long-tailed"), (torch.float32, 64, "causal_gqa", "long-tailed"),
+    (torch.float16, 128, "dropout", "long-tailed"), (torch.bfloat16, 128, "window_sinks", "split keys"),
+    (torch.float16, 64, "causal_gqa", "split keys")])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_varlen_cuda_one_launch(dtype, E, feature, deterministic):
-    """Many sequences of a long-tailed mix (empty, 1, several row and key blocks, L != S) in one launch per pass of
-    the mma.sync kernels (the plan and explain say so), forward and backward (both dQ modes) against each sequence
-    alone: the float64 reference by the suite's rule, and with dropout, the dense kernels on each sequence with the
-    call's rng at offset + b (the same decisions: equal to the rounding of the two launches)."""
+def test_varlen_cuda_one_launch(dtype, E, feature, mix, deterministic):
+    """Packed batches in one launch per pass of the mma.sync kernels (explain says FLASH), forward and backward
+    (both dQ modes) against each sequence alone: the float64 reference by the suite's rule, and with dropout, the
+    dense kernels on each sequence with the call's rng at offset + b (the same decisions: equal to the rounding of
+    the two launches). Mixes: long-tailed (empty, 1, several row and key blocks, L != S); split keys (few rows
+    over long keys: the forward splits the keys and merges them)."""
     gen = torch.Generator().manual_seed(21)
     rnd = random.Random(21)
-    lq = [0, 1, 700] + [min(700, int(rnd.paretovariate(1.2) * 20)) for _ in range(37)]
-    lk = [5, 1, 650] + [max(1, n + rnd.randint(-10, 30)) for n in lq[3:]]
+    if mix == "split keys":
+        lq, lk = [40, 1, 17, 0], [3000, 2000, 40, 7]
+    else:
+        lq = [0, 1, 700] + [min(700, int(rnd.paretovariate(1.2) * 20)) for _ in range(37)]
+        lk = [5, 1, 650] + [max(1, n + rnd.randint(-10, 30)) for n in lq[3:]]
     hq, hk = 8, (2 if feature == "causal_gqa" else 8)
     q, k, v = (torch.randn(sum(n), h, E, generator=gen).to("cuda", dtype).requires_grad_()
                for n, h in ((lq, hq), (lk, hk), (lk, hk)))

@@ -185,7 +185,8 @@ AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tenso
   p.sinks = sinks_f32 ? sinks_f32->data_ptr<float>() : nullptr;
   p.dropout_p = dropout_p;
   p.rng = dropout_p > 0.0 ? rng->data_ptr<int64_t>() : nullptr;
-  if (dropout_p > 0.0 && rng->numel() == 4 && rng->device().is_cpu()) {
+  p.drop_origin = dropout_p > 0.0 && rng->numel() == 4;
+  if (p.drop_origin && rng->device().is_cpu()) {
     p.drop_row0 = p.rng[2];
     p.drop_col0 = p.rng[3];
   }

@@ -20,18 +20,17 @@ namespace {
 
 // The kernels copy rows with 16-byte vector loads: the last dim must be contiguous and every other stride and the
 // base pointer 16-byte aligned. (B, L, H, E)-transposed views qualify as they are; anything else is copied.
-at::Tensor vector_ready(const at::Tensor& t) {
+bool rows_aligned(const at::Tensor& t) {
   const int64_t vec = 16 / t.element_size();
   bool ok = t.stride(3) == 1 || t.size(3) <= 1;
   ok = ok && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int d = 0; d < 3 && ok; ++d) ok = t.size(d) <= 1 || t.stride(d) % vec == 0;
-  return ok ? t : t.contiguous();
+  return ok;
 }
+at::Tensor vector_ready(const at::Tensor& t) { return rows_aligned(t) ? t : t.contiguous(); }
 
 void check_supported(const FwdArgs& a, int64_t E, int64_t Ev) {
   const at::Tensor& q = a.q;
-  TORCH_CHECK(a.dropout_p == 0.0 || a.rng->numel() == 2, "sdpax: the CUDA FLASH_ATTENTION kernels take no dropout "
-              "origin (rng {seed, offset, row0, col0}); use the MATH backend");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf || q.scalar_type() == at::kFloat,
               "sdpax: the CUDA FLASH_ATTENTION kernels take ", kDtypes, " inputs, got ", q.scalar_type(),
               "; use the MATH backend");
@@ -108,6 +107,8 @@ at::Tensor fold_mask_grad(const MaskGrad& g, const at::Tensor& q, const at::Tens
 struct Packed {
   at::Tensor seqs;  // (N, 4) int32
   int64_t n = 0, max_q = 0, max_k = 0;
+  // A paged KV cache (forward only): the page pools as (P, Hkv, page, E) views and the block table (N, max_pages).
+  at::Tensor k_pages, v_pages, table;
 };
 
 Packed pack(const std::vector<SeqSpan>& spans, const at::Tensor& q) {
@@ -133,6 +134,15 @@ void bind_packed(AttnParams& p, const Packed& pk) {
   p.L = pk.max_q;
   p.S = pk.max_k;
   p.seqs = pk.seqs.data_ptr<int32_t>();
+  if (pk.table.defined()) {  // keys through the pages (common/params.h kv_pages); the k / v given were one page
+    p.k = pk.k_pages.data_ptr();
+    p.v = pk.v_pages.data_ptr();
+    p.k_st = strides4(pk.k_pages);
+    p.v_st = strides4(pk.v_pages);
+    p.kv_pages = pk.table.data_ptr<int32_t>();
+    p.kv_page = pk.k_pages.size(2);
+    p.kv_table_cols = pk.table.size(1);
+  }
 }
 
 // (T, H, D) as the (1, H, T, D) view the dense host glue takes.
@@ -249,11 +259,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
 // sequence view). No rows or no keys at all: the per-sequence path (MATH for empty sequences) is as cheap.
 std::optional<std::tuple<at::Tensor, at::Tensor>> flash_varlen_fwd(const VarlenArgs& a,
                                                                    const std::vector<SeqSpan>& spans) {
-  if (a.block_table || a.q.size(0) == 0) return std::nullopt;
-  const Packed pk = pack(spans, a.q);
+  if (a.q.size(0) == 0) return std::nullopt;
+  Packed pk = pack(spans, a.q);
   if (pk.max_q == 0 || pk.max_k == 0) return std::nullopt;
   static const std::optional<at::Tensor> kNoMask;
-  const at::Tensor q4 = as4(a.q), k4 = as4(a.k), v4 = as4(a.v);
+  at::Tensor q4 = as4(a.q), k4, v4;
+  if (a.block_table) {
+    // The pools (P, page, Hkv, E) read in place, as (P, Hkv, page, E): the kernels' 16-byte row copies need their
+    // strides and base aligned, else the per-sequence path gathers the pages. The first page stands for the keys
+    // in the checks.
+    pk.k_pages = a.k.permute({0, 2, 1, 3});
+    pk.v_pages = a.v.permute({0, 2, 1, 3});
+    if (!rows_aligned(pk.k_pages) || !rows_aligned(pk.v_pages)) return std::nullopt;
+    pk.table = a.block_table->contiguous();
+    k4 = pk.k_pages.narrow(0, 0, 1);
+    v4 = pk.v_pages.narrow(0, 0, 1);
+  } else {
+    k4 = as4(a.k);
+    v4 = as4(a.v);
+  }
   auto [out, lse] = fwd_impl(FwdArgs{q4, k4, v4, kNoMask, a.dropout_p, a.causal, a.scale, a.enable_gqa, a.sinks,
                                      a.rng, a.backend, a.softcap, a.window_left, a.window_right},
                              &pk);

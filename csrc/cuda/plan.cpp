@@ -36,6 +36,7 @@ std::string sm90_unavailable(const AttnParams& p, const DeviceInfo& dev, bool ta
   if (!dev.build_sm90a) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
   if (dev.cc_major != 9) return "the device is not compute capability 9.x";
   if (p.seqs != nullptr) return "packed variable-length batches run the mma.sync loops";
+  if (p.drop_origin && p.dropout_p > 0.0) return "the Hopper loops take no dropout origin (the mma.sync loops do)";
   if (!table_says) return "the Hopper loop has no variant for this dtype, head dim and kind (csrc/variants.py)";
   if (p.softcap > 0.f) return "the Hopper loops take no score softcap (the mma.sync general kind does)";
   if (windowed(p) && !takes_window)
@@ -86,8 +87,7 @@ FwdPlan plan_fwd(const AttnParams& p, const DeviceInfo& dev, MainLoop loop, bool
   }
   const int64_t blocks = (rows + plan.bm - 1) / plan.bm * p.batch * p.hkv;
   const int64_t n_tiles = (p.S + plan.bn - 1) / plan.bn;
-  // (A packed batch's blocks find their sequence's limits in the kernel: one split, no merge.)
-  if (blocks >= dev.num_sms || n_tiles < 8 || p.seqs != nullptr) return plan;
+  if (blocks >= dev.num_sms || n_tiles < 8) return plan;
   // Enough blocks to fill the machine several times over (one-warp decode blocks: 16 per multiprocessor), with at
   // least 4 key tiles per split so the merge stays cheap.
   const int64_t target = (plan.kind == FwdKind::Decode ? 16 : 8) * static_cast<int64_t>(dev.num_sms);

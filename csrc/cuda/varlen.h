@@ -39,6 +39,9 @@ __device__ __forceinline__ AttnParams seq_view(const AttnParams& p, int64_t& b) 
     s.lse = moved(p.lse, q0);
     s.delta = moved(p.delta, q0);
     s.dq_accum = moved(p.dq_accum, q0 * p.E);
+    s.lse_partial = moved(p.lse_partial, q0);
+    s.o_partial = moved(p.o_partial, q0 * p.Ev);
+    s.kv_pages = moved(p.kv_pages, b * p.kv_table_cols);
     s.rng_seq = b;
     b = 0;
   }
@@ -47,6 +50,23 @@ __device__ __forceinline__ AttnParams seq_view(const AttnParams& p, int64_t& b) 
 
 // Row i of head bh's log-sum-exp, Delta and dq_accum rows (a packed call's heads hold every packed query row).
 __device__ __forceinline__ int64_t lse_row(const AttnParams& p, int64_t bh, int64_t i) { return bh * p.head_rows + i; }
+
+// The rows of lse (and of one split's partials): every (batch, head, row), or every (head, packed row).
+__host__ __device__ __forceinline__ int64_t lse_rows(const AttnParams& p) {
+  return (p.seqs != nullptr ? 1 : p.batch) * p.hq * p.head_rows;
+}
+
+// The params of the passes that go row by row whatever the sequence (Delta, the split merge): a packed call as one
+// batch of every packed query row.
+inline AttnParams all_rows(const AttnParams& p) {
+  AttnParams r = p;
+  if (p.seqs != nullptr) {
+    r.seqs = nullptr;
+    r.batch = 1;
+    r.L = p.head_rows;
+  }
+  return r;
+}
 
 }  // namespace cuda
 }  // namespace sdpax

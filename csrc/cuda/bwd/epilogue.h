@@ -54,12 +54,7 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const __grid_constant__ 
 // Delta is per row, whichever sequence the row belongs to: a packed call runs it as one batch of every packed row.
 template <class T>
 cudaError_t launch_bwd_delta(const AttnParams& p, cudaStream_t stream) {
-  AttnParams rows = p;
-  if (p.seqs != nullptr) {
-    rows.seqs = nullptr;
-    rows.batch = 1;
-    rows.L = p.head_rows;
-  }
+  const AttnParams rows = all_rows(p);
   const int64_t all_rows = rows.batch * rows.hq * rows.L;
   bwd_delta_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(rows,
                                                                                      const_cast<float*>(p.delta));

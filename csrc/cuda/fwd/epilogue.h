@@ -30,7 +30,7 @@ __device__ __forceinline__ void fwd_store_row(const AttnParams& p, int64_t b, in
     }
     if (t == 0) p.lse[lse_row(p, bh, i)] = r.lse;
   } else {
-    const int64_t prow = (static_cast<int64_t>(blockIdx.z) * p.batch * p.hq + bh) * p.L + i;
+    const int64_t prow = static_cast<int64_t>(blockIdx.z) * lse_rows(p) + lse_row(p, bh, i);
     float* out = p.o_partial + prow * Ev;
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {

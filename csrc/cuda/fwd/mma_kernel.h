@@ -215,13 +215,18 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(
       cp_async16(sQ + QTile::offset(r, c), src, ok);
     }
   }
+  // Key j's row: j of the (batch, kv head), or in a paged cache (packed calls) row j % page of its page, whose
+  // stride is st.b (common/params.h kv_pages).
+  const bool paged = kPacked && p.kv_pages != nullptr;
   auto load_kv = [&](uint32_t dst, const void* base, const Strides4& st, int cols, int tile) {
     const T* src0 = static_cast<const T*>(base) + b * st.b + static_cast<int64_t>(hk) * st.h;
     for (int idx = tid; idx < BN * (D / kVec); idx += NT) {
       const int r = idx / (D / kVec), c = idx % (D / kVec);
       const int j = tile * BN + r;
       const bool ok = j < S && c * kVec < cols;
-      cp_async16(dst + KTile::offset(r, c), ok ? src0 + static_cast<int64_t>(j) * st.r + c * kVec : src0, ok);
+      int64_t row = static_cast<int64_t>(j) * st.r;
+      if (paged && ok) row = p.kv_pages[j / p.kv_page] * st.b + (j % p.kv_page) * st.r;
+      cp_async16(dst + KTile::offset(r, c), ok ? src0 + row + c * kVec : src0, ok);
     }
   };
 
