@@ -14,8 +14,9 @@ partial outputs are merged by log-sum-exp in float32 (float64 for float64 inputs
 the denominator once, after the merge. A causal pair whose diagonal is offset from the kernel's alignments is cut
 into at most two calls that are upper-left-aligned or unmasked, so no L x S mask is ever built. Without dropout,
 calls on adjacent blocks of the shards merge into one (one call per K/V shard when nothing is masked, P + 1 per
-rank under the zig-zag causal layout instead of about 2P): fewer launches, each paying its ramp-up once. The backward is
-FlashAttention's: each pair's gradient from the merged output and log-sum-exp, dK/dV summed on the owning rank.
+rank under the zig-zag causal layout instead of about 2P): fewer launches, each paying its ramp-up once. The
+backward is FlashAttention's: each pair's gradient from the merged output and log-sum-exp, dK/dV summed on the
+owning rank.
 
 Strategies (`strategy=`): "ring" passes K/V (and the key side of the mask) around the ring, the next transfer
 posted before the current pair is computed so that communication overlaps compute; in the backward dK/dV travel
@@ -27,8 +28,8 @@ Features: both causal alignments (`is_causal=True` or a `CausalBias` of the glob
 L != S, GQA, sinks, custom scale, and a key-side mask (bool or additive, size 1 in the query dim, sharded with
 K/V), and dropout: every pair's kernel call gets rng = {seed, offset, row0, col0}, its origin in the global
 problem, so it draws the decisions of those elements of the single-device call (the {seed, offset} is drawn on
-the group's first rank and broadcast). Every backend takes an origin (on CUDA the mma.sync loops: the Hopper
-forward does not).
+the group's first rank and broadcast). The CPU kernels and MATH take an origin; on CUDA such calls run on MATH
+(a reason says so) until the CUDA kernels take one.
 """
 from __future__ import annotations
 
