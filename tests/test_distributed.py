@@ -170,6 +170,36 @@ def test_pair_decomposition_is_the_causal_mask():
         assert torch.equal(covered, allowed.long()), (L, S, world, variant)
 
 
+def test_merged_calls_are_the_causal_mask():
+    """The kernel calls of every rank against every K/V shard (adjacent blocks merged when there is no dropout)
+    cover exactly the allowed entries of the global mask, each once; with dropout nothing merges (one origin per
+    call)."""
+    def global_index(n, rank, world):  # shard position -> global position
+        return torch.cat([torch.arange(s, s + c) for s, c in cp.chunk_positions(n, rank, world)])
+    for L, S, world, variant in itertools.product([8, 24], [8, 40], [1, 2, 4], [0, UPPER_LEFT, LOWER_RIGHT]):
+        if L % (2 * world) or S % (2 * world):
+            continue
+        allowed = causal_allowed(L, S, variant) if variant else torch.ones(L, S, dtype=torch.bool)
+        q, k = torch.randn(1, 1, L // world, 8), torch.randn(1, 1, S // world, 8)
+        covered = torch.zeros(L, S, dtype=torch.int64)
+        for r, owner in itertools.product(range(world), range(world)):
+            plan = cp._Plan(q, k, k, variant, 1.0, False, None, r, world)
+            calls = plan.calls(owner)
+            assert len(calls) <= sum(len(p.calls) for *_, p in plan.pairs(owner))
+            rows_g, keys_g = global_index(L, r, world), global_index(S, owner, world)
+            for rs, ks, causal, rng in calls:
+                assert rng is None
+                n_r, n_k = rs.stop - rs.start, ks.stop - ks.start
+                block = causal_allowed(n_r, n_k, causal) if causal else torch.ones(n_r, n_k, dtype=torch.bool)
+                covered[rows_g[rs][:, None], keys_g[ks][None, :]] += block
+            drop = cp._Plan(q, k, k, variant, 1.0, False, None, r, world, 0.5, torch.tensor([1, 2]))
+            assert len(drop.calls(owner)) == sum(len(p.calls) for *_, p in drop.pairs(owner))
+        assert torch.equal(covered, allowed.long()), (L, S, world, variant)
+    q = torch.randn(1, 1, 64, 8)
+    n_calls = sum(len(cp._Plan(q, q, q, 0, 1.0, False, None, r, 4).calls(o)) for r in range(4) for o in range(4))
+    assert n_calls == 16  # one call per (rank, K/V shard) without a mask
+
+
 def test_chunks_and_errors():
     assert cp.chunk_positions(16, 1, 2) == [(4, 4), (8, 4)]
     with pytest.raises(RuntimeError, match="multiple of 2 x 3"):
