@@ -153,19 +153,24 @@ def test_varlen_dropout_is_the_per_sequence_dense_dropout(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries", ["decode", "prefill"])
 @pytest.mark.parametrize("page", [16, 256])
-def test_varlen_paged_cache_equals_contiguous(page, device):
-    """A paged KV cache (pages in shuffled order, the last one partly used) gives the contiguous cache's answer."""
+def test_varlen_paged_cache_equals_contiguous(page, queries, dtype, device):
+    """A paged KV cache (pages in shuffled order, the last one partly used) gives the contiguous cache's answer:
+    decode steps (read in place at any page size) and prefill chunks (in place where pages hold whole key tiles,
+    else gathered)."""
     gen = torch.Generator().manual_seed(12)
-    used, lq = [300, 1, 17, 0], [1, 1, 3, 1]
+    used, lq = [300, 1, 17, 0], ([1, 1, 3, 1] if queries == "decode" else [40, 1, 130, 9])
     hq, hk, E = 4, 2, 64
-    k = torch.randn(sum(used), hk, E, generator=gen).to(device)
-    v = torch.randn(sum(used), hk, E, generator=gen).to(device)
-    q = torch.randn(sum(lq), hq, E, generator=gen).to(device)
+    k = torch.randn(sum(used), hk, E, generator=gen).to(device, dtype)
+    v = torch.randn(sum(used), hk, E, generator=gen).to(device, dtype)
+    q = torch.randn(sum(lq), hq, E, generator=gen).to(device, dtype)
+    mq = max(lq)
     cq, ck = offsets(lq, device), offsets(used, device)
     pages_per = [max(1, math.ceil(n / page)) for n in used]
     order = torch.randperm(sum(pages_per), generator=gen).tolist()
-    kp = torch.zeros(len(order), page, hk, E, device=device)
+    kp = torch.zeros(len(order), page, hk, E, device=device, dtype=dtype)
     vp = torch.zeros_like(kp)
     table = torch.zeros(len(used), max(pages_per), dtype=torch.int32)
     nxt = 0
@@ -180,18 +185,18 @@ def test_varlen_paged_cache_equals_contiguous(page, device):
     seqused = torch.tensor(used, dtype=torch.int32, device=device)
     for backend in [SDPBackend.MATH] + ([SDPBackend.FLASH_ATTENTION] if device == "cpu" else []):
         with sdpax.sdpa_kernel(backend):
-            contiguous = sdpax.varlen_attn(q, k, v, cq, ck, 3, 300, is_causal=True, enable_gqa=True)
-            paged = sdpax.varlen_attn(q, kp, vp, cq, None, 3, 300, is_causal=True, enable_gqa=True,
+            contiguous = sdpax.varlen_attn(q, k, v, cq, ck, mq, 300, is_causal=True, enable_gqa=True)
+            paged = sdpax.varlen_attn(q, kp, vp, cq, None, mq, 300, is_causal=True, enable_gqa=True,
                                       seqused_k=seqused, block_table=table.to(device))
         assert torch.equal(paged, contiguous), backend
     # seqused_k alone: the first keys of each packed sequence.
     short = torch.tensor([100, 1, 5, 0], dtype=torch.int32, device=device)
-    got = sdpax.varlen_attn(q, k, v, cq, ck, 3, 300, seqused_k=short, enable_gqa=True)
+    got = sdpax.varlen_attn(q, k, v, cq, ck, mq, 300, seqused_k=short, enable_gqa=True)
     keep = torch.cat([torch.arange(int(ck[b]), int(ck[b]) + int(short[b])) for b in range(4)]).to(device)
-    want = sdpax.varlen_attn(q, k[keep], v[keep], cq, offsets(short.tolist(), device), 3, 100, enable_gqa=True)
+    want = sdpax.varlen_attn(q, k[keep], v[keep], cq, offsets(short.tolist(), device), mq, 100, enable_gqa=True)
     assert torch.equal(got, want)
     kg = kp.clone().requires_grad_()
-    out = sdpax.varlen_attn(q, kg, vp, cq, None, 3, 300, seqused_k=seqused, block_table=table.to(device),
+    out = sdpax.varlen_attn(q, kg, vp, cq, None, mq, 300, seqused_k=seqused, block_table=table.to(device),
                             enable_gqa=True)
     with pytest.raises(RuntimeError, match="forward only"):
         out.sum().backward()

@@ -117,11 +117,12 @@ void decode(const AttnParams& p) {
 
 }  // namespace
 
-bool decode_reads_in_place(const AttnParams& p) {
+bool reads_pages_in_place(const AttnParams& p) {
   bool in_place = false;
   dispatch_dtype(p.dtype, [&](auto, auto c) {
     using C = decltype(c);
-    in_place = direct_rows<C>(p, (p.hq / p.hkv) * p.L);  // all rows of a KV head: one row tile (direct rows <= bm)
+    // The decode kernel's direct path: all rows of a KV head in one row tile (direct rows <= bm), any page size.
+    in_place = direct_rows<C>(p, (p.hq / p.hkv) * p.L) || tiles_in_pages<C>(p);
   });
   return in_place;
 }

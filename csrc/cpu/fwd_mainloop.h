@@ -50,10 +50,17 @@ inline KeyRange visible_keys(const AttnParams& p, int64_t bn, int64_t i_first, i
 }
 
 // Whether M query rows of a KV head read K and V in place (gemv.h) instead of packing them: a few decode rows, unit
-// column strides. See gemv.h for why; it is also the only path that takes paged keys (AttnParams::kv_pages).
+// column strides. See gemv.h for why; it walks a key tile as runs of rows, so it takes paged keys
+// (AttnParams::kv_pages) of any page size.
 template <class C>
 bool direct_rows(const AttnParams& p, int64_t M) {
   return p.L <= kDecodeMaxL && M <= kDirectMaxRows<C> && p.k_st.c == 1 && p.v_st.c == 1;
+}
+
+// Whether paged keys can be read in place by the tiled paths too: every key tile lies inside one page.
+template <class C>
+bool tiles_in_pages(const AttnParams& p) {
+  return p.kv_page % fwd_blocks<C>(p).n == 0;
 }
 
 // A fresh id per kernel call (flash_fwd.cpp): per-thread packed K/V is keyed by it.
@@ -91,9 +98,15 @@ struct FwdMainloop {
   // float32 V with unit column stride is already a row-major B operand: used in place.
   bool v_in_place() const { return std::is_same_v<T, C> && !kVnni<C> && p.v_st.c == 1; }
   const C* v_tile(FwdLocal& loc, int64_t b, int64_t hkv, int64_t t) const {
-    if (v_in_place())
-      return reinterpret_cast<const C*>(static_cast<const T*>(p.v) + b * p.v_st.b + hkv * p.v_st.h + t * bn * p.v_st.r);
+    if (v_in_place()) return reinterpret_cast<const C*>(key_rows(p.v, p.v_st, b, hkv, t * bn));
     return loc.v.get<C>(0) + slot(t) * bn * p.Ev;
+  }
+  // Row j0 (a tile's first key) of KV head (b, hkv) of k or v; paged keys (batch 1): in its page, the tile's rows
+  // contiguous after it (tiles_in_pages).
+  const T* key_rows(const void* base, const Strides4& st, int64_t b, int64_t hkv, int64_t j0) const {
+    const T* h = static_cast<const T*>(base) + hkv * st.h;
+    if (!p.kv_pages) return h + b * st.b + j0 * st.r;
+    return h + p.kv_pages[j0 / p.kv_page] * st.b + (j0 % p.kv_page) * st.r;
   }
   int64_t v_ld() const { return v_in_place() ? p.v_st.r : p.Ev; }
   bool direct(int64_t M) const { return direct_rows<C>(p, M); }
@@ -110,12 +123,9 @@ struct FwdMainloop {
     }
     if (cache_kv && loc.packed[t]) return;
     const int64_t j0 = t * bn, n = std::min(bn, p.S - j0);
-    const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hkv * p.k_st.h + j0 * p.k_st.r;
-    pack_b_cols(k, p.k_st.r, p.k_st.c, p.E, n, const_cast<C*>(kt_tile(loc, t)));
-    if (!v_in_place()) {
-      const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hkv * p.v_st.h + j0 * p.v_st.r;
-      pack_b_rows(v, p.v_st.r, p.v_st.c, n, p.Ev, const_cast<C*>(v_tile(loc, b, hkv, t)));
-    }
+    pack_b_cols(key_rows(p.k, p.k_st, b, hkv, j0), p.k_st.r, p.k_st.c, p.E, n, const_cast<C*>(kt_tile(loc, t)));
+    if (!v_in_place())
+      pack_b_rows(key_rows(p.v, p.v_st, b, hkv, j0), p.v_st.r, p.v_st.c, n, p.Ev, const_cast<C*>(v_tile(loc, b, hkv, t)));
     loc.packed[t] = 1;
   }
 
@@ -139,11 +149,11 @@ struct FwdMainloop {
       visible_begin = std::min(visible_begin, key_begin(p, loc.row_i[r]));
       visible_end = std::max(visible_end, key_end(p, loc.row_i[r]));
     }
-    // (Paged keys, batch 1: the page is added per run of keys, key_runs.)
+    // (Paged keys, batch 1: the page is added per run of keys, key_runs; the packing path reads them by key_rows.)
     const T* kh = static_cast<const T*>(p.k) + (p.kv_pages ? 0 : b * p.k_st.b) + hkv * p.k_st.h;
     const T* vh = static_cast<const T*>(p.v) + (p.kv_pages ? 0 : b * p.v_st.b) + hkv * p.v_st.h;
     // Keys [j0, j0 + n) as runs of rows contiguous in memory: fn(offset in the tile, count, K rows, V rows). Dense:
-    // one run; paged (the direct path only, host.cpp): one per page the tile touches.
+    // one run; paged: one per page the tile touches.
     auto key_runs = [&](int64_t j0, int64_t n, auto&& fn) {
       if (!p.kv_pages) return fn(int64_t(0), n, kh + j0 * p.k_st.r, vh + j0 * p.v_st.r);
       for (int64_t o = 0; o < n;) {

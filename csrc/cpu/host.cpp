@@ -71,8 +71,9 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
 }
 
 std::optional<std::tuple<at::Tensor, at::Tensor>> flash_fwd_paged(const FwdArgs& a, const PagedKV& kv) {
-  // Only the decode kernel's direct path reads keys row by row, so only there can a key tile span pages; every
-  // other call (and a sequence without keys) gathers its pages.
+  // The decode kernel's direct path reads keys row by row, so there a key tile may span pages; the packing paths
+  // read a tile from one place, so they take pages that hold whole tiles. Other calls (and a sequence without
+  // keys) gather their pages.
   if (a.mask || kv.S == 0) return std::nullopt;
   FlashCall call = flash_call(a);
   AttnParams& p = call.p;
@@ -83,8 +84,11 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> flash_fwd_paged(const FwdArgs&
   p.v_st = {kv.v_pages.stride(0), kv.v_pages.stride(2), kv.v_pages.stride(1), kv.v_pages.stride(3)};
   p.kv_pages = kv.pages.data_ptr<int32_t>();
   p.kv_page = kv.k_pages.size(1);
-  if (!decode_reads_in_place(p)) return std::nullopt;
-  return with_outputs(call.c, a.q, p, [&](at::Tensor&, at::Tensor&) { run_decode(p); });
+  if (!reads_pages_in_place(p)) return std::nullopt;
+  return with_outputs(call.c, a.q, p, [&](at::Tensor&, at::Tensor&) {
+    if (p.L <= kDecodeMaxL) run_decode(p);
+    else run_fwd(p);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(const BwdArgs& a) {

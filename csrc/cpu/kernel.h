@@ -12,8 +12,9 @@ void run_fwd(const AttnParams& p);
 // the key sequence across threads when there are few KV heads, and merges the pieces by log-sum-exp.
 constexpr int64_t kDecodeMaxL = 8;
 void run_decode(const AttnParams& p);
-// Whether run_decode reads every row tile's keys in place (the direct path): what paged keys need.
-bool decode_reads_in_place(const AttnParams& p);
+// Whether run_decode / run_fwd read paged keys (AttnParams::kv_pages) in place: the decode kernel's direct path
+// walks any page size; the packing paths need each key tile inside one page.
+bool reads_pages_in_place(const AttnParams& p);
 
 // FA2-style backward: recomputes P from p.lse, Delta = rowsum(dO * O); fills p.dq, p.dk, p.dv and (with sinks)
 // the per-(batch, head) terms p.dsinks_bh. p.out and p.lse are the forward's outputs.
