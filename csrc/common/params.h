@@ -101,7 +101,7 @@ struct AttnParams {
   // Sliding window (csrc/ops.cpp), -1: unbounded on that side. With causal != None the causal edge is the right
   // edge (win_right is -1); with causal == None the window is lower-right aligned.
   int64_t win_left = -1, win_right = -1;
-  // Paged keys and values (a KV cache read in place; CPU decode, csrc/cpu/host.cpp): key j is row j % kv_page of
+  // Paged keys and values (a KV cache read in place; CPU, csrc/cpu/host.cpp): key j is row j % kv_page of
   // page kv_pages[j / kv_page] of k and v, whose batch strides k_st.b / v_st.b are then the page strides (batch 1).
   // nullptr: k and v are dense.
   const int32_t* kv_pages = nullptr;

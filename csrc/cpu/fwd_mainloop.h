@@ -101,8 +101,8 @@ struct FwdMainloop {
     if (v_in_place()) return reinterpret_cast<const C*>(key_rows(p.v, p.v_st, b, hkv, t * bn));
     return loc.v.get<C>(0) + slot(t) * bn * p.Ev;
   }
-  // Row j0 (a tile's first key) of KV head (b, hkv) of k or v; paged keys (batch 1): in its page, the tile's rows
-  // contiguous after it (tiles_in_pages).
+  // Key row j0 of KV head (b, hkv) of k or v; paged keys (batch 1): in its page, the rows after it contiguous up to
+  // the page's end (a whole tile when tiles_in_pages).
   const T* key_rows(const void* base, const Strides4& st, int64_t b, int64_t hkv, int64_t j0) const {
     const T* h = static_cast<const T*>(base) + hkv * st.h;
     if (!p.kv_pages) return h + b * st.b + j0 * st.r;
@@ -149,17 +149,12 @@ struct FwdMainloop {
       visible_begin = std::min(visible_begin, key_begin(p, loc.row_i[r]));
       visible_end = std::max(visible_end, key_end(p, loc.row_i[r]));
     }
-    // (Paged keys, batch 1: the page is added per run of keys, key_runs; the packing path reads them by key_rows.)
-    const T* kh = static_cast<const T*>(p.k) + (p.kv_pages ? 0 : b * p.k_st.b) + hkv * p.k_st.h;
-    const T* vh = static_cast<const T*>(p.v) + (p.kv_pages ? 0 : b * p.v_st.b) + hkv * p.v_st.h;
     // Keys [j0, j0 + n) as runs of rows contiguous in memory: fn(offset in the tile, count, K rows, V rows). Dense:
     // one run; paged: one per page the tile touches.
     auto key_runs = [&](int64_t j0, int64_t n, auto&& fn) {
-      if (!p.kv_pages) return fn(int64_t(0), n, kh + j0 * p.k_st.r, vh + j0 * p.v_st.r);
       for (int64_t o = 0; o < n;) {
-        const int64_t j = j0 + o, page = p.kv_pages[j / p.kv_page], in = j % p.kv_page;
-        const int64_t c = std::min(n - o, p.kv_page - in);
-        fn(o, c, kh + page * p.k_st.b + in * p.k_st.r, vh + page * p.v_st.b + in * p.v_st.r);
+        const int64_t j = j0 + o, c = p.kv_pages ? std::min(n - o, p.kv_page - j % p.kv_page) : n - o;
+        fn(o, c, key_rows(p.k, p.k_st, b, hkv, j), key_rows(p.v, p.v_st, b, hkv, j));
         o += c;
       }
     };

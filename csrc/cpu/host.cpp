@@ -46,6 +46,12 @@ std::tuple<at::Tensor, at::Tensor> with_outputs(const Canonical& c, const at::Te
   return {uncanonical(out, q, c.Ev), uncanonical(lse, q, -1)};
 }
 
+// The forward kernel for the call's query length: the decode kernel for a few rows, else the tiled one.
+void run_forward(const AttnParams& p) {
+  if (p.L <= kDecodeMaxL) run_decode(p);
+  else run_fwd(p);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
@@ -62,10 +68,8 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
       } else {
         lse.fill_(-std::numeric_limits<float>::infinity());
       }
-    } else if (c.L <= kDecodeMaxL) {
-      run_decode(p);
     } else {
-      run_fwd(p);
+      run_forward(p);
     }
   });
 }
@@ -80,15 +84,12 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> flash_fwd_paged(const FwdArgs&
   p.S = kv.S;
   p.k = kv.k_pages.data_ptr();
   p.v = kv.v_pages.data_ptr();
-  p.k_st = {kv.k_pages.stride(0), kv.k_pages.stride(2), kv.k_pages.stride(1), kv.k_pages.stride(3)};
-  p.v_st = {kv.v_pages.stride(0), kv.v_pages.stride(2), kv.v_pages.stride(1), kv.v_pages.stride(3)};
+  p.k_st = strides4(kv.k_pages.permute({0, 2, 1, 3}));  // (P, Hkv, page, E): batch stride = page stride
+  p.v_st = strides4(kv.v_pages.permute({0, 2, 1, 3}));
   p.kv_pages = kv.pages.data_ptr<int32_t>();
   p.kv_page = kv.k_pages.size(1);
   if (!reads_pages_in_place(p)) return std::nullopt;
-  return with_outputs(call.c, a.q, p, [&](at::Tensor&, at::Tensor&) {
-    if (p.L <= kDecodeMaxL) run_decode(p);
-    else run_fwd(p);
-  });
+  return with_outputs(call.c, a.q, p, [&](at::Tensor&, at::Tensor&) { run_forward(p); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(const BwdArgs& a) {

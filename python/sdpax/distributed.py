@@ -173,6 +173,7 @@ class _Plan:
                             zero_scale=scale == 0.0, dropout_origin=self.dropout_p > 0.0)
         self.backend = _select.select(call)
         self.q_chunks = chunk_positions(self.L, self.rank, self.world)
+        self._calls = {}  # owner -> calls(owner)
 
     def k_chunks(self, owner):
         return chunk_positions(self.S, owner, self.world)
@@ -190,13 +191,17 @@ class _Plan:
         """(row slice of this rank's shard, key slice of the owner's shard, causal, rng) of every kernel call against
         the K/V shard of rank `owner`. Without dropout, calls on adjacent slices merge (_merge_calls): fewer, larger
         launches, each paying its ramp-up and tail once. With dropout each call keeps one origin (a merged call's
-        keys would not be contiguous in the global sequence)."""
+        keys would not be contiguous in the global sequence). Computed once per owner: the backward reuses the
+        forward's plan, calls and rng tensors."""
+        if owner in self._calls:
+            return self._calls[owner]
         out = []
         for r0, c0, origin, pair in self.pairs(owner):
             for rows, keys, causal in pair.calls:
                 out.append((slice(r0 + rows.start, r0 + rows.stop), slice(c0 + keys.start, c0 + keys.stop), causal,
                             self.call_rng(origin, rows, keys)))
-        return out if self.dropout_p > 0.0 else _merge_calls(out)
+        self._calls[owner] = out if self.dropout_p > 0.0 else _merge_calls(out)
+        return self._calls[owner]
 
     def call_rng(self, origin, rows, keys):
         """The rng of one kernel call: {seed, offset, row0, col0} with the call's origin in the global problem, so
