@@ -10,6 +10,7 @@ import datetime
 import itertools
 import math
 import platform
+import random
 import statistics
 import sys
 import time
@@ -75,6 +76,19 @@ class Shape:
     def describe(self) -> str:
         return (f"B {self.B}, H {self.Hq}/{self.Hkv}, L {self.L}, S {self.S}, D {self.D}, "
                 f"{DTYPE_NAMES[self.dtype]}, {self.kind}")
+
+
+def varlen_mix(mix: str, tokens: int = 16384) -> list:
+    """Sequence lengths summing to `tokens`: "uniform" 1k each; "mixed" uniform in [1, 2k]; "long-tailed" one 8k
+    sequence and a Pareto tail from 1 up (fixed seed). The last length takes what is left."""
+    if mix == "uniform":
+        return [1024] * (tokens // 1024)
+    rnd = random.Random(0)
+    lens = [8192] if mix == "long-tailed" else []
+    while sum(lens) < tokens:
+        n = rnd.randint(1, 2048) if mix == "mixed" else min(4096, int(rnd.paretovariate(1.1)))
+        lens.append(min(n, tokens - sum(lens)))
+    return lens
 
 
 def _table() -> tuple:
@@ -200,6 +214,16 @@ def _table() -> tuple:
             add(f"tutorial 32 x <=512 {name}", 32, 8, 8, 512, 512, 64, dtype, tags="varlen", device=device)
             add(f"tutorial 32 x <=512 causal {name}", 32, 8, 8, 512, 512, 64, dtype, "causal", tags="varlen:1",
                 device=device)
+
+    # varlen-packed: 16k tokens of one packed batch (hidden 2048), the length mix in `group` (varlen_mix). The shape
+    # is the dense batch of the same tokens and work: sequences of sum(L^2) / sum(L) tokens (rounded to 64).
+    for mix in ("uniform", "mixed", "long-tailed"):
+        lens = varlen_mix(mix)
+        L_eq = max(64, round(sum(n * n for n in lens) / sum(lens) / 64) * 64)
+        for d in (64, 128):
+            for kind in ("plain", "causal"):
+                add(f"{mix} 16k tokens d{d} {kind}", sum(lens) // L_eq, 2048 // d, 2048 // d, L_eq, L_eq, d, BF16,
+                    kind, group=mix, tags=f"varlen-packed:{0 if d == 128 else 1}", device="cuda")
 
     # window: a causal sliding window of S / 8 keys (4k at L = 32k) against torch given the same window as a
     # materialised L x S bool mask.

@@ -8,6 +8,7 @@ the same inputs with _common.Timer and returns (markdown table, extra lines). Ra
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import subprocess
@@ -644,6 +645,71 @@ def run_varlen(args, rows):
         _free(device)
     return C.markdown_table(SUITES["varlen"].columns, table), [
         "", "ratios: the other time / sdpax jagged time (> 1: sdpax on the jagged batch is faster)"]
+
+
+# ---- varlen-packed ----
+
+@suite(name="varlen-packed", device="cuda", devices=("cuda", "cpu"), passes=("fwd", "fwd+bwd"),
+       measures="Throughput of one packed batch of 16k tokens (hidden 2048, bf16) through sdpax.varlen_attn, for "
+                "length mixes from uniform (16 x 1k) to long-tailed (one 8k sequence and a tail from 1 token), "
+                "counting only each sequence's own (query, key) pairs; against sdpax's dense kernel on a batch of "
+                "the same tokens and the same work (sequences of sum(L^2) / sum(L) tokens), and torch's "
+                "varlen_attn where torch has it.",
+       columns=("shape", "pass", "sequences", "sdpax varlen ms", "varlen TFLOP/s", "dense TFLOP/s", "varlen / dense",
+                "torch varlen ms", "vs torch varlen"))
+def run_varlen_packed(args, rows):
+    device = args.device
+    timer = C.Timer(device, args.budget or 2.0, min_reps=3, max_reps=100)
+    try:
+        from torch.nn.attention.varlen import varlen_attn as torch_varlen
+    except ImportError:
+        torch_varlen = None
+    table = []
+    for row in rows:
+        table += _varlen_packed_rows(row, timer, device, torch_varlen)
+        _free(device)
+    return C.markdown_table(SUITES["varlen-packed"].columns, table), [
+        "", ("TFLOP/s: 4 H D per (query, key) pair a sequence's own causal limit lets through, x3.5 for forward + "
+             "backward; vs torch varlen: torch time / sdpax time")]
+
+
+def _varlen_packed_rows(row, timer, device, torch_varlen) -> list:
+    lens = C.varlen_mix(row.group)
+    causal = row.kind == "causal"
+    align = "upper_left" if causal else None
+    pairs = sum(C.visible_pairs(n, n, align) for n in lens)
+    T = sum(lens)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, dout = (torch.randn(T, row.Hq, row.D, generator=gen, device=device).to(row.dtype).requires_grad_()
+                     for _ in range(4))
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)
+    calls = {"sdpax varlen": lambda: sdpax.varlen_attn(q, k, v, cu, cu, max(lens), max(lens), is_causal=causal)}
+    if torch_varlen is not None:
+        window = (-1, 0) if causal else (-1, -1)  # torch's varlen_attn has no is_causal from 2.11 on
+        calls["torch varlen"] = lambda: torch_varlen(q, k, v, cu, cu, max(lens), max(lens), window_size=window)
+    inp = C.make_inputs(row, device, requires_grad=True)  # the row's shape: the dense batch of the same work
+    calls["dense"] = lambda: sdpax.scaled_dot_product_attention(inp.q, inp.k, inp.v, is_causal=causal)
+    lines = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        timed = {}
+        for name, call in calls.items():
+            if pass_ == "fwd":
+                timed[name] = C.forward(call)
+            elif name == "dense":
+                timed[name] = C.forward_backward(call, inp)
+            else:
+                timed[name] = (lambda call=call: torch.autograd.grad(call(), (q, k, v), dout))
+        t = timer(timed)
+        work = 4.0 * row.Hq * row.D * pairs * C.PASS_FACTOR[pass_]
+        ours_s, dense_s = t["sdpax varlen"], t["dense"]
+        ours_tf = None if ours_s is None else work / ours_s / 1e12
+        dense_tf = None if dense_s is None else C.flops(row, pass_) / dense_s / 1e12
+        lines.append([row.name, pass_, str(len(lens)), _ms(ours_s), "n/a" if ours_tf is None else f"{ours_tf:.0f}",
+                      "n/a" if dense_tf is None else f"{dense_tf:.0f}",
+                      "n/a" if None in (ours_tf, dense_tf) else f"{ours_tf / dense_tf:.2f}",
+                      _ms(t.get("torch varlen")), C.ratio(t.get("torch varlen"), ours_s)])
+        _progress(" | ".join(lines[-1]))
+    return lines
 
 
 # ---- window ----

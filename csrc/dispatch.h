@@ -53,8 +53,9 @@ BwdResult bwd_entry(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   return backend_fn<Flash>(a.f.backend, &math::bwd)(a);
 }
 
-// Variable-length calls: one dense call per sequence on the chosen backend (common/varlen.h).
-template <FwdFn Flash, PagedFwd FlashPaged = nullptr>
+// Variable-length calls: the backend's packed entry where it has one, else one dense call per sequence on the chosen
+// backend (common/varlen.h).
+template <FwdFn Flash, PagedFwd FlashPaged = nullptr, PackedFwd FlashPacked = nullptr>
 FwdResult varlen_fwd_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                            const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, double dropout_p,
                            int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
@@ -64,12 +65,13 @@ FwdResult varlen_fwd_entry(const at::Tensor& q, const at::Tensor& k, const at::T
   const VarlenArgs a{q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, scale, enable_gqa, sinks, rng,
                      checked_backend(backend, Flash != nullptr, q), softcap, window_left, window_right, seqused_k,
                      block_table};
-  const PagedFwd paged = a.backend.backend == Backend::Flash ? FlashPaged : nullptr;
-  return varlen_fwd(a, backend_fn<Flash>(a.backend, &math::fwd), paged);
+  const bool flash = a.backend.backend == Backend::Flash;
+  return varlen_fwd(a, backend_fn<Flash>(a.backend, &math::fwd), flash ? FlashPaged : nullptr,
+                    flash ? FlashPacked : nullptr);
 }
 
-template <BwdFn Flash>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_entry(
+template <BwdFn Flash, PackedBwd FlashPacked = nullptr>
+VarlenGrads varlen_bwd_entry(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
     const at::Tensor& cu_k, int64_t max_q, int64_t max_k, const at::Tensor& out, const at::Tensor& lse,
     double dropout_p, int64_t causal, double scale, bool enable_gqa, const std::optional<at::Tensor>& sinks,
@@ -78,7 +80,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_entry(
   const std::optional<at::Tensor> cu_k_opt = cu_k, none;
   const VarlenArgs a{q, k, v, cu_q, cu_k_opt, max_q, max_k, dropout_p, causal, scale, enable_gqa, sinks, rng,
                      checked_backend(backend, Flash != nullptr, q), softcap, window_left, window_right, none, none};
-  return varlen_bwd(a, grad_out, out, lse, backend_fn<Flash>(a.backend, &math::bwd));
+  return varlen_bwd(a, grad_out, out, lse, backend_fn<Flash>(a.backend, &math::bwd),
+                    a.backend.backend == Backend::Flash ? FlashPacked : nullptr);
 }
 
 }  // namespace sdpax

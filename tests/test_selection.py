@@ -105,18 +105,20 @@ def test_zero_scale_and_head_dim_zero_reasons():
     assert any("at least 1" in r for r in rs) and not any("scale 0" in r for r in rs)
 
 
-@pytest.mark.parametrize("features,words", [({"softcap": True, "mask_requires_grad": True}, "softcap"),
-                                            ({"dropout_origin": True}, "dropout at an origin")])
+@pytest.mark.parametrize("features,words", [({"softcap": True, "mask_requires_grad": True}, "softcap")])
 def test_cuda_declines_what_only_cpu_fuses(features, words):
-    """A dropout origin is fused on CPU only, and so is a softcap beside a mask that requires grad (the CUDA
-    kernels' dS is taken after the cap's derivative): the CUDA kernels decline them and MATH runs them. (The CPU
-    kernels decline any mask gradient, for their own reason.)"""
+    """A softcap beside a mask that requires grad is fused on CPU only (the CUDA kernels' dS is taken after the
+    cap's derivative): the CUDA kernels decline it and MATH runs it. (The CPU kernels decline any mask gradient,
+    for their own reason.) A dropout origin is fused on both."""
     for device in ("cuda", "cpu"):
         call = Call(device=torch.device(device), dtype=torch.bfloat16, head_dim=64, value_head_dim=64,
                     **{"mask_requires_grad": False, **features})
         rs = [r for r in reasons(SDPBackend.FLASH_ATTENTION, call) if "kernel for device type" not in r]
         assert any(words in r for r in rs) == (device == "cuda"), (device, rs)
         assert not reasons(SDPBackend.MATH, call)
+    origin = Call(device=torch.device("cuda"), dtype=torch.bfloat16, head_dim=64, value_head_dim=64,
+                  mask_requires_grad=False, dropout_origin=True)
+    assert [r for r in reasons(SDPBackend.FLASH_ATTENTION, origin) if "kernel for device type" not in r] == []
     softcap_only = Call(device=torch.device("cuda"), dtype=torch.bfloat16, head_dim=64, value_head_dim=64,
                         mask_requires_grad=False, softcap=True)
     assert [r for r in reasons(SDPBackend.FLASH_ATTENTION, softcap_only) if "kernel for device type" not in r] == []

@@ -110,8 +110,8 @@ def test_varlen_matches_each_sequence(dtype, mix, feature, device):
         ref_grads = (*ref_grads, torch.autograd.grad(ref_s, s64, gout.double())[0])
 
     ex_backends = [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
-    if device == "cuda" or dtype == torch.float64:
-        ex_backends = [SDPBackend.MATH]  # the CUDA kernels decline packed batches; FLASH has no float64
+    if dtype == torch.float64:
+        ex_backends = [SDPBackend.MATH]  # FLASH has no float64
     for backend in ex_backends:
         with sdpax.sdpa_kernel(backend):
             out, lse = sdpax.varlen_attn(q, k, v, cq, ck, max(lq), max(lk), return_lse=True, **kwargs)
@@ -137,8 +137,7 @@ def test_varlen_dropout_is_the_per_sequence_dense_dropout(device):
     k, v = (torch.randn(sum(lk), 2, 32, generator=gen).to(device) for _ in range(2))
     cq, ck = offsets(lq, device), offsets(lk, device)
     rng = torch.tensor([77, 1000], dtype=torch.int64, device=device)
-    backends = [SDPBackend.MATH] + ([SDPBackend.FLASH_ATTENTION] if device == "cpu" else [])
-    for backend in backends:
+    for backend in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
         out, _ = torch.ops.sdpax.varlen_fwd(q, k, v, cq, ck, 70, 90, 0.4, LOWER_RIGHT, 0.3, False, None, rng,
                                             int(backend))
         for b in range(3):
@@ -183,7 +182,7 @@ def test_varlen_paged_cache_equals_contiguous(page, queries, dtype, device):
             cnt = rows.stop - rows.start
             kp[slot, :cnt], vp[slot, :cnt] = k[rows], v[rows]
     seqused = torch.tensor(used, dtype=torch.int32, device=device)
-    for backend in [SDPBackend.MATH] + ([SDPBackend.FLASH_ATTENTION] if device == "cpu" else []):
+    for backend in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
         with sdpax.sdpa_kernel(backend):
             contiguous = sdpax.varlen_attn(q, k, v, cq, ck, mq, 300, is_causal=True, enable_gqa=True)
             paged = sdpax.varlen_attn(q, kp, vp, cq, None, mq, 300, is_causal=True, enable_gqa=True,
@@ -393,19 +392,82 @@ def test_explain_packed_and_nested():
 
 
 @needs_cuda
-def test_varlen_cuda_reason_and_math():
-    """The CUDA kernels take no packed batches yet: explain's reason names it and MATH runs them on the GPU."""
-    gen = torch.Generator().manual_seed(14)
-    q = torch.randn(50, 2, 64, generator=gen).to("cuda", torch.bfloat16)
-    k, v = (torch.randn(60, 2, 64, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
-    cq, ck = offsets([20, 30], "cuda"), offsets([25, 35], "cuda")
-    ex = sdpax.varlen.explain(q, k, v, cq, ck, 30, 35, is_causal=True)
-    assert ex.backend == SDPBackend.MATH
-    assert any("variable-length" in r for r in ex.reasons[SDPBackend.FLASH_ATTENTION]), ex
-    out = sdpax.varlen_attn(q, k, v, cq, ck, 30, 35, is_causal=True)
-    ref = per_sequence(lambda qb, kb, vb, L, S: reference(qb, kb, vb, causal=LOWER_RIGHT, return_lse=True),
-                       *(t.double() for t in (q, k, v)), cq, ck)
-    assert_close_rel(out, ref, 0.0, torch.bfloat16)
+@pytest.mark.parametrize("dtype,E,feature,mix", [
+    (torch.bfloat16, 128, "causal_gqa", "long-tailed"), (torch.float16, 64, "plain", "long-tailed"),
+    (torch.bfloat16, 256, "window_sinks", "long-tailed"), (torch.float32, 64, "causal_gqa", "long-tailed"),
+    (torch.float16, 128, "dropout", "long-tailed"), (torch.bfloat16, 128, "window_sinks", "split keys"),
+    (torch.float16, 64, "causal_gqa", "split keys")])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_varlen_cuda_one_launch(dtype, E, feature, mix, deterministic):
+    """Packed batches in one launch per pass of the mma.sync kernels (explain says FLASH), forward and backward
+    (both dQ modes) against each sequence alone: the float64 reference by the suite's rule, and with dropout, the
+    dense kernels on each sequence with the call's rng at offset + b (the same decisions: equal to the rounding of
+    the two launches). Mixes: long-tailed (empty, 1, several row and key blocks, L != S); split keys (few rows
+    over long keys: the forward splits the keys and merges them)."""
+    gen = torch.Generator().manual_seed(21)
+    rnd = random.Random(21)
+    if mix == "split keys":
+        lq, lk = [40, 1, 17, 0], [3000, 2000, 40, 7]
+    else:
+        lq = [0, 1, 700] + [min(700, int(rnd.paretovariate(1.2) * 20)) for _ in range(37)]
+        lk = [5, 1, 650] + [max(1, n + rnd.randint(-10, 30)) for n in lq[3:]]
+    hq, hk = 8, (2 if feature == "causal_gqa" else 8)
+    q, k, v = (torch.randn(sum(n), h, E, generator=gen).to("cuda", dtype).requires_grad_()
+               for n, h in ((lq, hq), (lk, hk), (lk, hk)))
+    cq, ck = offsets(lq, "cuda"), offsets(lk, "cuda")
+    sinks = torch.randn(hq, generator=gen).cuda().requires_grad_() if feature == "window_sinks" else None
+    kwargs = {"is_causal": feature == "causal_gqa", "enable_gqa": hk != hq, "sinks": sinks,
+              "window_size": (40, 8) if feature == "window_sinks" else (-1, -1)}
+    gout = torch.randn(sum(lq), hq, E, generator=gen).to("cuda", dtype)
+    ex = sdpax.varlen.explain(q, k, v, cq, ck, max(lq), max(lk), **kwargs)
+    assert ex.backend == SDPBackend.FLASH_ATTENTION, ex
+    leaves = [q, k, v] + ([sinks] if sinks is not None else [])
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        if feature == "dropout":
+            rng = torch.tensor([5, 40], dtype=torch.int64, device="cuda")
+            fl = int(SDPBackend.FLASH_ATTENTION)
+            out, lse = torch.ops.sdpax.varlen_fwd(q, k, v, cq, ck, max(lq), max(lk), 0.3, 0, 0.1, False, None,
+                                                  rng, fl)
+            dq, dk, dv, _ = torch.ops.sdpax.varlen_bwd(gout, q, k, v, cq, ck, max(lq), max(lk), out, lse, 0.3, 0,
+                                                       0.1, False, None, rng, fl)
+            for b in range(len(lq)):
+                q0, q1, k0, k1 = int(cq[b]), int(cq[b + 1]), int(ck[b]), int(ck[b + 1])
+                if q0 == q1:
+                    continue
+                qb, kb, vb, gb = (t[a:z].transpose(0, 1).unsqueeze(0).detach()
+                                  for t, a, z in ((q, q0, q1), (k, k0, k1), (v, k0, k1), (gout, q0, q1)))
+                rb = rng + torch.tensor([0, b], device="cuda")
+                ob, lb = torch.ops.sdpax.fwd(qb, kb, vb, None, 0.3, 0, 0.1, False, None, rb, fl)
+                gq, gk, gv, _, _ = torch.ops.sdpax.bwd(gb, qb, kb, vb, None, ob, lb, 0.3, 0, 0.1, False, None, rb,
+                                                       fl, False)
+                for name, packed, dense in (("out", out[q0:q1], ob), ("dq", dq[q0:q1], gq), ("dk", dk[k0:k1], gk),
+                                            ("dv", dv[k0:k1], gv)):
+                    # The dense call may split its keys (a merge's rounding) and adds dQ in another order; a
+                    # different dropout decision would differ by the element itself.
+                    dense = dense[0].transpose(0, 1).float()
+                    assert (packed.float() - dense).abs().max().item() <= 1e-2 * dense.abs().max().item(), (name, b)
+            return
+        out = sdpax.varlen_attn(q, k, v, cq, ck, max(lq), max(lk), **kwargs)
+        grads = torch.autograd.grad(out, leaves, gout)
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+    causal = LOWER_RIGHT if feature == "causal_gqa" else 0
+
+    def ref_fn(qb, kb, vb, L, S, compute=torch.float64):
+        mask = window_allowed(L, S, 40, 8, LOWER_RIGHT, "cuda") if feature == "window_sinks" else None
+        s = None if sinks is None else (sinks.detach().double() if compute == torch.float64 else sinks.detach())
+        return reference(qb, kb, vb, mask=mask, causal=causal, sinks=s, compute=compute, return_lse=True)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = per_sequence(ref_fn, *ref_leaves, cq, ck)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, gout.double())
+    t_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    theirs = per_sequence(lambda *a: ref_fn(*a, compute=dtype), *t_leaves, cq, ck)
+    t_grad_errs = [err(a, b) for a, b in zip(torch.autograd.grad(theirs, t_leaves, gout), ref_grads)]
+    assert_close_rel(out, ref, err(theirs, ref), dtype, what="out")
+    assert_grads_close(["dq", "dk", "dv"], grads[:3], ref_grads, t_grad_errs, dtype, grad_magnitude(gout, out))
 
 
 def test_varlen_gradcheck_and_second_order():

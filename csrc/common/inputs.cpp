@@ -161,6 +161,7 @@ AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tenso
   p.hkv = c.Hkv;
   p.L = c.L;
   p.S = c.S;
+  p.head_rows = c.L;
   p.E = c.E;
   p.Ev = c.Ev;
   p.dtype = scalar_kind(q4.scalar_type());
@@ -184,7 +185,8 @@ AttnParams make_params(const Canonical& c, const at::Tensor& q4, const at::Tenso
   p.sinks = sinks_f32 ? sinks_f32->data_ptr<float>() : nullptr;
   p.dropout_p = dropout_p;
   p.rng = dropout_p > 0.0 ? rng->data_ptr<int64_t>() : nullptr;
-  if (dropout_p > 0.0 && rng->numel() == 4 && rng->device().is_cpu()) {
+  p.drop_origin = dropout_p > 0.0 && rng->numel() == 4;
+  if (p.drop_origin && rng->device().is_cpu()) {
     p.drop_row0 = p.rng[2];
     p.drop_col0 = p.rng[3];
   }

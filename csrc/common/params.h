@@ -98,6 +98,8 @@ struct AttnParams {
   // Dropout origin (rng = {seed, offset, row0, col0}, CPU only): element (bh, i, j) draws the decision of
   // (bh, i + row0, j + col0), so a call on a block of a larger problem drops what the whole problem would.
   int64_t drop_row0 = 0, drop_col0 = 0;
+  // CUDA: rng holds an origin {seed, offset, row0, col0} in device memory, read by the kernels (cuda/mask.h).
+  bool drop_origin = false;
   // Sliding window (csrc/ops.cpp), -1: unbounded on that side. With causal != None the causal edge is the right
   // edge (win_right is -1); with causal == None the window is lower-right aligned.
   int64_t win_left = -1, win_right = -1;
@@ -106,6 +108,18 @@ struct AttnParams {
   // nullptr: k and v are dense.
   const int32_t* kv_pages = nullptr;
   int64_t kv_page = 0;
+  // A packed paged call (CUDA): kv_pages is the block table on the device, sequence b's pages at
+  // kv_pages + b * kv_table_cols (the kernels' sequence view applies it).
+  int64_t kv_table_cols = 0;
+  // A packed variable-length batch (varlen_attn, jagged nested tensors; CUDA): batch index b is sequence b, whose
+  // queries are rows [q0, q0 + L_b) of q / out / lse and keys rows [k0, k0 + S_b) of k / v, with
+  // seqs[4b .. 4b + 3] = {q0, L_b, k0, S_b} (device memory); the tensors' batch strides are 0 and L / S above are
+  // the longest sequence's. The kernels see each sequence as a dense call of batch 1 (cuda/varlen.h). nullptr: dense.
+  const int32_t* seqs = nullptr;
+  // Rows of one head in lse, delta and dq_accum: L, or every packed query row of a varlen call.
+  int64_t head_rows = 0;
+  // Added to rng[1]: sequence b of a packed batch drops what a dense call on it alone at offset + b would.
+  int64_t rng_seq = 0;
 };
 
 // The diagonal that the causal edge and a window are aligned to: query i's diagonal key is i + diag_shift.

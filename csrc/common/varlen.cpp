@@ -149,8 +149,11 @@ std::vector<SeqSpan> varlen_spans(const VarlenArgs& a) {
   return spans;
 }
 
-std::tuple<at::Tensor, at::Tensor> varlen_fwd(const VarlenArgs& a, DenseFwd dense, PagedFwd paged) {
+std::tuple<at::Tensor, at::Tensor> varlen_fwd(const VarlenArgs& a, DenseFwd dense, PagedFwd paged, PackedFwd packed) {
   const std::vector<SeqSpan> spans = varlen_spans(a);
+  if (packed) {
+    if (auto res = packed(a, spans)) return *res;
+  }
   const at::Tensor& q = a.q;
   const int64_t ev = a.v.size(-1);
   const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -176,9 +179,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const VarlenArgs& a, DenseFwd dens
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(const VarlenArgs& a, const at::Tensor& grad_out,
-                                                                      const at::Tensor& out, const at::Tensor& lse,
-                                                                      DenseBwd dense) {
+VarlenGrads varlen_bwd(const VarlenArgs& a, const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                       DenseBwd dense, PackedBwd packed) {
   TORCH_CHECK(!a.block_table && !a.seqused_k, "sdpax: varlen attention with a block_table or seqused_k is forward "
               "only (a KV cache being read); it has no backward");
   const std::vector<SeqSpan> spans = varlen_spans(a);
@@ -188,6 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(const Varl
               " and ", shape(out.sizes()));
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0),
               "sdpax: lse must be the forward's (Hq, Tq) log-sum-exp, got shape ", shape(lse.sizes()));
+  if (packed) {
+    if (auto res = packed(a, spans, grad_out, out, lse)) return *res;
+  }
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   at::Tensor dsinks = a.sinks ? at::zeros({q.size(1)}, q.options().dtype(at::kFloat)) : at::empty({0}, q.options());
   for (int64_t b = 0; b < static_cast<int64_t>(spans.size()); ++b) {

@@ -48,12 +48,21 @@ using DenseFwd = std::tuple<at::Tensor, at::Tensor> (*)(const FwdArgs&);
 // E), for the checks), or nullopt where it cannot; the pages are then gathered for DenseFwd.
 using PagedFwd = std::optional<std::tuple<at::Tensor, at::Tensor>> (*)(const FwdArgs&, const PagedKV&);
 using DenseBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(const BwdArgs&);
+using VarlenGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // dq, dk, dv, dsinks
+// The whole packed call in one go (a backend whose kernels read the packed layout), or nullopt where it cannot.
+using PackedFwd = std::optional<std::tuple<at::Tensor, at::Tensor>> (*)(const VarlenArgs&,
+                                                                          const std::vector<SeqSpan>&);
+using PackedBwd = std::optional<VarlenGrads> (*)(const VarlenArgs&, const std::vector<SeqSpan>&,
+                                                 const at::Tensor& grad_out, const at::Tensor& out,
+                                                 const at::Tensor& lse);
 
-// (out (Tq, Hq, Ev), lse (Hq, Tq)) from one dense call per sequence (`paged`, when given, first for paged ones).
-std::tuple<at::Tensor, at::Tensor> varlen_fwd(const VarlenArgs& a, DenseFwd dense, PagedFwd paged = nullptr);
-// (dq, dk, dv, dsinks) from one dense backward per sequence; no pages, no seqused_k (as torch's varlen_attn).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(const VarlenArgs& a, const at::Tensor& grad_out,
-                                                                      const at::Tensor& out, const at::Tensor& lse,
-                                                                      DenseBwd dense);
+// (out (Tq, Hq, Ev), lse (Hq, Tq)): `packed` when given and able, else one dense call per sequence (`paged`, when
+// given, first for paged ones).
+std::tuple<at::Tensor, at::Tensor> varlen_fwd(const VarlenArgs& a, DenseFwd dense, PagedFwd paged = nullptr,
+                                              PackedFwd packed = nullptr);
+// (dq, dk, dv, dsinks): `packed` when given and able, else one dense backward per sequence; no pages, no seqused_k
+// (as torch's varlen_attn).
+VarlenGrads varlen_bwd(const VarlenArgs& a, const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                       DenseBwd dense, PackedBwd packed = nullptr);
 
 }  // namespace sdpax

@@ -20,18 +20,17 @@ namespace {
 
 // The kernels copy rows with 16-byte vector loads: the last dim must be contiguous and every other stride and the
 // base pointer 16-byte aligned. (B, L, H, E)-transposed views qualify as they are; anything else is copied.
-at::Tensor vector_ready(const at::Tensor& t) {
+bool rows_aligned(const at::Tensor& t) {
   const int64_t vec = 16 / t.element_size();
   bool ok = t.stride(3) == 1 || t.size(3) <= 1;
   ok = ok && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int d = 0; d < 3 && ok; ++d) ok = t.size(d) <= 1 || t.stride(d) % vec == 0;
-  return ok ? t : t.contiguous();
+  return ok;
 }
+at::Tensor vector_ready(const at::Tensor& t) { return rows_aligned(t) ? t : t.contiguous(); }
 
 void check_supported(const FwdArgs& a, int64_t E, int64_t Ev) {
   const at::Tensor& q = a.q;
-  TORCH_CHECK(a.dropout_p == 0.0 || a.rng->numel() == 2, "sdpax: the CUDA FLASH_ATTENTION kernels take no dropout "
-              "origin (rng {seed, offset, row0, col0}); use the MATH backend");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf || q.scalar_type() == at::kFloat,
               "sdpax: the CUDA FLASH_ATTENTION kernels take ", kDtypes, " inputs, got ", q.scalar_type(),
               "; use the MATH backend");
@@ -103,9 +102,58 @@ at::Tensor fold_mask_grad(const MaskGrad& g, const at::Tensor& q, const at::Tens
   return t.reshape(shp).sum_to_size(mask.sizes()).to(mask.scalar_type());
 }
 
-}  // namespace
+// A packed variable-length batch as one call of the kernels: a (1, H, T, D) view of each packed tensor, and per
+// sequence {q0, L, k0, S} on the device (common/params.h `seqs`).
+struct Packed {
+  at::Tensor seqs;  // (N, 4) int32
+  int64_t n = 0, max_q = 0, max_k = 0;
+  // A paged KV cache (forward only): the page pools as (P, Hkv, page, E) views and the block table (N, max_pages).
+  at::Tensor k_pages, v_pages, table;
+};
 
-std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
+Packed pack(const std::vector<SeqSpan>& spans, const at::Tensor& q) {
+  Packed pk;
+  pk.n = static_cast<int64_t>(spans.size());
+  at::Tensor h = at::empty({pk.n, 4}, at::TensorOptions().dtype(at::kInt));
+  int32_t* d = h.data_ptr<int32_t>();
+  for (const SeqSpan& s : spans) {
+    *d++ = static_cast<int32_t>(s.q0);
+    *d++ = static_cast<int32_t>(s.L);
+    *d++ = static_cast<int32_t>(s.k0);
+    *d++ = static_cast<int32_t>(s.S);
+    pk.max_q = std::max(pk.max_q, s.L);
+    pk.max_k = std::max(pk.max_k, s.S);
+  }
+  pk.seqs = h.to(q.device());
+  return pk;
+}
+
+// The params of a packed call: batch index b is sequence b (cuda/varlen.h); L and S the longest sequence's.
+void bind_packed(AttnParams& p, const Packed& pk) {
+  p.batch = pk.n;
+  p.L = pk.max_q;
+  p.S = pk.max_k;
+  p.seqs = pk.seqs.data_ptr<int32_t>();
+  if (pk.table.defined()) {  // keys through the pages (common/params.h kv_pages); the k / v given were one page
+    p.k = pk.k_pages.data_ptr();
+    p.v = pk.v_pages.data_ptr();
+    p.k_st = strides4(pk.k_pages);
+    p.v_st = strides4(pk.v_pages);
+    p.kv_pages = pk.table.data_ptr<int32_t>();
+    p.kv_page = pk.k_pages.size(2);
+    p.kv_table_cols = pk.table.size(1);
+  }
+}
+
+// (T, H, D) as the (1, H, T, D) view the dense host glue takes.
+at::Tensor as4(const at::Tensor& t) { return t.permute({1, 0, 2}).unsqueeze(0); }
+
+// An output of a packed call: (T, H, D) memory, as4 view.
+at::Tensor packed_empty(int64_t rows, int64_t heads, int64_t dim, const at::TensorOptions& o) {
+  return as4(at::empty({rows, heads, dim}, o));
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_impl(const FwdArgs& a, const Packed* pk) {
   check_inputs(a);
   const at::Tensor& q = a.q;
   const Canonical c = canonicalize(a);
@@ -116,11 +164,12 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor q4 = vector_ready(c.q), k4 = vector_ready(c.k), v4 = vector_ready(c.v);
   const std::optional<at::Tensor> sinks_f = sinks_f32(a.sinks);
-  at::Tensor out = at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
+  at::Tensor out = pk ? packed_empty(c.L, c.Hq, c.Ev, q.options()) : at::empty({c.B, c.Hq, c.L, c.Ev}, q.options());
   at::Tensor lse = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
 
   AttnParams p = make_params(c, q4, k4, v4, sinks_f, a);
   bind_forward(p, out, lse);
+  if (pk) bind_packed(p, *pk);
   const FwdPlan plan = plan_fwd(p, current_device(), a.backend.fwd_loop, a.backend.strict);
   p.num_splits = plan.num_splits;
   at::Tensor o_partial, lse_partial;
@@ -134,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) {
   return {uncanonical(out, q, c.Ev), uncanonical(lse, q, -1)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(const BwdArgs& a) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(const BwdArgs& a, const Packed* pk) {
   check_inputs(a);
   const at::Tensor &q = a.f.q, &k = a.f.k, &v = a.f.v, &grad_out = a.grad_out, &out = a.out, &lse = a.lse;
   const std::optional<at::Tensor>&mask = a.f.mask, &sinks = a.f.sinks;
@@ -150,17 +199,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   const at::Tensor o4 = out.reshape({c.B, c.Hq, c.L, c.Ev});
   const at::Tensor lse_f = lse.reshape({c.B * c.Hq * c.L}).to(at::kFloat).contiguous();
   const std::optional<at::Tensor> sinks_f = sinks_f32(sinks);
-  at::Tensor dk = at::empty({c.B, c.Hkv, c.S, c.E}, q.options());
-  at::Tensor dv = at::empty({c.B, c.Hkv, c.S, c.Ev}, q.options());
+  at::Tensor dk = pk ? packed_empty(c.S, c.Hkv, c.E, q.options()) : at::empty({c.B, c.Hkv, c.S, c.E}, q.options());
+  at::Tensor dv = pk ? packed_empty(c.S, c.Hkv, c.Ev, q.options()) : at::empty({c.B, c.Hkv, c.S, c.Ev}, q.options());
   at::Tensor delta = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
   // dQ: float32 atomics into dq_accum, or (deterministic) written once per element by its own pass.
   at::Tensor dq_accum, dq;
-  if (deterministic) dq = at::empty({c.B, c.Hq, c.L, c.E}, q.options());
+  if (deterministic) dq = pk ? packed_empty(c.L, c.Hq, c.E, q.options()) : at::empty({c.B, c.Hq, c.L, c.E}, q.options());
   else dq_accum = at::empty({c.B, c.Hq, c.L, c.E}, q.options().dtype(at::kFloat));  // zeroed by the Delta pre-pass
 
   AttnParams p = make_params(c, q4, k4, v4, sinks_f, a.f);
   bind_forward(p, o4, lse_f);
   bind_backward(p, do4, dk, dv);
+  if (pk) bind_packed(p, *pk);
   p.deterministic = deterministic;
   if (deterministic) {
     p.dq = dq.data_ptr();
@@ -195,6 +245,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd
   // dsinks_h = -sum_{b,i} p_sink * Delta_i (as in MATH).
   if (sinks) dsinks = sink_rows.sum(at::IntArrayRef{0, 2}).neg_().to(sinks->scalar_type());
   return {uncanonical(dq, q, c.E), dk.reshape(k.sizes()), dv.reshape(v.sizes()), dmask, dsinks};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flash_fwd(const FwdArgs& a) { return fwd_impl(a, nullptr); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd(const BwdArgs& a) {
+  return bwd_impl(a, nullptr);
+}
+
+// Packed batches: one launch per pass over the (1, H, T, D) views, every sequence found by its block (the kernels'
+// sequence view). No rows or no keys at all: the per-sequence path (MATH for empty sequences) is as cheap.
+std::optional<std::tuple<at::Tensor, at::Tensor>> flash_varlen_fwd(const VarlenArgs& a,
+                                                                   const std::vector<SeqSpan>& spans) {
+  if (a.q.size(0) == 0) return std::nullopt;
+  Packed pk = pack(spans, a.q);
+  if (pk.max_q == 0 || pk.max_k == 0) return std::nullopt;
+  static const std::optional<at::Tensor> kNoMask;
+  at::Tensor q4 = as4(a.q), k4, v4;
+  if (a.block_table) {
+    // The pools (P, page, Hkv, E) read in place, as (P, Hkv, page, E): the kernels' 16-byte row copies need their
+    // strides and base aligned, else the per-sequence path gathers the pages. The first page stands for the keys
+    // in the checks.
+    pk.k_pages = a.k.permute({0, 2, 1, 3});
+    pk.v_pages = a.v.permute({0, 2, 1, 3});
+    if (!rows_aligned(pk.k_pages) || !rows_aligned(pk.v_pages)) return std::nullopt;
+    pk.table = a.block_table->contiguous();
+    k4 = pk.k_pages.narrow(0, 0, 1);
+    v4 = pk.v_pages.narrow(0, 0, 1);
+  } else {
+    k4 = as4(a.k);
+    v4 = as4(a.v);
+  }
+  auto [out, lse] = fwd_impl(FwdArgs{q4, k4, v4, kNoMask, a.dropout_p, a.causal, a.scale, a.enable_gqa, a.sinks,
+                                     a.rng, a.backend, a.softcap, a.window_left, a.window_right},
+                             &pk);
+  return std::make_tuple(out.squeeze(0).permute({1, 0, 2}), lse.squeeze(0));
+}
+
+std::optional<VarlenGrads> flash_varlen_bwd(const VarlenArgs& a, const std::vector<SeqSpan>& spans,
+                                            const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse) {
+  if (a.q.size(0) == 0) return std::nullopt;
+  const Packed pk = pack(spans, a.q);
+  if (pk.max_q == 0 || pk.max_k == 0) return std::nullopt;
+  static const std::optional<at::Tensor> kNoMask;
+  const at::Tensor q4 = as4(a.q), k4 = as4(a.k), v4 = as4(a.v);
+  const FwdArgs f{q4, k4, v4, kNoMask, a.dropout_p, a.causal, a.scale, a.enable_gqa, a.sinks,
+                  a.rng, a.backend, a.softcap, a.window_left, a.window_right};
+  auto [dq, dk, dv, dmask, dsinks] = bwd_impl(BwdArgs{f, as4(grad_out), as4(out), lse.unsqueeze(0), false}, &pk);
+  const auto unpack = [](const at::Tensor& t) { return t.squeeze(0).permute({1, 0, 2}); };
+  return std::make_tuple(unpack(dq), unpack(dk), unpack(dv), dsinks);
 }
 
 }  // namespace cuda

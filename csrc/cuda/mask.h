@@ -32,27 +32,41 @@ __device__ __forceinline__ float mask_bias(const AttnParams& p, int64_t off) {
 }
 
 // Dropout of one attention row: the random words of key group j/4 decide keep/drop (common/philox.h), so the
-// MATH backend and every kernel drop exactly the same elements.
+// MATH backend and every kernel drop exactly the same elements. With an origin (rng {seed, offset, row0, col0},
+// p.drop_origin: a block of a larger problem, context parallelism) element (i, j) draws the decision of
+// (i + row0, j + col0). The vectorised paths share one Philox call among the 4 keys of a group, which holds for
+// the call's keys only when col0 is a multiple of 4 (`aligned`); otherwise they draw per element.
 struct Dropout {
   uint64_t seed, offset, threshold;
   float scale;
+  uint32_t row0, col0;
   __device__ __forceinline__ void init(const AttnParams& p) {
     seed = static_cast<uint64_t>(p.rng[0]);
-    offset = static_cast<uint64_t>(p.rng[1]);
+    offset = static_cast<uint64_t>(p.rng[1] + p.rng_seq);
     threshold = dropout_threshold(p.dropout_p);
     scale = dropout_scale(p.dropout_p);
+    row0 = p.drop_origin ? static_cast<uint32_t>(p.rng[2]) : 0u;
+    col0 = p.drop_origin ? static_cast<uint32_t>(p.rng[3]) : 0u;
+  }
+  __device__ __forceinline__ bool aligned() const { return (col0 & 3u) == 0; }
+  // The four words of this call's row i and key group j4 (the group of keys 4 j4 .. 4 j4 + 3 when aligned).
+  __device__ __forceinline__ void words(uint32_t bh, uint32_t i, uint32_t j4, uint32_t (&r)[4]) const {
+    dropout_words(seed, offset, bh, i + row0, j4 + (col0 >> 2), r);
   }
   // Keep factors (scale or 0) of keys j and j + 1, j even.
   __device__ __forceinline__ float2 pair(uint32_t bh, uint32_t i, uint32_t j) const {
+    if (col0 & 1u) return make_float2(one(bh, i, j), one(bh, i, j + 1));  // the pair may straddle two groups
+    const uint32_t jj = j + col0;
     uint32_t r[4];
-    dropout_words(seed, offset, bh, i, j >> 2, r);
-    const uint32_t w0 = (j & 2) ? r[2] : r[0], w1 = (j & 2) ? r[3] : r[1];  // no run-time register index
+    dropout_words(seed, offset, bh, i + row0, jj >> 2, r);
+    const uint32_t w0 = (jj & 2) ? r[2] : r[0], w1 = (jj & 2) ? r[3] : r[1];  // no run-time register index
     return make_float2(w0 >= threshold ? scale : 0.f, w1 >= threshold ? scale : 0.f);
   }
   __device__ __forceinline__ float one(uint32_t bh, uint32_t i, uint32_t j) const {
+    const uint32_t jj = j + col0;
     uint32_t r[4];
-    dropout_words(seed, offset, bh, i, j >> 2, r);
-    const uint32_t w = (j & 2) ? ((j & 1) ? r[3] : r[2]) : ((j & 1) ? r[1] : r[0]);
+    dropout_words(seed, offset, bh, i + row0, jj >> 2, r);
+    const uint32_t w = (jj & 2) ? ((jj & 1) ? r[3] : r[2]) : ((jj & 1) ? r[1] : r[0]);
     return w >= threshold ? scale : 0.f;
   }
 };
@@ -135,9 +149,17 @@ __device__ __forceinline__ FwdBlock fwd_block_at(const AttnParams& p, int rows, 
   blk.t_end = t_lo + min(n_tiles, static_cast<int>(blockIdx.z) * per_split + per_split);
   return blk;
 }
-__device__ __forceinline__ FwdBlock fwd_block(const AttnParams& p, int rows, int BM, int BN) {
-  const int m_blocks = (rows + BM - 1) / BM;
-  return fwd_block_at(p, rows, BM, BN, m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks), blockIdx.x / m_blocks);
+// The mma.sync forward's grid: (row block, batch, kv head) per blockIdx.x, with the row blocks of G L rows (of the
+// longest sequence of a packed call), heaviest causal blocks first.
+struct FwdGridIndex {
+  int m_block;
+  int64_t b;
+  int hk;
+};
+__device__ __forceinline__ FwdGridIndex fwd_grid_index(const AttnParams& p, int BM) {
+  const int m_blocks = static_cast<int>(((p.hq / p.hkv) * p.L + BM - 1) / BM);
+  const int64_t bhk = blockIdx.x / m_blocks;
+  return {m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks), bhk / p.hkv, static_cast<int>(bhk % p.hkv)};
 }
 
 }  // namespace cuda

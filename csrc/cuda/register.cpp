@@ -7,6 +7,6 @@
 TORCH_LIBRARY_IMPL(sdpax, CUDA, m) {
   m.impl("fwd", &sdpax::fwd_entry<&sdpax::cuda::flash_fwd>);
   m.impl("bwd", &sdpax::bwd_entry<&sdpax::cuda::flash_bwd>);
-  m.impl("varlen_fwd", &sdpax::varlen_fwd_entry<&sdpax::cuda::flash_fwd>);
-  m.impl("varlen_bwd", &sdpax::varlen_bwd_entry<&sdpax::cuda::flash_bwd>);
+  m.impl("varlen_fwd", &sdpax::varlen_fwd_entry<&sdpax::cuda::flash_fwd, nullptr, &sdpax::cuda::flash_varlen_fwd>);
+  m.impl("varlen_bwd", &sdpax::varlen_bwd_entry<&sdpax::cuda::flash_bwd, &sdpax::cuda::flash_varlen_bwd>);
 }

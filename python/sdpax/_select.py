@@ -66,9 +66,8 @@ class DeviceLimits:
 # build config). CUDA: the fused backward computes the float mask gradient and has a deterministic mode (its own
 # dQ pass, no atomics). scale == 0 (every score 0) gave NaN gradients from the CUDA backward in the property-based
 # fuzz; until the kernels are fixed for it, MATH computes such calls. The CUDA kernels write dS after a softcap's
-# derivative, not the mask gradient beside it; they have no dropout origin and no packed variable-length batches yet.
-_FLASH_EXTRA = {"cuda": {"mask_grad": True, "zero_scale": False, "softcap_mask_grad": False, "dropout_origin": False,
-                         "varlen": False}}
+# derivative, not the mask gradient beside it.
+_FLASH_EXTRA = {"cuda": {"mask_grad": True, "zero_scale": False, "softcap_mask_grad": False}}
 # Call features a device's kernels may decline (a DeviceLimits flag of the same name), and the reason given.
 _DECLINABLE = {"zero_scale": "scale 0 is not supported by the {} kernels",
                "softcap": "softcap is not supported by the {} kernels yet",

@@ -28,8 +28,8 @@ Features: both causal alignments (`is_causal=True` or a `CausalBias` of the glob
 L != S, GQA, sinks, custom scale, and a key-side mask (bool or additive, size 1 in the query dim, sharded with
 K/V), and dropout: every pair's kernel call gets rng = {seed, offset, row0, col0}, its origin in the global
 problem, so it draws the decisions of those elements of the single-device call (the {seed, offset} is drawn on
-the group's first rank and broadcast). The CPU kernels and MATH take an origin; on CUDA such calls run on MATH
-(a reason says so) until the CUDA kernels take one.
+the group's first rank and broadcast). Every backend takes an origin (on CUDA the mma.sync loops: the Hopper
+forward does not).
 """
 from __future__ import annotations
 

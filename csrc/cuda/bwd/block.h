@@ -10,6 +10,19 @@
 namespace sdpax {
 namespace cuda {
 
+// The grid of the key-block loops: (key block, batch, kv head) per blockIdx.x, key blocks fastest, as many as the
+// longest sequence of a packed call has.
+struct BwdGridIndex {
+  int n_block;
+  int64_t b;
+  int hk;
+};
+__device__ __forceinline__ BwdGridIndex bwd_grid_index(const AttnParams& p, int BN) {
+  const int n_blocks = static_cast<int>((p.S + BN - 1) / BN);
+  const int64_t bhk = blockIdx.x / n_blocks;
+  return {static_cast<int>(blockIdx.x % n_blocks), bhk / p.hkv, static_cast<int>(bhk % p.hkv)};
+}
+
 template <int BN, int BM>
 struct BwdKeyBlock {
   int G;             // query heads per kv head
@@ -21,13 +34,9 @@ struct BwdKeyBlock {
   int q_tiles;       // query tiles per head from q_first that can see a key of the block
   int steps;         // G * q_tiles, or 0 when no row sees the block
 
-  // Block blockIdx.x (key blocks fastest) of a call with G query heads per kv head, L query rows and S keys.
-  __device__ __forceinline__ BwdKeyBlock(const AttnParams& p, int G_, int L, int S) : G(G_) {
-    const int n_blocks = (S + BN - 1) / BN;
-    const int n_block = static_cast<int>(blockIdx.x % n_blocks);
-    const int64_t bhk = blockIdx.x / n_blocks;
-    b = bhk / p.hkv;
-    hk = static_cast<int>(bhk % p.hkv);
+  // Key block n_block of (batch b, kv head hk) of a call with G query heads per kv head, L query rows and S keys.
+  __device__ __forceinline__ BwdKeyBlock(const AttnParams& p, int G_, int L, int S, int n_block, int64_t b_, int hk_)
+      : G(G_), b(b_), hk(hk_) {
     j0 = n_block * BN;
     // key_end(p, i) = i + lim_shift and key_begin(p, i) = i + lo_shift (common/params.h) both grow with i.
     lim_shift = key_end(p, 0) >= p.S ? p.S : key_end(p, 0);

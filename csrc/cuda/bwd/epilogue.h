@@ -12,6 +12,7 @@
 #pragma once
 #include "cuda/mask.h"
 #include "cuda/prims/mma.h"
+#include "cuda/varlen.h"
 
 namespace sdpax {
 namespace cuda {
@@ -50,10 +51,13 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const __grid_constant__ 
 }
 
 // Delta into p.delta (and zeros into p.dq_accum): the first launch of every backward.
+// Delta is per row, whichever sequence the row belongs to: a packed call runs it as one batch of every packed row.
 template <class T>
 cudaError_t launch_bwd_delta(const AttnParams& p, cudaStream_t stream) {
-  const int64_t all_rows = p.batch * p.hq * p.L;
-  bwd_delta_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(p, const_cast<float*>(p.delta));
+  const AttnParams rows = all_rows(p);
+  const int64_t all_rows = rows.batch * rows.hq * rows.L;
+  bwd_delta_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(rows,
+                                                                                     const_cast<float*>(p.delta));
   return cudaGetLastError();
 }
 
@@ -106,7 +110,7 @@ __device__ __forceinline__ void add_dq_checked(const AttnParams& p, const float 
   for (int hf = 0; hf < 2; ++hf) {
     const int i = i_w + hf * 8 + g;
     if (i >= L) continue;
-    float* dq = p.dq_accum + (bh * p.L + i) * p.E;
+    float* dq = p.dq_accum + lse_row(p, bh, i) * p.E;
 #pragma unroll
     for (int nn = 0; nn < NN; ++nn) {
       const int c = c0 + nn * 8 + 2 * t;
@@ -138,7 +142,7 @@ __device__ __forceinline__ void add_dq_rows32_tests(const float (&acc)[2][NN][4]
 template <int NN>
 __device__ __forceinline__ void add_dq_rows32(const AttnParams& p, const float (&acc)[2][NN][4], int64_t bh, int i_q,
                                               int c0, int t, int n_cols, int64_t row8, int L) {
-  float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c0 + 2 * t;
+  float* dq0 = p.dq_accum + lse_row(p, bh, i_q) * p.E + c0 + 2 * t;
   if (i_q + 24 < L && n_cols == NN) add_dq_rows32_tests<false>(acc, dq0, i_q, L, n_cols, row8);
   else add_dq_rows32_tests<true>(acc, dq0, i_q, L, n_cols, row8);
 }
@@ -165,7 +169,7 @@ __device__ __forceinline__ void add_dq_rows16(const AttnParams& p, const float (
                                               int c0, int g, int t) {
   const int L = static_cast<int>(p.L), E = static_cast<int>(p.E);
   const int i_q = i_w + g;
-  float* dq0 = p.dq_accum + (bh * p.L + i_q) * p.E + c0 + 2 * t;
+  float* dq0 = p.dq_accum + lse_row(p, bh, i_q) * p.E + c0 + 2 * t;
   if (i_w + 16 <= L && c0 + 8 * NN <= E)
     add_dq_rows16_tests<false, NN>(p, dq, dq0, i_q, c0, t);
   else

@@ -5,6 +5,7 @@
 #pragma once
 #include "cuda/bwd/block.h"
 #include "cuda/prims/mma.h"
+#include "cuda/varlen.h"
 
 namespace sdpax {
 namespace cuda {
@@ -73,7 +74,7 @@ __device__ __forceinline__ void load_q_step(const Copy& copy, const AttnParams& 
   copy.template rows<QTile>(q_dst, p.q, blk.b * p.q_st.b + static_cast<int64_t>(h) * p.q_st.h, p.q_st, i0, BM, L, E);
   copy.template rows<QTile>(q_dst + QTile::kBytes, p.dout, blk.b * p.dout_st.b + static_cast<int64_t>(h) * p.dout_st.h,
                             p.dout_st, i0, BM, L, Ev);
-  const int64_t row0 = (blk.b * p.hq + h) * p.L + i0;
+  const int64_t row0 = lse_row(p, blk.b * p.hq + h, i0);
   for (int r = copy.tid; r < BM; r += NT) {
     const bool ok = i0 + r < L;
     cp_async4(smem_u32(sLse + buf * BM + r), ok ? p.lse + row0 + r : p.lse, ok);

@@ -27,6 +27,7 @@
 #include "cuda/mask.h"
 #include "cuda/prims/mma.h"
 #include "cuda/tiles.h"
+#include "cuda/varlen.h"
 
 namespace sdpax {
 namespace cuda {
@@ -49,9 +50,9 @@ struct BwdCfg {
   static constexpr int kSmem = (2 * kBN * D + 4 * kBM * D + kBN * kBM) * static_cast<int>(sizeof(T)) + 2 * 2 * kBM * 4;
 };
 
-template <class T, int D, bool kGeneral>
+template <class T, int D, bool kGeneral, bool kPacked>
 __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
-    bwd_kernel(const __grid_constant__ AttnParams p) {
+    bwd_kernel(const __grid_constant__ AttnParams params) {
   using Cfg = BwdCfg<T, D, kGeneral>;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kThreads, NW = Cfg::kWarps;
   using KTile = SmemTile<BN, D, T>;
@@ -70,11 +71,14 @@ __global__ void __launch_bounds__(BwdCfg<T, D, kGeneral>::kThreads, 1)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int kw = warp % Cfg::kKeyWarps;  // this warp's 16 keys
   const int ch = warp / Cfg::kKeyWarps;  // and its share of the dK/dV columns: [ch * DC, ch * DC + DC)
+  const BwdGridIndex at = bwd_grid_index(params, BN);
+  int64_t b = at.b;
+  const AttnParams p = seq_view<T, kPacked>(params, b);  // a packed call: this block's sequence, as batch 0
   const int G = static_cast<int>(p.hq / p.hkv);
   const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
-  const BwdKeyBlock<BN, BM> blk(p, G, L, S);
-  const int64_t b = blk.b;
+  if (at.n_block * BN >= S) return;  // past a shorter sequence's keys (packed calls only)
+  const BwdKeyBlock<BN, BM> blk(p, G, L, S, at.n_block, b, at.hk);
   const int hk = blk.hk, j0 = blk.j0, steps = blk.steps;
   const int last_key = min(j0 + BN, S) - 1;
 
@@ -270,8 +274,9 @@ struct BwdDqCfg {
 
 // Deterministic dQ: dQ_i = scale * sum_j dS_ij K_j, summed over the key tiles in order by the one block that owns
 // row i. Writes dq (input dtype, scaled) directly.
-template <class T, int D, bool kGeneral>
-__global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(const __grid_constant__ AttnParams p) {
+template <class T, int D, bool kGeneral, bool kPacked>
+__global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(
+    const __grid_constant__ AttnParams params) {
   using Cfg = BwdDqCfg<T, D>;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kThreads;
   using QTile = SmemTile<BM, D, T>;
@@ -282,15 +287,18 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
   const uint32_t sKV0 = sdO + QTile::kBytes;  // stage s: K at sKV0 + s * 2 * KTile::kBytes, V right after
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int G = static_cast<int>(p.hq / p.hkv);
+  // One block per (query tile of the longest sequence, batch, head), heaviest causal blocks first.
+  const int m_blocks = static_cast<int>((params.L + BM - 1) / BM);
+  const int m_block = m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks);
+  int64_t b = blockIdx.x / m_blocks / params.hq;
+  const int h = static_cast<int>(blockIdx.x / m_blocks % params.hq);
+  const AttnParams p = seq_view<T, kPacked>(params, b);  // a packed call: this block's sequence, as batch 0
+  const int64_t bh = b * p.hq + h;
+  const int G = static_cast<int>(p.hq / p.hkv), hk = h / G;
   const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
-  const int m_blocks = (L + BM - 1) / BM;
-  const int m_block = m_blocks - 1 - static_cast<int>(blockIdx.x % m_blocks);  // heaviest causal blocks first
-  const int64_t bh = blockIdx.x / m_blocks;
-  const int64_t b = bh / p.hq;
-  const int h = static_cast<int>(bh % p.hq), hk = h / G;
   const int i0 = m_block * BM;
+  if (i0 >= L) return;  // past a shorter sequence's rows (packed calls only)
   const int n_end = row_limit(p, min(i0 + BM, L) - 1);             // keys visible to the block's last row
   const int n_full = i0 + BM <= L ? row_limit(p, i0) : 0;          // keys visible to all of its rows
   // A sliding window (general kind): keys before the first row's window beginning are invisible to every row,
@@ -323,7 +331,7 @@ __global__ void __launch_bounds__(BwdDqCfg<T, D>::kThreads, 1) bwd_dq_kernel(con
     const bool ok = row[hf] < L;
     lim[hf] = ok ? row_limit(p, row[hf]) : 0;
     lo[hf] = ok && kGeneral ? row_begin(p, row[hf]) : 0;
-    const int64_t r = (b * p.hq + h) * p.L + row[hf];
+    const int64_t r = lse_row(p, bh, row[hf]);
     lse2[hf] = ok ? p.lse[r] * kLog2e : -INFINITY;
     delta[hf] = ok ? p.delta[r] : 0.f;
   }

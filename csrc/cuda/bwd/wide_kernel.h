@@ -40,6 +40,7 @@
 #include "cuda/mask.h"
 #include "cuda/prims/mma.h"
 #include "cuda/tiles.h"
+#include "cuda/varlen.h"
 
 namespace sdpax {
 namespace cuda {
@@ -79,9 +80,9 @@ struct BwdWideCfg {
   static_assert(!kUse || kSmem <= 227 * 1024, "shared memory of one sm90 block");
 };
 
-template <class T, int D, bool kGeneral>
+template <class T, int D, bool kGeneral, bool kPacked>
 __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
-    bwd_wide_kernel(const __grid_constant__ AttnParams p) {
+    bwd_wide_kernel(const __grid_constant__ AttnParams params) {
   using Cfg = BwdWideCfg<T, D, kGeneral>;
   static_assert(Cfg::kUse, "wide backward: 16-bit, head dim <= 128 or 256");
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, NT = Cfg::kThreads, WQ = Cfg::kWQ, DC = Cfg::kDc;
@@ -103,11 +104,14 @@ __global__ void __launch_bounds__(BwdWideCfg<T, D, kGeneral>::kThreads, 1)
   const int wk = warp % Cfg::kKeyWarps;  // keys [wk * 32, wk * 32 + 32) of the block in S^T / dP^T and in dK / dV
   const int wn = warp / Cfg::kKeyWarps;  // queries [wn * WQ, + WQ) of the step in S^T / dP^T; columns [wn * DC, + DC)
                                          // of dK / dV
+  const BwdGridIndex at = bwd_grid_index(params, BN);
+  int64_t b = at.b;
+  const AttnParams p = seq_view<T, kPacked>(params, b);  // a packed call: this block's sequence, as batch 0
   const int G = static_cast<int>(p.hq / p.hkv);
   const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
-  const BwdKeyBlock<BN, BM> blk(p, G, L, S);
-  const int64_t b = blk.b;
+  if (at.n_block * BN >= S) return;  // past a shorter sequence's keys (packed calls only)
+  const BwdKeyBlock<BN, BM> blk(p, G, L, S, at.n_block, b, at.hk);
   const int hk = blk.hk, j0 = blk.j0, q_tiles = blk.q_tiles, steps = blk.steps;
   const int64_t lim_shift = blk.lim_shift;
   const int last_key = min(j0 + BN, S) - 1;

@@ -178,12 +178,11 @@ __device__ __forceinline__ void wide_exp_pass(float (&st)[2][WQ / 8][4], float (
     for (int mt = 0; mt < 2; ++mt) {
       // Keep bits of this (n, mt): bit 4 q + w is word w of pair q = 2 hf + c, computed by lane m4 = q.
       uint32_t keep_bits = 0;
-      if (kDrop) {
+      if (kDrop && drop.aligned()) {
         const int i = i0 + wn * WQ + n * 8 + 2 * t + (m4 & 1);
         const int j4 = (j0 + wk * 32 + mt * 16 + (m4 >> 1) * 8 + (g & ~3)) >> 2;
         uint32_t r[4];
-        dropout_words(drop.seed, drop.offset, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
-                      static_cast<uint32_t>(j4), r);
+        drop.words(static_cast<uint32_t>(bh), static_cast<uint32_t>(i), static_cast<uint32_t>(j4), r);
         uint32_t nib = 0;
 #pragma unroll
         for (int w = 0; w < 4; ++w) nib |= (r[w] >= drop.threshold ? 1u : 0u) << w;
@@ -202,7 +201,10 @@ __device__ __forceinline__ void wide_exp_pass(float (&st)[2][WQ / 8][4], float (
           const int e = 2 * hf + c;
           const float pr = exp2f(st[mt][n][e] * pscale - lse2);
           if (kDrop) {
-            const float keep = (keep_bits >> (4 * (2 * hf + c) + m4)) & 1 ? drop.scale : 0.f;
+            // (an origin off the 4-key groups: this element's own draw)
+            const float keep = !drop.aligned() ? drop.one(static_cast<uint32_t>(bh), static_cast<uint32_t>(i0 + r),
+                                                          static_cast<uint32_t>(j0 + wk * 32 + mt * 16 + hf * 8 + g))
+                               : (keep_bits >> (4 * (2 * hf + c) + m4)) & 1 ? drop.scale : 0.f;
             st[mt][n][e] = pr * keep;
             dpt[mt][n][e] = pr * (dpt[mt][n][e] * keep - delta);
           } else {

@@ -5,6 +5,7 @@
 #include "cuda/fwd/softmax.h"
 #include "cuda/mask.h"
 #include "cuda/prims/mma.h"
+#include "cuda/varlen.h"
 
 namespace sdpax {
 namespace cuda {
@@ -27,9 +28,9 @@ __device__ __forceinline__ void fwd_store_row(const AttnParams& p, int64_t b, in
       const int c = dn * 8 + 2 * t;
       if (c < Ev) st2<T>(out + c, o(dn, 0) * r.inv, o(dn, 1) * r.inv);
     }
-    if (t == 0) p.lse[bh * p.L + i] = r.lse;
+    if (t == 0) p.lse[lse_row(p, bh, i)] = r.lse;
   } else {
-    const int64_t prow = (static_cast<int64_t>(blockIdx.z) * p.batch * p.hq + bh) * p.L + i;
+    const int64_t prow = static_cast<int64_t>(blockIdx.z) * lse_rows(p) + lse_row(p, bh, i);
     float* out = p.o_partial + prow * Ev;
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {

@@ -9,6 +9,7 @@
 #include "cuda/mask.h"
 #include "cuda/prims/mma.h"
 #include "cuda/tiles.h"
+#include "cuda/varlen.h"
 
 namespace sdpax {
 namespace cuda {
@@ -75,12 +76,13 @@ __global__ void __launch_bounds__(256) merge_splits_kernel(const __grid_constant
   }
 }
 
-// Launches the merge after a split-key forward.
+// Launches the merge after a split-key forward (a packed call's rows as one batch: the merge is per row).
 template <class T>
 inline cudaError_t launch_merge(const AttnParams& p, cudaStream_t stream) {
-  const int64_t all_rows = p.batch * p.hq * p.L;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(all_rows, int64_t(1) << 20));
-  merge_splits_kernel<T><<<grid, 256, 0, stream>>>(p);
+  const AttnParams rows = all_rows(p);
+  const int64_t n = rows.batch * rows.hq * rows.L;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(n, int64_t(1) << 20));
+  merge_splits_kernel<T><<<grid, 256, 0, stream>>>(rows);
   return cudaGetLastError();
 }
 

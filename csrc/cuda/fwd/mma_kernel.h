@@ -19,6 +19,7 @@
 #include "cuda/mask.h"
 #include "cuda/prims/mma.h"
 #include "cuda/tiles.h"
+#include "cuda/varlen.h"
 
 namespace sdpax {
 namespace cuda {
@@ -152,8 +153,9 @@ __device__ __forceinline__ void fwd_mma_softmax_row(float (&s)[BN / 8][4], float
 }
 
 // Blocks: one per (m block, batch * kv head), ordered so that the heaviest causal blocks start first.
-template <class T, int D, FwdKind kKind>
-__global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(const __grid_constant__ AttnParams p) {
+template <class T, int D, FwdKind kKind, bool kPacked>
+__global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(
+    const __grid_constant__ AttnParams params) {
   using Cfg = FwdCfg<T, D, kKind>;
   constexpr bool kGeneral = kKind == FwdKind::General;
   constexpr int BM = Cfg::kBM, BN = Cfg::kBN, MT = Cfg::kMT, NT = Cfg::kThreads;
@@ -168,11 +170,14 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
   const unsigned char* sM0 = smem + QTile::kBytes + 2 * Cfg::kStages * KTile::kBytes;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const FwdGridIndex at = fwd_grid_index(params, BM);
+  int64_t b = at.b;
+  const AttnParams p = seq_view<T, kPacked>(params, b);  // a packed call: this block's sequence, as batch 0
   const int G = static_cast<int>(p.hq / p.hkv);
   const int L = static_cast<int>(p.L), S = static_cast<int>(p.S);
   const int rows = G * L;
-  const FwdBlock blk = fwd_block(p, rows, BM, BN);
-  const int64_t b = blk.b;
+  if (at.m_block * BM >= rows) return;  // past a shorter sequence's rows (packed calls only)
+  const FwdBlock blk = fwd_block_at(p, rows, BM, BN, at.m_block, b * p.hkv + at.hk);
   const int hk = blk.hk, m0 = blk.m0, n_full = blk.n_full, t_begin = blk.t_begin, t_end = blk.t_end;
   const int lo_full = kGeneral ? blk.lo_full : 0;  // a sliding window runs the general kind (cuda/plan.cpp)
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
@@ -210,13 +215,18 @@ __global__ void __launch_bounds__(FwdCfg<T, D, kKind>::kThreads, 1) fwd_kernel(c
       cp_async16(sQ + QTile::offset(r, c), src, ok);
     }
   }
+  // Key j's row: j of the (batch, kv head), or in a paged cache (packed calls) row j % page of its page, whose
+  // stride is st.b (common/params.h kv_pages).
+  const bool paged = kPacked && p.kv_pages != nullptr;
   auto load_kv = [&](uint32_t dst, const void* base, const Strides4& st, int cols, int tile) {
     const T* src0 = static_cast<const T*>(base) + b * st.b + static_cast<int64_t>(hk) * st.h;
     for (int idx = tid; idx < BN * (D / kVec); idx += NT) {
       const int r = idx / (D / kVec), c = idx % (D / kVec);
       const int j = tile * BN + r;
       const bool ok = j < S && c * kVec < cols;
-      cp_async16(dst + KTile::offset(r, c), ok ? src0 + static_cast<int64_t>(j) * st.r + c * kVec : src0, ok);
+      int64_t row = static_cast<int64_t>(j) * st.r;
+      if (paged && ok) row = p.kv_pages[j / p.kv_page] * st.b + (j % p.kv_page) * st.r;
+      cp_async16(dst + KTile::offset(r, c), ok ? src0 + row + c * kVec : src0, ok);
     }
   };
 
