@@ -199,12 +199,18 @@ def _chosen(monkeypatch):
     """Records the enabled-backend tuple of every sdpax selection."""
     seen = []
     real = select_mod.select_cached
+    monkeypatch.setattr(sdpax.functional, "_PLAIN_CACHE", _Uncached())  # every call reaches the selection
 
     def spy(fields):
         seen.append(select_mod.enabled())
         return real(fields)
     monkeypatch.setattr(select_mod, "select_cached", spy)
     return seen
+
+
+class _Uncached(dict):
+    def __setitem__(self, key, value):
+        pass
 
 
 MAPPINGS = [(TorchBackend.MATH, False, (sdpax.SDPBackend.MATH,)),

@@ -147,6 +147,42 @@ def test_repeated_calls_follow_the_context():
         sdpax.scaled_dot_product_attention(d, d, d)
 
 
+def test_short_path_runs_what_the_general_path_chooses(monkeypatch):
+    """The common call's cached (backend, scale) follows everything the selection reads: the sdpa_kernel context,
+    grad mode and requires_grad, deterministic algorithms, the scale argument, dtype and head dims."""
+    import sdpax.functional as fn
+    seen = []
+    real = fn._fwd_op
+    monkeypatch.setattr(fn, "_fwd_op", lambda *args: seen.append((args[6], args[10])) or real(*args))
+    q = torch.randn(1, 2, 8, 16)
+    qg = q.clone().requires_grad_()
+
+    def check(*inputs, scale=None):
+        seen.clear()
+        sdpax.scaled_dot_product_attention(*inputs, scale=scale)
+        with torch.no_grad() if not any(t.requires_grad for t in inputs) else torch.enable_grad():
+            want = sdpax.explain(*inputs, scale=scale).backend
+        assert seen and seen[-1][1] & 0xF == int(want)
+        assert seen[-1][0] == (1.0 / 4.0 if scale is None else scale)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        for _ in range(2):  # the second round is served from the cache
+            check(q, q, q)
+            check(q, q, q, scale=0.5)
+            check(q, q, q, scale=0.0)
+            check(q.double(), q.double(), q.double())
+            check(qg, q, q)
+            torch.use_deterministic_algorithms(True)
+            check(qg, q, q)
+            torch.use_deterministic_algorithms(was_deterministic)
+            for backend in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+                with sdpa_kernel(backend):
+                    check(q, q, q)
+                    check(qg, q, q)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
 def test_inference_call_has_no_graph():
     """Without grad mode the call runs below autograd: no grad_fn, even for inputs that require grad."""
     q = torch.randn(1, 2, 8, 16, requires_grad=True)

@@ -40,11 +40,17 @@ _TORCH_FLAGS = tuple(
                                ("mem_efficient", _TorchBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION),
                                ("cudnn", _TorchBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)))
 _torch_priority = getattr(torch._C, "_get_sdp_priority_order", None)
+_flag_getters = tuple(getter for getter, _, _ in _TORCH_FLAGS if getter is not None)
 
 
 def torch_backend_choice() -> tuple | None:
     """sdpax's backends in the order torch's flags allow them, or None when torch's flags restrict nothing (every
     torch backend enabled) and sdpax's default applies."""
+    for getter in _flag_getters:  # the common case first: nothing restricted
+        if not getter():
+            break
+    else:
+        return None
     on = [(theirs, ours) for getter, theirs, ours in _TORCH_FLAGS if getter is None or getter()]
     if len(on) == len(_TORCH_FLAGS):
         return None
@@ -62,14 +68,15 @@ def torch_backend_choice() -> tuple | None:
 def _patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
              **kwargs):
     choice = None if _select.explicitly_chosen() else torch_backend_choice()
-    if choice is not None:
-        _select.push(choice, set_priority=True)
+    if choice is None:
+        return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                            enable_gqa=enable_gqa, **kwargs)
+    _select.push(choice, set_priority=True)
     try:
         return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                             enable_gqa=enable_gqa, **kwargs)
     finally:
-        if choice is not None:
-            _select.pop()
+        _select.pop()
 
 
 _patched.__doc__ = "sdpax's scaled_dot_product_attention, installed by sdpax.patch().\n\n" + (

@@ -81,32 +81,53 @@ def _nested_inputs(query, key, value) -> bool:
 _Tensor = torch.Tensor
 _compiling = torch.compiler.is_compiling
 _below_autograd = torch._C._AutoDispatchBelowAutograd
+_grad_enabled = torch.is_grad_enabled
+_deterministic = torch.are_deterministic_algorithms_enabled
+_fwd_op = getattr(_ops.fwd, "_op", _ops.fwd)  # the overload's C++ callable: one Python frame less per call
+# The common call's (op backend id, scale) per (device, dtype, head dims, scale argument, gradient state, enabled
+# backends, CUDA main loops): everything the general path's selection and default scale depend on for such a call.
+_PLAIN_CACHE: dict = {}
 
 
 def _plain_call(query, key, value, is_causal, scale, enable_gqa):
     """The common eager call (dense tensors of one device; no mask, dropout, sinks, softcap or window) in the fewest
-    Python steps: the same fields, selection and op arguments as the general path below, whose checks the op
-    repeats with the same messages. None when the call is not that one; the general path then runs."""
+    Python steps: the same selection, scale and op arguments as the general path below (computed by it once per
+    kind of call and cached), whose checks the op repeats with the same messages. None when the call is not that
+    one; the general path then runs."""
     if query.is_nested or key.is_nested or value.is_nested or _compiling():
         return None
     device = query.device
-    if key.device != device or value.device != device or query.dim() < 2 or value.dim() < 2:
-        return None  # the general path names the problem
-    scale = default_scale(query, scale)
-    fields = _call_key(query, value, None, key, None, scale)
-    args = (query, key, value, None, 0.0, _UPPER_LEFT if is_causal else 0, scale, bool(enable_gqa), None, None,
-            int(_select.select_cached(fields)) | _select.loop_bits())  # softcap and window: the schema's defaults
-    return _run_fwd(args, fields[5])
+    if (key.device != device or value.device != device or query.dim() < 2 or value.dim() < 2
+            or (scale is not None and scale.__class__ is not float)):
+        return None  # the general path names the problem (or converts the scale)
+    grad = _grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    state = _select._state
+    ck = (device, query.dtype, query.shape[-1], value.shape[-1], scale, grad, grad and _deterministic(),
+          state.stack[-1] if state.stack else None, state.loop_bits)
+    hit = _PLAIN_CACHE.get(ck)
+    if hit is None:
+        op_scale = default_scale(query, scale)
+        backend = _select.select_cached(_call_key(query, value, None, key, None, op_scale))  # raises if none can run
+        if len(_PLAIN_CACHE) > 4096:
+            _PLAIN_CACHE.clear()
+        hit = _PLAIN_CACHE[ck] = (int(backend) | state.loop_bits, op_scale)
+    args = (query, key, value, None, 0.0, _UPPER_LEFT if is_causal else 0, hit[1], bool(enable_gqa), None, None,
+            hit[0])  # softcap and window: the schema's defaults
+    if grad:
+        return _fwd_op(*args)[0]
+    with _below_autograd():  # see _run_fwd
+        return _fwd_op(*args)[0]
 
 
 def _run_fwd(args, needs_grad: bool):
     """The op's output for these arguments. No gradient can be taken (needs_grad False, eager): below autograd,
     skipping the Python autograd wrapper (torch.library's register_autograd), which would only redispatch below
-    autograd itself; on short calls (decode) it costs as much as a small kernel."""
+    autograd itself; on short calls (decode) it costs as much as a small kernel. Compiled code takes the first
+    branch (torch.compile traces the overload, not its C++ callable)."""
     if needs_grad:
         return _ops.fwd(*args)[0]
     with _below_autograd():
-        return _ops.fwd(*args)[0]
+        return _fwd_op(*args)[0]
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
