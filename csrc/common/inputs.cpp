@@ -216,7 +216,8 @@ void bind_backward(AttnParams& p, const at::Tensor& dout4, const at::Tensor& dk,
 at::Tensor uncanonical(const at::Tensor& t4, const at::Tensor& like_query, int64_t last_dim) {
   std::vector<int64_t> shape(like_query.sizes().begin(), like_query.sizes().end() - 1);
   if (last_dim >= 0) shape.push_back(last_dim);
-  return t4.reshape(shape);
+  // 4-d inputs: already that shape (a view would cost as much as the rest of a decode step's host work).
+  return t4.sizes() == at::IntArrayRef(shape) ? t4 : t4.reshape(shape);
 }
 
 ScalarKind scalar_kind(at::ScalarType t) {
