@@ -238,6 +238,9 @@ def _table() -> tuple:
         for page in (16, 256):
             add(f"decode 8 x 4096 gqa 32/8 d128 page {page} {DTYPE_NAMES[dtype]}", 8, 32, 8, 1, 4096, 128, dtype,
                 group=str(page), tags="paged-decode", device="cpu")
+    for page in (16, 256):
+        add(f"decode 8 x 32768 gqa 32/8 d128 page {page} bf16", 8, 32, 8, 1, 32768, 128, BF16, group=str(page),
+            tags="paged-decode", device="cuda")
 
     # overhead: a call too small for its kernel to matter (a decode step of one query: over 256 keys on CUDA, where
     # the kernel runs asynchronously, over 16 keys of one head on CPU, where it runs inside the call).

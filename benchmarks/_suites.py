@@ -764,8 +764,9 @@ def _window_row(row, timer, device) -> list:
 @suite(name="paged-decode", device="cpu", devices=("cpu", "cuda"),
        measures="A decode step (one query per sequence) of sdpax.varlen_attn over B sequences of S keys each, the KV "
                 "cache contiguous (cu_seq_k) or paged (block_table, seqused_k; the pages in shuffled order), GQA: "
-                "the cost of reading pages. On CPU the decode kernel reads the pages in place; elsewhere they are "
-                "gathered per sequence.",
+                "the cost of reading pages. The CPU kernels read pages in place (the decode kernel always, the "
+                "others when each key tile lies in one page) and gather them otherwise; the CUDA kernels read them in "
+                "place.",
        columns=("shape", "contiguous ms", "paged ms", "paged / contiguous"))
 def run_paged_decode(args, rows):
     device = args.device
