@@ -172,12 +172,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const FwdArgs& a, const Packed* pk) 
   if (pk) bind_packed(p, *pk);
   const FwdPlan plan = plan_fwd(p, current_device(), a.backend.fwd_loop, a.backend.strict);
   p.num_splits = plan.num_splits;
-  at::Tensor partials;  // (splits, B*Hq, L, Ev) partial outputs, then (splits, B*Hq, L) partial lse: one allocation
+  at::Tensor o_partial, lse_partial;
   if (p.num_splits > 1) {
-    const int64_t o_elems = p.num_splits * c.B * c.Hq * c.L * c.Ev;
-    partials = at::empty({o_elems + p.num_splits * c.B * c.Hq * c.L}, lse.options());
-    p.o_partial = partials.data_ptr<float>();
-    p.lse_partial = p.o_partial + o_elems;
+    o_partial = at::empty({p.num_splits, c.B * c.Hq, c.L, c.Ev}, lse.options());
+    lse_partial = at::empty({p.num_splits, c.B * c.Hq, c.L}, lse.options());
+    p.o_partial = o_partial.data_ptr<float>();
+    p.lse_partial = lse_partial.data_ptr<float>();
   }
   C10_CUDA_CHECK(launch_fwd(p, plan, at::cuda::getCurrentCUDAStream()));
   return {uncanonical(out, q, c.Ev), uncanonical(lse, q, -1)};

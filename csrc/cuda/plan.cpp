@@ -87,9 +87,7 @@ FwdPlan plan_fwd(const AttnParams& p, const DeviceInfo& dev, MainLoop loop, bool
   }
   const int64_t blocks = (rows + plan.bm - 1) / plan.bm * p.batch * p.hkv;
   const int64_t n_tiles = (p.S + plan.bn - 1) / plan.bn;
-  // A split costs the host a second launch and a partials buffer, about as much as a short call's whole host
-  // work: decode steps split only from 16 key tiles (512 keys) on, other calls from 8.
-  if (blocks >= dev.num_sms || n_tiles < (plan.kind == FwdKind::Decode ? 16 : 8)) return plan;
+  if (blocks >= dev.num_sms || n_tiles < 8) return plan;
   // Enough blocks to fill the machine several times over (one-warp decode blocks: 16 per multiprocessor), with at
   // least 4 key tiles per split so the merge stays cheap.
   const int64_t target = (plan.kind == FwdKind::Decode ? 16 : 8) * static_cast<int64_t>(dev.num_sms);
