@@ -152,8 +152,8 @@ def test_short_path_runs_what_the_general_path_chooses(monkeypatch):
     grad mode and requires_grad, deterministic algorithms, the scale argument, dtype and head dims."""
     import sdpax.functional as fn
     seen = []
-    real = fn._fwd_op
-    monkeypatch.setattr(fn, "_fwd_op", lambda *args: seen.append((args[6], args[10])) or real(*args))
+    real = fn._run_fwd
+    monkeypatch.setattr(fn, "_run_fwd", lambda args, grad: seen.append((args[6], args[10])) or real(args, grad))
     q = torch.randn(1, 2, 8, 16)
     qg = q.clone().requires_grad_()
 

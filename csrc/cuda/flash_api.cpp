@@ -204,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
   at::Tensor delta = at::empty({c.B, c.Hq, c.L}, q.options().dtype(at::kFloat));
   // dQ: float32 atomics into dq_accum, or (deterministic) written once per element by its own pass.
   at::Tensor dq_accum, dq;
-  if (deterministic) dq = pk ? packed_empty(c.L, c.Hq, c.E, q.options()) : at::empty({c.B, c.Hq, c.L, c.E}, q.options());
+  if (deterministic)
+    dq = pk ? packed_empty(c.L, c.Hq, c.E, q.options()) : at::empty({c.B, c.Hq, c.L, c.E}, q.options());
   else dq_accum = at::empty({c.B, c.Hq, c.L, c.E}, q.options().dtype(at::kFloat));  // zeroed by the Delta pre-pass
 
   AttnParams p = make_params(c, q4, k4, v4, sinks_f, a.f);

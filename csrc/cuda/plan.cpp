@@ -36,7 +36,7 @@ std::string sm90_unavailable(const AttnParams& p, const DeviceInfo& dev, bool ta
   if (!dev.build_sm90a) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
   if (dev.cc_major != 9) return "the device is not compute capability 9.x";
   if (p.seqs != nullptr) return "packed variable-length batches run the mma.sync loops";
-  if (p.drop_origin && p.dropout_p > 0.0) return "the Hopper loops take no dropout origin (the mma.sync loops do)";
+  if (p.drop_origin) return "the Hopper loops take no dropout origin (the mma.sync loops do)";
   if (!table_says) return "the Hopper loop has no variant for this dtype, head dim and kind (csrc/variants.py)";
   if (p.softcap > 0.f) return "the Hopper loops take no score softcap (the mma.sync general kind does)";
   if (windowed(p) && !takes_window)

@@ -52,8 +52,6 @@ def torch_backend_choice() -> tuple | None:
     else:
         return None
     on = [(theirs, ours) for getter, theirs, ours in _TORCH_FLAGS if getter is None or getter()]
-    if len(on) == len(_TORCH_FLAGS):
-        return None
     if not on:
         raise AttentionError(
             "sdpax: torch.nn.attention.sdpa_kernel enabled none of MATH, FLASH_ATTENTION, EFFICIENT_ATTENTION or "

@@ -261,9 +261,14 @@ def select_cached(fields: tuple) -> SDPBackend:
     key = (fields, enabled())
     backend = _SELECT_CACHE.get(key)
     if backend is None:
-        backend = select(Call(*fields))  # raises (and caches nothing) when no backend can run
-        if len(_SELECT_CACHE) > 4096:
-            _SELECT_CACHE.clear()
-        _SELECT_CACHE[key] = backend
+        backend = remember(_SELECT_CACHE, key, select(Call(*fields)))  # raises (caches nothing) if none can run
     return backend
+
+
+def remember(cache: dict, key, value):
+    """cache[key] = value in a cache bounded to 4096 entries (cleared when full); returns value."""
+    if len(cache) > 4096:
+        cache.clear()
+    cache[key] = value
+    return value
 

@@ -108,15 +108,10 @@ def _plain_call(query, key, value, is_causal, scale, enable_gqa):
     if hit is None:
         op_scale = default_scale(query, scale)
         backend = _select.select_cached(_call_key(query, value, None, key, None, op_scale))  # raises if none can run
-        if len(_PLAIN_CACHE) > 4096:
-            _PLAIN_CACHE.clear()
-        hit = _PLAIN_CACHE[ck] = (int(backend) | state.loop_bits, op_scale)
+        hit = _select.remember(_PLAIN_CACHE, ck, (int(backend) | state.loop_bits, op_scale))
     args = (query, key, value, None, 0.0, _UPPER_LEFT if is_causal else 0, hit[1], bool(enable_gqa), None, None,
             hit[0])  # softcap and window: the schema's defaults
-    if grad:
-        return _fwd_op(*args)[0]
-    with _below_autograd():  # see _run_fwd
-        return _fwd_op(*args)[0]
+    return _run_fwd(args, grad)
 
 
 def _run_fwd(args, needs_grad: bool):

@@ -55,9 +55,8 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const __grid_constant__ 
 template <class T>
 cudaError_t launch_bwd_delta(const AttnParams& p, cudaStream_t stream) {
   const AttnParams rows = all_rows(p);
-  const int64_t all_rows = rows.batch * rows.hq * rows.L;
-  bwd_delta_kernel<T><<<static_cast<unsigned>((all_rows + 7) / 8), 256, 0, stream>>>(rows,
-                                                                                     const_cast<float*>(p.delta));
+  const int64_t n = rows.batch * rows.hq * rows.L;
+  bwd_delta_kernel<T><<<static_cast<unsigned>((n + 7) / 8), 256, 0, stream>>>(rows, const_cast<float*>(p.delta));
   return cudaGetLastError();
 }
 
