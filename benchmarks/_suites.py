@@ -603,12 +603,19 @@ def _tutorial_batch(row, device):
     return nested, padded, keep, lens
 
 
-@suite(name="varlen", device="cpu", devices=("cpu", "cuda"), passes=("fwd", "fwd+bwd"),
+def _varlen_options(group):
+    group.add_argument("--compiled", action="store_true",
+                       help="run the module through torch.compile (every row and column alike): its nested-tensor "
+                            "views and projections traced instead of dispatched op by op in Python")
+
+
+@suite(name="varlen", device="cpu", devices=("cpu", "cuda"), passes=("fwd", "fwd+bwd"), options=_varlen_options,
        measures="torch's SDPA tutorial: its CausalSelfAttention module (8 heads, d64) on 32 sequences of random "
                 "lengths up to 512 (about half padding), the module's time including its projections: sdpax on "
                 "the jagged nested batch (under sdpax.patch()), torch on the same jagged batch (on CPU torch needs "
-                "its q, k, v contiguous and refuses causal), and both on the padded dense batch with a padding "
-                "mask. Plain rows: eval forward; causal rows: training forward + backward of the input.",
+                "its q, k, v contiguous, which the row then gives it, and refuses causal), and both on the padded "
+                "dense batch with a padding mask. Plain rows: eval forward; causal rows: training forward + backward "
+                "of the input.",
        columns=("shape", "pass", "sdpax jagged ms", "torch jagged ms", "sdpax padded ms", "torch padded ms",
                 "vs torch jagged", "vs sdpax padded", "vs torch padded"))
 def run_varlen(args, rows):
@@ -625,20 +632,24 @@ def run_varlen(args, rows):
         x_nested, x_padded = (t.detach().requires_grad_(causal) for t in (nested, padded))
 
         def run(x, values, sdpax_on, module=module, causal=causal, **kw):
+            # One compiled function per column (each traces its own branch of the module and its own patch state).
+            call = torch.compile(module) if args.compiled else module
+
             def go():
                 with sdpax.patch() if sdpax_on else contextlib.nullcontext():
-                    out = module(x, **kw)
+                    out = call(x, **kw)
                     if causal:  # gradients returned, not accumulated (a nested leaf's .grad cannot add up)
                         torch.autograd.grad(values(out).sum(), [x, *module.parameters()])
                 return out
             return go if causal else C.forward(go)
         jag, dense = (lambda o: o.values()), (lambda o: o)
         t = timer({"sdpax jagged": run(x_nested, jag, True, is_causal=causal),
-                   "torch jagged": run(x_nested, jag, False, is_causal=causal, torch_layout=True),
+                   "torch jagged": run(x_nested, jag, False, is_causal=causal, torch_layout=device == "cpu"),
                    "sdpax padded": run(x_padded, dense, True, mask=mask),
                    "torch padded": run(x_padded, dense, False, mask=mask)})
-        line = [row.name, "fwd+bwd" if causal else "fwd"] + [_ms(t[n]) for n in ("sdpax jagged", "torch jagged",
-                                                                                  "sdpax padded", "torch padded")]
+        name = row.name + (" compiled" if args.compiled else "")
+        line = [name, "fwd+bwd" if causal else "fwd"] + [_ms(t[n]) for n in ("sdpax jagged", "torch jagged",
+                                                                              "sdpax padded", "torch padded")]
         line += [C.ratio(t[n], t["sdpax jagged"]) for n in ("torch jagged", "sdpax padded", "torch padded")]
         table.append(line)
         _progress(" | ".join(str(x) for x in line))
